@@ -5,5 +5,6 @@
 
 pub mod engine;
 pub mod pg;
+pub mod testkit;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -9,7 +9,7 @@
 //! including it, which is what makes the extension's checkpoints resumable.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
@@ -19,69 +19,131 @@ use tempfile::TempDir;
 
 use super::error::{Error, IoContext, Result};
 use super::progress::Progress;
-use super::sort::{Chunk, Run, RunWriter};
+use super::sort::{prefix_of, Chunk, Run, RunWriter};
 
-/// One sorted, distinct input of the merge.
-enum Source {
-    Run { reader: Box<dyn BufRead + Send>, cur: Vec<u8>, path: PathBuf, done: bool },
+/// One sorted, distinct input of the merge, with its current record's first 8 bytes
+/// cached as an integer: most heap comparisons never reach `memcmp`.
+struct Source {
+    kind: Kind,
+    key: u64,
+}
+
+enum Kind {
+    Run(Block),
     Mem { chunk: Chunk, pos: usize },
+}
+
+/// A run read in large blocks; the current record is a slice of the block, so records
+/// are never copied one by one.
+struct Block {
+    reader: Box<dyn Read + Send>,
+    path: PathBuf,
+    buf: Vec<u8>,
+    filled: usize,
+    /// Current record: `buf[start..end]`; the next one starts at `next`.
+    start: usize,
+    end: usize,
+    next: usize,
+    eof: bool,
+    done: bool,
+}
+
+impl Block {
+    fn advance(&mut self) -> Result<()> {
+        let mut next = self.next;
+        loop {
+            if let Some(i) = memchr::memchr(b'\n', &self.buf[next..self.filled]) {
+                self.start = next;
+                self.end = next + i;
+                self.next = self.end + 1;
+                return Ok(());
+            }
+            if self.eof {
+                if next < self.filled {
+                    return Err(Error::io("truncated temporary run", &self.path, std::io::ErrorKind::UnexpectedEof.into()));
+                }
+                self.done = true;
+                return Ok(());
+            }
+            // Keep the partial record, refill behind it; grow only for a record longer
+            // than the whole block.
+            self.buf.copy_within(next..self.filled, 0);
+            self.filled -= next;
+            next = 0;
+            if self.filled == self.buf.len() {
+                self.buf.resize(self.buf.len() * 2, 0);
+            }
+            let n = loop {
+                match self.reader.read(&mut self.buf[self.filled..]) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    r => break r.ctx("could not read temporary run", &self.path)?,
+                }
+            };
+            self.filled += n;
+            self.eof = n == 0;
+        }
+    }
 }
 
 impl Source {
     fn open(run: &Run, buffer: usize) -> Result<Source> {
         let file = File::open(&run.path).ctx("could not open temporary run", &run.path)?;
-        let reader: Box<dyn BufRead + Send> = if run.compressed {
-            let d = zstd::stream::read::Decoder::new(file).ctx("could not read temporary run", &run.path)?;
-            Box::new(BufReader::with_capacity(buffer, d))
+        let reader: Box<dyn Read + Send> = if run.compressed {
+            Box::new(zstd::stream::read::Decoder::new(file).ctx("could not read temporary run", &run.path)?)
         } else {
-            Box::new(BufReader::with_capacity(buffer, file))
+            Box::new(file)
         };
-        let mut s = Source::Run { reader, cur: Vec::new(), path: run.path.clone(), done: false };
+        let block = Block {
+            reader,
+            path: run.path.clone(),
+            buf: vec![0; buffer.max(64)],
+            filled: 0,
+            start: 0,
+            end: 0,
+            next: 0,
+            eof: false,
+            done: false,
+        };
+        let mut s = Source { kind: Kind::Run(block), key: 0 };
         s.advance()?;
         Ok(s)
     }
 
     #[inline]
     fn done(&self) -> bool {
-        match self {
-            Source::Run { done, .. } => *done,
-            Source::Mem { chunk, pos } => *pos >= chunk.len(),
+        match &self.kind {
+            Kind::Run(b) => b.done,
+            Kind::Mem { chunk, pos } => *pos >= chunk.len(),
         }
     }
 
     #[inline]
     fn cur(&self) -> &[u8] {
-        match self {
-            Source::Run { cur, .. } => cur,
-            Source::Mem { chunk, pos } => chunk.get(*pos),
+        match &self.kind {
+            Kind::Run(b) => &b.buf[b.start..b.end],
+            Kind::Mem { chunk, pos } => chunk.get(*pos),
         }
     }
 
     #[inline]
     fn advance(&mut self) -> Result<()> {
-        match self {
-            Source::Run { reader, cur, path, done } => {
-                cur.clear();
-                let n = reader.read_until(b'\n', cur).ctx("could not read temporary run", path)?;
-                if n == 0 {
-                    *done = true;
-                } else if cur.pop() != Some(b'\n') {
-                    return Err(Error::io(
-                        "truncated temporary run",
-                        path,
-                        std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
-                    ));
-                }
-            }
-            Source::Mem { pos, .. } => *pos += 1,
+        match &mut self.kind {
+            Kind::Run(b) => b.advance()?,
+            Kind::Mem { pos, .. } => *pos += 1,
+        }
+        if !self.done() {
+            self.key = prefix_of(self.cur());
         }
         Ok(())
     }
 
     /// Move past every record `<= key`.
     fn skip_through(&mut self, key: &[u8]) -> Result<()> {
-        if let Source::Mem { chunk, pos } = self {
+        if let Kind::Mem { chunk, pos } = &mut self.kind {
             *pos = chunk.first_after(key);
+            if !self.done() {
+                self.key = prefix_of(self.cur());
+            }
             return Ok(());
         }
         while !self.done() && self.cur() <= key {
@@ -117,7 +179,8 @@ impl Merger {
     ) -> Result<Merger> {
         let mut sources = runs.iter().map(|r| Source::open(r, buffer)).collect::<Result<Vec<_>>>()?;
         if let Some(chunk) = mem.filter(|c| !c.is_empty()) {
-            sources.push(Source::Mem { chunk, pos: 0 });
+            let key = prefix_of(chunk.get(0));
+            sources.push(Source { kind: Kind::Mem { chunk, pos: 0 }, key });
         }
         if let Some(key) = resume_after {
             for s in &mut sources {
@@ -134,7 +197,8 @@ impl Merger {
 
     #[inline]
     fn less(&self, a: usize, b: usize) -> bool {
-        self.sources[self.heap[a]].cur() < self.sources[self.heap[b]].cur()
+        let (a, b) = (&self.sources[self.heap[a]], &self.sources[self.heap[b]]);
+        a.key < b.key || (a.key == b.key && a.cur() < b.cur())
     }
 
     fn sift_down(&mut self, mut i: usize) {

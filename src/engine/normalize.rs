@@ -67,6 +67,21 @@ pub fn classify(raw: &[u8], first: bool, max_line_bytes: usize) -> Verdict<'_> {
     }
 }
 
+/// [`classify`] for a record already known to be valid UTF-8 without NUL.
+#[inline]
+pub fn classify_clean(raw: &[u8], first: bool, max_line_bytes: usize) -> Verdict<'_> {
+    let rec = strip(raw, first);
+    if rec.is_empty() {
+        Verdict::Empty
+    } else if rec.len() > max_line_bytes {
+        Verdict::Reject(Reason::TooLong)
+    } else {
+        debug_assert!(std::str::from_utf8(rec).is_ok() && !rec.contains(&0));
+        // SAFETY: the caller validated the whole buffer this record lies in.
+        Verdict::Accept(unsafe { std::str::from_utf8_unchecked(rec) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

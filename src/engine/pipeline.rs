@@ -22,7 +22,7 @@ use super::error::{Error, IoContext, Result};
 use super::filter::Filter;
 use super::limits::{self, Budget};
 use super::merge::{reduce_runs, Merger};
-use super::normalize::{classify, Reason, Verdict, DEFAULT_MAX_LINE_BYTES};
+use super::normalize::{classify, classify_clean, Reason, Verdict, DEFAULT_MAX_LINE_BYTES};
 use super::progress::{Phase, Progress};
 use super::read::{self, Codec, RawLine, READ_BUFFER, REJECT_PREFIX};
 use super::sort::{self, Chunk, Run};
@@ -167,7 +167,13 @@ fn scan(
         let mut since_tick = 0u64;
         let mut input = read::open(&file.path, &progress.bytes_read)?;
         let result = read::split_lines(&mut *input, &file.path, cfg.max_line_bytes, cfg.read_buffer, |l: RawLine<'_>| {
-            let verdict = if l.truncated { Verdict::Reject(Reason::TooLong) } else { classify(l.bytes, l.line == 1, cfg.max_line_bytes) };
+            let verdict = if l.truncated {
+                Verdict::Reject(Reason::TooLong)
+            } else if l.clean {
+                classify_clean(l.bytes, l.line == 1, cfg.max_line_bytes)
+            } else {
+                classify(l.bytes, l.line == 1, cfg.max_line_bytes)
+            };
             match verdict {
                 Verdict::Empty => counts.empty += 1,
                 Verdict::Reject(reason) => {
