@@ -25,6 +25,9 @@ pub mod read;
 pub mod sort;
 pub mod walk;
 
+#[cfg(test)]
+mod tests;
+
 pub use error::{Error, Result};
 pub use pipeline::{Config, Observer};
 pub use progress::{Phase, Progress, Snapshot};

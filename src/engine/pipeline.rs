@@ -154,11 +154,14 @@ fn scan(
     obs: &mut dyn Observer,
     accept: &mut dyn FnMut(&[u8]) -> Result<()>,
 ) -> Result<()> {
+    // The observer may itself raise the cancel flag (a DBA's store_cancel), so look
+    // at the flag after asking it.
     let tick = |obs: &mut dyn Observer| -> Result<()> {
+        obs.tick(progress)?;
         if cancel.load(Relaxed) {
             return Err(Error::Cancelled);
         }
-        obs.tick(progress)
+        Ok(())
     };
     for (index, file) in files.iter().enumerate() {
         tick(obs)?;
