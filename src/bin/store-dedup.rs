@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! store-dedup [--memory-limit 256M|20%] [--threads N] [--temp-dir DIR] [--max-line-bytes N]
-//!             [--compress-runs] [--fan-in N] [--filter SPEC]
+//!             [--compress-runs] [--fan-in N] [--filter SPEC] [--no-space-check]
 //!             [--approximate [--fpr 0.01] [--expected N]] [--rejects FILE] PATH
 //! ```
 //!
@@ -26,7 +26,7 @@ use pg_store::engine::walk::{walk, FileEntry};
 use pg_store::engine::{limits, Error, Observer, Progress};
 
 const USAGE: &str = "usage: store-dedup [--memory-limit 256M|20%] [--threads N] [--temp-dir DIR] \
-[--max-line-bytes N] [--compress-runs] [--fan-in N] [--filter SPEC] \
+[--max-line-bytes N] [--compress-runs] [--fan-in N] [--filter SPEC] [--no-space-check] \
 [--approximate [--fpr 0.01] [--expected N]] [--rejects FILE] PATH";
 
 struct Args {
@@ -56,6 +56,7 @@ fn parse_args() -> Result<Args, String> {
             "--max-line-bytes" => cfg.max_line_bytes = num(value()?)? as usize,
             "--fan-in" => cfg.fan_in = num(value()?)?.max(2) as usize,
             "--compress-runs" => cfg.compress_runs = true,
+            "--no-space-check" => cfg.check_space = false,
             "--filter" => cfg.filter = Filter::parse(&value()?).map_err(|e| e.to_string())?,
             "--approximate" => approximate = true,
             "--fpr" => fpr = value()?.parse().map_err(|_| "--fpr: not a number".to_string())?,

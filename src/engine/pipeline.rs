@@ -55,6 +55,8 @@ pub struct Config {
     /// many runs).
     pub chunk_bytes: Option<usize>,
     pub read_buffer: usize,
+    /// Refuse to start when the temporary directory looks too small for the spill.
+    pub check_space: bool,
 }
 
 impl Default for Config {
@@ -70,6 +72,7 @@ impl Default for Config {
             filter: Filter::default(),
             chunk_bytes: None,
             read_buffer: READ_BUFFER,
+            check_space: true,
         }
     }
 }
@@ -91,7 +94,7 @@ impl Config {
             .iter()
             .map(|f| if Codec::for_path(&f.path) == Codec::Plain { f.size } else { f.size.saturating_mul(4) })
             .sum();
-        if decoded <= 2 * self.budget().chunk_bytes as u64 {
+        if !self.check_space || decoded <= 2 * self.budget().chunk_bytes as u64 {
             return Ok(());
         }
         let need = if self.compress_runs { decoded / 2 } else { decoded };

@@ -1,0 +1,165 @@
+-- pg_store's own objects: the job queue, per-file state, rejects, checkpoints and the
+-- idempotency ledger. Everything lives in schema "store"; the SQL-facing functions
+-- live in the extension's schema (public by default).
+
+CREATE SCHEMA IF NOT EXISTS store;
+COMMENT ON SCHEMA store IS 'pg_store: ingest jobs, their files, rejects and checkpoints';
+
+CREATE TABLE store.jobs (
+    id              bigserial PRIMARY KEY,
+    path            text        NOT NULL,
+    target          regclass    NOT NULL,
+    column_name     name        NOT NULL,
+    dedup           text        NOT NULL CHECK (dedup IN ('exact', 'bloom')),
+    filter          text,
+    owner           oid         NOT NULL,
+    state           text        NOT NULL DEFAULT 'queued'
+                    CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+    phase           text        CHECK (phase IN ('scanning', 'sorting', 'merging', 'inserting', 'done')),
+    cancel_requested boolean    NOT NULL DEFAULT false,
+    attempts        integer     NOT NULL DEFAULT 0,
+    worker_pid      integer,
+    files_total     bigint      NOT NULL DEFAULT 0,
+    files_done      bigint      NOT NULL DEFAULT 0,
+    files_skipped   bigint      NOT NULL DEFAULT 0,
+    bytes_total     bigint      NOT NULL DEFAULT 0,
+    bytes_read      bigint      NOT NULL DEFAULT 0,
+    records         bigint      NOT NULL DEFAULT 0,
+    empty           bigint      NOT NULL DEFAULT 0,
+    rejected        bigint      NOT NULL DEFAULT 0,
+    filtered        bigint      NOT NULL DEFAULT 0,
+    duplicates      bigint      NOT NULL DEFAULT 0,
+    percent         real        NOT NULL DEFAULT 0,
+    batch_size      integer,
+    memory_peak     bigint,
+    temp_bytes      bigint,
+    estimated_false_drops double precision,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    started_at      timestamptz,
+    insert_started_at timestamptz,
+    updated_at      timestamptz,
+    finished_at     timestamptz,
+    error           text
+);
+COMMENT ON TABLE store.jobs IS 'One row per store_ingest call: the queue the background workers claim from, and each job''s live counters';
+COMMENT ON COLUMN store.jobs.id IS 'Job id, as returned by store_ingest';
+COMMENT ON COLUMN store.jobs.path IS 'Canonical path of the file or directory ingested';
+COMMENT ON COLUMN store.jobs.target IS 'Table the distinct lines go into';
+COMMENT ON COLUMN store.jobs.column_name IS 'Text column of the target that holds a line';
+COMMENT ON COLUMN store.jobs.dedup IS 'exact (external sort, merge) or bloom (one pass, approximate)';
+COMMENT ON COLUMN store.jobs.filter IS 'Filter spec: a regular expression, or include=..;exclude=..;min_len=..;max_len=..';
+COMMENT ON COLUMN store.jobs.owner IS 'Role that called store_ingest; the worker inserts as this role';
+COMMENT ON COLUMN store.jobs.state IS 'queued, running, done, failed or cancelled';
+COMMENT ON COLUMN store.jobs.phase IS 'While running: scanning, sorting, merging, inserting; done at the end';
+COMMENT ON COLUMN store.jobs.cancel_requested IS 'Set by store_cancel; the worker stops within a second or a batch';
+COMMENT ON COLUMN store.jobs.attempts IS 'How many times a worker started this job (more than 1 after a crash or restart)';
+COMMENT ON COLUMN store.jobs.worker_pid IS 'PID of the worker that runs or last ran the job';
+COMMENT ON COLUMN store.jobs.files_total IS 'Files found under path';
+COMMENT ON COLUMN store.jobs.files_done IS 'Files read to the end (or failed)';
+COMMENT ON COLUMN store.jobs.files_skipped IS 'Files skipped as already ingested unchanged into the same target';
+COMMENT ON COLUMN store.jobs.bytes_total IS 'Bytes of the files to read, on disk';
+COMMENT ON COLUMN store.jobs.bytes_read IS 'Bytes read so far, on disk';
+COMMENT ON COLUMN store.jobs.records IS 'Non-empty records seen (accepted + rejected)';
+COMMENT ON COLUMN store.jobs.empty IS 'Empty records skipped';
+COMMENT ON COLUMN store.jobs.rejected IS 'Invalid records, each one in store.rejects';
+COMMENT ON COLUMN store.jobs.filtered IS 'Valid records dropped by the filter';
+COMMENT ON COLUMN store.jobs.duplicates IS 'Valid records dropped as repeats within the input';
+COMMENT ON COLUMN store.jobs.percent IS 'Estimated completion: reading and sorting count for 60 %, inserting for 40 %';
+COMMENT ON COLUMN store.jobs.batch_size IS 'Rows in the latest insert batch (adaptive)';
+COMMENT ON COLUMN store.jobs.memory_peak IS 'Peak resident memory of the worker process, bytes (VmHWM)';
+COMMENT ON COLUMN store.jobs.temp_bytes IS 'Largest temporary disk use of the job, bytes';
+COMMENT ON COLUMN store.jobs.estimated_false_drops IS 'bloom mode: expected new records wrongly dropped as repeats';
+COMMENT ON COLUMN store.jobs.created_at IS 'When store_ingest queued the job';
+COMMENT ON COLUMN store.jobs.started_at IS 'When a worker first started the job';
+COMMENT ON COLUMN store.jobs.insert_started_at IS 'When the current attempt began inserting';
+COMMENT ON COLUMN store.jobs.updated_at IS 'Last progress update';
+COMMENT ON COLUMN store.jobs.finished_at IS 'When the job reached done, failed or cancelled';
+COMMENT ON COLUMN store.jobs.error IS 'Why the job failed, with the SQL error text where there is one';
+
+CREATE INDEX jobs_open ON store.jobs (id) WHERE state IN ('queued', 'running');
+
+CREATE TABLE store.checkpoints (
+    job             bigint      PRIMARY KEY REFERENCES store.jobs ON DELETE CASCADE,
+    last_key        text,
+    inserted        bigint      NOT NULL DEFAULT 0,
+    already_present bigint      NOT NULL DEFAULT 0,
+    batches         bigint      NOT NULL DEFAULT 0,
+    fast_path       boolean     NOT NULL DEFAULT false,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE store.checkpoints IS 'Where each job stands in its merged stream; updated in the same transaction as every insert batch, so a crash neither loses nor repeats a batch';
+COMMENT ON COLUMN store.checkpoints.job IS 'The job';
+COMMENT ON COLUMN store.checkpoints.last_key IS 'Greatest line committed so far (exact mode): a resumed merge starts after it; NULL means from the start';
+COMMENT ON COLUMN store.checkpoints.inserted IS 'Lines inserted into the target by this job';
+COMMENT ON COLUMN store.checkpoints.already_present IS 'Distinct lines the target already held';
+COMMENT ON COLUMN store.checkpoints.batches IS 'Insert batches committed';
+COMMENT ON COLUMN store.checkpoints.fast_path IS 'The target was empty when the job began: batches use a plain INSERT until a conflict shows otherwise';
+COMMENT ON COLUMN store.checkpoints.updated_at IS 'Commit time of the last batch';
+
+CREATE TABLE store.files (
+    job             bigint      NOT NULL REFERENCES store.jobs ON DELETE CASCADE,
+    path            text        NOT NULL,
+    size            bigint      NOT NULL,
+    mtime           timestamptz NOT NULL,
+    mtime_ns        bigint      NOT NULL,
+    fingerprint     text        NOT NULL,
+    state           text        NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'skipped', 'read', 'failed', 'changed', 'done')),
+    records         bigint,
+    empty           bigint,
+    rejected        bigint,
+    filtered        bigint,
+    accepted        bigint,
+    error           text,
+    PRIMARY KEY (job, path)
+);
+COMMENT ON TABLE store.files IS 'Every file a job found, with its identity and outcome';
+COMMENT ON COLUMN store.files.job IS 'The job';
+COMMENT ON COLUMN store.files.path IS 'Full path of the file';
+COMMENT ON COLUMN store.files.size IS 'Size in bytes when the job listed it';
+COMMENT ON COLUMN store.files.mtime IS 'Modification time when the job listed it';
+COMMENT ON COLUMN store.files.mtime_ns IS 'Modification time, nanoseconds since the epoch (exact comparison)';
+COMMENT ON COLUMN store.files.fingerprint IS 'Hash of the size and the first and last 64 KiB: tells a replaced file from an untouched one';
+COMMENT ON COLUMN store.files.state IS 'pending, skipped (already ingested unchanged), read, failed (could not be decoded), changed (changed while the job ran; read again next time), done';
+COMMENT ON COLUMN store.files.records IS 'Non-empty records in the file';
+COMMENT ON COLUMN store.files.empty IS 'Empty records';
+COMMENT ON COLUMN store.files.rejected IS 'Invalid records (see store.rejects)';
+COMMENT ON COLUMN store.files.filtered IS 'Records dropped by the filter';
+COMMENT ON COLUMN store.files.accepted IS 'Valid records passed on to deduplication';
+COMMENT ON COLUMN store.files.error IS 'Why the file failed';
+
+CREATE TABLE store.ingested (
+    target          regclass    NOT NULL,
+    path            text        NOT NULL,
+    size            bigint      NOT NULL,
+    mtime_ns        bigint      NOT NULL,
+    fingerprint     text        NOT NULL,
+    job             bigint      NOT NULL,
+    ingested_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (target, path)
+);
+COMMENT ON TABLE store.ingested IS 'Files fully ingested into a target: a later job skips a file whose size, mtime and fingerprint are unchanged (what makes a pg_cron schedule on a drop directory safe)';
+COMMENT ON COLUMN store.ingested.target IS 'Target table';
+COMMENT ON COLUMN store.ingested.path IS 'Full path of the file';
+COMMENT ON COLUMN store.ingested.size IS 'Size when ingested';
+COMMENT ON COLUMN store.ingested.mtime_ns IS 'Modification time when ingested, nanoseconds since the epoch';
+COMMENT ON COLUMN store.ingested.fingerprint IS 'Fingerprint when ingested';
+COMMENT ON COLUMN store.ingested.job IS 'Job that ingested it';
+COMMENT ON COLUMN store.ingested.ingested_at IS 'When that job finished';
+
+CREATE TABLE store.rejects (
+    job             bigint      NOT NULL REFERENCES store.jobs ON DELETE CASCADE,
+    file            text        NOT NULL,
+    line            bigint      NOT NULL,
+    byte_offset     bigint      NOT NULL,
+    reason          text        NOT NULL CHECK (reason IN ('invalid_utf8', 'nul_byte', 'too_long')),
+    raw             bytea       NOT NULL,
+    PRIMARY KEY (job, file, line)
+);
+COMMENT ON TABLE store.rejects IS 'Every invalid record a job met: nothing is dropped silently';
+COMMENT ON COLUMN store.rejects.job IS 'The job';
+COMMENT ON COLUMN store.rejects.file IS 'File holding the record';
+COMMENT ON COLUMN store.rejects.line IS 'Line number, 1-based, in the decoded file';
+COMMENT ON COLUMN store.rejects.byte_offset IS 'Offset of the record''s first byte in the decoded file';
+COMMENT ON COLUMN store.rejects.reason IS 'invalid_utf8, nul_byte or too_long';
+COMMENT ON COLUMN store.rejects.raw IS 'The record''s raw bytes, at most the first 1 KiB';
