@@ -1,0 +1,175 @@
+//! A real PostgreSQL 15 cluster per test: its own data directory, port and socket,
+//! with pg_store and pg_cron preloaded, started and stopped by the test itself (as the
+//! `postgres` user, since PostgreSQL refuses to run as root). Needs `make install`.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = "/usr/lib/postgresql/15/bin";
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!("{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    out
+}
+
+fn as_postgres(args: &[&str]) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", "postgres", "--"]).args(args);
+    c
+}
+
+/// A directory the server can read (the test runs as root; the server as postgres).
+pub fn readable_dir(path: &Path) -> PathBuf {
+    fs::create_dir_all(path).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+    path.to_path_buf()
+}
+
+impl Cluster {
+    pub fn start(name: &str, extra_conf: &str) -> Cluster {
+        assert!(
+            Path::new("/usr/lib/postgresql/15/lib/pg_store.so").exists(),
+            "pg_store is not installed: run `make install` (make test does) before the integration tests"
+        );
+        let n = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        let port = 20000 + (std::process::id() % 2000) as u16 * 10 + n;
+        let dir = PathBuf::from(format!("/tmp/pg_store_it/{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        readable_dir(&dir);
+        run(Command::new("chown").args(["postgres", dir.to_str().unwrap()]));
+        let data = dir.join("data");
+        run(&mut as_postgres(&[&format!("{BIN}/initdb"), "-D", data.to_str().unwrap(), "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "-U", "postgres"]));
+        let conf = format!(
+            "port = {port}\nunix_socket_directories = '{}'\nlisten_addresses = ''\n\
+             shared_preload_libraries = 'pg_store,pg_cron'\ncron.database_name = 'postgres'\n\
+             store.memory_limit = '64MB'\nstore.cpu_limit = 2\nfsync = off\nmax_wal_size = '1GB'\n{extra_conf}\n",
+            dir.display()
+        );
+        let mut f = fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+        std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
+        let c = Cluster { dir, port };
+        c.pg_ctl_start();
+        c.psql("CREATE EXTENSION pg_store; CREATE EXTENSION pg_cron;").unwrap();
+        c
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn pg_ctl_start(&self) {
+        run(&mut as_postgres(&[&format!("{BIN}/pg_ctl"), "-D", self.data().to_str().unwrap(), "-l", self.dir.join("log").to_str().unwrap(), "-w", "-t", "60", "start"]));
+    }
+
+    pub fn stop_immediate(&self) {
+        run(&mut as_postgres(&[&format!("{BIN}/pg_ctl"), "-D", self.data().to_str().unwrap(), "-m", "immediate", "-w", "stop"]));
+    }
+
+    /// Run SQL as the superuser; stdout (unaligned, tuples only) or the error text.
+    pub fn psql(&self, sql: &str) -> Result<String, String> {
+        self.psql_as("postgres", sql)
+    }
+
+    pub fn psql_as(&self, role: &str, sql: &str) -> Result<String, String> {
+        let out = Command::new(format!("{BIN}/psql"))
+            .args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-h", self.dir.to_str().unwrap(), "-p", &self.port.to_string(), "-U", role, "-d", "postgres", "-c", sql])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    }
+
+    /// Like [`psql`](Self::psql), retrying while the server restarts (after a crash).
+    pub fn psql_retry(&self, sql: &str, within: Duration) -> String {
+        let t = Instant::now();
+        loop {
+            match self.psql(sql) {
+                Ok(s) => return s,
+                Err(e) if t.elapsed() < within => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                Err(e) => panic!("{sql}: {e}"),
+            }
+        }
+    }
+
+    pub fn ingest(&self, args: &str) -> i64 {
+        self.psql(&format!("SELECT store_ingest({args})")).unwrap_or_else(|e| panic!("store_ingest({args}): {e}")).parse().unwrap()
+    }
+
+    /// Wait until `job` is in one of `states`; returns the state reached.
+    pub fn wait_state(&self, job: i64, states: &[&str], within: Duration) -> String {
+        let t = Instant::now();
+        loop {
+            let s = self.psql_retry(&format!("SELECT state FROM store.jobs WHERE id = {job}"), within);
+            if states.contains(&s.as_str()) {
+                return s;
+            }
+            assert!(t.elapsed() < within, "job {job} still {s} after {within:?}; log:\n{}", self.log_tail());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn wait_done(&self, job: i64) {
+        let s = self.wait_state(job, &["done", "failed", "cancelled"], Duration::from_secs(300));
+        assert_eq!(s, "done", "job {job}: {}", self.psql(&format!("SELECT error FROM store.jobs WHERE id = {job}")).unwrap());
+    }
+
+    /// Poll until `sql` returns "t".
+    pub fn wait_until(&self, sql: &str, within: Duration) {
+        let t = Instant::now();
+        while self.psql_retry(sql, within) != "t" {
+            assert!(t.elapsed() < within, "timed out waiting for {sql}; log:\n{}", self.log_tail());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SHA-256 of the table's lines sorted bytewise, each followed by a newline.
+    pub fn table_sha(&self, table: &str, column: &str) -> String {
+        let out = Command::new(format!("{BIN}/psql"))
+            .args(["-XAtq", "-h", self.dir.to_str().unwrap(), "-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-c"])
+            .arg(format!("SELECT {column} FROM {table} ORDER BY convert_to({column}, 'UTF8')"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut recs: Vec<&[u8]> = out.stdout.split(|&b| b == b'\n').collect();
+        if recs.last() == Some(&&b""[..]) {
+            recs.pop();
+        }
+        pg_store::testkit::sha256_lines(recs)
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = as_postgres(&[&format!("{BIN}/pg_ctl"), "-D", self.data().to_str().unwrap(), "-m", "immediate", "stop"]).output();
+        if std::env::var_os("KEEP_CLUSTERS").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! pg_store against real PostgreSQL 15 clusters that these tests start themselves:
+//! ingest equals the oracle, re-runs are idempotent, new files are picked up, cancel,
+//! `kill -9` and `pg_ctl stop -m immediate` in the middle of inserting resume with no
+//! loss and no duplicate, refusals, and a pg_cron schedule. Needs `make install`.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{readable_dir, Cluster};
+use pg_store::testkit::{generate, oracle, Expected, GenSpec};
+
+fn fixtures(c: &Cluster, name: &str, spec: &GenSpec) -> (PathBuf, Expected) {
+    let dir = readable_dir(&c.dir.join(name));
+    generate(&dir, spec).unwrap();
+    let want = oracle(&dir, spec.max_line_bytes).unwrap();
+    (dir, want)
+}
+
+/// `shared/bench/oracle.py`'s answer, when it is beside the checkout.
+fn shared_oracle_sha(dir: &Path) -> Option<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bench/oracle.py");
+    if !script.exists() {
+        return None;
+    }
+    let out = std::process::Command::new("python3").arg(script).arg(dir).output().ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["sha256"].as_str().map(str::to_string)
+}
+
+fn q(c: &Cluster, sql: &str) -> String {
+    c.psql(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+fn num(c: &Cluster, sql: &str) -> i64 {
+    q(c, sql).parse().unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+#[test]
+fn ingest_equals_oracle_rerun_is_idempotent_and_new_files_are_picked_up() {
+    let c = Cluster::start("basic", "");
+    let (dir, want) = fixtures(&c, "drop", &GenSpec { files: 4, size: 1 << 20, seed: 11, nasty: true, ..GenSpec::default() });
+    let d = dir.to_str().unwrap();
+
+    let job = c.ingest(&format!("'{d}'"));
+    // store_wait returns the final status row.
+    assert_eq!(q(&c, &format!("SELECT state FROM store_wait({job})")), "done");
+    assert_eq!(c.table_sha("store.lines", "line"), want.sha256);
+    if let Some(sha) = shared_oracle_sha(&dir) {
+        assert_eq!(sha, want.sha256, "the shared oracle agrees with ours");
+    }
+    assert_eq!(num(&c, "SELECT count(*) FROM store.rejects"), want.rejected as i64);
+    let row = q(&c, &format!("SELECT records, empty, rejected, inserted, already_present, files_total FROM store.status WHERE id = {job}"));
+    assert_eq!(row, format!("{}|{}|{}|{}|0|5", want.records, want.empty, want.rejected, want.distinct));
+    assert_eq!(q(&c, &format!("SELECT string_agg(DISTINCT state, ',') FROM store.files WHERE job = {job}")), "done");
+    assert!(num(&c, "SELECT max(octet_length(line)) FROM store.lines") > 60_000, "the long legal lines are stored");
+    let reasons = q(&c, "SELECT string_agg(DISTINCT reason, ',' ORDER BY reason) FROM store.rejects");
+    assert_eq!(reasons, "invalid_utf8,nul_byte,too_long");
+
+    // A re-run reads nothing and inserts nothing.
+    let again = c.ingest(&format!("'{d}'"));
+    c.wait_done(again);
+    assert_eq!(q(&c, &format!("SELECT files_skipped, bytes_total, inserted FROM store.status WHERE id = {again}")), "5|0|0");
+
+    // A new file is picked up alone.
+    fs::write(dir.join("part-new.txt"), "brand new line\nanother new one\nbrand new line\n").unwrap();
+    let third = c.ingest(&format!("'{d}'"));
+    c.wait_done(third);
+    assert_eq!(q(&c, &format!("SELECT files_skipped, inserted, duplicates FROM store.status WHERE id = {third}")), "5|2|1");
+    assert_eq!(c.table_sha("store.lines", "line"), oracle(&dir, 65536).unwrap().sha256);
+
+    // A user table with a plain unique index, a filter, and another column name.
+    q(&c, "CREATE TABLE creds (id bigserial, cred text UNIQUE)");
+    let f = c.ingest(&format!("'{d}', 'creds', 'cred', filter => 'include=@;max_len=200'"));
+    c.wait_done(f);
+    let kept = num(&c, "SELECT count(*) FROM creds");
+    assert!(kept > 0 && num(&c, "SELECT count(*) FROM creds WHERE cred NOT LIKE '%@%' OR octet_length(cred) > 200") == 0);
+    assert!(num(&c, &format!("SELECT filtered FROM store.status WHERE id = {f}")) > 0);
+
+    // Approximate mode: never more than the exact answer, and close to it.
+    q(&c, "CREATE TABLE approx (line text NOT NULL); CREATE UNIQUE INDEX ON approx (store.line_key(line))");
+    let b = c.ingest(&format!("'{d}', 'approx', dedup => 'bloom'"));
+    c.wait_done(b);
+    let n = num(&c, "SELECT count(*) FROM approx");
+    let exact = num(&c, "SELECT count(*) FROM store.lines");
+    let est: f64 = q(&c, &format!("SELECT estimated_false_drops FROM store.status WHERE id = {b}")).parse().unwrap();
+    assert!(n <= exact && (exact - n) as f64 <= 3.0 * est + 10.0, "bloom kept {n} of {exact}, estimated {est} wrong drops");
+}
+
+fn big_fixture(c: &Cluster) -> (PathBuf, Expected) {
+    // About 1.6 M distinct lines: long enough to interrupt in the middle of inserting.
+    fixtures(c, "big", &GenSpec { files: 4, size: 32 << 20, seed: 21, nasty: true, ..GenSpec::default() })
+}
+
+/// Wait until the job has committed some batches but not all.
+fn wait_mid_insert(c: &Cluster, job: i64) {
+    c.wait_until(&format!("SELECT coalesce((SELECT inserted > 20000 FROM store.status WHERE id = {job}), false)"), Duration::from_secs(180));
+}
+
+#[test]
+fn kill_9_of_the_worker_mid_insert_resumes_with_no_loss_and_no_duplicate() {
+    let c = Cluster::start("kill9", "store.batch_max = 2000");
+    let (dir, want) = big_fixture(&c);
+    let job = c.ingest(&format!("'{}'", dir.display()));
+    wait_mid_insert(&c, job);
+    let pid: i32 = q(&c, &format!("SELECT worker_pid FROM store.jobs WHERE id = {job}")).parse().unwrap();
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    // The postmaster restarts everything (crash recovery); a worker reclaims the job.
+    c.wait_done(job);
+    assert!(num(&c, &format!("SELECT attempts FROM store.jobs WHERE id = {job}")) >= 2);
+    assert_eq!(c.table_sha("store.lines", "line"), want.sha256);
+    assert_eq!(num(&c, &format!("SELECT inserted + already_present FROM store.status WHERE id = {job}")), want.distinct as i64);
+    assert_eq!(num(&c, "SELECT count(*) FROM store.rejects"), want.rejected as i64, "rejects stored once");
+    let orphans = fs::read_dir(c.data().join("pg_store_tmp/jobs")).map(|d| d.flatten().filter(|e| fs::read_dir(e.path()).map(|mut x| x.next().is_some()).unwrap_or(false)).count()).unwrap_or(0);
+    assert_eq!(orphans, 0, "temporary runs of the killed worker were removed");
+}
+
+#[test]
+fn immediate_stop_mid_insert_resumes_after_restart_with_no_loss_and_no_duplicate() {
+    let c = Cluster::start("immediate", "store.batch_max = 2000");
+    let (dir, want) = big_fixture(&c);
+    let job = c.ingest(&format!("'{}'", dir.display()));
+    wait_mid_insert(&c, job);
+    c.stop_immediate();
+    c.pg_ctl_start();
+    c.wait_done(job);
+    assert!(num(&c, &format!("SELECT attempts FROM store.jobs WHERE id = {job}")) >= 2);
+    assert_eq!(c.table_sha("store.lines", "line"), want.sha256);
+    assert_eq!(num(&c, &format!("SELECT inserted + already_present FROM store.status WHERE id = {job}")), want.distinct as i64);
+}
+
+#[test]
+fn cancel_stops_a_running_job_within_seconds() {
+    let c = Cluster::start("cancel", "store.batch_max = 1000");
+    let (dir, _) = big_fixture(&c);
+    let job = c.ingest(&format!("'{}'", dir.display()));
+    c.wait_state(job, &["running"], Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(q(&c, &format!("SELECT store_cancel({job})")), "t");
+    let t = Instant::now();
+    assert_eq!(c.wait_state(job, &["cancelled", "done", "failed"], Duration::from_secs(30)), "cancelled");
+    assert!(t.elapsed() < Duration::from_secs(5), "cancel took {:?}", t.elapsed());
+    // The worker survives and takes the next job.
+    let small = readable_dir(&c.dir.join("small"));
+    fs::write(small.join("a.txt"), "one\ntwo\n").unwrap();
+    let next = c.ingest(&format!("'{}'", small.display()));
+    c.wait_done(next);
+}
+
+#[test]
+fn refusals_are_clear_and_failures_are_recorded() {
+    let c = Cluster::start("refuse", "");
+    let ok = readable_dir(&c.dir.join("ok"));
+    fs::write(ok.join("a.txt"), "a\n").unwrap();
+    let outside = readable_dir(&c.dir.join("outside"));
+    fs::write(outside.join("b.txt"), "b\n").unwrap();
+
+    q(&c, "CREATE ROLE plain LOGIN");
+    let e = c.psql_as("plain", &format!("SELECT store_ingest('{}')", ok.display())).unwrap_err();
+    assert!(e.contains("permission denied to ingest server files"), "{e}");
+
+    q(&c, &format!("ALTER SYSTEM SET store.allowed_dirs = '{}'", ok.display()));
+    q(&c, "SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+    let e = c.psql(&format!("SELECT store_ingest('{}')", outside.display())).unwrap_err();
+    assert!(e.contains("is outside store.allowed_dirs"), "{e}");
+    std::os::unix::fs::symlink(&outside, ok.join("link")).unwrap();
+    let e = c.psql(&format!("SELECT store_ingest('{}/link/b.txt')", ok.display())).unwrap_err();
+    assert!(e.contains("is outside store.allowed_dirs"), "{e}");
+    let e = c.psql(&format!("SELECT store_ingest('{}/../outside')", ok.display())).unwrap_err();
+    assert!(e.contains("is outside store.allowed_dirs"), "{e}");
+    let e = c.psql_as("plain", "SET store.allowed_dirs = '/'").unwrap_err();
+    assert!(e.contains("permission denied"), "{e}");
+
+    let e = c.psql(&format!("SELECT store_ingest('{}/missing')", ok.display())).unwrap_err();
+    assert!(e.contains("No such file or directory"), "{e}");
+
+    // An unreadable file fails its job with the path and the OS error; the worker lives on.
+    let locked = ok.join("locked.txt");
+    fs::write(&locked, "secret\n").unwrap();
+    fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    let job = c.ingest(&format!("'{}'", ok.display()));
+    assert_eq!(c.wait_state(job, &["done", "failed"], Duration::from_secs(60)), "failed");
+    let err = q(&c, &format!("SELECT error FROM store.jobs WHERE id = {job}"));
+    assert!(err.contains("locked.txt") && err.contains("Permission denied"), "{err}");
+    fs::remove_file(&locked).unwrap();
+    let job = c.ingest(&format!("'{}'", ok.display()));
+    c.wait_done(job);
+}
+
+#[test]
+fn a_pg_cron_schedule_runs_an_ingest() {
+    let c = Cluster::start("cron", "");
+    let dir = readable_dir(&c.dir.join("drop"));
+    fs::write(dir.join("a.txt"), "cron one\ncron two\n").unwrap();
+    // Debian's pg_cron has minute resolution: the job fires within 60 s.
+    q(&c, &format!("SELECT cron.schedule('ingest', '* * * * *', $$SELECT store_ingest('{}')$$)", dir.display()));
+    c.wait_until("SELECT EXISTS (SELECT FROM store.jobs WHERE state = 'done' AND files_total = 1)", Duration::from_secs(130));
+    q(&c, "SELECT cron.unschedule('ingest')");
+    assert_eq!(num(&c, "SELECT count(*) FROM store.lines"), 2);
+}
