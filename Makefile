@@ -36,8 +36,8 @@ demo: install
 demo-stop:
 	@bash tests/demo.sh $(DEMO_DIR) stop
 
-# Everything CI runs: engine tests, pgrx tests, integration tests against a real cluster.
-test: deps test-engine install test-pg test-integration
+# Everything CI runs: engine tests, pgrx tests, then (release build installed) integration tests against real clusters.
+test: deps test-engine test-pg install test-integration
 
 # Engine and command tests: no database needed.
 test-engine:

@@ -21,6 +21,7 @@ unix_socket_directories = '$DIR'
 listen_addresses = ''
 shared_preload_libraries = 'pg_store,pg_cron'
 cron.database_name = 'postgres'
+cron.host = '$DIR'
 store.memory_limit = '256MB'
 CONF
 fi

@@ -41,19 +41,34 @@ fn num(c: &Cluster, sql: &str) -> i64 {
 #[test]
 fn ingest_equals_oracle_rerun_is_idempotent_and_new_files_are_picked_up() {
     let c = Cluster::start("basic", "");
-    let (dir, want) = fixtures(&c, "drop", &GenSpec { files: 4, size: 1 << 20, seed: 11, nasty: true, ..GenSpec::default() });
+    let (dir, plain) = fixtures(&c, "drop", &GenSpec { files: 4, size: 1 << 20, seed: 11, nasty: true, ..GenSpec::default() });
+    if let Some(sha) = shared_oracle_sha(&dir) {
+        assert_eq!(sha, plain.sha256, "the shared oracle agrees with ours");
+    }
+    // And compressed files, decoded by name: multi-member gzip, zstd with a long window.
+    let mut gz = Vec::new();
+    for part in [&b"gz one\ngz two\r\n"[..], b"gz two\nbad \xff gz\n"] {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut e, part).unwrap();
+        gz.extend(e.finish().unwrap());
+    }
+    fs::write(dir.join("more.txt.gz"), gz).unwrap();
+    let mut z = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+    z.long_distance_matching(true).unwrap();
+    z.window_log(27).unwrap();
+    std::io::Write::write_all(&mut z, b"zst one\ngz one\n").unwrap();
+    fs::write(dir.join("more.zst"), z.finish().unwrap()).unwrap();
+    let want = oracle(&dir, 65536).unwrap();
+    assert_eq!(want.distinct, plain.distinct + 3);
     let d = dir.to_str().unwrap();
 
     let job = c.ingest(&format!("'{d}'"));
     // store_wait returns the final status row.
     assert_eq!(q(&c, &format!("SELECT state FROM store_wait({job})")), "done");
     assert_eq!(c.table_sha("store.lines", "line"), want.sha256);
-    if let Some(sha) = shared_oracle_sha(&dir) {
-        assert_eq!(sha, want.sha256, "the shared oracle agrees with ours");
-    }
     assert_eq!(num(&c, "SELECT count(*) FROM store.rejects"), want.rejected as i64);
     let row = q(&c, &format!("SELECT records, empty, rejected, inserted, already_present, files_total FROM store.status WHERE id = {job}"));
-    assert_eq!(row, format!("{}|{}|{}|{}|0|5", want.records, want.empty, want.rejected, want.distinct));
+    assert_eq!(row, format!("{}|{}|{}|{}|0|7", want.records, want.empty, want.rejected, want.distinct));
     assert_eq!(q(&c, &format!("SELECT string_agg(DISTINCT state, ',') FROM store.files WHERE job = {job}")), "done");
     assert!(num(&c, "SELECT max(octet_length(line)) FROM store.lines") > 60_000, "the long legal lines are stored");
     let reasons = q(&c, "SELECT string_agg(DISTINCT reason, ',' ORDER BY reason) FROM store.rejects");
@@ -62,13 +77,13 @@ fn ingest_equals_oracle_rerun_is_idempotent_and_new_files_are_picked_up() {
     // A re-run reads nothing and inserts nothing.
     let again = c.ingest(&format!("'{d}'"));
     c.wait_done(again);
-    assert_eq!(q(&c, &format!("SELECT files_skipped, bytes_total, inserted FROM store.status WHERE id = {again}")), "5|0|0");
+    assert_eq!(q(&c, &format!("SELECT files_skipped, bytes_total, inserted FROM store.status WHERE id = {again}")), "7|0|0");
 
     // A new file is picked up alone.
     fs::write(dir.join("part-new.txt"), "brand new line\nanother new one\nbrand new line\n").unwrap();
     let third = c.ingest(&format!("'{d}'"));
     c.wait_done(third);
-    assert_eq!(q(&c, &format!("SELECT files_skipped, inserted, duplicates FROM store.status WHERE id = {third}")), "5|2|1");
+    assert_eq!(q(&c, &format!("SELECT files_skipped, inserted, duplicates FROM store.status WHERE id = {third}")), "7|2|1");
     assert_eq!(c.table_sha("store.lines", "line"), oracle(&dir, 65536).unwrap().sha256);
 
     // A user table with a plain unique index, a filter, and another column name.

@@ -56,8 +56,9 @@ impl Cluster {
         run(&mut as_postgres(&[&format!("{BIN}/initdb"), "-D", data.to_str().unwrap(), "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "-U", "postgres"]));
         let conf = format!(
             "port = {port}\nunix_socket_directories = '{}'\nlisten_addresses = ''\n\
-             shared_preload_libraries = 'pg_store,pg_cron'\ncron.database_name = 'postgres'\n\
+             shared_preload_libraries = 'pg_store,pg_cron'\ncron.database_name = 'postgres'\ncron.host = '{}'\n\
              store.memory_limit = '64MB'\nstore.cpu_limit = 2\nfsync = off\nmax_wal_size = '1GB'\n{extra_conf}\n",
+            dir.display(),
             dir.display()
         );
         let mut f = fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
