@@ -46,6 +46,14 @@ pub fn shutdown_requested() -> bool {
     unsafe { std::ptr::addr_of!(pg_sys::ShutdownRequestPending).read_volatile() != 0 }
 }
 
+/// Reload postgresql.conf if a SIGHUP arrived (a running job keeps the settings it
+/// started with; the next job sees the new ones).
+pub fn reload_on_sighup() {
+    if pgrx::bgworkers::BackgroundWorker::sighup_received() {
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    }
+}
+
 /// A job row, as the worker needs it.
 struct Job {
     id: i64,
@@ -230,6 +238,7 @@ impl Observer for Watch<'_> {
         if shutdown_requested() {
             return Err(self.fail(Stop::Shutdown));
         }
+        reload_on_sighup();
         if !self.status.due() {
             return Ok(());
         }
@@ -382,6 +391,7 @@ fn insert_with_status(inserter: &mut Inserter, batcher: &mut AdaptiveBatcher, ba
     if shutdown_requested() {
         return Err(Stop::Shutdown);
     }
+    reload_on_sighup();
     status.batch_size = batch.len() as i32;
     status.inserted_so_far += batch.len() as u64;
     let due = status.due();

@@ -51,9 +51,7 @@ pub extern "C-unwind" fn pg_store_worker_main(arg: pg_sys::Datum) {
             // Non-zero: the postmaster restarts a static worker that exits this way.
             unsafe { pg_sys::proc_exit(1) };
         }
-        if BackgroundWorker::sighup_received() {
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-        }
+        job::reload_on_sighup();
         match claim() {
             Ok(Some(id)) => {
                 run_claimed(id);
