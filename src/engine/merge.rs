@@ -299,18 +299,6 @@ pub fn reduce_runs(
     Ok(runs)
 }
 
-/// Read a whole run back (tests and diagnostics).
-pub fn read_run(run: &Run) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut f = File::open(&run.path).ctx("could not open temporary run", &run.path)?;
-    if run.compressed {
-        zstd::stream::read::Decoder::new(f).and_then(|mut d| d.read_to_end(&mut out)).ctx("could not read", &run.path)?;
-    } else {
-        f.read_to_end(&mut out).ctx("could not read", &run.path)?;
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -249,11 +249,6 @@ impl Sorted {
         self.runs.len()
     }
 
-    /// Directory holding this run's temporary files, if it spilled.
-    pub fn temp_path(&self) -> Option<&Path> {
-        self.temp.as_ref().map(|t| t.path())
-    }
-
     /// Stream the distinct records in bytewise order, starting after `resume_after`.
     /// Runs beyond the fan-in are first merged in levels.
     pub fn merge(self, resume_after: Option<&[u8]>) -> Result<Merger> {
