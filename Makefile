@@ -59,3 +59,7 @@ bench-engine:
 
 clean:
 	$(CARGO) clean
+
+# pg_store against sort -u | COPY and COPY + INSERT ON CONFLICT on 1 GiB (DATA=dir to use other data; RUNS=3 for medians).
+bench: install
+	@bash benches/pg.sh $(DATA)

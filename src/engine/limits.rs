@@ -122,12 +122,27 @@ pub fn free_space(dir: &Path) -> Result<u64> {
     }
 }
 
+/// Sum of the given `/proc/self/status` fields (kB lines), in bytes.
+fn proc_status_bytes(fields: &[&str]) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let mut total = 0;
+    for f in fields {
+        let line = status.lines().find(|l| l.starts_with(f))?;
+        total += line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024;
+    }
+    Some(total)
+}
+
 /// Peak resident set size of this process, in bytes (VmHWM), if /proc tells.
 pub fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    proc_status_bytes(&["VmHWM:"])
+}
+
+/// Resident memory of this process that is its own (anonymous and file pages), leaving
+/// out shared memory: in a PostgreSQL backend VmRSS also counts every page of
+/// shared_buffers it has touched, which says nothing about what the process needs.
+pub fn private_rss() -> Option<u64> {
+    proc_status_bytes(&["RssAnon:", "RssFile:"])
 }
 
 #[cfg(test)]
@@ -169,5 +184,6 @@ mod tests {
         assert!(blocked);
         assert!(free_space(Path::new("/")).unwrap() > 0);
         assert!(peak_rss().unwrap() > 0);
+        assert!(private_rss().unwrap() > 0 && private_rss().unwrap() <= peak_rss().unwrap() + (64 << 20));
     }
 }

@@ -105,6 +105,8 @@ struct Status {
     /// has to get through.
     insert_total: u64,
     inserted_so_far: u64,
+    /// Largest private resident memory seen at a status write (bytes).
+    memory_peak: u64,
 }
 
 impl Status {
@@ -122,7 +124,8 @@ impl Status {
         self.last = Instant::now();
         self.percent = self.percent();
         let p = self.progress.snapshot();
-        let mem = limits::peak_rss().map(|b| b as i64);
+        self.memory_peak = self.memory_peak.max(limits::private_rss().unwrap_or(0));
+        let mem = Some(self.memory_peak as i64).filter(|&m| m > 0);
         let n = |v: u64| v as i64;
         Spi::get_one_with_args::<bool>(
             "UPDATE store.jobs SET phase = $2, files_done = $3, bytes_read = $4, records = $5, empty = $6, rejected = $7, \
@@ -286,7 +289,7 @@ pub fn run(id: i64) -> Result<(), Stop> {
     let progress = Arc::new(Progress::default());
     Progress::add(&progress.files_total, listing.files.len() as u64);
     Progress::add(&progress.bytes_total, to_read.iter().map(|f| f.size).sum());
-    let mut status = Status { job: id, progress: progress.clone(), last: Instant::now(), percent: 0.0, batch_size: 0, insert_total: 0, inserted_so_far: 0 };
+    let mut status = Status { job: id, progress: progress.clone(), last: Instant::now(), percent: 0.0, batch_size: 0, insert_total: 0, inserted_so_far: 0, memory_peak: 0 };
     let cancel = Arc::new(AtomicBool::new(false));
 
     let (qualified, column) = transaction(|| {
