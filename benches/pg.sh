@@ -3,7 +3,9 @@
 # one run, on one local PostgreSQL 15 cluster with the same settings for everyone.
 #
 #   benches/pg.sh [DATA_DIR]   (default: 1 GiB from store-gen --files 8 --size 128M --dup 0.3 --seed 7)
-#   RUNS=3 to repeat each measurement (medians are printed); default 1 (a run takes ~10 min).
+#   RUNS (default 3): runs of pg_store and A, median printed; B_RUNS (default 1): B takes
+#   minutes a run. One unmeasured warm-up load first, so that no contender pays for the
+#   cluster's first WAL segments and file growth. About 13 minutes in all here.
 #
 # Contenders, scenario "empty" (target starts empty):
 #   pg_store  SELECT store_ingest(DIR), waited for (memory: the worker's VmHWM)
@@ -15,9 +17,10 @@
 # contenders' tables differ (count and an order-independent hash of the lines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUNS=${RUNS:-1}; PORT=${BENCH_PORT:-5441}; BIN=/usr/lib/postgresql/15/bin
+RUNS=${RUNS:-3}; B_RUNS=${B_RUNS:-1}; PORT=${BENCH_PORT:-5441}; BIN=/usr/lib/postgresql/15/bin
 W=$PWD/target/bench/pg; CL=$W/cluster; TMP=$W/tmp
-mkdir -p "$W" "$TMP"; chmod 755 "$W" "$TMP" "$PWD/target/bench" "$PWD/target" 2>/dev/null || true
+mkdir -p "$W" "$TMP/pg_store"; chmod 755 "$W" "$TMP" "$PWD/target/bench" "$PWD/target" 2>/dev/null || true
+chown postgres "$TMP/pg_store"   # the server writes pg_store's runs there
 cargo build --release --quiet --bin store-dedup --bin store-gen
 DATA=${1:-}
 if [ -z "$DATA" ]; then
@@ -72,7 +75,7 @@ run_pg_store() { # $1 table; prints "wall rss_mib temp_mib"
   t1=$(now); touch "$TMP/done"; wait
   [ "$state" = done ] || { sql "SELECT error FROM store.jobs WHERE id = $job" >&2; exit 1; }
   # VmHWM counts the shared_buffers pages the worker touched too; memory_peak does not.
-  HWM="$HWM $(awk '/VmHWM/{printf "%d", $2/1024}' /proc/$(sql "SELECT worker_pid FROM store.jobs WHERE id = $job")/status)"
+  awk '/VmHWM/{printf " %d", $2/1024}' "/proc/$(sql "SELECT worker_pid FROM store.jobs WHERE id = $job")/status" >> "$TMP/hwm"
   echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}') $(sql "SELECT memory_peak / 1048576 FROM store.jobs WHERE id = $job") $(cat "$TMP/du")"
 }
 
@@ -98,10 +101,11 @@ run_b() { # $1 table; memory: the backend's VmHWM is not reachable after COPY, s
 }
 
 declare -A R
-HWM=""
+: > "$TMP/hwm"
 measure() { # key function table [preload]
-  local key=$1 fn=$2 t=$3 pre=${4:-} out walls=() rss temp
-  for _ in $(seq "$RUNS"); do
+  local key=$1 fn=$2 t=$3 pre=${4:-} out walls=() rss temp runs=$RUNS
+  [ "$fn" = run_b ] && runs=$B_RUNS
+  for _ in $(seq "$runs"); do
     fresh_table "$t"; [ -n "$pre" ] && preload_half "$t"
     sql "CHECKPOINT"
     out=$($fn "$t"); read -r w rss temp <<<"$out"; walls+=("$w")
@@ -109,7 +113,8 @@ measure() { # key function table [preload]
   R[$key]="$(printf '%s\n' "${walls[@]}" | median) $rss $temp $(fingerprint "$t")"
 }
 
-echo "# $(date -u +%F) $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM, $(df -h "$W" | awk 'NR==2{print $2" disk"}'); data $DATA ($(du -sh "$DATA" | cut -f1)), runs $RUNS"
+echo "# $(date -u +%F) $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM, $(df -h "$W" | awk 'NR==2{print $2" disk"}'); data $DATA ($(du -sh "$DATA" | cut -f1)); runs: $RUNS (B: $B_RUNS)"
+fresh_table t_warm; run_pg_store t_warm >/dev/null; sql "DROP TABLE t_warm"; : > "$TMP/hwm"
 measure empty_pg run_pg_store t_pg
 measure empty_a run_a t_a
 measure empty_b run_b t_b
@@ -129,6 +134,6 @@ for s in empty incr; do
     [ "$f" = "$pf" ] || { echo "TABLES DIFFER: $s $c"; status=1; }
   done
 done
-echo "pg_store peak_RSS is the worker's private memory (RssAnon+RssFile, sampled each second); its VmHWM, which also counts shared_buffers pages it touched, read (MiB):$HWM"
+echo "pg_store peak_RSS is the worker's private memory (RssAnon+RssFile, sampled each second); its VmHWM, which also counts shared_buffers pages it touched, read (MiB):$(cat "$TMP/hwm")"
 echo "A's peak_RSS is sort's; B's temp_MiB is the staging table's size."
 exit $status

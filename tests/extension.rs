@@ -147,6 +147,25 @@ fn immediate_stop_mid_insert_resumes_after_restart_with_no_loss_and_no_duplicate
 }
 
 #[test]
+fn fast_shutdown_mid_insert_leaves_the_job_resumable() {
+    let c = Cluster::start("fast", "store.batch_max = 2000");
+    let (dir, want) = big_fixture(&c);
+    let job = c.ingest(&format!("'{}'", dir.display()));
+    wait_mid_insert(&c, job);
+    c.stop_fast();
+    assert_eq!(q_after_start(&c, &format!("SELECT state FROM store.jobs WHERE id = {job}")), "running");
+    c.wait_done(job);
+    assert_eq!(c.table_sha("store.lines", "line"), want.sha256);
+    assert_eq!(num(&c, &format!("SELECT inserted + already_present FROM store.status WHERE id = {job}")), want.distinct as i64);
+}
+
+/// Start the cluster again and run one query.
+fn q_after_start(c: &Cluster, sql: &str) -> String {
+    c.pg_ctl_start();
+    q(c, sql)
+}
+
+#[test]
 fn cancel_stops_a_running_job_within_seconds() {
     let c = Cluster::start("cancel", "store.batch_max = 1000");
     let (dir, _) = big_fixture(&c);
@@ -203,6 +222,15 @@ fn refusals_are_clear_and_failures_are_recorded() {
     fs::remove_file(&locked).unwrap();
     let job = c.ingest(&format!("'{}'", ok.display()));
     c.wait_done(job);
+
+    // The workers reload postgresql.conf on SIGHUP: a new limit applies to the next job.
+    q(&c, "ALTER SYSTEM SET store.max_line_bytes = 10");
+    q(&c, "SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(1500));
+    fs::write(ok.join("long.txt"), "short\nthis line is longer than ten bytes\n").unwrap();
+    let job = c.ingest(&format!("'{}'", ok.display()));
+    c.wait_done(job);
+    assert_eq!(q(&c, &format!("SELECT reason FROM store.rejects WHERE job = {job}")), "too_long");
 }
 
 #[test]

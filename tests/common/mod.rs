@@ -77,6 +77,10 @@ impl Cluster {
         run(&mut as_postgres(&[&format!("{BIN}/pg_ctl"), "-D", self.data().to_str().unwrap(), "-l", self.dir.join("log").to_str().unwrap(), "-w", "-t", "60", "start"]));
     }
 
+    pub fn stop_fast(&self) {
+        run(&mut as_postgres(&[&format!("{BIN}/pg_ctl"), "-D", self.data().to_str().unwrap(), "-m", "fast", "-w", "stop"]));
+    }
+
     pub fn stop_immediate(&self) {
         run(&mut as_postgres(&[&format!("{BIN}/pg_ctl"), "-D", self.data().to_str().unwrap(), "-m", "immediate", "-w", "stop"]));
     }
