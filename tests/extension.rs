@@ -244,3 +244,12 @@ fn a_pg_cron_schedule_runs_an_ingest() {
     q(&c, "SELECT cron.unschedule('ingest')");
     assert_eq!(num(&c, "SELECT count(*) FROM store.lines"), 2);
 }
+
+#[test]
+fn without_preloading_store_ingest_explains_what_is_missing() {
+    // A later line wins in postgresql.conf: pg_store is not preloaded here.
+    let c = Cluster::start("nopreload", "shared_preload_libraries = 'pg_cron'");
+    let e = c.psql("SELECT store_ingest('/tmp')").unwrap_err();
+    assert!(e.contains("pg_store is not loaded through shared_preload_libraries"), "{e}");
+    assert!(e.contains("HINT:  Add pg_store to shared_preload_libraries"), "{e}");
+}

@@ -24,7 +24,18 @@ pub static MAX_LINE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_
 pub static ALLOWED_DIRS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static COMPRESS_RUNS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
-pub fn init() {
+/// Define the settings. Postmaster-level ones (`store.workers`, `store.database`) can
+/// only be defined while shared_preload_libraries is processed: defining them later
+/// (CREATE EXTENSION in a server that did not preload pg_store) is a FATAL error, so
+/// they are skipped then, and `store_ingest` explains what is missing instead.
+pub fn init(preloading: bool) {
+    if preloading {
+        define_postmaster_gucs();
+    }
+    define_reloadable_gucs();
+}
+
+fn define_postmaster_gucs() {
     GucRegistry::define_int_guc(
         c"store.workers",
         c"Background workers that run ingest jobs.",
@@ -43,6 +54,9 @@ pub fn init() {
         GucContext::Postmaster,
         GucFlags::default(),
     );
+}
+
+fn define_reloadable_gucs() {
     GucRegistry::define_string_guc(
         c"store.memory_limit",
         c"Memory budget of one job: bytes with a unit (256MB) or a share of RAM (20%).",

@@ -19,8 +19,9 @@ pub static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    gucs::init();
-    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    gucs::init(preloading);
+    if preloading {
         PRELOADED.store(true, Ordering::Relaxed);
         worker::register();
     }
