@@ -20,9 +20,7 @@ fn error_of(sql: &str, arg: Option<&str>) -> (String, String) {
     })
     .catch_others(|e| match e {
         CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) | CaughtError::RustPanic { ereport: r, .. } => {
-            let code = r.sql_error_code() as i32;
-            let state: String = (0..5).map(|i| (((code >> (6 * i)) & 0x3F) as u8 + b'0') as char).collect();
-            (state, r.message().to_string())
+            (crate::pg::txn::sqlstate_text(r.sql_error_code() as i32), r.message().to_string())
         }
     })
     .execute()

@@ -18,7 +18,7 @@ use pgrx::prelude::*;
 
 use super::gucs::Settings;
 use super::insert::Inserter;
-use super::txn::{transaction, PgError};
+use super::txn::{spi_err, transaction, PgError};
 use crate::engine::batch::{AdaptiveBatcher, Batch};
 use crate::engine::filter::Filter;
 use crate::engine::pipeline::{self, Config, FileCounts, Observer, Reject};
@@ -64,10 +64,6 @@ struct Job {
     filter: Option<String>,
     owner: pg_sys::Oid,
     attempts: i32,
-}
-
-fn spi_err(e: impl std::fmt::Display) -> PgError {
-    PgError::other(e.to_string())
 }
 
 fn load(id: i64) -> Result<Job, PgError> {

@@ -35,7 +35,13 @@ impl PgError {
     }
 }
 
-fn sqlstate_text(code: i32) -> String {
+/// For `map_err` on SPI results: an SPI error as an internal error.
+pub fn spi_err(e: impl std::fmt::Display) -> PgError {
+    PgError::other(e.to_string())
+}
+
+/// The five-character SQLSTATE of an error code.
+pub fn sqlstate_text(code: i32) -> String {
     // MAKE_SQLSTATE packs five 6-bit characters, first character lowest.
     (0..5).map(|i| (((code >> (6 * i)) & 0x3F) as u8 + b'0') as char).collect()
 }

@@ -13,7 +13,7 @@ use pgrx::prelude::*;
 
 use super::gucs;
 use super::job::{self, shutdown_requested, Stop};
-use super::txn::{transaction, PgError};
+use super::txn::{spi_err, transaction, PgError};
 use crate::engine::pipeline;
 
 /// First key of the advisory locks on job ids ("PS").
@@ -30,10 +30,6 @@ pub fn register() {
             .set_restart_time(Some(Duration::from_secs(5)))
             .load();
     }
-}
-
-fn spi_err(e: impl std::fmt::Display) -> PgError {
-    PgError::other(e.to_string())
 }
 
 #[pg_guard]
