@@ -253,3 +253,30 @@ fn without_preloading_store_ingest_explains_what_is_missing() {
     assert!(e.contains("pg_store is not loaded through shared_preload_libraries"), "{e}");
     assert!(e.contains("HINT:  Add pg_store to shared_preload_libraries"), "{e}");
 }
+
+#[test]
+fn concurrent_jobs_into_one_target_end_exact() {
+    // Four jobs at once on two workers, two of them on the same directory, the others on
+    // overlapping data: both workers start on the plain-INSERT path (the target is empty),
+    // meet each other's keys, and must fall back to ON CONFLICT without losing a batch.
+    let c = Cluster::start("concurrent", "store.batch_max = 1000");
+    let spec = |seed| GenSpec { files: 2, size: 4 << 20, seed, dup: 0.3, ..GenSpec::default() };
+    let (a, _) = fixtures(&c, "a", &spec(5));
+    let (b, _) = fixtures(&c, "b", &spec(5)); // same lines as a, other files
+    let (d, _) = fixtures(&c, "d", &spec(6));
+    let all = readable_dir(&c.dir.join("all"));
+    for (src, tag) in [(&a, "a"), (&d, "d")] {
+        for e in fs::read_dir(src).unwrap() {
+            let e = e.unwrap();
+            fs::copy(e.path(), all.join(format!("{tag}-{}", e.file_name().to_string_lossy()))).unwrap();
+        }
+    }
+    let want = oracle(&all, 65536).unwrap();
+    let jobs: Vec<i64> = [&a, &a, &b, &d].iter().map(|p| c.ingest(&format!("'{}'", p.display()))).collect();
+    for j in &jobs {
+        c.wait_done(*j);
+    }
+    assert_eq!(c.table_sha("store.lines", "line"), want.sha256);
+    let total = num(&c, &format!("SELECT sum(inserted) FROM store.status WHERE id IN ({})", jobs.iter().map(|j| j.to_string()).collect::<Vec<_>>().join(",")));
+    assert_eq!(total, want.distinct as i64, "every line inserted exactly once across the jobs");
+}
