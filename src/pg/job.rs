@@ -23,7 +23,7 @@ use crate::engine::batch::{AdaptiveBatcher, Batch};
 use crate::engine::filter::Filter;
 use crate::engine::pipeline::{self, Config, FileCounts, Observer, Reject};
 use crate::engine::walk::{fingerprint, walk, FileEntry};
-use crate::engine::{limits, Error, Phase, Progress};
+use crate::engine::{limits, Error, Phase, Progress, Snapshot};
 
 /// How a job ended, when it did not succeed.
 #[derive(Debug)]
@@ -95,7 +95,6 @@ struct Status {
     job: i64,
     progress: Arc<Progress>,
     last: Instant,
-    percent: f32,
     batch_size: i32,
     /// Accepted records not known to be repeats when the merge began: what inserting
     /// has to get through.
@@ -106,8 +105,7 @@ struct Status {
 }
 
 impl Status {
-    fn percent(&self) -> f32 {
-        let p = self.progress.snapshot();
+    fn percent(&self, p: &Snapshot) -> f32 {
         match p.phase {
             Phase::Scanning | Phase::Sorting => 60.0 * p.bytes_read as f32 / p.bytes_total.max(1) as f32,
             Phase::Merging | Phase::Inserting => 60.0 + 40.0 * (self.inserted_so_far as f32 / self.insert_total.max(1) as f32).min(1.0),
@@ -118,8 +116,8 @@ impl Status {
     /// Write the counters (inside the caller's transaction); returns cancel_requested.
     fn write(&mut self) -> Result<bool, PgError> {
         self.last = Instant::now();
-        self.percent = self.percent();
         let p = self.progress.snapshot();
+        let percent = self.percent(&p);
         self.memory_peak = self.memory_peak.max(limits::private_rss().unwrap_or(0));
         let mem = Some(self.memory_peak as i64).filter(|&m| m > 0);
         let n = |v: u64| v as i64;
@@ -137,7 +135,7 @@ impl Status {
                 n(p.rejected).into(),
                 n(p.filtered).into(),
                 n(p.duplicates).into(),
-                self.percent.into(),
+                percent.into(),
                 self.batch_size.into(),
                 mem.into(),
                 n(p.temp_peak).into(),
@@ -279,19 +277,19 @@ pub fn run(id: i64) -> Result<(), Stop> {
     for f in &listing.files {
         prints.push(fingerprint(&f.path).map_err(|e| Stop::Failed(e.to_string()))?);
     }
-    let (to_read, resume_key, fast_path) = plan_files(&job, &listing.files, &prints)?;
+    let (qualified, column) = transaction(|| {
+        let q = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[job.target.into()]).map_err(spi_err)?;
+        q.map(|q| (q, pgrx::spi::quote_identifier(&job.column))).ok_or_else(|| PgError::other("the target table no longer exists"))
+    })?;
+    let (to_read, resume_key, fast_path) = plan_files(&job, &qualified, &listing.files, &prints)?;
     let files: HashMap<PathBuf, FileEntry> = to_read.iter().map(|f| (f.path.clone(), f.clone())).collect();
 
     let progress = Arc::new(Progress::default());
     Progress::add(&progress.files_total, listing.files.len() as u64);
     Progress::add(&progress.bytes_total, to_read.iter().map(|f| f.size).sum());
-    let mut status = Status { job: id, progress: progress.clone(), last: Instant::now(), percent: 0.0, batch_size: 0, insert_total: 0, inserted_so_far: 0, memory_peak: 0 };
+    let mut status = Status { job: id, progress: progress.clone(), last: Instant::now(), batch_size: 0, insert_total: 0, inserted_so_far: 0, memory_peak: 0 };
     let cancel = Arc::new(AtomicBool::new(false));
 
-    let (qualified, column) = transaction(|| {
-        let q = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[job.target.into()]).map_err(spi_err)?;
-        q.map(|q| (q, pgrx::spi::quote_identifier(&job.column))).ok_or_else(|| PgError::other("the target table no longer exists"))
-    })?;
     let mut inserter = Inserter::new(id, job.owner, &qualified, &column, fast_path);
     let mut batcher = AdaptiveBatcher::new(settings.batch_min, settings.batch_max, settings.batch_target);
     let mut watch = Watch { status: &mut status, rejects: Vec::new(), files: &files, stop: None };
@@ -413,7 +411,7 @@ fn insert(inserter: &mut Inserter, batcher: &mut AdaptiveBatcher, batch: &mut Ba
 
 /// Record the files of this attempt; return those to read, where to resume the merge,
 /// and whether batches may use the fast path.
-fn plan_files(job: &Job, files: &[FileEntry], prints: &[String]) -> Result<(Vec<FileEntry>, Option<Vec<u8>>, bool), PgError> {
+fn plan_files(job: &Job, qualified: &str, files: &[FileEntry], prints: &[String]) -> Result<(Vec<FileEntry>, Option<Vec<u8>>, bool), PgError> {
     transaction(|| {
         let mut to_read = Vec::new();
         let mut changed_since_last_attempt = false;
@@ -450,10 +448,7 @@ fn plan_files(job: &Job, files: &[FileEntry], prints: &[String]) -> Result<(Vec<
             }
         }
         // The target's emptiness decides the fast path, once per job.
-        let empty = Spi::get_one::<bool>(&format!(
-            "SELECT NOT EXISTS (SELECT 1 FROM {})",
-            Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[job.target.into()]).map_err(spi_err)?.unwrap_or_default()
-        ))
+        let empty = Spi::get_one::<bool>(&format!("SELECT NOT EXISTS (SELECT 1 FROM {qualified})"))
         .map_err(spi_err)?
         .unwrap_or(false);
         Spi::run_with_args("INSERT INTO store.checkpoints (job, fast_path) VALUES ($1, $2) ON CONFLICT (job) DO NOTHING", &[job.id.into(), empty.into()])
