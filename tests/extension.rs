@@ -114,19 +114,29 @@ fn wait_mid_insert(c: &Cluster, job: i64) {
     c.wait_until(&format!("SELECT coalesce((SELECT inserted > 20000 FROM store.status WHERE id = {job}), false)"), Duration::from_secs(180));
 }
 
-#[test]
-fn kill_9_of_the_worker_mid_insert_resumes_with_no_loss_and_no_duplicate() {
-    let c = Cluster::start("kill9", "store.batch_max = 2000");
+/// Interrupt a job in the middle of inserting, let `interrupt` bring the server back as
+/// it must, and check the job ends with exactly the oracle's lines. Returns the cluster,
+/// the job and the expected result for test-specific checks.
+fn interrupted_mid_insert_ends_exact(name: &str, interrupt: impl FnOnce(&Cluster, i64)) -> (Cluster, i64, Expected) {
+    let c = Cluster::start(name, "store.batch_max = 2000");
     let (dir, want) = big_fixture(&c);
     let job = c.ingest(&format!("'{}'", dir.display()));
     wait_mid_insert(&c, job);
-    let pid: i32 = q(&c, &format!("SELECT worker_pid FROM store.jobs WHERE id = {job}")).parse().unwrap();
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    // The postmaster restarts everything (crash recovery); a worker reclaims the job.
+    interrupt(&c, job);
     c.wait_done(job);
     assert!(num(&c, &format!("SELECT attempts FROM store.jobs WHERE id = {job}")) >= 2);
     assert_eq!(c.table_sha("store.lines", "line"), want.sha256);
     assert_eq!(num(&c, &format!("SELECT inserted + already_present FROM store.status WHERE id = {job}")), want.distinct as i64);
+    (c, job, want)
+}
+
+#[test]
+fn kill_9_of_the_worker_mid_insert_resumes_with_no_loss_and_no_duplicate() {
+    let (c, _, want) = interrupted_mid_insert_ends_exact("kill9", |c, job| {
+        let pid: i32 = q(c, &format!("SELECT worker_pid FROM store.jobs WHERE id = {job}")).parse().unwrap();
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        // The postmaster restarts everything (crash recovery); a worker reclaims the job.
+    });
     assert_eq!(num(&c, "SELECT count(*) FROM store.rejects"), want.rejected as i64, "rejects stored once");
     let orphans = fs::read_dir(c.data().join("pg_store_tmp/jobs")).map(|d| d.flatten().filter(|e| fs::read_dir(e.path()).map(|mut x| x.next().is_some()).unwrap_or(false)).count()).unwrap_or(0);
     assert_eq!(orphans, 0, "temporary runs of the killed worker were removed");
@@ -134,35 +144,19 @@ fn kill_9_of_the_worker_mid_insert_resumes_with_no_loss_and_no_duplicate() {
 
 #[test]
 fn immediate_stop_mid_insert_resumes_after_restart_with_no_loss_and_no_duplicate() {
-    let c = Cluster::start("immediate", "store.batch_max = 2000");
-    let (dir, want) = big_fixture(&c);
-    let job = c.ingest(&format!("'{}'", dir.display()));
-    wait_mid_insert(&c, job);
-    c.stop_immediate();
-    c.pg_ctl_start();
-    c.wait_done(job);
-    assert!(num(&c, &format!("SELECT attempts FROM store.jobs WHERE id = {job}")) >= 2);
-    assert_eq!(c.table_sha("store.lines", "line"), want.sha256);
-    assert_eq!(num(&c, &format!("SELECT inserted + already_present FROM store.status WHERE id = {job}")), want.distinct as i64);
+    interrupted_mid_insert_ends_exact("immediate", |c, _| {
+        c.stop_immediate();
+        c.pg_ctl_start();
+    });
 }
 
 #[test]
 fn fast_shutdown_mid_insert_leaves_the_job_resumable() {
-    let c = Cluster::start("fast", "store.batch_max = 2000");
-    let (dir, want) = big_fixture(&c);
-    let job = c.ingest(&format!("'{}'", dir.display()));
-    wait_mid_insert(&c, job);
-    c.stop_fast();
-    assert_eq!(q_after_start(&c, &format!("SELECT state FROM store.jobs WHERE id = {job}")), "running");
-    c.wait_done(job);
-    assert_eq!(c.table_sha("store.lines", "line"), want.sha256);
-    assert_eq!(num(&c, &format!("SELECT inserted + already_present FROM store.status WHERE id = {job}")), want.distinct as i64);
-}
-
-/// Start the cluster again and run one query.
-fn q_after_start(c: &Cluster, sql: &str) -> String {
-    c.pg_ctl_start();
-    q(c, sql)
+    interrupted_mid_insert_ends_exact("fast", |c, job| {
+        c.stop_fast();
+        c.pg_ctl_start();
+        assert_eq!(q(c, &format!("SELECT state FROM store.jobs WHERE id = {job}")), "running");
+    });
 }
 
 #[test]
