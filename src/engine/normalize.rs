@@ -67,6 +67,18 @@ pub fn classify(raw: &[u8], first: bool, max_line_bytes: usize) -> Verdict<'_> {
     }
 }
 
+/// The verdict on one record as the reader split it: over-long records were cut short
+/// by the reader, and records of a buffer validated whole skip the UTF-8 check.
+pub fn verdict<'a>(l: &super::read::RawLine<'a>, max_line_bytes: usize) -> Verdict<'a> {
+    if l.truncated {
+        Verdict::Reject(Reason::TooLong)
+    } else if l.clean {
+        classify_clean(l.bytes, l.line == 1, max_line_bytes)
+    } else {
+        classify(l.bytes, l.line == 1, max_line_bytes)
+    }
+}
+
 /// [`classify`] for a record already known to be valid UTF-8 without NUL.
 #[inline]
 pub fn classify_clean(raw: &[u8], first: bool, max_line_bytes: usize) -> Verdict<'_> {

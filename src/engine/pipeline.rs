@@ -22,7 +22,7 @@ use super::error::{Error, IoContext, Result};
 use super::filter::Filter;
 use super::limits::{self, Budget};
 use super::merge::{reduce_runs, Merger};
-use super::normalize::{classify, classify_clean, Reason, Verdict, DEFAULT_MAX_LINE_BYTES};
+use super::normalize::{self, Reason, Verdict, DEFAULT_MAX_LINE_BYTES};
 use super::progress::{Phase, Progress};
 use super::read::{self, Codec, RawLine, READ_BUFFER, REJECT_PREFIX};
 use super::sort::{self, Chunk, Run};
@@ -171,16 +171,22 @@ fn scan(
         let mut counts = FileCounts::default();
         let mut flushed = FileCounts::default();
         let mut since_tick = 0u64;
-        let mut input = read::open(&file.path, &progress.bytes_read)?;
+        let mut input = match read::open(&file.path, &progress.bytes_read) {
+            Ok(input) => input,
+            // Gone, or swapped for a link or a special file, since it was listed: record
+            // it and go on with the others (a DBA's log rotation must not fail the job).
+            // Other errors (permission denied, I/O) stop the run.
+            Err(Error::Io { source, .. }) if vanished_or_swapped(&source) => {
+                Progress::add(&progress.files_failed, 1);
+                Progress::add(&progress.files_done, 1);
+                let why = format!("could not open {}: {source} (changed since it was listed)", file.path.display());
+                obs.file_done(index, file, &FileCounts::default(), Some(&why))?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let result = read::split_lines(&mut *input, &file.path, cfg.max_line_bytes, cfg.read_buffer, |l: RawLine<'_>| {
-            let verdict = if l.truncated {
-                Verdict::Reject(Reason::TooLong)
-            } else if l.clean {
-                classify_clean(l.bytes, l.line == 1, cfg.max_line_bytes)
-            } else {
-                classify(l.bytes, l.line == 1, cfg.max_line_bytes)
-            };
-            match verdict {
+            match normalize::verdict(&l, cfg.max_line_bytes) {
                 Verdict::Empty => counts.empty += 1,
                 Verdict::Reject(reason) => {
                     counts.records += 1;
@@ -222,6 +228,12 @@ fn scan(
         obs.file_done(index, file, &counts, error.as_deref())?;
     }
     Ok(())
+}
+
+/// Whether opening a listed file failed because it is no longer the regular file that
+/// was listed.
+fn vanished_or_swapped(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput) || e.raw_os_error() == Some(libc::ELOOP)
 }
 
 /// Add what `counts` gained since the last flush to the shared progress.

@@ -7,7 +7,6 @@
 //! past `max_line_bytes` + a few bytes the record is certainly too long, so the rest of
 //! it is counted and skipped, and only its prefix is kept for the reject report.
 
-use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,7 +54,7 @@ impl<R: Read> Read for Counting<'_, R> {
 
 /// Open `path` for reading its decoded bytes, counting raw bytes into `counter`.
 pub fn open<'a>(path: &Path, counter: &'a AtomicU64) -> Result<Box<dyn Read + 'a>> {
-    let file = File::open(path).ctx("could not open", path)?;
+    let file = super::walk::open_regular(path).ctx("could not open", path)?;
     let raw = Counting { inner: file, counter };
     Ok(match Codec::for_path(path) {
         Codec::Plain => Box::new(raw),

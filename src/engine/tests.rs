@@ -307,9 +307,47 @@ fn io_errors_name_the_path_and_the_os_error() {
     let err = run_exact(&cfg, &input, None, Record::default()).err().unwrap().to_string();
     assert!(err.contains("no/such/dir") && err.contains("No such file or directory"), "{err}");
 
-    let missing = vec![FileEntry { path: dir.path().join("gone.txt"), size: 1, mtime_ns: 0 }];
-    let err = sort_distinct(&tiny(dir.path()), &missing, Arc::default(), Arc::default(), &mut Record::default()).err().unwrap().to_string();
-    assert!(err.contains("gone.txt") && err.contains("No such file"), "{err}");
+}
+
+#[test]
+fn files_that_vanish_or_are_swapped_after_listing_are_recorded_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    fs::create_dir(&input).unwrap();
+    let secret = dir.path().join("secret.txt");
+    fs::write(&secret, "outside allowed_dirs\n").unwrap();
+    for name in ["a", "b", "c", "d", "e"] {
+        fs::write(input.join(format!("{name}.txt")), format!("{name} one\n{name} two\n")).unwrap();
+    }
+    let listing = walk(&input).unwrap();
+    fs::remove_file(input.join("b.txt")).unwrap();
+    fs::remove_file(input.join("c.txt")).unwrap();
+    std::os::unix::fs::symlink(&secret, input.join("c.txt")).unwrap();
+    fs::remove_file(input.join("d.txt")).unwrap();
+    let fifo = std::ffi::CString::new(input.join("d.txt").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+
+    let temp = dir.path().join("tmp");
+    fs::create_dir(&temp).unwrap();
+    let progress = Arc::new(Progress::default());
+    let mut obs = Record::default();
+    let sorted = sort_distinct(&tiny(&temp), &listing.files, progress.clone(), Arc::default(), &mut obs).unwrap();
+    let mut m = sorted.merge(None).unwrap();
+    let mut got = Vec::new();
+    while let Some(r) = m.next_record().unwrap() {
+        got.push(String::from_utf8(r.to_vec()).unwrap());
+    }
+    assert_eq!(got, ["a one", "a two", "e one", "e two"], "the secret behind the link and the FIFO were not read");
+    let errors: Vec<_> = obs.files.iter().map(|(p, _, e)| (p.file_name().unwrap().to_str().unwrap().to_string(), e.clone())).collect();
+    assert_eq!(errors.len(), 5, "every listed file is reported");
+    for (name, e) in &errors {
+        let failed = ["b.txt", "c.txt", "d.txt"].contains(&name.as_str());
+        assert_eq!(e.is_some(), failed, "{name}: {e:?}");
+        if let Some(e) = e {
+            assert!(e.contains(name.as_str()) && e.contains("changed since it was listed"), "{e}");
+        }
+    }
+    assert_eq!(progress.snapshot().files_failed, 3);
 }
 
 #[test]

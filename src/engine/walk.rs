@@ -83,6 +83,28 @@ fn walk_dir(dir: &Path, listing: &mut Listing) -> Result<()> {
 }
 
 /// Bytes hashed at each end of a file for its fingerprint (64 KiB).
+/// Open a file listed as regular, refusing what it may have been swapped for since:
+/// a symbolic link (which could point outside `store.allowed_dirs`), a FIFO (whose
+/// open would block until a writer came), a device. Errors are `InvalidInput`
+/// ("not a regular file") or the OS's (`ELOOP` for a link, `ENOENT` if it vanished).
+pub fn open_regular(path: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let f = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    // SAFETY: plain fcntl on a descriptor we own; clears O_NONBLOCK for ordinary reads.
+    let fd = f.as_raw_fd();
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(f)
+}
+
 const FINGERPRINT_SPAN: u64 = 64 << 10;
 
 /// A cheap content fingerprint: FNV-1a (64-bit, stable across versions and platforms)
@@ -90,7 +112,7 @@ const FINGERPRINT_SPAN: u64 = 64 << 10;
 /// was replaced or rewritten from one left alone, without reading it whole.
 pub fn fingerprint(path: &Path) -> Result<String> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut f = fs::File::open(path).ctx("could not open", path)?;
+    let mut f = open_regular(path).ctx("could not open", path)?;
     let size = f.metadata().ctx("could not stat", path)?.len();
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |bytes: &[u8]| {
