@@ -134,6 +134,13 @@ fn check_target(who: pg_sys::Oid, target: pg_sys::Oid, column: &str) {
     if kind != "r" && kind != "p" {
         raise(PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE, format!("target \"{name}\" is not a table"), None);
     }
+    if spi_bool("SELECT relpersistence = 't' FROM pg_class WHERE oid = $1", &[target.into()]) {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("target \"{name}\" is a temporary table"),
+            Some("A background worker inserts the lines, and it cannot see this session's temporary tables: use an ordinary or UNLOGGED table.".into()),
+        );
+    }
     let Some(attnum) = attnum else {
         raise(PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN, format!("column \"{column}\" of relation \"{name}\" does not exist"), None)
     };
