@@ -170,3 +170,9 @@ fn hostile_names_are_quoted_not_pasted() {
     assert!(id.is_some());
     assert_eq!(Spi::get_one::<bool>("SELECT to_regclass('store.jobs') IS NOT NULL").unwrap(), Some(true));
 }
+
+#[pg_test]
+fn temporary_target_is_refused() {
+    Spi::run("CREATE TEMP TABLE t_tmp (line text UNIQUE)").unwrap();
+    assert_refused("SELECT store_ingest($1, 't_tmp')", Some(&fixture_dir()), "0A000", "is a temporary table");
+}

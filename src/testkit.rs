@@ -209,6 +209,11 @@ pub fn sha256_lines<'a>(recs: impl IntoIterator<Item = &'a [u8]>) -> String {
 /// The oracle over a file or directory (plain files only; compressed files are
 /// decoded with flate2/zstd whole).
 pub fn oracle(path: &Path, max_line_bytes: usize) -> std::io::Result<Expected> {
+    Ok(oracle_set(path, max_line_bytes)?.0)
+}
+
+/// [`oracle`] with the distinct records themselves, to tell what is missing or extra.
+pub fn oracle_set(path: &Path, max_line_bytes: usize) -> std::io::Result<(Expected, BTreeSet<Vec<u8>>)> {
     let mut contents = Vec::new();
     for p in files_under(path)? {
         let mut data = Vec::new();
@@ -220,7 +225,7 @@ pub fn oracle(path: &Path, max_line_bytes: usize) -> std::io::Result<Expected> {
         };
         contents.push(data);
     }
-    Ok(oracle_of(contents.iter().map(|c| c.as_slice()), max_line_bytes).0)
+    Ok(oracle_of(contents.iter().map(|c| c.as_slice()), max_line_bytes))
 }
 
 fn files_under(path: &Path) -> std::io::Result<Vec<PathBuf>> {

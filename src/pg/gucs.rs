@@ -23,6 +23,7 @@ pub static BLOOM_FPR: GucSetting<f64> = GucSetting::<f64>::new(0.01);
 pub static MAX_LINE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_LINE_BYTES as i32);
 pub static ALLOWED_DIRS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static COMPRESS_RUNS: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static CHECK_TEMP_SPACE: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 /// Define the settings. Postmaster-level ones (`store.workers`, `store.database`) can
 /// only be defined while shared_preload_libraries is processed: defining them later
@@ -131,6 +132,14 @@ fn define_reloadable_gucs() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_bool_guc(
+        c"store.check_temp_space",
+        c"Refuse a job before reading when store.temp_dir has less free space than its input needs.",
+        c"Turn off where free space is misreported (quotas, compressing file systems): a job that runs out fails with ENOSPC instead.",
+        &CHECK_TEMP_SPACE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
 }
 
 fn string(s: &GucSetting<Option<CString>>) -> Option<String> {
@@ -158,6 +167,7 @@ pub struct Settings {
     pub bloom_fpr: f64,
     pub max_line_bytes: usize,
     pub compress_runs: bool,
+    pub check_temp_space: bool,
 }
 
 impl Settings {
@@ -180,6 +190,7 @@ impl Settings {
             bloom_fpr: BLOOM_FPR.get(),
             max_line_bytes: MAX_LINE_BYTES.get() as usize,
             compress_runs: COMPRESS_RUNS.get(),
+            check_temp_space: CHECK_TEMP_SPACE.get(),
         })
     }
 }

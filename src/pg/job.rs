@@ -266,6 +266,7 @@ pub fn run(id: i64) -> Result<(), Stop> {
         temp_dir,
         max_line_bytes: settings.max_line_bytes,
         compress_runs: settings.compress_runs,
+        check_space: settings.check_temp_space,
         filter,
         ..Config::default()
     };
