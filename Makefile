@@ -10,7 +10,7 @@ APT_PKGS    := postgresql-15 postgresql-server-dev-15 postgresql-15-cron libclan
 DEMO_DIR    ?= /tmp/pg_store_demo
 TEST_PGDATA ?= /tmp/pg_store_pgrx_test
 
-.PHONY: help deps install demo demo-stop test test-engine test-pg test-integration bench bench-engine chaos clean
+.PHONY: help deps install demo demo-stop test test-engine test-pg test-integration bench bench-engine chaos fuzz clean
 
 # List the targets.
 help:
@@ -52,6 +52,16 @@ test-pg: deps
 # Integration tests: clusters the harness starts itself, with pg_store and pg_cron preloaded (needs `make install`).
 test-integration:
 	$(CARGO) test --test extension -- --test-threads=2
+
+# The reliability campaign (tests/chaos.rs): faults, odd files, concurrency, load and hostile callers
+# against a local cluster it starts itself; ends with one summary line, non-zero on any loss.
+chaos: install
+	PG_STORE_CHAOS=1 $(CARGO) test --release --test chaos
+
+# Fuzz the reader and normaliser against the in-memory oracle (FUZZ_SECONDS, default 600; needs the nightly toolchain).
+fuzz: deps
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked --quiet
+	cd fuzz && $(CARGO) +nightly fuzz run read_normalize -- -max_total_time=$${FUZZ_SECONDS:-600} -max_len=4096
 
 # store-dedup against sort -u on 1 GiB (make bench-engine SIZES="32M 128M 256M" for the scaling check).
 bench-engine:

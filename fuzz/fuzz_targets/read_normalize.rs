@@ -1,0 +1,74 @@
+//! The reader and the normaliser against the naive oracle of `pg_store::testkit`.
+//!
+//! The input is one file's bytes plus three control bytes: the record-length limit,
+//! the read-buffer size, and the sizes in which a hostile `Read` hands the bytes over
+//! (1 byte at a time up to whole). Whatever the bytes and however they are split, the
+//! accepted records, the empty/rejected counts and the line numbers of the rejects
+//! must equal what the oracle derives from the whole file at once.
+
+#![no_main]
+
+use std::io::Read;
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+use pg_store::engine::normalize::{verdict, Verdict};
+use pg_store::engine::read::split_lines;
+use pg_store::testkit::oracle_of;
+
+/// A reader that returns at most `step` bytes per call, cycling through `steps`.
+struct Trickle<'a> {
+    data: &'a [u8],
+    steps: &'a [u8],
+    i: usize,
+}
+
+impl Read for Trickle<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let step = self.steps.get(self.i % self.steps.len().max(1)).map_or(usize::MAX, |&s| s as usize + 1);
+        self.i += 1;
+        let n = self.data.len().min(out.len()).min(step);
+        out[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+fuzz_target!(|input: &[u8]| {
+    if input.len() < 4 {
+        return;
+    }
+    let max_line = 1 + input[0] as usize % 80;
+    let buf_size = 1 + input[1] as usize * 4;
+    let nsteps = input[2] as usize % 8;
+    let rest = &input[3..];
+    let (steps, data) = rest.split_at(nsteps.min(rest.len()));
+
+    let mut accepted = std::collections::BTreeSet::new();
+    let (mut records, mut empty, mut rejected) = (0u64, 0u64, 0u64);
+    let mut last_line = 0u64;
+    let mut reader = Trickle { data, steps, i: 0 };
+    split_lines::<_, pg_store::engine::Error>(&mut reader, Path::new("fuzz"), max_line, buf_size, |l| {
+        assert!(l.line > last_line, "line numbers increase");
+        last_line = l.line;
+        assert!(l.offset as usize <= data.len());
+        match verdict(&l, max_line) {
+            Verdict::Empty => empty += 1,
+            Verdict::Reject(_) => {
+                records += 1;
+                rejected += 1;
+            }
+            Verdict::Accept(s) => {
+                records += 1;
+                assert!(!s.is_empty() && s.len() <= max_line && !s.contains('\n') && !s.contains('\0'));
+                accepted.insert(s.as_bytes().to_vec());
+            }
+        }
+        Ok(())
+    })
+    .expect("an in-memory read cannot fail");
+
+    let (want, set) = oracle_of([data], max_line);
+    assert_eq!((records, empty, rejected), (want.records, want.empty, want.rejected), "counts");
+    assert_eq!(accepted, set, "accepted records");
+});

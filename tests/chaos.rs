@@ -1,0 +1,982 @@
+//! `make chaos`: the reliability campaign. One local cluster (started and removed by
+//! this program, like the integration tests), a seeded RNG, and one fault after another:
+//! `kill -9` of the ingesting worker and `pg_ctl stop -m immediate` at random moments,
+//! temporary space running out, files that change while a job runs, odd inputs,
+//! concurrent jobs and DDL, cancels, terminated workers, 50 queued jobs, and hostile
+//! callers. After each fault the job is left to finish (or re-run) by itself and the
+//! target is compared with the project's own oracle, line by line when it differs.
+//!
+//! Prints one line per fault and ends with
+//! `chaos: N/N faults survived, 0 records lost, 0 duplicated, 0 server crashes, M hostile calls refused`;
+//! exits non-zero on any loss, duplicate, crash or failed check.
+//!
+//! `PG_STORE_CHAOS=1` runs it (the Makefile sets it); `CHAOS_SEED` changes the seed,
+//! `CHAOS_ONLY=kill9,hostile` runs some sections. Without `PG_STORE_CHAOS` it does
+//! nothing, so `cargo test` and `cargo pgrx test` pass over it. Needs `make install`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{readable_dir, Cluster, BIN};
+use pg_store::testkit::{generate, line_for, oracle_set, Expected, GenSpec, Rng};
+
+type Lines = BTreeSet<Vec<u8>>;
+
+/// What a directory must produce: the oracle's counts and its distinct lines.
+#[derive(Clone)]
+struct Want {
+    e: Expected,
+    lines: Lines,
+}
+
+fn want_of(dir: &Path) -> Want {
+    let (e, lines) = oracle_set(dir, 65536).unwrap();
+    Want { e, lines }
+}
+
+#[derive(Default)]
+struct Tally {
+    faults: u32,
+    survived: u32,
+    lost: u64,
+    duplicated: u64,
+    crashes: u64,
+    hostile: u32,
+    refused: u32,
+    failures: Vec<String>,
+    kill_phases: BTreeMap<String, u32>,
+}
+
+struct Ctx {
+    c: Cluster,
+    rng: Rng,
+    t: Tally,
+    tables: u32,
+    /// The main fault data set and its expected result.
+    data: PathBuf,
+    want: Want,
+    /// Seconds from start to first insert, and start to end, of an undisturbed job.
+    scan_s: f64,
+    total_s: f64,
+    /// Deliberate SIGKILLs, so the log's "terminated by signal 9" lines can be told apart.
+    our_kills: u64,
+}
+
+type Check = Result<String, String>;
+
+fn main() {
+    if std::env::var_os("PG_STORE_CHAOS").is_none() {
+        println!("chaos: not run (`make chaos` runs it)");
+        return;
+    }
+    let seed: u64 = std::env::var("CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261124);
+    let only: Option<Vec<String>> = std::env::var("CHAOS_ONLY").ok().map(|s| s.split(',').map(str::to_string).collect());
+    let want_section = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
+    let started = Instant::now();
+    println!("chaos: seed {seed}");
+
+    let c = Cluster::start(
+        "chaos",
+        "store.batch_max = 2000\nstore.memory_limit = '16MB'\nstore.cpu_limit = 1\nmax_connections = 120\nlog_line_prefix = '%m [%p] '",
+    );
+    let data = readable_dir(&c.dir.join("data-main"));
+    generate(&data, &GenSpec { files: 4, size: 12 << 20, seed, nasty: true, ..GenSpec::default() }).unwrap();
+    let want = want_of(&data);
+    println!(
+        "chaos: main data set {} files, {} records, {} distinct, {} rejected",
+        want.e.files, want.e.records, want.e.distinct, want.e.rejected
+    );
+    let mut x = Ctx { c, rng: Rng::new(seed), t: Tally::default(), tables: 0, data, want, scan_s: 0.0, total_s: 0.0, our_kills: 0 };
+    x.baseline();
+
+    type Section = (&'static str, fn(&mut Ctx));
+    let sections: [Section; 8] = [
+        ("kill9", kill9_rounds),
+        ("immediate", immediate_rounds),
+        ("space", temp_space),
+        ("files", files),
+        ("concurrency", concurrency),
+        ("load", load),
+        ("hostile", hostile),
+        ("crashes", |_| {}),
+    ];
+    for (name, f) in sections {
+        if want_section(name) && name != "crashes" {
+            let t = Instant::now();
+            f(&mut x);
+            println!("chaos: section {name} took {:.0} s", t.elapsed().as_secs_f64());
+        }
+    }
+
+    // Crashes: any server process that died of a signal we did not send, or a PANIC.
+    let log = fs::read_to_string(x.c.dir.join("log")).unwrap_or_default();
+    let signalled = log.lines().filter(|l| l.contains("was terminated by signal")).count() as u64;
+    let panics = log.lines().filter(|l| l.contains("PANIC:")).count() as u64;
+    x.t.crashes += signalled.saturating_sub(x.our_kills) + panics;
+    if !x.c.running() {
+        x.t.crashes += 1;
+    }
+
+    let t = &x.t;
+    if !t.kill_phases.is_empty() {
+        println!("chaos: status phase at the moment of each kill/stop: {:?}", t.kill_phases);
+    }
+    for f in &t.failures {
+        println!("chaos: FAILED {f}");
+    }
+    println!("chaos: {:.1} minutes", started.elapsed().as_secs_f64() / 60.0);
+    println!(
+        "chaos: {}/{} faults survived, {} records lost, {} duplicated, {} server crashes, {} hostile calls refused",
+        t.survived, t.faults, t.lost, t.duplicated, t.crashes, t.refused
+    );
+    let ok = t.survived == t.faults && t.lost == 0 && t.duplicated == 0 && t.crashes == 0 && t.refused == t.hostile;
+    if !ok {
+        if t.refused != t.hostile {
+            println!("chaos: only {} of {} hostile calls were refused as expected", t.refused, t.hostile);
+        }
+        std::process::exit(1);
+    }
+}
+
+impl Cluster {
+    fn running(&self) -> bool {
+        Command::new("runuser")
+            .args(["-u", "postgres", "--", &format!("{BIN}/pg_ctl"), "-D", self.data().to_str().unwrap(), "status"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// psql as `role` with verbose errors: `Err` holds "ERROR:  SQLSTATE: message".
+    fn psql_verbose(&self, role: &str, sql: &str) -> Result<String, String> {
+        let out = Command::new(format!("{BIN}/psql"))
+            .args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose", "-h", self.dir.to_str().unwrap(), "-p", &self.port.to_string()])
+            .args(["-U", role, "-d", "postgres", "-c", sql])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    }
+}
+
+impl Ctx {
+    fn q(&self, sql: &str) -> String {
+        self.c.psql_retry(sql, Duration::from_secs(60))
+    }
+
+    fn num(&self, sql: &str) -> i64 {
+        let s = self.q(sql);
+        s.parse().unwrap_or_else(|e| panic!("{sql}: {s:?}: {e}"))
+    }
+
+    /// A fresh target with the line_key unique index, as store.lines has.
+    fn target(&mut self) -> String {
+        self.tables += 1;
+        let t = format!("chaos_{}", self.tables);
+        self.q(&format!("CREATE TABLE {t} (line text NOT NULL); CREATE UNIQUE INDEX ON {t} (store.line_key(line))"));
+        t
+    }
+
+    fn ingest(&self, dir: &Path, table: &str) -> i64 {
+        self.q(&format!("SELECT store_ingest('{}', '{table}')", dir.display())).parse().unwrap()
+    }
+
+    /// Wait for a job to end; its final state.
+    fn end_of(&self, job: i64, within: Duration) -> Result<String, String> {
+        let t = Instant::now();
+        loop {
+            let s = self.q(&format!("SELECT state FROM store.jobs WHERE id = {job}"));
+            if ["done", "failed", "cancelled"].contains(&s.as_str()) {
+                return Ok(s);
+            }
+            if t.elapsed() > within {
+                return Err(format!("job {job} still {s} after {within:?}; log:\n{}", self.c.log_tail()));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn done(&self, job: i64) -> Result<(), String> {
+        match self.end_of(job, Duration::from_secs(300))?.as_str() {
+            "done" => Ok(()),
+            s => Err(format!("job {job} ended {s}: {}", self.q(&format!("SELECT coalesce(error, '') FROM store.jobs WHERE id = {job}")))),
+        }
+    }
+
+    /// The table's lines and its row count.
+    fn lines(&self, table: &str) -> (Lines, i64) {
+        let out = Command::new(format!("{BIN}/psql"))
+            .args(["-XAtq", "-h", self.c.dir.to_str().unwrap(), "-p", &self.c.port.to_string(), "-U", "postgres", "-d", "postgres", "-c"])
+            .arg(format!("SELECT line FROM {table}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut rows = 0;
+        let mut set = Lines::new();
+        for l in out.stdout.split(|&b| b == b'\n') {
+            rows += 1;
+            set.insert(l.to_vec());
+        }
+        // The output ends with a newline: one empty piece that is not a row.
+        rows -= 1;
+        set.remove(&b""[..]);
+        (set, rows)
+    }
+
+    /// Lines missing below `lower`, lines beyond `upper`, and rows that repeat a line;
+    /// adds them to the tally.
+    fn bounds(&mut self, table: &str, lower: &Lines, upper: &Lines) -> Result<(usize, i64), String> {
+        let (have, rows) = self.lines(table);
+        let lost = lower.difference(&have).count() as u64;
+        let extra = have.difference(upper).count() as u64;
+        let repeats = (rows - have.len() as i64).max(0) as u64;
+        self.t.lost += lost;
+        self.t.duplicated += extra + repeats;
+        if lost + extra + repeats > 0 {
+            return Err(format!("{table}: {lost} lines lost, {extra} lines that should not be there, {repeats} repeated rows"));
+        }
+        Ok((have.len(), rows))
+    }
+
+    /// The table holds exactly `want`'s lines, and the job's counters add up.
+    fn exact(&mut self, table: &str, want: &Want, job: Option<i64>) -> Result<(), String> {
+        if self.c.table_sha(table, "line") != want.e.sha256 {
+            let w = want.lines.clone();
+            self.bounds(table, &w, &w)?;
+            return Err(format!("{table}: checksum differs from the oracle's"));
+        }
+        if let Some(job) = job {
+            let (rej, total) = (
+                self.num(&format!("SELECT count(*) FROM store.rejects WHERE job = {job}")),
+                self.num(&format!("SELECT inserted + already_present FROM store.status WHERE id = {job}")),
+            );
+            if rej != want.e.rejected as i64 {
+                let d = rej - want.e.rejected as i64;
+                if d > 0 { self.t.duplicated += d as u64 } else { self.t.lost += (-d) as u64 }
+                return Err(format!("job {job}: {rej} rejects recorded, the oracle has {}", want.e.rejected));
+            }
+            if total != want.e.distinct as i64 {
+                return Err(format!("job {job}: inserted + already_present = {total}, the oracle has {} distinct", want.e.distinct));
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, name: &str, r: Check) {
+        self.t.faults += 1;
+        match r {
+            Ok(detail) => {
+                self.t.survived += 1;
+                println!("  ok   {name}{}{detail}", if detail.is_empty() { "" } else { ": " });
+            }
+            Err(e) => {
+                println!("  FAIL {name}: {e}");
+                self.t.failures.push(format!("{name}: {e}"));
+            }
+        }
+        if !self.c.running() {
+            // Nothing in the campaign leaves the server down on purpose at this point.
+            self.t.crashes += 1;
+            self.t.failures.push(format!("{name}: the server was down afterwards"));
+            self.c.pg_ctl_start();
+        }
+    }
+
+    /// Run `f` as one fault, catching its panics as failures.
+    fn fault(&mut self, name: &str, f: impl FnOnce(&mut Ctx) -> Check) {
+        let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self))) {
+            Ok(r) => r,
+            Err(p) => Err(p.downcast_ref::<String>().cloned().or(p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()),
+        };
+        self.record(name, r);
+    }
+
+    fn baseline(&mut self) {
+        let t = self.target();
+        let job = self.ingest(&self.data.clone(), &t);
+        self.done(job).expect("the undisturbed baseline job");
+        let want = self.want.clone();
+        self.exact(&t, &want, Some(job)).expect("the undisturbed baseline job is exact");
+        let s = self.q(&format!(
+            "SELECT extract(epoch FROM insert_started_at - started_at) || ' ' || extract(epoch FROM finished_at - started_at) FROM store.jobs WHERE id = {job}"
+        ));
+        let mut it = s.split(' ').map(|v| v.parse::<f64>().unwrap());
+        (self.scan_s, self.total_s) = (it.next().unwrap(), it.next().unwrap());
+        println!("chaos: undisturbed job: {:.1} s to the first insert, {:.1} s in all", self.scan_s, self.total_s);
+        self.q(&format!("DROP TABLE {t}"));
+    }
+
+    /// A random moment of a job: a third of them before inserting starts.
+    fn moment(&mut self, round: u32) -> Duration {
+        let s = if round % 3 == 0 { self.rng.unit() * self.scan_s } else { self.scan_s + self.rng.unit() * (self.total_s - self.scan_s) * 0.9 };
+        Duration::from_secs_f64(s)
+    }
+
+    /// Wait until `job` runs, then `delay` more; the status phase then.
+    fn at(&self, job: i64, delay: Duration) -> String {
+        let t = Instant::now();
+        while self.q(&format!("SELECT state FROM store.jobs WHERE id = {job}")) == "queued" {
+            assert!(t.elapsed() < Duration::from_secs(60), "job {job} was never claimed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(delay);
+        self.q(&format!("SELECT state || ':' || coalesce(phase, 'claimed') FROM store.jobs WHERE id = {job}"))
+    }
+
+    fn worker_pid(&self, job: i64) -> i32 {
+        self.q(&format!("SELECT coalesce(worker_pid, 0) FROM store.jobs WHERE id = {job}")).parse().unwrap()
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Crashes
+
+fn crash_round(x: &mut Ctx, round: u32, immediate: bool) -> Check {
+    let t = x.target();
+    let job = x.ingest(&x.data.clone(), &t);
+    let delay = x.moment(round);
+    let phase = x.at(job, delay);
+    if immediate {
+        x.c.stop_immediate();
+        x.c.pg_ctl_start();
+    } else {
+        let pid = x.worker_pid(job);
+        if pid == 0 || !phase.starts_with("running") {
+            return Err(format!("job {job} was not running at the kill ({phase})"));
+        }
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        x.our_kills += 1;
+    }
+    *x.t.kill_phases.entry(phase.trim_start_matches("running:").to_string()).or_default() += 1;
+    // No manual step: the workers come back and reclaim the job.
+    x.done(job)?;
+    let want = x.want.clone();
+    x.exact(&t, &want, Some(job))?;
+    let attempts = x.num(&format!("SELECT attempts FROM store.jobs WHERE id = {job}"));
+    x.q(&format!("DROP TABLE {t}"));
+    Ok(format!("{} at {:.1} s ({phase}), job {job} finished exact after {attempts} attempts", if immediate { "stop" } else { "kill" }, delay.as_secs_f64()))
+}
+
+fn kill9_rounds(x: &mut Ctx) {
+    println!("chaos: kill -9 of the ingesting worker, 20 rounds");
+    for r in 0..20 {
+        x.fault(&format!("kill -9 #{}", r + 1), |x| crash_round(x, r, false));
+    }
+    // The killed workers' temporary runs were removed by worker 0 when it restarted.
+    x.fault("kill -9: no orphaned temporary runs", |x| {
+        let jobs = x.c.data().join("pg_store_tmp/jobs");
+        let left: Vec<_> = fs::read_dir(&jobs).map(|d| d.flatten().filter(|e| fs::read_dir(e.path()).map(|mut i| i.next().is_some()).unwrap_or(false)).map(|e| e.path()).collect()).unwrap_or_default();
+        if left.is_empty() { Ok(String::new()) } else { Err(format!("left behind: {left:?}")) }
+    });
+}
+
+fn immediate_rounds(x: &mut Ctx) {
+    println!("chaos: pg_ctl stop -m immediate, 10 rounds");
+    for r in 0..10 {
+        x.fault(&format!("immediate stop #{}", r + 1), |x| crash_round(x, r + 1, true));
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Temporary space
+
+fn set_conf(x: &Ctx, sql: &str) {
+    x.q(sql);
+    x.q("SELECT pg_reload_conf()");
+    // The workers reload at their next wake-up (at most a second).
+    std::thread::sleep(Duration::from_millis(1500));
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                out.extend(files_under(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+fn temp_space(x: &mut Ctx) {
+    println!("chaos: store.temp_dir on a 20 MB tmpfs");
+    let mnt = x.c.dir.join("tmpfs");
+    fs::create_dir_all(&mnt).unwrap();
+    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", mnt.to_str().unwrap()]).status().is_ok_and(|s| s.success());
+    if !ok {
+        x.record("temporary space", Err("could not mount a tmpfs (root needed)".into()));
+        return;
+    }
+    Command::new("chown").args(["postgres", mnt.to_str().unwrap()]).status().unwrap();
+    set_conf(x, &format!("ALTER SYSTEM SET store.temp_dir = '{}'", mnt.display()));
+    let mut failed_tables = Vec::new();
+
+    x.fault("temp space: refused up front when the input cannot fit", |x| {
+        let t = x.target();
+        let job = x.ingest(&x.data.clone(), &t);
+        let s = x.end_of(job, Duration::from_secs(120))?;
+        let err = x.q(&format!("SELECT coalesce(error, '') FROM store.jobs WHERE id = {job}"));
+        let rows = x.num(&format!("SELECT count(*) FROM {t}"));
+        failed_tables.push((t, job));
+        if s != "failed" || !err.contains("not enough temporary space") || !err.contains(mnt.to_str().unwrap()) {
+            return Err(format!("job {job} ended {s}: {err}"));
+        }
+        if rows != 0 || !files_under(&mnt).is_empty() {
+            return Err(format!("{rows} rows in the target, temp files {:?}", files_under(&mnt)));
+        }
+        Ok(err)
+    });
+
+    set_conf(x, "ALTER SYSTEM SET store.check_temp_space = off");
+    x.fault("temp space: ENOSPC while spilling fails the job cleanly", |x| {
+        let t = x.target();
+        let job = x.ingest(&x.data.clone(), &t);
+        let s = x.end_of(job, Duration::from_secs(120))?;
+        let err = x.q(&format!("SELECT coalesce(error, '') FROM store.jobs WHERE id = {job}"));
+        let rows = x.num(&format!("SELECT count(*) FROM {t}"));
+        let inserted = x.num(&format!("SELECT inserted FROM store.status WHERE id = {job}"));
+        failed_tables.push((t, job));
+        if s != "failed" || !err.contains("No space left on device") || !err.contains(mnt.to_str().unwrap()) {
+            return Err(format!("job {job} ended {s}: {err}"));
+        }
+        // Nothing beyond committed batches: the rows are exactly what the checkpoint counted.
+        if rows != inserted {
+            return Err(format!("{rows} rows in the target but {inserted} committed by the job"));
+        }
+        let left = files_under(&mnt);
+        if !left.is_empty() {
+            return Err(format!("temporary files left: {left:?}"));
+        }
+        Ok(format!("{err} ({rows} rows committed before it)"))
+    });
+
+    set_conf(x, "ALTER SYSTEM RESET store.check_temp_space; ALTER SYSTEM RESET store.temp_dir");
+    let _ = Command::new("umount").arg(&mnt).status();
+    x.fault("temp space: re-run with enough space completes exactly", |x| {
+        let want = x.want.clone();
+        let mut ids = Vec::new();
+        for (t, _) in failed_tables.clone() {
+            let job = x.ingest(&x.data.clone(), &t);
+            x.done(job)?;
+            x.exact(&t, &want, None)?;
+            ids.push(job);
+            x.q(&format!("DROP TABLE {t}"));
+        }
+        Ok(format!("jobs {ids:?}"))
+    });
+}
+
+// ---------------------------------------------------------------------------------
+// Files
+
+/// A directory whose first file takes the job a while to read (many repeats of few
+/// lines: long to scan, quick to insert), so a later file can be changed after the
+/// job listed it and before it reads it.
+fn slow_dir(x: &Ctx, name: &str) -> PathBuf {
+    let dir = readable_dir(&x.c.dir.join(name));
+    let mut block = Vec::new();
+    for i in 0..20_000u64 {
+        block.extend(line_for(i, 99));
+        block.push(b'\n');
+    }
+    let mut big = Vec::with_capacity(200 << 20);
+    while big.len() < 200 << 20 {
+        big.extend_from_slice(&block);
+    }
+    fs::write(dir.join("a-big.txt"), &big).unwrap();
+    dir
+}
+
+fn victim(dir: &Path, seed: u64, n: u64) -> PathBuf {
+    let p = dir.join("z-victim.txt");
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.extend(line_for(i, seed));
+        v.push(b'\n');
+    }
+    fs::write(&p, v).unwrap();
+    p
+}
+
+/// Where to write a replacement before renaming it over `v` (hidden: never listed).
+fn x_tmp(v: &Path) -> PathBuf {
+    v.parent().unwrap().join(".replacement")
+}
+
+fn wait_scanning(x: &Ctx, job: i64) {
+    let t = Instant::now();
+    while x.q(&format!("SELECT coalesce(phase, '') FROM store.jobs WHERE id = {job}")) == "" {
+        assert!(t.elapsed() < Duration::from_secs(60), "job {job} never started scanning");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn union(a: &Lines, b: &Lines) -> Lines {
+    a.union(b).cloned().collect()
+}
+
+/// Change the victim after the job listed it; the job must record it, and a re-run
+/// must leave the table between "everything now there" and "everything ever there".
+fn mutation(x: &mut Ctx, dir: &Path, what: &str, change: impl FnOnce(&Path)) -> Check {
+    let v = victim(dir, 1000 + x.tables as u64, 5000);
+    let before = want_of(dir);
+    let t = x.target();
+    let job = x.ingest(dir, &t);
+    wait_scanning(x, job);
+    change(&v);
+    x.done(job)?;
+    let state = x.q(&format!("SELECT state || ':' || coalesce(error, '') FROM store.files WHERE job = {job} AND path LIKE '%z-victim.txt'"));
+    let expect = if what == "deleted" { "failed:" } else { "changed:" };
+    if !state.starts_with(expect) {
+        return Err(format!("victim recorded as {state:?}, expected {expect}"));
+    }
+    let after = want_of(dir);
+    let again = x.ingest(dir, &t);
+    x.done(again)?;
+    let reread = x.q(&format!("SELECT coalesce(string_agg(state, ','), '') FROM store.files WHERE job = {again} AND path LIKE '%z-victim.txt'"));
+    let (n, _) = x.bounds(&t, &after.lines, &union(&before.lines, &after.lines))?;
+    if what != "deleted" && reread != "read" {
+        return Err(format!("the re-run recorded the victim as {reread:?}, not read"));
+    }
+    x.q(&format!("DROP TABLE {t}"));
+    let _ = fs::remove_file(&v);
+    Ok(format!("recorded {state}; after the re-run {n} lines, all of the file as it is now"))
+}
+
+fn exact_dir(x: &mut Ctx, dir: &Path) -> Result<(i64, Want), String> {
+    let want = want_of(dir);
+    let t = x.target();
+    let job = x.ingest(dir, &t);
+    x.done(job)?;
+    x.exact(&t, &want, Some(job))?;
+    x.q(&format!("DROP TABLE {t}"));
+    Ok((job, want))
+}
+
+fn files(x: &mut Ctx) {
+    println!("chaos: files that change, odd files");
+    let dir = slow_dir(x, "slow");
+    x.fault("file appended to after listing", |x| {
+        mutation(x, &dir, "appended", |v| {
+            let mut extra = Vec::new();
+            for i in 0..3000u64 {
+                extra.extend(line_for(i, 777));
+                extra.push(b'\n');
+            }
+            let mut f = fs::OpenOptions::new().append(true).open(v).unwrap();
+            std::io::Write::write_all(&mut f, &extra).unwrap();
+        })
+    });
+    x.fault("file truncated after listing", |x| {
+        mutation(x, &dir, "truncated", |v| {
+            let f = fs::OpenOptions::new().write(true).open(v).unwrap();
+            f.set_len(fs::metadata(v).unwrap().len() / 3).unwrap();
+        })
+    });
+    x.fault("file deleted after listing", |x| mutation(x, &dir, "deleted", |v| fs::remove_file(v).unwrap()));
+    x.fault("file replaced (rename over) after listing", |x| {
+        mutation(x, &dir, "replaced", |v| {
+            // New content written beside it, then renamed over it (a new inode).
+            let tmp = x_tmp(v);
+            let mut body = Vec::new();
+            for i in 0..4000u64 {
+                body.extend(line_for(i, 4242));
+                body.push(b'\n');
+            }
+            fs::write(&tmp, body).unwrap();
+            fs::rename(&tmp, v).unwrap();
+        })
+    });
+    let secret = x.c.dir.join("secret.txt");
+    fs::write(&secret, "a secret line outside the directory\n").unwrap();
+    x.fault("file swapped for a symlink out of the directory after listing", |x| {
+        let v = victim(&dir, 5, 2000);
+        let t = x.target();
+        let job = x.ingest(&dir, &t);
+        wait_scanning(x, job);
+        fs::remove_file(&v).unwrap();
+        std::os::unix::fs::symlink(&secret, &v).unwrap();
+        x.done(job)?;
+        let state = x.q(&format!("SELECT state || ':' || coalesce(error, '') FROM store.files WHERE job = {job} AND path LIKE '%z-victim.txt'"));
+        let leaked = x.num(&format!("SELECT count(*) FROM {t} WHERE line LIKE 'a secret%'"));
+        fs::remove_file(&v).unwrap();
+        x.q(&format!("DROP TABLE {t}"));
+        if leaked != 0 || !state.starts_with("failed:") {
+            return Err(format!("secret rows {leaked}, victim {state}"));
+        }
+        Ok(state)
+    });
+    fs::remove_dir_all(&dir).unwrap();
+
+    x.fault("unreadable file: the job fails naming it; re-run after chmod is exact", |x| {
+        let dir = readable_dir(&x.c.dir.join("unreadable"));
+        generate(&dir, &GenSpec { files: 3, size: 200_000, seed: 31, ..GenSpec::default() }).unwrap();
+        let locked = dir.join("locked.txt");
+        fs::write(&locked, "locked one\nlocked two\n").unwrap();
+        fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+        let t = x.target();
+        let job = x.ingest(&dir, &t);
+        let s = x.end_of(job, Duration::from_secs(60))?;
+        let err = x.q(&format!("SELECT coalesce(error, '') FROM store.jobs WHERE id = {job}"));
+        if s != "failed" || !err.contains("locked.txt") || !err.contains("Permission denied") {
+            return Err(format!("job {job} ended {s}: {err}"));
+        }
+        let rows = x.num(&format!("SELECT count(*) FROM {t}"));
+        fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        let want = want_of(&dir);
+        let again = x.ingest(&dir, &t);
+        x.done(again)?;
+        x.exact(&t, &want, None)?;
+        Ok(format!("{err} ({rows} rows before the fix)"))
+    });
+
+    x.fault("10,000 tiny files", |x| {
+        let dir = readable_dir(&x.c.dir.join("tiny"));
+        for i in 0..10_000u64 {
+            let body = format!("{}\n{}\nshared line {}\n", String::from_utf8(line_for(i, 3)).unwrap(), i, i % 100);
+            fs::write(dir.join(format!("f{i:05}.txt")), body).unwrap();
+        }
+        let t0 = Instant::now();
+        let (job, want) = exact_dir(x, &dir)?;
+        let files = x.num(&format!("SELECT count(*) FROM store.files WHERE job = {job} AND state = 'read'"));
+        fs::remove_dir_all(&dir).unwrap();
+        if files != 10_000 {
+            return Err(format!("{files} files recorded read"));
+        }
+        Ok(format!("{} distinct lines in {:.1} s", want.e.distinct, t0.elapsed().as_secs_f64()))
+    });
+
+    x.fault("empty directory", |x| {
+        let dir = readable_dir(&x.c.dir.join("empty"));
+        let (job, _) = exact_dir(x, &dir)?;
+        Ok(format!("job {job}: {}", x.q(&format!("SELECT files_total || ' files, ' || inserted || ' rows' FROM store.status WHERE id = {job}"))))
+    });
+
+    x.fault("0-byte file", |x| {
+        let dir = readable_dir(&x.c.dir.join("zero"));
+        fs::write(dir.join("empty.txt"), "").unwrap();
+        let (job, _) = exact_dir(x, &dir)?;
+        let st = x.q(&format!("SELECT state FROM store.files WHERE job = {job}"));
+        if st != "read" {
+            return Err(format!("file recorded {st}"));
+        }
+        Ok(String::new())
+    });
+
+    x.fault("binary file (an ELF executable)", |x| {
+        let dir = readable_dir(&x.c.dir.join("elf"));
+        fs::copy(format!("{BIN}/postgres"), dir.join("postgres.bin")).unwrap();
+        let (job, want) = exact_dir(x, &dir)?;
+        let _ = job;
+        Ok(format!("{} records: {} rejected (recorded), {} distinct valid lines stored", want.e.records, want.e.rejected, want.e.distinct))
+    });
+
+    x.fault("one 200 MB record with no newline", |x| {
+        let dir = readable_dir(&x.c.dir.join("oneline"));
+        fs::write(dir.join("one.txt"), vec![b'x'; 200 << 20]).unwrap();
+        let t = x.target();
+        let job = x.ingest(&dir, &t);
+        x.done(job)?;
+        let row = x.q(&format!("SELECT reason || ' ' || line || ' ' || octet_length(raw) FROM store.rejects WHERE job = {job}"));
+        let rows = x.num(&format!("SELECT count(*) FROM {t}"));
+        let peak = x.num(&format!("SELECT coalesce(memory_peak, 0) FROM store.jobs WHERE id = {job}"));
+        fs::remove_dir_all(&dir).unwrap();
+        if row != "too_long 1 1024" || rows != 0 {
+            return Err(format!("reject {row:?}, {rows} rows"));
+        }
+        if peak > 200 << 20 {
+            return Err(format!("the worker's memory peaked at {} MiB", peak >> 20));
+        }
+        Ok(format!("rejected as too_long (line 1, 1 KiB prefix kept); worker peak {} MiB", peak >> 20))
+    });
+
+    x.fault("symlink inside the directory pointing out of it is not followed", |x| {
+        let dir = readable_dir(&x.c.dir.join("links"));
+        fs::write(dir.join("a.txt"), "inside\n").unwrap();
+        std::os::unix::fs::symlink(&secret, dir.join("b.txt")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.join("c.txt")).unwrap();
+        let fifo = std::ffi::CString::new(dir.join("d.fifo").to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let t = x.target();
+        let job = x.ingest(&dir, &t);
+        x.done(job)?;
+        let lines = x.q(&format!("SELECT string_agg(line, ',') FROM {t}"));
+        if lines != "inside" {
+            return Err(format!("read {lines:?}"));
+        }
+        Ok(x.q(&format!("SELECT files_total || ' file read, links and the FIFO skipped' FROM store.status WHERE id = {job}")))
+    });
+
+    x.fault("catastrophic-backtracking filter runs in linear time", |x| {
+        let dir = readable_dir(&x.c.dir.join("regex"));
+        let mut body = Vec::new();
+        for i in 0..2000 {
+            body.extend(vec![b'a'; 30_000 + i]);
+            body.extend(b"!\n");
+        }
+        fs::write(dir.join("a.txt"), body).unwrap();
+        x.q("CREATE TABLE chaos_regex (line text UNIQUE)");
+        let t0 = Instant::now();
+        let job: i64 = x.q(&format!("SELECT store_ingest('{}', 'chaos_regex', filter => '^(a+)+$')", dir.display())).parse().unwrap();
+        x.done(job)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let filtered = x.num(&format!("SELECT filtered FROM store.status WHERE id = {job}"));
+        if filtered != 2000 || secs > 60.0 {
+            return Err(format!("filtered {filtered} in {secs:.1} s"));
+        }
+        Ok(format!("2,000 lines of 30 KB against ^(a+)+$ in {secs:.1} s"))
+    });
+}
+
+// ---------------------------------------------------------------------------------
+// Concurrency
+
+fn concurrency(x: &mut Ctx) {
+    println!("chaos: concurrency");
+    let spec = |seed| GenSpec { files: 2, size: 3 << 20, seed, dup: 0.3, ..GenSpec::default() };
+    let a = readable_dir(&x.c.dir.join("conc-a"));
+    let b = readable_dir(&x.c.dir.join("conc-b"));
+    let d = readable_dir(&x.c.dir.join("conc-d"));
+    generate(&a, &spec(51)).unwrap();
+    generate(&b, &spec(51)).unwrap(); // the same lines as a, other files
+    generate(&d, &spec(52)).unwrap();
+    let all = union(&union(&want_of(&a).lines, &want_of(&b).lines), &want_of(&d).lines);
+
+    x.fault("4 jobs into one target at once", |x| {
+        let t = x.target();
+        let jobs: Vec<i64> = [&a, &b, &d, &x.data.clone()].iter().map(|p| x.ingest(p, &t)).collect();
+        for j in &jobs {
+            x.done(*j)?;
+        }
+        let expect = union(&all, &x.want.lines);
+        x.bounds(&t, &expect, &expect)?;
+        let ids = jobs.iter().map(|j| j.to_string()).collect::<Vec<_>>().join(",");
+        let inserted = x.num(&format!("SELECT sum(inserted) FROM store.status WHERE id IN ({ids})"));
+        x.q(&format!("DROP TABLE {t}"));
+        if inserted != expect.len() as i64 {
+            return Err(format!("the jobs counted {inserted} inserts for {} lines", expect.len()));
+        }
+        Ok(format!("{} lines, each inserted once", expect.len()))
+    });
+
+    x.fault("two jobs on the same directory", |x| {
+        let t = x.target();
+        let j1 = x.ingest(&x.data.clone(), &t);
+        let j2 = x.ingest(&x.data.clone(), &t);
+        x.done(j1)?;
+        x.done(j2)?;
+        let want = x.want.clone();
+        x.exact(&t, &want, None)?;
+        let inserted = x.num(&format!("SELECT sum(inserted) FROM store.status WHERE id IN ({j1},{j2})"));
+        x.q(&format!("DROP TABLE {t}"));
+        if inserted != want.e.distinct as i64 {
+            return Err(format!("{inserted} inserts for {} lines", want.e.distinct));
+        }
+        Ok(String::new())
+    });
+
+    x.fault("TRUNCATE of the target while a job inserts", |x| {
+        let t = x.target();
+        let job = x.ingest(&x.data.clone(), &t);
+        x.c.wait_until(&format!("SELECT coalesce((SELECT inserted > 20000 FROM store.status WHERE id = {job}), false)"), Duration::from_secs(120));
+        let removed = x.num(&format!("BEGIN; LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE; SELECT count(*) FROM {t}; TRUNCATE {t}; COMMIT"));
+        x.done(job)?;
+        let want = x.want.clone();
+        let (n, rows) = x.bounds(&t, &Lines::new(), &want.lines)?;
+        x.q(&format!("DROP TABLE {t}"));
+        if rows + removed != want.e.distinct as i64 {
+            return Err(format!("{rows} rows after + {removed} truncated != {} distinct", want.e.distinct));
+        }
+        Ok(format!("{removed} rows truncated, the job went on and inserted the other {n}"))
+    });
+
+    x.fault("ALTER TABLE ADD COLUMN while a job inserts", |x| {
+        let t = x.target();
+        let job = x.ingest(&x.data.clone(), &t);
+        x.c.wait_until(&format!("SELECT coalesce((SELECT inserted > 20000 FROM store.status WHERE id = {job}), false)"), Duration::from_secs(120));
+        x.q(&format!("ALTER TABLE {t} ADD COLUMN note text DEFAULT 'added'"));
+        x.done(job)?;
+        let want = x.want.clone();
+        x.exact(&t, &want, Some(job))?;
+        x.q(&format!("DROP TABLE {t}"));
+        Ok(String::new())
+    });
+
+    x.fault("ALTER TABLE RENAME COLUMN while a job inserts: clear failure, re-run exact", |x| {
+        let t = x.target();
+        let job = x.ingest(&x.data.clone(), &t);
+        x.c.wait_until(&format!("SELECT coalesce((SELECT inserted > 20000 FROM store.status WHERE id = {job}), false)"), Duration::from_secs(120));
+        x.q(&format!("ALTER TABLE {t} RENAME COLUMN line TO renamed"));
+        let s = x.end_of(job, Duration::from_secs(120))?;
+        let err = x.q(&format!("SELECT coalesce(error, '') FROM store.jobs WHERE id = {job}"));
+        x.q(&format!("ALTER TABLE {t} RENAME COLUMN renamed TO line"));
+        let want = x.want.clone();
+        x.bounds(&t, &Lines::new(), &want.lines)?;
+        if s != "failed" || !err.contains("line") {
+            return Err(format!("job {job} ended {s}: {err}"));
+        }
+        let again = x.ingest(&x.data.clone(), &t);
+        x.done(again)?;
+        x.exact(&t, &want, None)?;
+        x.q(&format!("DROP TABLE {t}"));
+        Ok(err)
+    });
+
+    for r in 0..5 {
+        x.fault(&format!("store_cancel at a random moment #{}", r + 1), |x| {
+            let t = x.target();
+            let job = x.ingest(&x.data.clone(), &t);
+            let delay = x.moment(r);
+            let phase = x.at(job, delay);
+            let ok = x.q(&format!("SELECT store_cancel({job})"));
+            let t0 = Instant::now();
+            let s = x.end_of(job, Duration::from_secs(60))?;
+            let took = t0.elapsed();
+            let want = x.want.clone();
+            let (n, _) = x.bounds(&t, &Lines::new(), &want.lines)?;
+            if (ok == "t" && s != "cancelled") || took > Duration::from_secs(5) {
+                return Err(format!("cancel {ok} at {phase}: job ended {s} after {took:?}"));
+            }
+            let again = x.ingest(&x.data.clone(), &t);
+            x.done(again)?;
+            x.exact(&t, &want, None)?;
+            x.q(&format!("DROP TABLE {t}"));
+            Ok(format!("at {:.1} s ({phase}): {s} within {:.1} s with {n} rows committed; the re-run completed it", delay.as_secs_f64(), took.as_secs_f64()))
+        });
+    }
+
+    for r in 0..2 {
+        x.fault(&format!("pg_terminate_backend on the worker #{}", r + 1), |x| {
+            let t = x.target();
+            let job = x.ingest(&x.data.clone(), &t);
+            let delay = x.moment(r + 1);
+            let phase = x.at(job, delay);
+            let pid = x.worker_pid(job);
+            let killed = x.q(&format!("SELECT pg_terminate_backend({pid})"));
+            x.done(job)?;
+            let want = x.want.clone();
+            x.exact(&t, &want, Some(job))?;
+            let attempts = x.num(&format!("SELECT attempts FROM store.jobs WHERE id = {job}"));
+            x.q(&format!("DROP TABLE {t}"));
+            if killed != "t" || attempts < 2 {
+                return Err(format!("terminate {killed}, {attempts} attempts"));
+            }
+            Ok(format!("at {:.1} s ({phase}); resumed, exact after {attempts} attempts", delay.as_secs_f64()))
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Load
+
+fn load(x: &mut Ctx) {
+    println!("chaos: 50 store_ingest calls at once");
+    x.fault("50 jobs queued at once from 50 sessions", |x| {
+        let mut dirs = Vec::new();
+        for i in 0..50u64 {
+            let dir = readable_dir(&x.c.dir.join(format!("q{i}")));
+            generate(&dir, &GenSpec { files: 1, size: 100_000 + i * 1000, seed: 600 + i % 10, ..GenSpec::default() }).unwrap();
+            x.q(&format!("CREATE TABLE q{i} (line text UNIQUE)"));
+            dirs.push(dir);
+        }
+        let t0 = Instant::now();
+        let jobs: Vec<i64> = std::thread::scope(|s| {
+            let hs: Vec<_> = dirs.iter().enumerate().map(|(i, d)| {
+                let c = &x.c;
+                s.spawn(move || c.psql(&format!("SELECT store_ingest('{}', 'q{i}')", d.display())).unwrap().parse::<i64>().unwrap())
+            }).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (i, (job, dir)) in jobs.iter().zip(&dirs).enumerate() {
+            x.done(*job)?;
+            let want = want_of(dir);
+            x.exact(&format!("q{i}"), &want, Some(*job))?;
+        }
+        Ok(format!("all 50 exact, {:.1} s from the first call to the last check", t0.elapsed().as_secs_f64()))
+    });
+}
+
+// ---------------------------------------------------------------------------------
+// Hostile callers
+
+fn hostile(x: &mut Ctx) {
+    println!("chaos: hostile callers");
+    let ok = readable_dir(&x.c.dir.join("allowed"));
+    fs::write(ok.join("a.txt"), "allowed line\n").unwrap();
+    let outside = readable_dir(&x.c.dir.join("outside"));
+    fs::write(outside.join("secret.txt"), "outside secret\n").unwrap();
+    std::os::unix::fs::symlink(&outside, ok.join("escape")).unwrap();
+    let fifo = ok.join("pipe");
+    let cfifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(cfifo.as_ptr(), 0o644) }, 0);
+    x.q("CREATE ROLE chaos_plain LOGIN; CREATE ROLE chaos_reader LOGIN IN ROLE pg_read_server_files; \
+         CREATE TABLE chaos_private (line text UNIQUE); CREATE TABLE chaos_victim (line text UNIQUE); \
+         INSERT INTO chaos_victim VALUES ('keep me'); CREATE VIEW chaos_view AS SELECT line FROM chaos_victim; \
+         GRANT SELECT ON chaos_victim TO chaos_reader");
+    set_conf(x, &format!("ALTER SYSTEM SET store.allowed_dirs = '{}'", ok.display()));
+    let theirs = x.ingest(&ok, "store.lines");
+    let jobs_before = x.num("SELECT count(*) FROM store.jobs");
+    let o = ok.display().to_string();
+
+    let calls: Vec<(&str, String, &str, &str)> = vec![
+        ("chaos_plain", format!("SELECT store_ingest('{o}')"), "42501", "permission denied to ingest server files"),
+        ("chaos_plain", format!("SELECT store.enqueue('{o}', 'store.lines'::regclass, 'line', 'exact', NULL)"), "42501", "permission denied"),
+        ("chaos_plain", "INSERT INTO store.jobs (path, target, column_name, dedup, owner) VALUES ('/etc', 'store.lines', 'line', 'exact', 10)".into(), "42501", "permission denied for table jobs"),
+        ("chaos_reader", "UPDATE store.jobs SET path = '/etc'".into(), "42501", "permission denied for table jobs"),
+        ("chaos_reader", "DELETE FROM store.ingested".into(), "42501", "permission denied for table ingested"),
+        ("chaos_reader", format!("SELECT store_ingest('{o}', 'chaos_private')"), "42501", "permission denied to insert into"),
+        ("chaos_reader", format!("SELECT store_cancel({theirs})"), "42501", "permission denied to cancel job"),
+        ("chaos_reader", "SET store.allowed_dirs = '/'".into(), "42501", "permission denied to set parameter"),
+        ("chaos_reader", "ALTER SYSTEM SET store.allowed_dirs = '/'".into(), "42501", "permission denied"),
+        ("postgres", format!("SELECT store_ingest('{o}/../outside')"), "42501", "is outside store.allowed_dirs"),
+        ("postgres", format!("SELECT store_ingest('{o}/escape/secret.txt')"), "42501", "is outside store.allowed_dirs"),
+        ("postgres", format!("SELECT store_ingest('{o}/escape')"), "42501", "is outside store.allowed_dirs"),
+        ("postgres", "SELECT store_ingest('/proc/self/environ')".into(), "42501", "pseudo-file system"),
+        ("postgres", "SELECT store_ingest('/dev/zero')".into(), "42501", "pseudo-file system"),
+        ("postgres", format!("SELECT store_ingest('{}')", fifo.display()), "22023", "is not a regular file or directory"),
+        ("postgres", "SELECT store_ingest('relative/../dir')".into(), "22023", "is not absolute"),
+        ("postgres", format!("SELECT store_ingest('{o}', 'chaos_victim; DROP TABLE chaos_victim; --')"), "42602", "invalid name syntax"),
+        ("postgres", format!("SELECT store_ingest('{o}', 'chaos_victim', 'line); DROP TABLE chaos_victim; --')"), "42703", "does not exist"),
+        ("postgres", format!("SELECT store_ingest('{o}', 'chaos_victim', filter => 'include=(;DROP TABLE chaos_victim')"), "22023", "filter pattern"),
+        ("postgres", format!("SELECT store_ingest('{o}', 'chaos_victim', filter => '(a{{1000}}){{1000}}{{1000}}')"), "22023", "filter pattern"),
+        ("postgres", format!("SELECT store_ingest('{o}', 'chaos_victim', dedup => 'exact''; DROP TABLE chaos_victim; --')"), "22023", "dedup must be"),
+        ("postgres", format!("SELECT store_ingest('{o}', 'chaos_view')"), "42809", "is not a table"),
+        ("postgres", format!("SELECT store_ingest('{o}', 'pg_description', 'description')"), "42P10", "has no unique index"),
+        ("postgres", format!("BEGIN; CREATE TEMP TABLE tt (line text UNIQUE); SELECT store_ingest('{o}', 'tt')"), "0A000", "is a temporary table"),
+        ("postgres", "SELECT store_cancel(987654321)".into(), "42704", "no pg_store job"),
+    ];
+    for (role, sql, state, text) in calls {
+        x.t.hostile += 1;
+        match x.c.psql_verbose(role, &sql) {
+            Err(e) if e.contains(&format!("ERROR:  {state}:")) && e.contains(text) => {
+                x.t.refused += 1;
+                println!("  refused ({role}) {sql}\n          {}", e.lines().next().unwrap_or(""));
+            }
+            other => {
+                println!("  NOT REFUSED AS EXPECTED ({role}) {sql}: {other:?} (wanted {state} {text})");
+                x.t.failures.push(format!("hostile call {sql}: {other:?}"));
+            }
+        }
+    }
+    x.fault("hostile calls: nothing queued, nothing written, nothing read", |x| {
+        let jobs_after = x.num("SELECT count(*) FROM store.jobs");
+        let victim = x.q("SELECT string_agg(line, ',') FROM chaos_victim");
+        let leaked = x.num("SELECT count(*) FROM store.lines WHERE line LIKE '%secret%'");
+        if jobs_after != jobs_before || victim != "keep me" || leaked != 0 {
+            return Err(format!("jobs {jobs_before} -> {jobs_after}, victim table {victim:?}, secret rows {leaked}"));
+        }
+        x.done(theirs)?;
+        Ok(format!("{jobs_before} jobs before and after; the victim table intact"))
+    });
+    set_conf(x, "ALTER SYSTEM RESET store.allowed_dirs");
+}
