@@ -85,7 +85,7 @@ fn main() {
         "store.batch_max = 2000\nstore.memory_limit = '16MB'\nstore.cpu_limit = 1\nmax_connections = 120\nlog_line_prefix = '%m [%p] '",
     );
     let data = readable_dir(&c.dir.join("data-main"));
-    generate(&data, &GenSpec { files: 4, size: 12 << 20, seed, nasty: true, ..GenSpec::default() }).unwrap();
+    generate(&data, &GenSpec { files: 4, size: 28 << 20, seed, nasty: true, ..GenSpec::default() }).unwrap();
     let want = want_of(&data);
     println!(
         "chaos: main data set {} files, {} records, {} distinct, {} rejected",
@@ -338,22 +338,36 @@ impl Ctx {
 // ---------------------------------------------------------------------------------
 // Crashes
 
-fn crash_round(x: &mut Ctx, round: u32, immediate: bool) -> Check {
-    let t = x.target();
-    let job = x.ingest(&x.data.clone(), &t);
-    let delay = x.moment(round);
-    let phase = x.at(job, delay);
-    if immediate {
-        x.c.stop_immediate();
-        x.c.pg_ctl_start();
-    } else {
+/// Start a job on the main data set into a fresh table and, at a random moment while
+/// it runs, do `act` to it (given the job and its worker's pid). A run quicker than the
+/// moment drawn is finished, dropped and tried again at an earlier moment.
+fn interrupted(x: &mut Ctx, round: u32, mut act: impl FnMut(&mut Ctx, i64, i32)) -> Result<(String, i64, String, Duration), String> {
+    let mut delay = x.moment(round);
+    loop {
+        let t = x.target();
+        let job = x.ingest(&x.data.clone(), &t);
+        let phase = x.at(job, delay);
         let pid = x.worker_pid(job);
-        if pid == 0 || !phase.starts_with("running") {
-            return Err(format!("job {job} was not running at the kill ({phase})"));
+        if pid != 0 && phase.starts_with("running") {
+            act(x, job, pid);
+            return Ok((t, job, phase, delay));
         }
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-        x.our_kills += 1;
+        x.done(job)?;
+        x.q(&format!("DROP TABLE {t}"));
+        delay /= 2;
     }
+}
+
+fn crash_round(x: &mut Ctx, round: u32, immediate: bool) -> Check {
+    let (t, job, phase, delay) = interrupted(x, round, |x, _, pid| {
+        if immediate {
+            x.c.stop_immediate();
+            x.c.pg_ctl_start();
+        } else {
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+            x.our_kills += 1;
+        }
+    })?;
     *x.t.kill_phases.entry(phase.trim_start_matches("running:").to_string()).or_default() += 1;
     // No manual step: the workers come back and reclaim the job.
     x.done(job)?;
@@ -460,7 +474,8 @@ fn temp_space(x: &mut Ctx) {
         Ok(format!("{err} ({rows} rows committed before it)"))
     });
 
-    set_conf(x, "ALTER SYSTEM RESET store.check_temp_space; ALTER SYSTEM RESET store.temp_dir");
+    x.q("ALTER SYSTEM RESET store.check_temp_space");
+    set_conf(x, "ALTER SYSTEM RESET store.temp_dir");
     let _ = Command::new("umount").arg(&mnt).status();
     x.fault("temp space: re-run with enough space completes exactly", |x| {
         let want = x.want.clone();
@@ -545,8 +560,8 @@ fn mutation(x: &mut Ctx, dir: &Path, what: &str, change: impl FnOnce(&Path)) -> 
     x.done(again)?;
     let reread = x.q(&format!("SELECT coalesce(string_agg(state, ','), '') FROM store.files WHERE job = {again} AND path LIKE '%z-victim.txt'"));
     let (n, _) = x.bounds(&t, &after.lines, &union(&before.lines, &after.lines))?;
-    if what != "deleted" && reread != "read" {
-        return Err(format!("the re-run recorded the victim as {reread:?}, not read"));
+    if what != "deleted" && reread != "done" {
+        return Err(format!("the re-run recorded the victim as {reread:?}, not done (read)"));
     }
     x.q(&format!("DROP TABLE {t}"));
     let _ = fs::remove_file(&v);
@@ -648,7 +663,7 @@ fn files(x: &mut Ctx) {
         }
         let t0 = Instant::now();
         let (job, want) = exact_dir(x, &dir)?;
-        let files = x.num(&format!("SELECT count(*) FROM store.files WHERE job = {job} AND state = 'read'"));
+        let files = x.num(&format!("SELECT count(*) FROM store.files WHERE job = {job} AND state = 'done'"));
         fs::remove_dir_all(&dir).unwrap();
         if files != 10_000 {
             return Err(format!("{files} files recorded read"));
@@ -667,7 +682,7 @@ fn files(x: &mut Ctx) {
         fs::write(dir.join("empty.txt"), "").unwrap();
         let (job, _) = exact_dir(x, &dir)?;
         let st = x.q(&format!("SELECT state FROM store.files WHERE job = {job}"));
-        if st != "read" {
+        if st != "done" {
             return Err(format!("file recorded {st}"));
         }
         Ok(String::new())
@@ -834,17 +849,17 @@ fn concurrency(x: &mut Ctx) {
 
     for r in 0..5 {
         x.fault(&format!("store_cancel at a random moment #{}", r + 1), |x| {
-            let t = x.target();
-            let job = x.ingest(&x.data.clone(), &t);
-            let delay = x.moment(r);
-            let phase = x.at(job, delay);
-            let ok = x.q(&format!("SELECT store_cancel({job})"));
-            let t0 = Instant::now();
+            let mut ok = String::new();
+            let mut t0 = Instant::now();
+            let (t, job, phase, delay) = interrupted(x, r, |x, job, _| {
+                ok = x.q(&format!("SELECT store_cancel({job})"));
+                t0 = Instant::now();
+            })?;
             let s = x.end_of(job, Duration::from_secs(60))?;
             let took = t0.elapsed();
             let want = x.want.clone();
             let (n, _) = x.bounds(&t, &Lines::new(), &want.lines)?;
-            if (ok == "t" && s != "cancelled") || took > Duration::from_secs(5) {
+            if ok != "t" || s != "cancelled" || took > Duration::from_secs(5) {
                 return Err(format!("cancel {ok} at {phase}: job ended {s} after {took:?}"));
             }
             let again = x.ingest(&x.data.clone(), &t);
@@ -857,19 +872,15 @@ fn concurrency(x: &mut Ctx) {
 
     for r in 0..2 {
         x.fault(&format!("pg_terminate_backend on the worker #{}", r + 1), |x| {
-            let t = x.target();
-            let job = x.ingest(&x.data.clone(), &t);
-            let delay = x.moment(r + 1);
-            let phase = x.at(job, delay);
-            let pid = x.worker_pid(job);
-            let killed = x.q(&format!("SELECT pg_terminate_backend({pid})"));
+            let mut killed = String::new();
+            let (t, job, phase, delay) = interrupted(x, r + 1, |x, _, pid| killed = x.q(&format!("SELECT pg_terminate_backend({pid})")))?;
             x.done(job)?;
             let want = x.want.clone();
             x.exact(&t, &want, Some(job))?;
             let attempts = x.num(&format!("SELECT attempts FROM store.jobs WHERE id = {job}"));
             x.q(&format!("DROP TABLE {t}"));
             if killed != "t" || attempts < 2 {
-                return Err(format!("terminate {killed}, {attempts} attempts"));
+                return Err(format!("terminate {killed} at {phase}, {attempts} attempts"));
             }
             Ok(format!("at {:.1} s ({phase}); resumed, exact after {attempts} attempts", delay.as_secs_f64()))
         });

@@ -145,6 +145,12 @@ impl Status {
         .map_err(spi_err)
     }
 
+    fn cancel_requested(&self) -> Result<bool, PgError> {
+        Spi::get_one_with_args::<bool>("SELECT cancel_requested FROM store.jobs WHERE id = $1", &[self.job.into()])
+            .map(|c| c.unwrap_or(false))
+            .map_err(spi_err)
+    }
+
     fn due(&self) -> bool {
         self.last.elapsed() >= Duration::from_secs(1)
     }
@@ -327,7 +333,7 @@ pub fn run(id: i64) -> Result<(), Stop> {
     status.insert_total = snap.records - snap.rejected - snap.filtered - snap.duplicates;
     let mut merger = sorted.merge(resume_key.as_deref()).map_err(|e| Stop::Failed(e.to_string()))?;
     progress.set_phase(Phase::Inserting);
-    transaction(|| Spi::run_with_args("UPDATE store.jobs SET insert_started_at = now() WHERE id = $1", &[id.into()]).map_err(spi_err))?;
+    transaction(|| Spi::run_with_args("UPDATE store.jobs SET insert_started_at = now(), phase = 'inserting' WHERE id = $1", &[id.into()]).map_err(spi_err))?;
 
     // Producer: the merge on its own thread (signals blocked), blocks of records over a
     // bounded channel. Consumer: this thread, batching and inserting.
@@ -393,7 +399,9 @@ fn insert_with_status(inserter: &mut Inserter, batcher: &mut AdaptiveBatcher, ba
     status.batch_size = batch.len() as i32;
     status.inserted_so_far += batch.len() as u64;
     let due = status.due();
-    insert(inserter, batcher, batch, key, &mut || if due { status.write() } else { Ok(false) })
+    // Every batch's transaction looks at cancel_requested (one index lookup), so a
+    // cancel lands within a batch, not within the next status write.
+    insert(inserter, batcher, batch, key, &mut || if due { status.write() } else { status.cancel_requested() })
 }
 
 fn insert(inserter: &mut Inserter, batcher: &mut AdaptiveBatcher, batch: &mut Batch, key: Option<&[u8]>, extra: super::insert::InTxn<'_>) -> Result<(), Stop> {
