@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{readable_dir, Cluster, BIN};
+use common::{readable_dir, shared_oracle_sha, Cluster, BIN};
 use pg_store::testkit::{generate, line_for, oracle_set, Expected, GenSpec, Rng};
 
 type Lines = BTreeSet<Vec<u8>>;
@@ -91,6 +91,11 @@ fn main() {
         "chaos: main data set {} files, {} records, {} distinct, {} rejected",
         want.e.files, want.e.records, want.e.distinct, want.e.rejected
     );
+    match shared_oracle_sha(&data) {
+        Some(sha) if sha == want.e.sha256 => println!("chaos: ../shared/bench/oracle.py agrees with the project's oracle ({sha})"),
+        Some(sha) => panic!("../shared/bench/oracle.py says {sha}, the project's oracle {}", want.e.sha256),
+        None => println!("chaos: ../shared/bench/oracle.py not present: the project's oracle alone"),
+    }
     let mut x = Ctx { c, rng: Rng::new(seed), t: Tally::default(), tables: 0, data, want, scan_s: 0.0, total_s: 0.0, our_kills: 0 };
     x.baseline();
 

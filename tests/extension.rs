@@ -6,10 +6,10 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{readable_dir, Cluster};
+use common::{readable_dir, shared_oracle_sha, Cluster};
 use pg_store::testkit::{generate, oracle, Expected, GenSpec};
 
 fn fixtures(c: &Cluster, name: &str, spec: &GenSpec) -> (PathBuf, Expected) {
@@ -17,17 +17,6 @@ fn fixtures(c: &Cluster, name: &str, spec: &GenSpec) -> (PathBuf, Expected) {
     generate(&dir, spec).unwrap();
     let want = oracle(&dir, spec.max_line_bytes).unwrap();
     (dir, want)
-}
-
-/// `shared/bench/oracle.py`'s answer, when it is beside the checkout.
-fn shared_oracle_sha(dir: &Path) -> Option<String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bench/oracle.py");
-    if !script.exists() {
-        return None;
-    }
-    let out = std::process::Command::new("python3").arg(script).arg(dir).output().ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v["sha256"].as_str().map(str::to_string)
 }
 
 fn q(c: &Cluster, sql: &str) -> String {
