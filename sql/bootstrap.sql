@@ -120,7 +120,7 @@ COMMENT ON COLUMN store.files.size IS 'Size in bytes when the job listed it';
 COMMENT ON COLUMN store.files.mtime IS 'Modification time when the job listed it';
 COMMENT ON COLUMN store.files.mtime_ns IS 'Modification time, nanoseconds since the epoch (exact comparison)';
 COMMENT ON COLUMN store.files.fingerprint IS 'Hash of the size and the first and last 64 KiB: tells a replaced file from an untouched one';
-COMMENT ON COLUMN store.files.state IS 'pending, skipped (already ingested unchanged), read, failed (could not be decoded), changed (changed while the job ran; read again next time), done';
+COMMENT ON COLUMN store.files.state IS 'pending, skipped (already ingested unchanged), read, failed (could not be decoded, or vanished or was swapped for a link or special file after listing), changed (changed while the job ran; read again next time), done';
 COMMENT ON COLUMN store.files.records IS 'Non-empty records in the file';
 COMMENT ON COLUMN store.files.empty IS 'Empty records';
 COMMENT ON COLUMN store.files.rejected IS 'Invalid records (see store.rejects)';
