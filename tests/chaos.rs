@@ -100,8 +100,9 @@ fn main() {
     x.baseline();
 
     type Section = (&'static str, fn(&mut Ctx));
-    let sections: [Section; 8] = [
+    let sections: [Section; 9] = [
         ("kill9", kill9_rounds),
+        ("merge", merge_rounds),
         ("immediate", immediate_rounds),
         ("space", temp_space),
         ("files", files),
@@ -394,6 +395,48 @@ fn kill9_rounds(x: &mut Ctx) {
         let left: Vec<_> = fs::read_dir(&jobs).map(|d| d.flatten().filter(|e| fs::read_dir(e.path()).map(|mut i| i.next().is_some()).unwrap_or(false)).map(|e| e.path()).collect()).unwrap_or_default();
         if left.is_empty() { Ok(String::new()) } else { Err(format!("left behind: {left:?}")) }
     });
+}
+
+/// With a 2 MB budget the main data set spills more runs than the merge's fan-in, so
+/// they are first merged into longer ones (status phase `merging`): kill the worker then.
+fn merge_rounds(x: &mut Ctx) {
+    println!("chaos: kill -9 during a multi-level merge (store.memory_limit = 2MB), 3 rounds");
+    set_conf(x, "ALTER SYSTEM SET store.memory_limit = '2MB'");
+    for r in 0..3 {
+        x.fault(&format!("kill -9 while merging #{}", r + 1), |x| {
+            for _attempt in 0..3 {
+                let t = x.target();
+                let job = x.ingest(&x.data.clone(), &t);
+                let t0 = Instant::now();
+                let phase = loop {
+                    let p = x.q(&format!("SELECT state || ':' || coalesce(phase, '') FROM store.jobs WHERE id = {job}"));
+                    if p == "running:merging" || p.starts_with("done") || p.ends_with("inserting") || t0.elapsed() > Duration::from_secs(120) {
+                        break p;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                };
+                if phase != "running:merging" {
+                    // The merge went by between two looks: try again.
+                    x.done(job)?;
+                    x.q(&format!("DROP TABLE {t}"));
+                    continue;
+                }
+                std::thread::sleep(Duration::from_millis(x.rng.below(150)));
+                let pid = x.worker_pid(job);
+                assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+                x.our_kills += 1;
+                *x.t.kill_phases.entry("merging".into()).or_default() += 1;
+                x.done(job)?;
+                let want = x.want.clone();
+                x.exact(&t, &want, Some(job))?;
+                let runs_note = x.q(&format!("SELECT pg_size_pretty(temp_bytes) FROM store.jobs WHERE id = {job}"));
+                x.q(&format!("DROP TABLE {t}"));
+                return Ok(format!("killed {:.1} s after the job started, while merging; exact after the resume (temp peak {runs_note})", t0.elapsed().as_secs_f64()));
+            }
+            Err("never saw the job in its merging phase".into())
+        });
+    }
+    set_conf(x, "ALTER SYSTEM RESET store.memory_limit");
 }
 
 fn immediate_rounds(x: &mut Ctx) {
