@@ -213,7 +213,7 @@ impl Ctx {
     fn done(&self, job: i64) -> Result<(), String> {
         match self.end_of(job, Duration::from_secs(300))?.as_str() {
             "done" => Ok(()),
-            s => Err(format!("job {job} ended {s}: {}", self.q(&format!("SELECT coalesce(error, '') FROM store.jobs WHERE id = {job}")))),
+            s => Err(format!("job {job} ended {s}: {}", self.error_of(job))),
         }
     }
 
@@ -335,6 +335,15 @@ impl Ctx {
         }
         std::thread::sleep(delay);
         self.q(&format!("SELECT state || ':' || coalesce(phase, 'claimed') FROM store.jobs WHERE id = {job}"))
+    }
+
+    fn error_of(&self, job: i64) -> String {
+        self.q(&format!("SELECT coalesce(error, '') FROM store.jobs WHERE id = {job}"))
+    }
+
+    /// Wait until `job` has committed some batches (and has more to go).
+    fn mid_insert(&self, job: i64) {
+        self.c.wait_until(&format!("SELECT coalesce((SELECT inserted > 20000 FROM store.status WHERE id = {job}), false)"), Duration::from_secs(120));
     }
 
     fn worker_pid(&self, job: i64) -> i32 {
@@ -488,7 +497,7 @@ fn temp_space(x: &mut Ctx) {
         let t = x.target();
         let job = x.ingest(&x.data.clone(), &t);
         let s = x.end_of(job, Duration::from_secs(120))?;
-        let err = x.q(&format!("SELECT coalesce(error, '') FROM store.jobs WHERE id = {job}"));
+        let err = x.error_of(job);
         let rows = x.num(&format!("SELECT count(*) FROM {t}"));
         failed_tables.push((t, job));
         if s != "failed" || !err.contains("not enough temporary space") || !err.contains(mnt.to_str().unwrap()) {
@@ -505,7 +514,7 @@ fn temp_space(x: &mut Ctx) {
         let t = x.target();
         let job = x.ingest(&x.data.clone(), &t);
         let s = x.end_of(job, Duration::from_secs(120))?;
-        let err = x.q(&format!("SELECT coalesce(error, '') FROM store.jobs WHERE id = {job}"));
+        let err = x.error_of(job);
         let rows = x.num(&format!("SELECT count(*) FROM {t}"));
         let inserted = x.num(&format!("SELECT inserted FROM store.status WHERE id = {job}"));
         failed_tables.push((t, job));
@@ -691,7 +700,7 @@ fn files(x: &mut Ctx) {
         let t = x.target();
         let job = x.ingest(&dir, &t);
         let s = x.end_of(job, Duration::from_secs(60))?;
-        let err = x.q(&format!("SELECT coalesce(error, '') FROM store.jobs WHERE id = {job}"));
+        let err = x.error_of(job);
         if s != "failed" || !err.contains("locked.txt") || !err.contains("Permission denied") {
             return Err(format!("job {job} ended {s}: {err}"));
         }
@@ -851,7 +860,7 @@ fn concurrency(x: &mut Ctx) {
     x.fault("TRUNCATE of the target while a job inserts", |x| {
         let t = x.target();
         let job = x.ingest(&x.data.clone(), &t);
-        x.c.wait_until(&format!("SELECT coalesce((SELECT inserted > 20000 FROM store.status WHERE id = {job}), false)"), Duration::from_secs(120));
+        x.mid_insert(job);
         let removed = x.num(&format!("BEGIN; LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE; SELECT count(*) FROM {t}; TRUNCATE {t}; COMMIT"));
         x.done(job)?;
         let want = x.want.clone();
@@ -866,7 +875,7 @@ fn concurrency(x: &mut Ctx) {
     x.fault("ALTER TABLE ADD COLUMN while a job inserts", |x| {
         let t = x.target();
         let job = x.ingest(&x.data.clone(), &t);
-        x.c.wait_until(&format!("SELECT coalesce((SELECT inserted > 20000 FROM store.status WHERE id = {job}), false)"), Duration::from_secs(120));
+        x.mid_insert(job);
         x.q(&format!("ALTER TABLE {t} ADD COLUMN note text DEFAULT 'added'"));
         x.done(job)?;
         let want = x.want.clone();
@@ -878,10 +887,10 @@ fn concurrency(x: &mut Ctx) {
     x.fault("ALTER TABLE RENAME COLUMN while a job inserts: clear failure, re-run exact", |x| {
         let t = x.target();
         let job = x.ingest(&x.data.clone(), &t);
-        x.c.wait_until(&format!("SELECT coalesce((SELECT inserted > 20000 FROM store.status WHERE id = {job}), false)"), Duration::from_secs(120));
+        x.mid_insert(job);
         x.q(&format!("ALTER TABLE {t} RENAME COLUMN line TO renamed"));
         let s = x.end_of(job, Duration::from_secs(120))?;
-        let err = x.q(&format!("SELECT coalesce(error, '') FROM store.jobs WHERE id = {job}"));
+        let err = x.error_of(job);
         x.q(&format!("ALTER TABLE {t} RENAME COLUMN renamed TO line"));
         let want = x.want.clone();
         x.bounds(&t, &Lines::new(), &want.lines)?;

@@ -82,7 +82,6 @@ fn walk_dir(dir: &Path, listing: &mut Listing) -> Result<()> {
     Ok(())
 }
 
-/// Bytes hashed at each end of a file for its fingerprint (64 KiB).
 /// Open a file listed as regular, refusing what it may have been swapped for since:
 /// a symbolic link (which could point outside `store.allowed_dirs`), a FIFO (whose
 /// open would block until a writer came), a device. Errors are `InvalidInput`
@@ -105,6 +104,7 @@ pub fn open_regular(path: &Path) -> std::io::Result<fs::File> {
     Ok(f)
 }
 
+/// Bytes hashed at each end of a file for its fingerprint (64 KiB).
 const FINGERPRINT_SPAN: u64 = 64 << 10;
 
 /// A cheap content fingerprint: FNV-1a (64-bit, stable across versions and platforms)
