@@ -142,6 +142,11 @@ pub trait Observer {
     fn tick(&mut self, _progress: &Progress) -> Result<()> {
         Ok(())
     }
+    /// The run entered a new phase (`progress.snapshot().phase`); unlike `tick`, worth
+    /// reporting at once. An error stops the run.
+    fn phase_changed(&mut self, _progress: &Progress) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// An observer that ignores everything.
@@ -343,6 +348,7 @@ pub fn sort_distinct(
     });
     let mut last = outcome?;
     progress.set_phase(Phase::Sorting);
+    obs.phase_changed(&progress)?;
     if cancel.load(Relaxed) {
         return Err(Error::Cancelled);
     }

@@ -12,7 +12,7 @@ use proptest::prelude::*;
 
 use super::pipeline::{bloom_distinct, sort_distinct, Config, FileCounts, Observer, Reject};
 use super::walk::{walk, FileEntry};
-use super::{Error, Progress, Result};
+use super::{Error, Phase, Progress, Result};
 use crate::testkit::{generate, oracle, oracle_of, sha256_lines, GenSpec};
 
 /// An observer that records what it is told.
@@ -24,6 +24,8 @@ struct Record {
     cancel_at_tick: Option<(u64, Arc<AtomicBool>)>,
     fail_at_tick: Option<u64>,
     panic_at_tick: Option<u64>,
+    /// Each phase announced, with the number of files done by then.
+    phases: Vec<(Phase, usize)>,
 }
 
 impl Observer for Record {
@@ -48,6 +50,10 @@ impl Observer for Record {
         if self.panic_at_tick.is_some_and(|n| self.ticks >= n) {
             panic!("observer panicked");
         }
+        Ok(())
+    }
+    fn phase_changed(&mut self, p: &Progress) -> Result<()> {
+        self.phases.push((p.snapshot().phase, self.files.len()));
         Ok(())
     }
 }
@@ -170,7 +176,11 @@ fn tiny_budget_forces_many_runs_and_a_multi_level_merge() {
     assert!(out.progress.runs_written as usize > out.runs, "intermediate runs were written");
     assert_eq!(sha256_lines(out.records.iter().map(|r| r.as_slice())), want.sha256);
     assert_eq!((out.progress.rejected, out.progress.empty), (want.rejected, want.empty));
-    assert!(out.progress.temp_peak > 0 && out.progress.temp_bytes == out.progress.temp_bytes);
+    // Inputs of each intermediate merge are removed as soon as it is written.
+    assert!(out.progress.temp_bytes < out.progress.temp_peak, "{:?}", out.progress);
+    // The final sort is announced once, after every file was read.
+    assert_eq!(out.obs.phases, vec![(Phase::Sorting, out.obs.files.len())]);
+    assert!(out.obs.files.len() >= 3);
     assert!(temp_is_empty(&temp));
 }
 

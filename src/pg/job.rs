@@ -169,6 +169,17 @@ struct Watch<'a> {
 }
 
 impl Watch<'_> {
+    /// Write the status now (and any rejects held back); a cancel request stops the run.
+    fn write_status(&mut self) -> crate::engine::Result<()> {
+        self.flush_rejects().map_err(|e| self.fail(e.into()))?;
+        let status = &mut *self.status;
+        match transaction(|| status.write()) {
+            Ok(true) => Err(self.fail(Stop::Cancelled)),
+            Ok(false) => Ok(()),
+            Err(e) => Err(self.fail(e.into())),
+        }
+    }
+
     fn flush_rejects(&mut self) -> Result<(), PgError> {
         if self.rejects.is_empty() {
             return Ok(());
@@ -245,15 +256,14 @@ impl Observer for Watch<'_> {
         if !self.status.due() {
             return Ok(());
         }
-        self.flush_rejects().map_err(|e| self.fail(e.into()))?;
-        let status = &mut *self.status;
-        match transaction(|| status.write()) {
-            Ok(true) => Err(self.fail(Stop::Cancelled)),
-            Ok(false) => Ok(()),
-            Err(e) => Err(self.fail(e.into())),
-        }
+        self.write_status()
+    }
+
+    fn phase_changed(&mut self, _: &Progress) -> crate::engine::Result<()> {
+        self.write_status()
     }
 }
+
 
 /// Run job `id` to its end. `Ok` means done.
 pub fn run(id: i64) -> Result<(), Stop> {
@@ -423,9 +433,12 @@ fn insert(inserter: &mut Inserter, batcher: &mut AdaptiveBatcher, batch: &mut Ba
     Ok(())
 }
 
-/// Record the files of this attempt; return those to read, where to resume the merge,
-/// and whether batches may use the fast path.
-fn plan_files(job: &Job, qualified: &str, files: &[FileEntry], prints: &[String]) -> Result<(Vec<FileEntry>, Option<Vec<u8>>, bool), PgError> {
+/// What an attempt does: the files to read, the key to resume the merge after, and
+/// whether batches may use the fast path.
+type Plan = (Vec<FileEntry>, Option<Vec<u8>>, bool);
+
+/// Record the files of this attempt and plan it.
+fn plan_files(job: &Job, qualified: &str, files: &[FileEntry], prints: &[String]) -> Result<Plan, PgError> {
     transaction(|| {
         let mut to_read = Vec::new();
         let mut changed_since_last_attempt = false;
