@@ -100,8 +100,9 @@ fn main() {
     x.baseline();
 
     type Section = (&'static str, fn(&mut Ctx));
-    let sections: [Section; 8] = [
+    let sections: [Section; 9] = [
         ("kill9", kill9_rounds),
+        ("sort", sort_rounds),
         ("merge", merge_rounds),
         ("immediate", immediate_rounds),
         ("space", temp_space),
@@ -322,7 +323,7 @@ impl Ctx {
 
     /// A random moment of a job: a third of them before inserting starts.
     fn moment(&mut self, round: u32) -> Duration {
-        let s = if round % 3 == 0 { self.rng.unit() * self.scan_s } else { self.scan_s + self.rng.unit() * (self.total_s - self.scan_s) * 0.9 };
+        let s = if round.is_multiple_of(3) { self.rng.unit() * self.scan_s } else { self.scan_s + self.rng.unit() * (self.total_s - self.scan_s) * 0.9 };
         Duration::from_secs_f64(s)
     }
 
@@ -411,39 +412,56 @@ fn kill9_rounds(x: &mut Ctx) {
 /// they are first merged into longer ones (status phase `merging`): kill the worker then.
 fn merge_rounds(x: &mut Ctx) {
     println!("chaos: kill -9 during a multi-level merge (store.memory_limit = 2MB), 3 rounds");
-    set_conf(x, "ALTER SYSTEM SET store.memory_limit = '2MB'");
-    for r in 0..3 {
-        x.fault(&format!("kill -9 while merging #{}", r + 1), |x| {
+    kill_in_phase(x, "merging", "2MB", 3);
+}
+
+/// With a 512 MB budget the main data set never spills: it is sorted in memory in one
+/// go after the scan (status phase `sorting`), the longest sort a job does: kill then.
+fn sort_rounds(x: &mut Ctx) {
+    println!("chaos: kill -9 during the in-memory sort (store.memory_limit = 512MB), 3 rounds");
+    kill_in_phase(x, "sorting", "512MB", 3);
+}
+
+/// `rounds` times: run a job on the main data set with `memory` as its budget, kill its
+/// worker a moment after its status says `phase`, and check that the resumed job is exact.
+fn kill_in_phase(x: &mut Ctx, phase: &str, memory: &str, rounds: u32) {
+    set_conf(x, &format!("ALTER SYSTEM SET store.memory_limit = '{memory}'"));
+    let wanted = format!("running:{phase}");
+    for r in 0..rounds {
+        x.fault(&format!("kill -9 while {phase} #{}", r + 1), |x| {
             for _attempt in 0..3 {
                 let t = x.target();
                 let job = x.ingest(&x.data.clone(), &t);
                 let t0 = Instant::now();
-                let phase = loop {
+                let seen = loop {
                     let p = x.q(&format!("SELECT state || ':' || coalesce(phase, '') FROM store.jobs WHERE id = {job}"));
-                    if p == "running:merging" || p.starts_with("done") || p.ends_with("inserting") || t0.elapsed() > Duration::from_secs(120) {
+                    if p == wanted || p.starts_with("done") || p.ends_with("inserting") || t0.elapsed() > Duration::from_secs(120) {
                         break p;
                     }
                     std::thread::sleep(Duration::from_millis(10));
                 };
-                if phase != "running:merging" {
-                    // The merge went by between two looks: try again.
+                if seen != wanted {
+                    // The phase went by between two looks: try again.
                     x.done(job)?;
                     x.q(&format!("DROP TABLE {t}"));
                     continue;
                 }
-                std::thread::sleep(Duration::from_millis(x.rng.below(150)));
-                let pid = x.worker_pid(job);
+                std::thread::sleep(Duration::from_millis(x.rng.below(100)));
+                // The phase a few milliseconds before the kill: the one it is counted in.
+                let at_kill = x.q(&format!("SELECT coalesce(phase, '') || ' ' || coalesce(worker_pid, 0) FROM store.jobs WHERE id = {job}"));
+                let (at_kill, pid) = at_kill.split_once(' ').map(|(p, w)| (p.to_string(), w.parse::<i32>().unwrap())).unwrap();
                 assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+                let killed_at = t0.elapsed();
                 x.our_kills += 1;
-                *x.t.kill_phases.entry("merging".into()).or_default() += 1;
+                *x.t.kill_phases.entry(at_kill.clone()).or_default() += 1;
                 x.done(job)?;
                 let want = x.want.clone();
                 x.exact(&t, &want, Some(job))?;
-                let runs_note = x.q(&format!("SELECT pg_size_pretty(temp_bytes) FROM store.jobs WHERE id = {job}"));
+                let temp = x.q(&format!("SELECT pg_size_pretty(coalesce(temp_bytes, 0)) FROM store.jobs WHERE id = {job}"));
                 x.q(&format!("DROP TABLE {t}"));
-                return Ok(format!("killed {:.1} s after the job started, while merging; exact after the resume (temp peak {runs_note})", t0.elapsed().as_secs_f64()));
+                return Ok(format!("killed {:.2} s after it was queued, while {at_kill}; exact after the resume (temp peak {temp})", killed_at.as_secs_f64()));
             }
-            Err("never saw the job in its merging phase".into())
+            Err(format!("never saw the job in its {phase} phase"))
         });
     }
     set_conf(x, "ALTER SYSTEM RESET store.memory_limit");
@@ -588,7 +606,7 @@ fn replacement_path(v: &Path) -> PathBuf {
 
 fn wait_scanning(x: &Ctx, job: i64) {
     let t = Instant::now();
-    while x.q(&format!("SELECT coalesce(phase, '') FROM store.jobs WHERE id = {job}")) == "" {
+    while x.q(&format!("SELECT coalesce(phase, '') FROM store.jobs WHERE id = {job}")).is_empty() {
         assert!(t.elapsed() < Duration::from_secs(60), "job {job} never started scanning");
         std::thread::sleep(Duration::from_millis(10));
     }

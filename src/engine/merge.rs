@@ -239,7 +239,7 @@ impl Merger {
         loop {
             let Some(&top) = self.heap.first() else { return Ok(None) };
             self.pulled += 1;
-            if self.pulled % 4096 == 0 && self.cancel.load(Relaxed) {
+            if self.pulled.is_multiple_of(4096) && self.cancel.load(Relaxed) {
                 return Err(Error::Cancelled);
             }
             let cur = self.sources[top].cur();
