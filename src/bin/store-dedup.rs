@@ -126,7 +126,7 @@ fn run(args: Args) -> Result<ExitCode, Error> {
     } else {
         let sorted = pipeline::sort_distinct(&args.cfg, &listing.files, progress.clone(), cancel, &mut cli)?;
         extra.insert("sort_s".into(), started.elapsed().as_secs_f64().into());
-        let mut merger = sorted.merge(None)?;
+        let mut merger = sorted.merge(None, &mut cli)?;
         while let Some(rec) = merger.next_record()? {
             out.write_all(rec).and_then(|_| out.write_all(b"\n")).map_err(|e| Error::io("could not write", &stdout_path, e))?;
         }

@@ -267,13 +267,17 @@ impl Sorted {
     }
 
     /// Stream the distinct records in bytewise order, starting after `resume_after`.
-    /// Runs beyond the fan-in are first merged in levels.
-    pub fn merge(self, resume_after: Option<&[u8]>) -> Result<Merger> {
+    /// Runs beyond the fan-in are first merged in levels, which takes a while on big
+    /// inputs: `obs` is told when that starts.
+    pub fn merge(self, resume_after: Option<&[u8]>, obs: &mut dyn Observer) -> Result<Merger> {
         self.progress.set_phase(Phase::Merging);
         let buffer = self.cfg.budget().merge_buffer;
         let runs = match &self.temp {
-            Some(t) => reduce_runs(self.runs, self.cfg.fan_in, buffer, t.path(), self.cfg.compress_runs, &self.progress, &self.cancel)?,
-            None => self.runs,
+            Some(t) if self.runs.len() > self.cfg.fan_in => {
+                obs.phase_changed(&self.progress)?;
+                reduce_runs(self.runs, self.cfg.fan_in, buffer, t.path(), self.cfg.compress_runs, &self.progress, &self.cancel)?
+            }
+            _ => self.runs,
         };
         Merger::new(&runs, self.mem, buffer, resume_after, self.progress, self.cancel, self.temp)
     }

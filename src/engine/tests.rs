@@ -71,7 +71,7 @@ fn run_exact(cfg: &Config, path: &Path, resume_after: Option<&[u8]>, mut obs: Re
     let cancel = obs.cancel_at_tick.as_ref().map_or_else(|| Arc::new(AtomicBool::new(false)), |c| c.1.clone());
     let sorted = sort_distinct(cfg, &listing.files, progress.clone(), cancel, &mut obs)?;
     let runs = sorted.runs();
-    let mut m = sorted.merge(resume_after)?;
+    let mut m = sorted.merge(resume_after, &mut obs)?;
     let mut records = Vec::new();
     while let Some(r) = m.next_record()? {
         records.push(r.to_vec());
@@ -178,8 +178,10 @@ fn tiny_budget_forces_many_runs_and_a_multi_level_merge() {
     assert_eq!((out.progress.rejected, out.progress.empty), (want.rejected, want.empty));
     // Inputs of each intermediate merge are removed as soon as it is written.
     assert!(out.progress.temp_bytes < out.progress.temp_peak, "{:?}", out.progress);
-    // The final sort is announced once, after every file was read.
-    assert_eq!(out.obs.phases, vec![(Phase::Sorting, out.obs.files.len())]);
+    // The final sort is announced once, after every file was read, then the first-pass
+    // merge that more runs than the fan-in need.
+    let n = out.obs.files.len();
+    assert_eq!(out.obs.phases, vec![(Phase::Sorting, n), (Phase::Merging, n)]);
     assert!(out.obs.files.len() >= 3);
     assert!(temp_is_empty(&temp));
 }
@@ -293,7 +295,7 @@ fn cancel_error_and_panic_leave_no_temporary_files() {
     let cancel = Arc::new(AtomicBool::new(false));
     let sorted = sort_distinct(&cfg, &listing.files, Arc::new(Progress::default()), cancel.clone(), &mut Record::default()).unwrap();
     assert!(!temp_is_empty(&temp), "runs were spilled");
-    let mut m = sorted.merge(None).unwrap();
+    let mut m = sorted.merge(None, &mut Record::default()).unwrap();
     m.next_record().unwrap();
     cancel.store(true, Relaxed);
     let err = loop {
@@ -342,7 +344,7 @@ fn files_that_vanish_or_are_swapped_after_listing_are_recorded_and_skipped() {
     let progress = Arc::new(Progress::default());
     let mut obs = Record::default();
     let sorted = sort_distinct(&tiny(&temp), &listing.files, progress.clone(), Arc::default(), &mut obs).unwrap();
-    let mut m = sorted.merge(None).unwrap();
+    let mut m = sorted.merge(None, &mut Record::default()).unwrap();
     let mut got = Vec::new();
     while let Some(r) = m.next_record().unwrap() {
         got.push(String::from_utf8(r.to_vec()).unwrap());

@@ -264,7 +264,6 @@ impl Observer for Watch<'_> {
     }
 }
 
-
 /// Run job `id` to its end. `Ok` means done.
 pub fn run(id: i64) -> Result<(), Stop> {
     let job = load(id)?;
@@ -340,13 +339,10 @@ pub fn run(id: i64) -> Result<(), Stop> {
         .map_err(|e| watch.stop.take().unwrap_or_else(|| Stop::Failed(e.to_string())))?;
     watch.flush_rejects()?;
     let snap = progress.snapshot();
-    status.insert_total = snap.records - snap.rejected - snap.filtered - snap.duplicates;
-    // More runs than the merge's fan-in are first merged into fewer, longer ones, which
-    // takes a while on big inputs: say so in the status.
-    if sorted.runs() > cfg.fan_in {
-        transaction(|| Spi::run_with_args("UPDATE store.jobs SET phase = 'merging', updated_at = now() WHERE id = $1", &[id.into()]).map_err(spi_err))?;
-    }
-    let mut merger = sorted.merge(resume_key.as_deref()).map_err(|e| Stop::Failed(e.to_string()))?;
+    watch.status.insert_total = snap.records - snap.rejected - snap.filtered - snap.duplicates;
+    let mut merger = sorted
+        .merge(resume_key.as_deref(), &mut watch)
+        .map_err(|e| watch.stop.take().unwrap_or_else(|| Stop::Failed(e.to_string())))?;
     progress.set_phase(Phase::Inserting);
     transaction(|| Spi::run_with_args("UPDATE store.jobs SET insert_started_at = now(), phase = 'inserting' WHERE id = $1", &[id.into()]).map_err(spi_err))?;
 
