@@ -347,6 +347,12 @@ impl Ctx {
         self.c.wait_until(&format!("SELECT coalesce((SELECT inserted > 20000 FROM store.status WHERE id = {job}), false)"), Duration::from_secs(120));
     }
 
+    /// `kill -9` a server process, counted so the log's crash lines can be told apart.
+    fn sigkill(&mut self, pid: i32) {
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        self.our_kills += 1;
+    }
+
     fn worker_pid(&self, job: i64) -> i32 {
         self.q(&format!("SELECT coalesce(worker_pid, 0) FROM store.jobs WHERE id = {job}")).parse().unwrap()
     }
@@ -381,8 +387,7 @@ fn crash_round(x: &mut Ctx, round: u32, immediate: bool) -> Check {
             x.c.stop_immediate();
             x.c.pg_ctl_start();
         } else {
-            assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-            x.our_kills += 1;
+            x.sigkill(pid);
         }
     })?;
     *x.t.kill_phases.entry(phase.trim_start_matches("running:").to_string()).or_default() += 1;
@@ -450,9 +455,8 @@ fn kill_in_phase(x: &mut Ctx, phase: &str, memory: &str, rounds: u32) {
                 // The phase a few milliseconds before the kill: the one it is counted in.
                 let at_kill = x.q(&format!("SELECT coalesce(phase, '') || ' ' || coalesce(worker_pid, 0) FROM store.jobs WHERE id = {job}"));
                 let (at_kill, pid) = at_kill.split_once(' ').map(|(p, w)| (p.to_string(), w.parse::<i32>().unwrap())).unwrap();
-                assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+                x.sigkill(pid);
                 let killed_at = t0.elapsed();
-                x.our_kills += 1;
                 *x.t.kill_phases.entry(at_kill.clone()).or_default() += 1;
                 x.done(job)?;
                 let want = x.want.clone();
