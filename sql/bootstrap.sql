@@ -1,6 +1,10 @@
 -- pg_store's own objects: the job queue, per-file state, rejects, checkpoints and the
 -- idempotency ledger. Everything lives in schema "store"; the SQL-facing functions
 -- live in the extension's schema (public by default).
+--
+-- Every role may read these tables, and row-level security shows each role its own
+-- jobs (and those of roles whose privileges it has); superusers see all. Only
+-- pg_store's functions and workers write them.
 
 CREATE SCHEMA IF NOT EXISTS store;
 COMMENT ON SCHEMA store IS 'pg_store: ingest jobs, their files, rejects and checkpoints';
@@ -12,9 +16,9 @@ CREATE TABLE store.jobs (
     column_name     name        NOT NULL,
     dedup           text        NOT NULL CHECK (dedup IN ('exact', 'bloom')),
     filter          text,
-    owner           oid         NOT NULL,
+    owner           regrole     NOT NULL,
     state           text        NOT NULL DEFAULT 'queued'
-                    CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+                    CHECK (state IN ('queued', 'running', 'done', 'partial', 'failed', 'cancelled')),
     phase           text        CHECK (phase IN ('scanning', 'sorting', 'merging', 'inserting', 'done')),
     cancel_requested boolean    NOT NULL DEFAULT false,
     attempts        integer     NOT NULL DEFAULT 0,
@@ -22,6 +26,7 @@ CREATE TABLE store.jobs (
     files_total     bigint      NOT NULL DEFAULT 0,
     files_done      bigint      NOT NULL DEFAULT 0,
     files_skipped   bigint      NOT NULL DEFAULT 0,
+    files_failed    bigint      NOT NULL DEFAULT 0,
     bytes_total     bigint      NOT NULL DEFAULT 0,
     bytes_read      bigint      NOT NULL DEFAULT 0,
     records         bigint      NOT NULL DEFAULT 0,
@@ -34,12 +39,14 @@ CREATE TABLE store.jobs (
     memory_peak     bigint,
     temp_bytes      bigint,
     estimated_false_drops double precision,
+    merge_restarts  integer     NOT NULL DEFAULT 0,
     created_at      timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
     insert_started_at timestamptz,
     updated_at      timestamptz,
     finished_at     timestamptz,
-    error           text
+    error           text,
+    sqlstate        text
 );
 COMMENT ON TABLE store.jobs IS 'One row per store_ingest call: the queue the background workers claim from, and each job''s live counters';
 COMMENT ON COLUMN store.jobs.id IS 'Job id, as returned by store_ingest';
@@ -48,15 +55,16 @@ COMMENT ON COLUMN store.jobs.target IS 'Table the distinct lines go into';
 COMMENT ON COLUMN store.jobs.column_name IS 'Text column of the target that holds a line';
 COMMENT ON COLUMN store.jobs.dedup IS 'exact (external sort, merge) or bloom (one pass, approximate)';
 COMMENT ON COLUMN store.jobs.filter IS 'Filter spec: a regular expression, or include=..;exclude=..;min_len=..;max_len=..';
-COMMENT ON COLUMN store.jobs.owner IS 'Role that called store_ingest; the worker inserts as this role';
-COMMENT ON COLUMN store.jobs.state IS 'queued, running, done, failed or cancelled';
+COMMENT ON COLUMN store.jobs.owner IS 'Role that called store_ingest (the role executing it, not the session''s); the worker inserts as this role';
+COMMENT ON COLUMN store.jobs.state IS 'queued, running, done, partial (done, but some files failed: see store.files), failed or cancelled';
 COMMENT ON COLUMN store.jobs.phase IS 'While running: scanning, sorting, merging, inserting; done at the end';
 COMMENT ON COLUMN store.jobs.cancel_requested IS 'Set by store_cancel; the worker stops within a second or a batch';
-COMMENT ON COLUMN store.jobs.attempts IS 'How many times a worker started this job (more than 1 after a crash or restart)';
+COMMENT ON COLUMN store.jobs.attempts IS 'How many times a worker claimed this job (more than 1 after a crash or restart); the current claim number';
 COMMENT ON COLUMN store.jobs.worker_pid IS 'PID of the worker that runs or last ran the job';
-COMMENT ON COLUMN store.jobs.files_total IS 'Files found under path';
+COMMENT ON COLUMN store.jobs.files_total IS 'Entries found under path (files, and entries that could not be listed)';
 COMMENT ON COLUMN store.jobs.files_done IS 'Files read to the end (or failed)';
 COMMENT ON COLUMN store.jobs.files_skipped IS 'Files skipped as already ingested unchanged into the same target';
+COMMENT ON COLUMN store.jobs.files_failed IS 'Files or directories that could not be listed, opened or read to the end (see store.files.error)';
 COMMENT ON COLUMN store.jobs.bytes_total IS 'Bytes of the files to read, on disk';
 COMMENT ON COLUMN store.jobs.bytes_read IS 'Bytes read so far, on disk';
 COMMENT ON COLUMN store.jobs.records IS 'Non-empty records seen (accepted + rejected)';
@@ -69,17 +77,20 @@ COMMENT ON COLUMN store.jobs.batch_size IS 'Rows in the latest insert batch (ada
 COMMENT ON COLUMN store.jobs.memory_peak IS 'Largest private resident memory (RssAnon + RssFile, so not counting shared_buffers) of the worker seen during the job, sampled about once a second, bytes';
 COMMENT ON COLUMN store.jobs.temp_bytes IS 'Largest temporary disk use of the job, bytes';
 COMMENT ON COLUMN store.jobs.estimated_false_drops IS 'bloom mode: expected new records wrongly dropped as repeats';
+COMMENT ON COLUMN store.jobs.merge_restarts IS 'Times the stream started over because files changed between attempts (its counters restart with it)';
 COMMENT ON COLUMN store.jobs.created_at IS 'When store_ingest queued the job';
 COMMENT ON COLUMN store.jobs.started_at IS 'When a worker first started the job';
 COMMENT ON COLUMN store.jobs.insert_started_at IS 'When the current attempt began inserting';
 COMMENT ON COLUMN store.jobs.updated_at IS 'Last progress update';
-COMMENT ON COLUMN store.jobs.finished_at IS 'When the job reached done, failed or cancelled';
+COMMENT ON COLUMN store.jobs.finished_at IS 'When the job reached done, partial, failed or cancelled';
 COMMENT ON COLUMN store.jobs.error IS 'Why the job failed, with the SQL error text where there is one';
+COMMENT ON COLUMN store.jobs.sqlstate IS 'SQLSTATE of the error that failed the job, for programs (e.g. 42501 permission denied, 53100 disk full)';
 
 CREATE INDEX jobs_open ON store.jobs (id) WHERE state IN ('queued', 'running');
 
 CREATE TABLE store.checkpoints (
     job             bigint      PRIMARY KEY REFERENCES store.jobs ON DELETE CASCADE,
+    attempt         integer     NOT NULL,
     last_key        text,
     inserted        bigint      NOT NULL DEFAULT 0,
     already_present bigint      NOT NULL DEFAULT 0,
@@ -89,9 +100,10 @@ CREATE TABLE store.checkpoints (
 );
 COMMENT ON TABLE store.checkpoints IS 'Where each job stands in its merged stream; updated in the same transaction as every insert batch, so a crash neither loses nor repeats a batch';
 COMMENT ON COLUMN store.checkpoints.job IS 'The job';
+COMMENT ON COLUMN store.checkpoints.attempt IS 'Claim number of the worker allowed to commit batches; a worker whose claim was taken over finds it changed and stops';
 COMMENT ON COLUMN store.checkpoints.last_key IS 'Greatest line committed so far (exact mode): a resumed merge starts after it; NULL means from the start';
-COMMENT ON COLUMN store.checkpoints.inserted IS 'Lines inserted into the target by this job';
-COMMENT ON COLUMN store.checkpoints.already_present IS 'Distinct lines the target already held';
+COMMENT ON COLUMN store.checkpoints.inserted IS 'Lines of the job''s stream inserted into the target by this job';
+COMMENT ON COLUMN store.checkpoints.already_present IS 'Lines of the job''s stream the target already held';
 COMMENT ON COLUMN store.checkpoints.batches IS 'Insert batches committed';
 COMMENT ON COLUMN store.checkpoints.fast_path IS 'The target was empty when the job began: batches use a plain INSERT until a conflict shows otherwise';
 COMMENT ON COLUMN store.checkpoints.updated_at IS 'Commit time of the last batch';
@@ -99,10 +111,12 @@ COMMENT ON COLUMN store.checkpoints.updated_at IS 'Commit time of the last batch
 CREATE TABLE store.files (
     job             bigint      NOT NULL REFERENCES store.jobs ON DELETE CASCADE,
     path            text        NOT NULL,
-    size            bigint      NOT NULL,
-    mtime           timestamptz NOT NULL,
-    mtime_ns        bigint      NOT NULL,
-    fingerprint     text        NOT NULL,
+    size            bigint,
+    mtime           timestamptz,
+    mtime_ns        bigint,
+    ctime_ns        bigint,
+    inode           bigint,
+    fingerprint     text,
     state           text        NOT NULL DEFAULT 'pending'
                     CHECK (state IN ('pending', 'skipped', 'read', 'failed', 'changed', 'done')),
     records         bigint,
@@ -113,38 +127,46 @@ CREATE TABLE store.files (
     error           text,
     PRIMARY KEY (job, path)
 );
-COMMENT ON TABLE store.files IS 'Every file a job found, with its identity and outcome';
+COMMENT ON TABLE store.files IS 'Every file a job found (and every entry it could not list), with its identity and outcome';
 COMMENT ON COLUMN store.files.job IS 'The job';
 COMMENT ON COLUMN store.files.path IS 'Full path of the file';
-COMMENT ON COLUMN store.files.size IS 'Size in bytes when the job listed it';
+COMMENT ON COLUMN store.files.size IS 'Size in bytes when the job listed it (NULL for an entry that could not be opened)';
 COMMENT ON COLUMN store.files.mtime IS 'Modification time when the job listed it';
 COMMENT ON COLUMN store.files.mtime_ns IS 'Modification time, nanoseconds since the epoch (exact comparison)';
+COMMENT ON COLUMN store.files.ctime_ns IS 'Inode change time, nanoseconds since the epoch: moves on any rewrite, even one that keeps size and mtime';
+COMMENT ON COLUMN store.files.inode IS 'Inode number: a file replaced by another (rename over) has another';
 COMMENT ON COLUMN store.files.fingerprint IS 'Hash of the size and the first and last 64 KiB: tells a replaced file from an untouched one';
-COMMENT ON COLUMN store.files.state IS 'pending, skipped (already ingested unchanged), read, failed (could not be decoded, or vanished or was swapped for a link or special file after listing), changed (changed while the job ran; read again next time), done';
+COMMENT ON COLUMN store.files.state IS 'pending, skipped (already ingested unchanged), read, failed (could not be listed, opened or read to the end; see error), changed (changed while the job ran; read again next time), done';
 COMMENT ON COLUMN store.files.records IS 'Non-empty records in the file';
 COMMENT ON COLUMN store.files.empty IS 'Empty records';
 COMMENT ON COLUMN store.files.rejected IS 'Invalid records (see store.rejects)';
 COMMENT ON COLUMN store.files.filtered IS 'Records dropped by the filter';
 COMMENT ON COLUMN store.files.accepted IS 'Valid records passed on to deduplication';
-COMMENT ON COLUMN store.files.error IS 'Why the file failed';
+COMMENT ON COLUMN store.files.error IS 'Why the file failed, with the OS error';
 
 CREATE TABLE store.ingested (
     target          regclass    NOT NULL,
     path            text        NOT NULL,
     size            bigint      NOT NULL,
     mtime_ns        bigint      NOT NULL,
+    ctime_ns        bigint      NOT NULL,
+    inode           bigint      NOT NULL,
     fingerprint     text        NOT NULL,
     job             bigint      NOT NULL,
+    owner           regrole     NOT NULL,
     ingested_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (target, path)
 );
-COMMENT ON TABLE store.ingested IS 'Files fully ingested into a target: a later job skips a file whose size, mtime and fingerprint are unchanged (what makes a pg_cron schedule on a drop directory safe)';
+COMMENT ON TABLE store.ingested IS 'Files fully ingested into a target: a later job skips a file whose size, times, inode and fingerprint are unchanged (what makes a pg_cron schedule on a drop directory safe)';
 COMMENT ON COLUMN store.ingested.target IS 'Target table';
 COMMENT ON COLUMN store.ingested.path IS 'Full path of the file';
 COMMENT ON COLUMN store.ingested.size IS 'Size when ingested';
 COMMENT ON COLUMN store.ingested.mtime_ns IS 'Modification time when ingested, nanoseconds since the epoch';
+COMMENT ON COLUMN store.ingested.ctime_ns IS 'Inode change time when ingested, nanoseconds since the epoch';
+COMMENT ON COLUMN store.ingested.inode IS 'Inode number when ingested';
 COMMENT ON COLUMN store.ingested.fingerprint IS 'Fingerprint when ingested';
 COMMENT ON COLUMN store.ingested.job IS 'Job that ingested it';
+COMMENT ON COLUMN store.ingested.owner IS 'Role that queued that job';
 COMMENT ON COLUMN store.ingested.ingested_at IS 'When that job finished';
 
 CREATE TABLE store.rejects (
@@ -161,5 +183,27 @@ COMMENT ON COLUMN store.rejects.job IS 'The job';
 COMMENT ON COLUMN store.rejects.file IS 'File holding the record';
 COMMENT ON COLUMN store.rejects.line IS 'Line number, 1-based, in the decoded file';
 COMMENT ON COLUMN store.rejects.byte_offset IS 'Offset of the record''s first byte in the decoded file';
-COMMENT ON COLUMN store.rejects.reason IS 'invalid_utf8, nul_byte or too_long';
+COMMENT ON COLUMN store.rejects.reason IS 'invalid_utf8, nul_byte or too_long (longer than store.max_line_bytes, or than n characters for a varchar(n) target)';
 COMMENT ON COLUMN store.rejects.raw IS 'The record''s raw bytes, at most the first 1 KiB';
+
+-- Row-level security: a role sees the jobs of the roles whose privileges it has (its
+-- own, and those of roles it inherits from); superusers bypass it.
+ALTER TABLE store.jobs ENABLE ROW LEVEL SECURITY;
+CREATE POLICY jobs_of_the_role ON store.jobs FOR SELECT USING (pg_catalog.pg_has_role(owner, 'USAGE'));
+ALTER TABLE store.files ENABLE ROW LEVEL SECURITY;
+CREATE POLICY files_of_the_role ON store.files FOR SELECT USING (job IN (SELECT j.id FROM store.jobs j));
+ALTER TABLE store.rejects ENABLE ROW LEVEL SECURITY;
+CREATE POLICY rejects_of_the_role ON store.rejects FOR SELECT USING (job IN (SELECT j.id FROM store.jobs j));
+ALTER TABLE store.checkpoints ENABLE ROW LEVEL SECURITY;
+CREATE POLICY checkpoints_of_the_role ON store.checkpoints FOR SELECT USING (job IN (SELECT j.id FROM store.jobs j));
+ALTER TABLE store.ingested ENABLE ROW LEVEL SECURITY;
+CREATE POLICY ingested_of_the_role ON store.ingested FOR SELECT USING (pg_catalog.pg_has_role(owner, 'USAGE'));
+
+-- pg_dump keeps the rows of these extension tables (and the job id sequence), so a
+-- backup holds the ledger and the job history; see the README on restoring.
+SELECT pg_catalog.pg_extension_config_dump('store.jobs', '');
+SELECT pg_catalog.pg_extension_config_dump('store.jobs_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('store.checkpoints', '');
+SELECT pg_catalog.pg_extension_config_dump('store.files', '');
+SELECT pg_catalog.pg_extension_config_dump('store.ingested', '');
+SELECT pg_catalog.pg_extension_config_dump('store.rejects', '');

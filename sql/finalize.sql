@@ -1,5 +1,5 @@
 -- Objects that need the extension's functions: the default target, the status view,
--- store_wait, and the grants.
+-- store_ingest, store_wait, and the grants.
 
 CREATE TABLE store.lines (
     line text NOT NULL
@@ -9,21 +9,27 @@ CREATE TABLE store.lines (
 -- ones with 0xFF followed by their SHA-256 (0xFF never starts UTF-8, so the two kinds
 -- of key cannot meet).
 CREATE UNIQUE INDEX lines_line_key ON store.lines (store.line_key(line));
-COMMENT ON TABLE store.lines IS 'Default ingest target: one distinct line per row';
+COMMENT ON TABLE store.lines IS 'Default ingest target: one distinct line per row, shared by every role that may ingest (use a table of your own for private data)';
 COMMENT ON COLUMN store.lines.line IS 'A distinct, valid UTF-8 record (unique through store.line_key)';
+-- Its rows are user data: pg_dump must keep them.
+SELECT pg_catalog.pg_extension_config_dump('store.lines', '');
 
-CREATE VIEW store.status AS
+-- security_invoker: the view reads store.jobs as the caller, so row-level security
+-- shows each role its own jobs.
+CREATE VIEW store.status WITH (security_invoker = true) AS
 SELECT j.id,
        j.path,
        j.target,
+       j.owner,
        j.state,
        j.phase,
        j.files_done,
        j.files_total,
        j.files_skipped,
+       j.files_failed,
        j.bytes_read,
        j.bytes_total,
-       CASE WHEN j.state = 'done' THEN 100.0 ELSE round(j.percent::numeric, 1) END AS percent,
+       CASE WHEN j.state IN ('done', 'partial') THEN 100.0 ELSE round(j.percent::numeric, 1) END AS percent,
        j.records,
        j.empty,
        j.rejected,
@@ -41,18 +47,55 @@ SELECT j.id,
        j.dedup,
        j.estimated_false_drops,
        j.attempts,
+       j.merge_restarts,
        j.created_at,
        j.started_at,
        j.updated_at,
        j.finished_at,
-       j.error
+       j.error,
+       j.sqlstate
   FROM store.jobs j
   LEFT JOIN store.checkpoints c ON c.job = j.id;
-COMMENT ON VIEW store.status IS 'One row per job: state, phase and live progress';
+COMMENT ON VIEW store.status IS 'One row per job the caller may see: state, phase and live progress';
+COMMENT ON COLUMN store.status.id IS 'Job id';
+COMMENT ON COLUMN store.status.path IS 'Canonical path ingested';
+COMMENT ON COLUMN store.status.target IS 'Target table';
+COMMENT ON COLUMN store.status.owner IS 'Role that queued the job';
+COMMENT ON COLUMN store.status.state IS 'queued, running, done, partial (some files failed), failed or cancelled';
+COMMENT ON COLUMN store.status.phase IS 'scanning, sorting, merging, inserting or done';
+COMMENT ON COLUMN store.status.files_done IS 'Files read to the end (or failed)';
+COMMENT ON COLUMN store.status.files_total IS 'Entries found under path';
+COMMENT ON COLUMN store.status.files_skipped IS 'Files skipped as already ingested unchanged';
+COMMENT ON COLUMN store.status.files_failed IS 'Files that could not be listed, opened or read (see store.files)';
+COMMENT ON COLUMN store.status.bytes_read IS 'Bytes read so far, on disk';
+COMMENT ON COLUMN store.status.bytes_total IS 'Bytes to read, on disk';
+COMMENT ON COLUMN store.status.percent IS 'Estimated completion, 0-100';
+COMMENT ON COLUMN store.status.records IS 'Non-empty records seen';
+COMMENT ON COLUMN store.status.empty IS 'Empty records skipped';
+COMMENT ON COLUMN store.status.rejected IS 'Invalid records (see store.rejects)';
+COMMENT ON COLUMN store.status.filtered IS 'Records dropped by the filter';
+COMMENT ON COLUMN store.status.duplicates IS 'Repeats within the input';
+COMMENT ON COLUMN store.status.inserted IS 'Lines inserted by the job';
+COMMENT ON COLUMN store.status.already_present IS 'Lines the target already held';
+COMMENT ON COLUMN store.status.batch_size IS 'Rows in the latest insert batch';
+COMMENT ON COLUMN store.status.rows_per_second IS 'Lines (inserted or already present) per second since inserting began';
+COMMENT ON COLUMN store.status.memory_peak IS 'Largest private memory of the worker during the job, bytes';
+COMMENT ON COLUMN store.status.temp_bytes IS 'Largest temporary disk use, bytes';
+COMMENT ON COLUMN store.status.dedup IS 'exact or bloom';
+COMMENT ON COLUMN store.status.estimated_false_drops IS 'bloom mode: expected new lines wrongly dropped';
+COMMENT ON COLUMN store.status.attempts IS 'Times a worker claimed the job';
+COMMENT ON COLUMN store.status.merge_restarts IS 'Times the stream started over because files changed between attempts';
+COMMENT ON COLUMN store.status.created_at IS 'When the job was queued';
+COMMENT ON COLUMN store.status.started_at IS 'When a worker first started it';
+COMMENT ON COLUMN store.status.updated_at IS 'Last progress update';
+COMMENT ON COLUMN store.status.finished_at IS 'When it ended';
+COMMENT ON COLUMN store.status.error IS 'Why it failed';
+COMMENT ON COLUMN store.status.sqlstate IS 'SQLSTATE of that error';
 
 CREATE FUNCTION store_wait(job bigint, timeout interval DEFAULT NULL)
 RETURNS SETOF store.status
 LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT store.wait_job(job, timeout);
     SELECT * FROM store.status WHERE id = job;
@@ -60,14 +103,16 @@ $$;
 COMMENT ON FUNCTION store_wait(bigint, interval) IS 'Wait (interruptibly) for a job to end, with a progress NOTICE every few seconds; returns its final status row';
 
 GRANT USAGE ON SCHEMA store TO PUBLIC;
--- Reading server files takes what COPY FROM a file takes: those roles may watch jobs
--- and use the default target. store_ingest and store_cancel check privileges themselves.
-GRANT SELECT ON store.status, store.jobs, store.files, store.rejects, store.checkpoints TO pg_read_server_files;
+-- Row-level security limits every role to its own jobs.
+GRANT SELECT ON store.status, store.jobs, store.files, store.rejects, store.checkpoints, store.ingested TO PUBLIC;
+-- Reading server files takes what COPY FROM a file takes: those roles may use the
+-- default target. store_ingest and store_cancel check privileges themselves.
 GRANT SELECT, INSERT ON store.lines TO pg_read_server_files;
 
 CREATE FUNCTION store_ingest(path text, target regclass DEFAULT 'store.lines', column_name name DEFAULT 'line',
                              dedup text DEFAULT 'exact', filter text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
 AS $$ SELECT store.enqueue(path, target::oid, column_name::text, dedup, filter) $$;
 COMMENT ON FUNCTION store_ingest(text, regclass, name, text, text) IS 'Queue an ingest of a file or directory on the server into target(column_name); returns the job id at once. The job starts when the calling transaction commits.';

@@ -1,16 +1,48 @@
 //! pg_store: exactly-once, deduplicating bulk ingest of huge line files into PostgreSQL.
 //!
-//! [`engine`] does the heavy work with no PostgreSQL dependency; [`pg`] is the thin
-//! extension layer (SQL functions, background workers, SPI, GUCs) that drives it.
+//! This crate is the PostgreSQL layer — SQL functions, background workers, SPI
+//! inserts, settings — over the [`store_engine`] crate, which does the heavy work and
+//! cannot reach PostgreSQL (it does not depend on pgrx).
+//!
+//! Who calls whom: [`api`] (the SQL functions) checks a call with [`security`] and
+//! [`target`] and queues a row in `store.jobs`; a [`worker`] claims it and runs [`job`]:
+//! plan (re-check, list files), then [`store_engine::distinct`] streams batches into
+//! the [`insert::Inserter`], then finish. [`error`] maps every failure to a SQLSTATE
+//! once; [`txn`] runs the worker's transactions; [`gucs`] holds every setting.
 
-pub mod engine;
-pub mod pg;
-pub mod testkit;
+pub mod api;
+pub mod error;
+pub mod gucs;
+pub mod insert;
+pub mod job;
+pub mod security;
+pub mod target;
+pub mod txn;
+pub mod worker;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use pgrx::prelude::*;
 
 ::pgrx::pg_module_magic!(name, version);
 
-#[cfg(feature = "pg_test")]
-#[pgrx::pg_schema]
+/// Set when the library was loaded by shared_preload_libraries (inherited by every
+/// backend forked afterwards): only then do the workers exist.
+pub static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: reads a postmaster global while the library loads.
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    gucs::init(preloading);
+    if preloading {
+        PRELOADED.store(true, Ordering::Relaxed);
+        worker::register();
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
 mod tests {
     include!("pg_tests.rs");
 }

@@ -20,7 +20,7 @@ fn error_of(sql: &str, arg: Option<&str>) -> (String, String) {
     })
     .catch_others(|e| match e {
         CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) | CaughtError::RustPanic { ereport: r, .. } => {
-            (crate::pg::txn::sqlstate_text(r.sql_error_code() as i32), r.message().to_string())
+            (crate::error::sqlstate_text(r.sql_error_code()), r.message().to_string())
         }
     })
     .execute()
@@ -147,11 +147,12 @@ fn role_without_insert_on_target_is_refused() {
 }
 
 #[pg_test]
-fn someone_elses_job_cannot_be_cancelled() {
+fn someone_elses_job_can_be_neither_seen_nor_cancelled() {
     let id = Spi::get_one_with_args::<i64>("SELECT store_ingest($1)", &[fixture_dir().as_str().into()]).unwrap().unwrap();
     Spi::run("CREATE ROLE pgs_other IN ROLE pg_read_server_files").unwrap();
     Spi::run("SET ROLE pgs_other").unwrap();
-    assert_refused(&format!("SELECT store_cancel({id})"), None, "42501", "permission denied to cancel job");
+    assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM store.status").unwrap(), Some(0));
+    assert_refused(&format!("SELECT store_cancel({id})"), None, "42704", &format!("no pg_store job {id}"));
 }
 
 #[pg_test]

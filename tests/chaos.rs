@@ -23,7 +23,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{readable_dir, shared_oracle_sha, Cluster, BIN};
-use pg_store::testkit::{generate, line_for, oracle_set, Expected, GenSpec, Rng};
+use store_testkit::{generate, line_for, oracle_set, Expected, GenSpec, Rng};
 
 type Lines = BTreeSet<Vec<u8>>;
 
@@ -75,7 +75,8 @@ fn main() {
         return;
     }
     let seed: u64 = std::env::var("CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261124);
-    let only: Option<Vec<String>> = std::env::var("CHAOS_ONLY").ok().map(|s| s.split(',').map(str::to_string).collect());
+    let only: Option<Vec<String>> =
+        std::env::var("CHAOS_ONLY").ok().map(|s| s.split(',').map(str::to_string).collect());
     let want_section = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
     let started = Instant::now();
     println!("chaos: seed {seed}");
@@ -92,11 +93,23 @@ fn main() {
         want.e.files, want.e.records, want.e.distinct, want.e.rejected
     );
     match shared_oracle_sha(&data) {
-        Some(sha) if sha == want.e.sha256 => println!("chaos: ../shared/bench/oracle.py agrees with the project's oracle ({sha})"),
+        Some(sha) if sha == want.e.sha256 => {
+            println!("chaos: ../shared/bench/oracle.py agrees with the project's oracle ({sha})")
+        }
         Some(sha) => panic!("../shared/bench/oracle.py says {sha}, the project's oracle {}", want.e.sha256),
         None => println!("chaos: ../shared/bench/oracle.py not present: the project's oracle alone"),
     }
-    let mut x = Ctx { c, rng: Rng::new(seed), t: Tally::default(), tables: 0, data, want, scan_s: 0.0, total_s: 0.0, our_kills: 0 };
+    let mut x = Ctx {
+        c,
+        rng: Rng::new(seed),
+        t: Tally::default(),
+        tables: 0,
+        data,
+        want,
+        scan_s: 0.0,
+        total_s: 0.0,
+        our_kills: 0,
+    };
     x.baseline();
 
     type Section = (&'static str, fn(&mut Ctx));
@@ -162,7 +175,17 @@ impl Cluster {
     /// psql as `role` with verbose errors: `Err` holds "ERROR:  SQLSTATE: message".
     fn psql_verbose(&self, role: &str, sql: &str) -> Result<String, String> {
         let out = Command::new(format!("{BIN}/psql"))
-            .args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose", "-h", self.dir.to_str().unwrap(), "-p", &self.port.to_string()])
+            .args([
+                "-XAtq",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-v",
+                "VERBOSITY=verbose",
+                "-h",
+                self.dir.to_str().unwrap(),
+                "-p",
+                &self.port.to_string(),
+            ])
             .args(["-U", role, "-d", "postgres", "-c", sql])
             .output()
             .unwrap();
@@ -221,7 +244,18 @@ impl Ctx {
     /// The table's lines and its row count.
     fn lines(&self, table: &str) -> (Lines, i64) {
         let out = Command::new(format!("{BIN}/psql"))
-            .args(["-XAtq", "-h", self.c.dir.to_str().unwrap(), "-p", &self.c.port.to_string(), "-U", "postgres", "-d", "postgres", "-c"])
+            .args([
+                "-XAtq",
+                "-h",
+                self.c.dir.to_str().unwrap(),
+                "-p",
+                &self.c.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+            ])
             .arg(format!("SELECT line FROM {table}"))
             .output()
             .unwrap();
@@ -248,7 +282,9 @@ impl Ctx {
         self.t.lost += lost;
         self.t.duplicated += extra + repeats;
         if lost + extra + repeats > 0 {
-            return Err(format!("{table}: {lost} lines lost, {extra} lines that should not be there, {repeats} repeated rows"));
+            return Err(format!(
+                "{table}: {lost} lines lost, {extra} lines that should not be there, {repeats} repeated rows"
+            ));
         }
         Ok((have.len(), rows))
     }
@@ -267,11 +303,18 @@ impl Ctx {
             );
             if rej != want.e.rejected as i64 {
                 let d = rej - want.e.rejected as i64;
-                if d > 0 { self.t.duplicated += d as u64 } else { self.t.lost += (-d) as u64 }
+                if d > 0 {
+                    self.t.duplicated += d as u64
+                } else {
+                    self.t.lost += (-d) as u64
+                }
                 return Err(format!("job {job}: {rej} rejects recorded, the oracle has {}", want.e.rejected));
             }
             if total != want.e.distinct as i64 {
-                return Err(format!("job {job}: inserted + already_present = {total}, the oracle has {} distinct", want.e.distinct));
+                return Err(format!(
+                    "job {job}: inserted + already_present = {total}, the oracle has {} distinct",
+                    want.e.distinct
+                ));
             }
         }
         Ok(())
@@ -301,7 +344,11 @@ impl Ctx {
     fn fault(&mut self, name: &str, f: impl FnOnce(&mut Ctx) -> Check) {
         let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self))) {
             Ok(r) => r,
-            Err(p) => Err(p.downcast_ref::<String>().cloned().or(p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()),
+            Err(p) => Err(p
+                .downcast_ref::<String>()
+                .cloned()
+                .or(p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default()),
         };
         self.record(name, r);
     }
@@ -323,7 +370,11 @@ impl Ctx {
 
     /// A random moment of a job: a third of them before inserting starts.
     fn moment(&mut self, round: u32) -> Duration {
-        let s = if round.is_multiple_of(3) { self.rng.unit() * self.scan_s } else { self.scan_s + self.rng.unit() * (self.total_s - self.scan_s) * 0.9 };
+        let s = if round.is_multiple_of(3) {
+            self.rng.unit() * self.scan_s
+        } else {
+            self.scan_s + self.rng.unit() * (self.total_s - self.scan_s) * 0.9
+        };
         Duration::from_secs_f64(s)
     }
 
@@ -344,7 +395,10 @@ impl Ctx {
 
     /// Wait until `job` has committed some batches (and has more to go).
     fn mid_insert(&self, job: i64) {
-        self.c.wait_until(&format!("SELECT coalesce((SELECT inserted > 20000 FROM store.status WHERE id = {job}), false)"), Duration::from_secs(120));
+        self.c.wait_until(
+            &format!("SELECT coalesce((SELECT inserted > 20000 FROM store.status WHERE id = {job}), false)"),
+            Duration::from_secs(120),
+        );
     }
 
     /// `kill -9` a server process, counted so the log's crash lines can be told apart.
@@ -364,7 +418,11 @@ impl Ctx {
 /// Start a job on the main data set into a fresh table and, at a random moment while
 /// it runs, do `act` to it (given the job and its worker's pid). A run quicker than the
 /// moment drawn is finished, dropped and tried again at an earlier moment.
-fn interrupted(x: &mut Ctx, round: u32, mut act: impl FnMut(&mut Ctx, i64, i32)) -> Result<(String, i64, String, Duration), String> {
+fn interrupted(
+    x: &mut Ctx,
+    round: u32,
+    mut act: impl FnMut(&mut Ctx, i64, i32),
+) -> Result<(String, i64, String, Duration), String> {
     let mut delay = x.moment(round);
     loop {
         let t = x.target();
@@ -397,7 +455,11 @@ fn crash_round(x: &mut Ctx, round: u32, immediate: bool) -> Check {
     x.exact(&t, &want, Some(job))?;
     let attempts = x.num(&format!("SELECT attempts FROM store.jobs WHERE id = {job}"));
     x.q(&format!("DROP TABLE {t}"));
-    Ok(format!("{} at {:.1} s ({phase}), job {job} finished exact after {attempts} attempts", if immediate { "stop" } else { "kill" }, delay.as_secs_f64()))
+    Ok(format!(
+        "{} at {:.1} s ({phase}), job {job} finished exact after {attempts} attempts",
+        if immediate { "stop" } else { "kill" },
+        delay.as_secs_f64()
+    ))
 }
 
 fn kill9_rounds(x: &mut Ctx) {
@@ -408,8 +470,19 @@ fn kill9_rounds(x: &mut Ctx) {
     // The killed workers' temporary runs were removed by worker 0 when it restarted.
     x.fault("kill -9: no orphaned temporary runs", |x| {
         let jobs = x.c.data().join("pg_store_tmp/jobs");
-        let left: Vec<_> = fs::read_dir(&jobs).map(|d| d.flatten().filter(|e| fs::read_dir(e.path()).map(|mut i| i.next().is_some()).unwrap_or(false)).map(|e| e.path()).collect()).unwrap_or_default();
-        if left.is_empty() { Ok(String::new()) } else { Err(format!("left behind: {left:?}")) }
+        let left: Vec<_> = fs::read_dir(&jobs)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| fs::read_dir(e.path()).map(|mut i| i.next().is_some()).unwrap_or(false))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if left.is_empty() {
+            Ok(String::new())
+        } else {
+            Err(format!("left behind: {left:?}"))
+        }
     });
 }
 
@@ -439,8 +512,13 @@ fn kill_in_phase(x: &mut Ctx, phase: &str, memory: &str, rounds: u32) {
                 let job = x.ingest(&x.data.clone(), &t);
                 let t0 = Instant::now();
                 let seen = loop {
-                    let p = x.q(&format!("SELECT state || ':' || coalesce(phase, '') FROM store.jobs WHERE id = {job}"));
-                    if p == wanted || p.starts_with("done") || p.ends_with("inserting") || t0.elapsed() > Duration::from_secs(120) {
+                    let p =
+                        x.q(&format!("SELECT state || ':' || coalesce(phase, '') FROM store.jobs WHERE id = {job}"));
+                    if p == wanted
+                        || p.starts_with("done")
+                        || p.ends_with("inserting")
+                        || t0.elapsed() > Duration::from_secs(120)
+                    {
                         break p;
                     }
                     std::thread::sleep(Duration::from_millis(10));
@@ -453,17 +531,24 @@ fn kill_in_phase(x: &mut Ctx, phase: &str, memory: &str, rounds: u32) {
                 }
                 std::thread::sleep(Duration::from_millis(x.rng.below(100)));
                 // The phase a few milliseconds before the kill: the one it is counted in.
-                let at_kill = x.q(&format!("SELECT coalesce(phase, '') || ' ' || coalesce(worker_pid, 0) FROM store.jobs WHERE id = {job}"));
-                let (at_kill, pid) = at_kill.split_once(' ').map(|(p, w)| (p.to_string(), w.parse::<i32>().unwrap())).unwrap();
+                let at_kill = x.q(&format!(
+                    "SELECT coalesce(phase, '') || ' ' || coalesce(worker_pid, 0) FROM store.jobs WHERE id = {job}"
+                ));
+                let (at_kill, pid) =
+                    at_kill.split_once(' ').map(|(p, w)| (p.to_string(), w.parse::<i32>().unwrap())).unwrap();
                 x.sigkill(pid);
                 let killed_at = t0.elapsed();
                 *x.t.kill_phases.entry(at_kill.clone()).or_default() += 1;
                 x.done(job)?;
                 let want = x.want.clone();
                 x.exact(&t, &want, Some(job))?;
-                let temp = x.q(&format!("SELECT pg_size_pretty(coalesce(temp_bytes, 0)) FROM store.jobs WHERE id = {job}"));
+                let temp =
+                    x.q(&format!("SELECT pg_size_pretty(coalesce(temp_bytes, 0)) FROM store.jobs WHERE id = {job}"));
                 x.q(&format!("DROP TABLE {t}"));
-                return Ok(format!("killed {:.2} s after it was queued, while {at_kill}; exact after the resume (temp peak {temp})", killed_at.as_secs_f64()));
+                return Ok(format!(
+                    "killed {:.2} s after it was queued, while {at_kill}; exact after the resume (temp peak {temp})",
+                    killed_at.as_secs_f64()
+                ));
             }
             Err(format!("never saw the job in its {phase} phase"))
         });
@@ -506,7 +591,10 @@ fn temp_space(x: &mut Ctx) {
     println!("chaos: store.temp_dir on a 20 MB tmpfs");
     let mnt = x.c.dir.join("tmpfs");
     fs::create_dir_all(&mnt).unwrap();
-    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", mnt.to_str().unwrap()]).status().is_ok_and(|s| s.success());
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", mnt.to_str().unwrap()])
+        .status()
+        .is_ok_and(|s| s.success());
     if !ok {
         x.record("temporary space", Err("could not mount a tmpfs (root needed)".into()));
         return;
@@ -630,7 +718,9 @@ fn mutation(x: &mut Ctx, dir: &Path, what: &str, change: impl FnOnce(&Path)) -> 
     wait_scanning(x, job);
     change(&v);
     x.done(job)?;
-    let state = x.q(&format!("SELECT state || ':' || coalesce(error, '') FROM store.files WHERE job = {job} AND path LIKE '%z-victim.txt'"));
+    let state = x.q(&format!(
+        "SELECT state || ':' || coalesce(error, '') FROM store.files WHERE job = {job} AND path LIKE '%z-victim.txt'"
+    ));
     let expect = if what == "deleted" { "failed:" } else { "changed:" };
     if !state.starts_with(expect) {
         return Err(format!("victim recorded as {state:?}, expected {expect}"));
@@ -754,7 +844,10 @@ fn files(x: &mut Ctx) {
     x.fault("empty directory", |x| {
         let dir = readable_dir(&x.c.dir.join("empty"));
         let (job, _) = exact_dir(x, &dir)?;
-        Ok(format!("job {job}: {}", x.q(&format!("SELECT files_total || ' files, ' || inserted || ' rows' FROM store.status WHERE id = {job}"))))
+        Ok(format!(
+            "job {job}: {}",
+            x.q(&format!("SELECT files_total || ' files, ' || inserted || ' rows' FROM store.status WHERE id = {job}"))
+        ))
     });
 
     x.fault("0-byte file", |x| {
@@ -772,7 +865,10 @@ fn files(x: &mut Ctx) {
         let dir = readable_dir(&x.c.dir.join("elf"));
         fs::copy(format!("{BIN}/postgres"), dir.join("postgres.bin")).unwrap();
         let (_, want) = exact_dir(x, &dir)?;
-        Ok(format!("{} records: {} rejected (recorded), {} distinct valid lines stored", want.e.records, want.e.rejected, want.e.distinct))
+        Ok(format!(
+            "{} records: {} rejected (recorded), {} distinct valid lines stored",
+            want.e.records, want.e.rejected, want.e.distinct
+        ))
     });
 
     x.fault("one 200 MB record with no newline", |x| {
@@ -781,7 +877,9 @@ fn files(x: &mut Ctx) {
         let t = x.target();
         let job = x.ingest(&dir, &t);
         x.done(job)?;
-        let row = x.q(&format!("SELECT reason || ' ' || line || ' ' || octet_length(raw) FROM store.rejects WHERE job = {job}"));
+        let row = x.q(&format!(
+            "SELECT reason || ' ' || line || ' ' || octet_length(raw) FROM store.rejects WHERE job = {job}"
+        ));
         let rows = x.num(&format!("SELECT count(*) FROM {t}"));
         let peak = x.num(&format!("SELECT coalesce(memory_peak, 0) FROM store.jobs WHERE id = {job}"));
         fs::remove_dir_all(&dir).unwrap();
@@ -808,7 +906,9 @@ fn files(x: &mut Ctx) {
         if lines != "inside" {
             return Err(format!("read {lines:?}"));
         }
-        Ok(x.q(&format!("SELECT files_total || ' file read, links and the FIFO skipped' FROM store.status WHERE id = {job}")))
+        Ok(x.q(&format!(
+            "SELECT files_total || ' file read, links and the FIFO skipped' FROM store.status WHERE id = {job}"
+        )))
     });
 
     x.fault("catastrophic-backtracking filter runs in linear time", |x| {
@@ -821,7 +921,10 @@ fn files(x: &mut Ctx) {
         fs::write(dir.join("a.txt"), body).unwrap();
         x.q("CREATE TABLE chaos_regex (line text UNIQUE)");
         let t0 = Instant::now();
-        let job: i64 = x.q(&format!("SELECT store_ingest('{}', 'chaos_regex', filter => '^(a+)+$')", dir.display())).parse().unwrap();
+        let job: i64 = x
+            .q(&format!("SELECT store_ingest('{}', 'chaos_regex', filter => '^(a+)+$')", dir.display()))
+            .parse()
+            .unwrap();
         x.done(job)?;
         let secs = t0.elapsed().as_secs_f64();
         let filtered = x.num(&format!("SELECT filtered FROM store.status WHERE id = {job}"));
@@ -883,7 +986,9 @@ fn concurrency(x: &mut Ctx) {
         let t = x.target();
         let job = x.ingest(&x.data.clone(), &t);
         x.mid_insert(job);
-        let removed = x.num(&format!("BEGIN; LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE; SELECT count(*) FROM {t}; TRUNCATE {t}; COMMIT"));
+        let removed = x.num(&format!(
+            "BEGIN; LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE; SELECT count(*) FROM {t}; TRUNCATE {t}; COMMIT"
+        ));
         x.done(job)?;
         let want = x.want.clone();
         let (n, rows) = x.bounds(&t, &Lines::new(), &want.lines)?;
@@ -945,14 +1050,19 @@ fn concurrency(x: &mut Ctx) {
             x.done(again)?;
             x.exact(&t, &want, None)?;
             x.q(&format!("DROP TABLE {t}"));
-            Ok(format!("at {:.1} s ({phase}): {s} within {:.1} s with {n} rows committed; the re-run completed it", delay.as_secs_f64(), took.as_secs_f64()))
+            Ok(format!(
+                "at {:.1} s ({phase}): {s} within {:.1} s with {n} rows committed; the re-run completed it",
+                delay.as_secs_f64(),
+                took.as_secs_f64()
+            ))
         });
     }
 
     for r in 0..2 {
         x.fault(&format!("pg_terminate_backend on the worker #{}", r + 1), |x| {
             let mut killed = String::new();
-            let (t, job, phase, delay) = interrupted(x, r + 1, |x, _, pid| killed = x.q(&format!("SELECT pg_terminate_backend({pid})")))?;
+            let (t, job, phase, delay) =
+                interrupted(x, r + 1, |x, _, pid| killed = x.q(&format!("SELECT pg_terminate_backend({pid})")))?;
             x.done(job)?;
             let want = x.want.clone();
             x.exact(&t, &want, Some(job))?;
@@ -975,16 +1085,26 @@ fn load(x: &mut Ctx) {
         let mut dirs = Vec::new();
         for i in 0..50u64 {
             let dir = readable_dir(&x.c.dir.join(format!("q{i}")));
-            generate(&dir, &GenSpec { files: 1, size: 100_000 + i * 1000, seed: 600 + i % 10, ..GenSpec::default() }).unwrap();
+            generate(&dir, &GenSpec { files: 1, size: 100_000 + i * 1000, seed: 600 + i % 10, ..GenSpec::default() })
+                .unwrap();
             x.q(&format!("CREATE TABLE q{i} (line text UNIQUE)"));
             dirs.push(dir);
         }
         let t0 = Instant::now();
         let jobs: Vec<i64> = std::thread::scope(|s| {
-            let hs: Vec<_> = dirs.iter().enumerate().map(|(i, d)| {
-                let c = &x.c;
-                s.spawn(move || c.psql(&format!("SELECT store_ingest('{}', 'q{i}')", d.display())).unwrap().parse::<i64>().unwrap())
-            }).collect();
+            let hs: Vec<_> = dirs
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let c = &x.c;
+                    s.spawn(move || {
+                        c.psql(&format!("SELECT store_ingest('{}', 'q{i}')", d.display()))
+                            .unwrap()
+                            .parse::<i64>()
+                            .unwrap()
+                    })
+                })
+                .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for (i, (job, dir)) in jobs.iter().zip(&dirs).enumerate() {

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{readable_dir, shared_oracle_sha, Cluster};
-use pg_store::testkit::{generate, oracle, Expected, GenSpec};
+use store_testkit::{generate, oracle, Expected, GenSpec};
 
 fn fixtures(c: &Cluster, name: &str, spec: &GenSpec) -> (PathBuf, Expected) {
     let dir = readable_dir(&c.dir.join(name));
@@ -30,7 +30,8 @@ fn num(c: &Cluster, sql: &str) -> i64 {
 #[test]
 fn ingest_equals_oracle_rerun_is_idempotent_and_new_files_are_picked_up() {
     let c = Cluster::start("basic", "");
-    let (dir, plain) = fixtures(&c, "drop", &GenSpec { files: 4, size: 1 << 20, seed: 11, nasty: true, ..GenSpec::default() });
+    let (dir, plain) =
+        fixtures(&c, "drop", &GenSpec { files: 4, size: 1 << 20, seed: 11, nasty: true, ..GenSpec::default() });
     if let Some(sha) = shared_oracle_sha(&dir) {
         assert_eq!(sha, plain.sha256, "the shared oracle agrees with ours");
     }
@@ -66,13 +67,19 @@ fn ingest_equals_oracle_rerun_is_idempotent_and_new_files_are_picked_up() {
     // A re-run reads nothing and inserts nothing.
     let again = c.ingest(&format!("'{d}'"));
     c.wait_done(again);
-    assert_eq!(q(&c, &format!("SELECT files_skipped, bytes_total, inserted FROM store.status WHERE id = {again}")), "7|0|0");
+    assert_eq!(
+        q(&c, &format!("SELECT files_skipped, bytes_total, inserted FROM store.status WHERE id = {again}")),
+        "7|0|0"
+    );
 
     // A new file is picked up alone.
     fs::write(dir.join("part-new.txt"), "brand new line\nanother new one\nbrand new line\n").unwrap();
     let third = c.ingest(&format!("'{d}'"));
     c.wait_done(third);
-    assert_eq!(q(&c, &format!("SELECT files_skipped, inserted, duplicates FROM store.status WHERE id = {third}")), "7|2|1");
+    assert_eq!(
+        q(&c, &format!("SELECT files_skipped, inserted, duplicates FROM store.status WHERE id = {third}")),
+        "7|2|1"
+    );
     assert_eq!(c.table_sha("store.lines", "line"), oracle(&dir, 65536).unwrap().sha256);
 
     // A user table with a plain unique index, a filter, and another column name.
@@ -80,7 +87,9 @@ fn ingest_equals_oracle_rerun_is_idempotent_and_new_files_are_picked_up() {
     let f = c.ingest(&format!("'{d}', 'creds', 'cred', filter => 'include=@;max_len=200'"));
     c.wait_done(f);
     let kept = num(&c, "SELECT count(*) FROM creds");
-    assert!(kept > 0 && num(&c, "SELECT count(*) FROM creds WHERE cred NOT LIKE '%@%' OR octet_length(cred) > 200") == 0);
+    assert!(
+        kept > 0 && num(&c, "SELECT count(*) FROM creds WHERE cred NOT LIKE '%@%' OR octet_length(cred) > 200") == 0
+    );
     assert!(num(&c, &format!("SELECT filtered FROM store.status WHERE id = {f}")) > 0);
 
     // Approximate mode: never more than the exact answer, and close to it.
@@ -90,7 +99,10 @@ fn ingest_equals_oracle_rerun_is_idempotent_and_new_files_are_picked_up() {
     let n = num(&c, "SELECT count(*) FROM approx");
     let exact = num(&c, "SELECT count(*) FROM store.lines");
     let est: f64 = q(&c, &format!("SELECT estimated_false_drops FROM store.status WHERE id = {b}")).parse().unwrap();
-    assert!(n <= exact && (exact - n) as f64 <= 3.0 * est + 10.0, "bloom kept {n} of {exact}, estimated {est} wrong drops");
+    assert!(
+        n <= exact && (exact - n) as f64 <= 3.0 * est + 10.0,
+        "bloom kept {n} of {exact}, estimated {est} wrong drops"
+    );
 }
 
 fn big_fixture(c: &Cluster) -> (PathBuf, Expected) {
@@ -100,7 +112,10 @@ fn big_fixture(c: &Cluster) -> (PathBuf, Expected) {
 
 /// Wait until the job has committed some batches but not all.
 fn wait_mid_insert(c: &Cluster, job: i64) {
-    c.wait_until(&format!("SELECT coalesce((SELECT inserted > 20000 FROM store.status WHERE id = {job}), false)"), Duration::from_secs(180));
+    c.wait_until(
+        &format!("SELECT coalesce((SELECT inserted > 20000 FROM store.status WHERE id = {job}), false)"),
+        Duration::from_secs(180),
+    );
 }
 
 /// Interrupt a job in the middle of inserting, let `interrupt` bring the server back as
@@ -115,7 +130,10 @@ fn interrupted_mid_insert_ends_exact(name: &str, interrupt: impl FnOnce(&Cluster
     c.wait_done(job);
     assert!(num(&c, &format!("SELECT attempts FROM store.jobs WHERE id = {job}")) >= 2);
     assert_eq!(c.table_sha("store.lines", "line"), want.sha256);
-    assert_eq!(num(&c, &format!("SELECT inserted + already_present FROM store.status WHERE id = {job}")), want.distinct as i64);
+    assert_eq!(
+        num(&c, &format!("SELECT inserted + already_present FROM store.status WHERE id = {job}")),
+        want.distinct as i64
+    );
     (c, job, want)
 }
 
@@ -127,7 +145,11 @@ fn kill_9_of_the_worker_mid_insert_resumes_with_no_loss_and_no_duplicate() {
         // The postmaster restarts everything (crash recovery); a worker reclaims the job.
     });
     assert_eq!(num(&c, "SELECT count(*) FROM store.rejects"), want.rejected as i64, "rejects stored once");
-    let orphans = fs::read_dir(c.data().join("pg_store_tmp/jobs")).map(|d| d.flatten().filter(|e| fs::read_dir(e.path()).map(|mut x| x.next().is_some()).unwrap_or(false)).count()).unwrap_or(0);
+    let orphans = fs::read_dir(c.data().join("pg_store_tmp/jobs"))
+        .map(|d| {
+            d.flatten().filter(|e| fs::read_dir(e.path()).map(|mut x| x.next().is_some()).unwrap_or(false)).count()
+        })
+        .unwrap_or(0);
     assert_eq!(orphans, 0, "temporary runs of the killed worker were removed");
 }
 
@@ -223,7 +245,10 @@ fn a_pg_cron_schedule_runs_an_ingest() {
     fs::write(dir.join("a.txt"), "cron one\ncron two\n").unwrap();
     // Debian's pg_cron has minute resolution: the job fires within 60 s.
     q(&c, &format!("SELECT cron.schedule('ingest', '* * * * *', $$SELECT store_ingest('{}')$$)", dir.display()));
-    c.wait_until("SELECT EXISTS (SELECT FROM store.jobs WHERE state = 'done' AND files_total = 1)", Duration::from_secs(130));
+    c.wait_until(
+        "SELECT EXISTS (SELECT FROM store.jobs WHERE state = 'done' AND files_total = 1)",
+        Duration::from_secs(130),
+    );
     q(&c, "SELECT cron.unschedule('ingest')");
     assert_eq!(num(&c, "SELECT count(*) FROM store.lines"), 2);
 }
@@ -260,6 +285,12 @@ fn concurrent_jobs_into_one_target_end_exact() {
         c.wait_done(*j);
     }
     assert_eq!(c.table_sha("store.lines", "line"), want.sha256);
-    let total = num(&c, &format!("SELECT sum(inserted) FROM store.status WHERE id IN ({})", jobs.iter().map(|j| j.to_string()).collect::<Vec<_>>().join(",")));
+    let total = num(
+        &c,
+        &format!(
+            "SELECT sum(inserted) FROM store.status WHERE id IN ({})",
+            jobs.iter().map(|j| j.to_string()).collect::<Vec<_>>().join(",")
+        ),
+    );
     assert_eq!(total, want.distinct as i64, "every line inserted exactly once across the jobs");
 }

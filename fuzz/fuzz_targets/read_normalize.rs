@@ -12,9 +12,9 @@ use std::io::Read;
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use pg_store::engine::normalize::{verdict, Verdict};
-use pg_store::engine::read::split_lines;
-use pg_store::testkit::oracle_of;
+use store_engine::normalize::{verdict, Verdict};
+use store_engine::read::split_lines;
+use store_testkit::oracle_of;
 
 /// A reader that returns at most `step` bytes per call, cycling through `steps`.
 struct Trickle<'a> {
@@ -48,7 +48,7 @@ fuzz_target!(|input: &[u8]| {
     let (mut records, mut empty, mut rejected) = (0u64, 0u64, 0u64);
     let mut last_line = 0u64;
     let mut reader = Trickle { data, steps, i: 0 };
-    split_lines::<_, pg_store::engine::Error>(&mut reader, Path::new("fuzz"), max_line, buf_size, |l| {
+    split_lines::<_, store_engine::Error>(&mut reader, Path::new("fuzz"), max_line, buf_size, |l| {
         assert!(l.line > last_line, "line numbers increase");
         last_line = l.line;
         assert!(l.offset as usize <= data.len());

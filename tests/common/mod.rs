@@ -53,7 +53,18 @@ impl Cluster {
         readable_dir(&dir);
         run(Command::new("chown").args(["postgres", dir.to_str().unwrap()]));
         let data = dir.join("data");
-        run(&mut as_postgres(&[&format!("{BIN}/initdb"), "-D", data.to_str().unwrap(), "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "-U", "postgres"]));
+        run(&mut as_postgres(&[
+            &format!("{BIN}/initdb"),
+            "-D",
+            data.to_str().unwrap(),
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "-U",
+            "postgres",
+        ]));
         let conf = format!(
             "port = {port}\nunix_socket_directories = '{}'\nlisten_addresses = ''\n\
              shared_preload_libraries = 'pg_store,pg_cron'\ncron.database_name = 'postgres'\ncron.host = '{}'\n\
@@ -74,15 +85,41 @@ impl Cluster {
     }
 
     pub fn pg_ctl_start(&self) {
-        run(&mut as_postgres(&[&format!("{BIN}/pg_ctl"), "-D", self.data().to_str().unwrap(), "-l", self.dir.join("log").to_str().unwrap(), "-w", "-t", "60", "start"]));
+        run(&mut as_postgres(&[
+            &format!("{BIN}/pg_ctl"),
+            "-D",
+            self.data().to_str().unwrap(),
+            "-l",
+            self.dir.join("log").to_str().unwrap(),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ]));
     }
 
     pub fn stop_fast(&self) {
-        run(&mut as_postgres(&[&format!("{BIN}/pg_ctl"), "-D", self.data().to_str().unwrap(), "-m", "fast", "-w", "stop"]));
+        run(&mut as_postgres(&[
+            &format!("{BIN}/pg_ctl"),
+            "-D",
+            self.data().to_str().unwrap(),
+            "-m",
+            "fast",
+            "-w",
+            "stop",
+        ]));
     }
 
     pub fn stop_immediate(&self) {
-        run(&mut as_postgres(&[&format!("{BIN}/pg_ctl"), "-D", self.data().to_str().unwrap(), "-m", "immediate", "-w", "stop"]));
+        run(&mut as_postgres(&[
+            &format!("{BIN}/pg_ctl"),
+            "-D",
+            self.data().to_str().unwrap(),
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ]));
     }
 
     /// Run SQL as the superuser; stdout (unaligned, tuples only) or the error text.
@@ -92,7 +129,21 @@ impl Cluster {
 
     pub fn psql_as(&self, role: &str, sql: &str) -> Result<String, String> {
         let out = Command::new(format!("{BIN}/psql"))
-            .args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-h", self.dir.to_str().unwrap(), "-p", &self.port.to_string(), "-U", role, "-d", "postgres", "-c", sql])
+            .args([
+                "-XAtq",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                self.dir.to_str().unwrap(),
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                role,
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ])
             .output()
             .unwrap();
         if out.status.success() {
@@ -118,7 +169,10 @@ impl Cluster {
     }
 
     pub fn ingest(&self, args: &str) -> i64 {
-        self.psql(&format!("SELECT store_ingest({args})")).unwrap_or_else(|e| panic!("store_ingest({args}): {e}")).parse().unwrap()
+        self.psql(&format!("SELECT store_ingest({args})"))
+            .unwrap_or_else(|e| panic!("store_ingest({args}): {e}"))
+            .parse()
+            .unwrap()
     }
 
     /// Wait until `job` is in one of `states`; returns the state reached.
@@ -136,7 +190,12 @@ impl Cluster {
 
     pub fn wait_done(&self, job: i64) {
         let s = self.wait_state(job, &["done", "failed", "cancelled"], Duration::from_secs(300));
-        assert_eq!(s, "done", "job {job}: {}", self.psql(&format!("SELECT error FROM store.jobs WHERE id = {job}")).unwrap());
+        assert_eq!(
+            s,
+            "done",
+            "job {job}: {}",
+            self.psql(&format!("SELECT error FROM store.jobs WHERE id = {job}")).unwrap()
+        );
     }
 
     /// Poll until `sql` returns "t".
@@ -151,7 +210,18 @@ impl Cluster {
     /// SHA-256 of the table's lines sorted bytewise, each followed by a newline.
     pub fn table_sha(&self, table: &str, column: &str) -> String {
         let out = Command::new(format!("{BIN}/psql"))
-            .args(["-XAtq", "-h", self.dir.to_str().unwrap(), "-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-c"])
+            .args([
+                "-XAtq",
+                "-h",
+                self.dir.to_str().unwrap(),
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+            ])
             .arg(format!("SELECT {column} FROM {table} ORDER BY convert_to({column}, 'UTF8')"))
             .output()
             .unwrap();
@@ -160,7 +230,7 @@ impl Cluster {
         if recs.last() == Some(&&b""[..]) {
             recs.pop();
         }
-        pg_store::testkit::sha256_lines(recs)
+        store_testkit::sha256_lines(recs)
     }
 
     pub fn log_tail(&self) -> String {
@@ -172,7 +242,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = as_postgres(&[&format!("{BIN}/pg_ctl"), "-D", self.data().to_str().unwrap(), "-m", "immediate", "stop"]).output();
+        let _ =
+            as_postgres(&[&format!("{BIN}/pg_ctl"), "-D", self.data().to_str().unwrap(), "-m", "immediate", "stop"])
+                .output();
         if std::env::var_os("KEEP_CLUSTERS").is_none() {
             let _ = fs::remove_dir_all(&self.dir);
         }

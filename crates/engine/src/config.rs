@@ -1,0 +1,181 @@
+//! The settings of one run, as plain values: the extension reads them from its GUCs,
+//! `store-dedup` from its command line.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use super::batch::{DEFAULT_BATCH_MAX, DEFAULT_BATCH_MIN, DEFAULT_BATCH_TARGET};
+use super::error::{Error, Result};
+use super::filter::Filter;
+use super::limits::{self, Budget};
+use super::normalize::{LineLimit, DEFAULT_MAX_LINE_BYTES};
+use super::read::{Codec, READ_BUFFER};
+use super::walk::FileEntry;
+
+/// Default number of runs merged at once (open files during the merge).
+pub const DEFAULT_FAN_IN: usize = 128;
+
+/// How repeats are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dedup {
+    /// External sort and merge: exact, output in bytewise order, resumable by key.
+    Exact,
+    /// One pass through a Bloom filter: approximate (may drop a new record), input order.
+    Bloom,
+}
+
+impl Dedup {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dedup::Exact => "exact",
+            Dedup::Bloom => "bloom",
+        }
+    }
+}
+
+impl FromStr for Dedup {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Dedup> {
+        match s {
+            "exact" => Ok(Dedup::Exact),
+            "bloom" => Ok(Dedup::Bloom),
+            _ => Err(Error::Config(format!("dedup must be 'exact' or 'bloom', not '{s}'"))),
+        }
+    }
+}
+
+/// A fault to inject, for tests of what happens when the engine itself breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The merge thread panics after emitting this many records.
+    MergePanic { after: u64 },
+}
+
+impl FromStr for Fault {
+    type Err = Error;
+
+    /// `merge_panic:N`.
+    fn from_str(s: &str) -> Result<Fault> {
+        match s.split_once(':') {
+            Some(("merge_panic", n)) => n
+                .trim()
+                .parse()
+                .map(|after| Fault::MergePanic { after })
+                .map_err(|_| Error::Config(format!("fault {s:?}"))),
+            _ => Err(Error::Config(format!("unknown fault {s:?}: expected merge_panic:N"))),
+        }
+    }
+}
+
+/// How the consumer's batches are sized (see [`crate::batch::AdaptiveBatcher`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub min: usize,
+    pub max: usize,
+    pub target: Duration,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits { min: DEFAULT_BATCH_MIN, max: DEFAULT_BATCH_MAX, target: DEFAULT_BATCH_TARGET }
+    }
+}
+
+/// Settings of one run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Memory budget of the whole pipeline, in bytes.
+    pub memory_limit: u64,
+    /// Sort threads.
+    pub threads: usize,
+    /// Where sorted runs are spilled.
+    pub temp_dir: PathBuf,
+    /// Longest accepted record.
+    pub limit: LineLimit,
+    /// zstd-compress spilled runs: less temporary disk, more CPU.
+    pub compress_runs: bool,
+    /// Most runs merged at once.
+    pub fan_in: usize,
+    pub filter: Filter,
+    pub dedup: Dedup,
+    /// Bloom mode: the filter's false-positive rate.
+    pub bloom_fpr: f64,
+    /// Bloom mode: distinct records to size the filter for; default one per 32 bytes of input.
+    pub bloom_expected: Option<u64>,
+    pub batch: BatchLimits,
+    /// Override of the chunk size derived from `memory_limit` (tests use it to force
+    /// many runs).
+    pub chunk_bytes: Option<usize>,
+    pub read_buffer: usize,
+    /// Refuse to start when the temporary directory looks too small for the spill.
+    pub check_space: bool,
+    pub fault: Option<Fault>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        let memory_limit = (limits::system_memory() as f64 * limits::DEFAULT_MEMORY_PERCENT / 100.0) as u64;
+        Config {
+            memory_limit: memory_limit.max(limits::MIN_MEMORY),
+            threads: limits::default_threads(),
+            temp_dir: std::env::temp_dir(),
+            limit: LineLimit::bytes(DEFAULT_MAX_LINE_BYTES),
+            compress_runs: false,
+            fan_in: DEFAULT_FAN_IN,
+            filter: Filter::default(),
+            dedup: Dedup::Exact,
+            bloom_fpr: 0.01,
+            bloom_expected: None,
+            batch: BatchLimits::default(),
+            chunk_bytes: None,
+            read_buffer: READ_BUFFER,
+            check_space: true,
+            fault: None,
+        }
+    }
+}
+
+impl Config {
+    pub fn budget(&self) -> Budget {
+        let mut b = Budget::split(self.memory_limit, self.fan_in);
+        if let Some(c) = self.chunk_bytes {
+            b.chunk_bytes = c;
+        }
+        b
+    }
+
+    /// Fail early if the temporary directory cannot hold the spill of `files`. The
+    /// estimate is the decoded input size (compressed files count 4×, a typical ratio
+    /// for text), halved for compressed runs; input that fits in memory needs none.
+    pub fn check_temp_space(&self, files: &[FileEntry]) -> Result<()> {
+        let decoded: u64 = files
+            .iter()
+            .map(|f| if Codec::for_path(&f.path) == Codec::Plain { f.size } else { f.size.saturating_mul(4) })
+            .sum();
+        if !self.check_space || decoded <= 2 * self.budget().chunk_bytes as u64 {
+            return Ok(());
+        }
+        let need = if self.compress_runs { decoded / 2 } else { decoded };
+        let free = limits::free_space(&self.temp_dir)?;
+        if free < need {
+            return Err(Error::NoTempSpace { path: self.temp_dir.clone(), need, free });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_and_faults_parse() {
+        assert_eq!("exact".parse::<Dedup>().unwrap(), Dedup::Exact);
+        assert_eq!("bloom".parse::<Dedup>().unwrap().as_str(), "bloom");
+        assert!("fuzzy".parse::<Dedup>().unwrap_err().to_string().contains("dedup must be 'exact' or 'bloom'"));
+        assert_eq!("merge_panic:10".parse::<Fault>().unwrap(), Fault::MergePanic { after: 10 });
+        assert!("nope".parse::<Fault>().is_err());
+    }
+}

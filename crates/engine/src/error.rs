@@ -1,0 +1,70 @@
+//! One error type for the engine. Every I/O error carries the path it happened on,
+//! because "No space left on device" alone does not tell a DBA which disk to look at.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading an input file, or writing/reading a temporary run, failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A setting is out of range or malformed (memory limit, regular expression, ...).
+    #[error("invalid setting: {0}")]
+    Config(String),
+    /// The temporary directory cannot hold the spill this run needs.
+    #[error("not enough temporary space in {path}: need about {need} bytes, {free} bytes free")]
+    NoTempSpace { path: PathBuf, need: u64, free: u64 },
+    /// Data the engine wrote itself came back damaged (a temporary run with invalid
+    /// UTF-8, a NUL byte or a cut record): a disk error or a bug, never the input's fault.
+    #[error("corrupt temporary data: {0}")]
+    Corrupt(String),
+    /// A thread of the engine died (a panic) or could not be started.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The engine's own threads were told to stop because the run is ending early.
+    #[error("stopped")]
+    Stopped,
+}
+
+impl Error {
+    pub fn io(op: &'static str, path: &Path, source: io::Error) -> Error {
+        Error::Io { op, path: path.to_path_buf(), source }
+    }
+
+    /// The OS error behind an I/O failure, if that is what this is.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
+    /// An error for a thread that panicked, with the panic's message when it has one.
+    pub fn panicked(what: &str, payload: &(dyn std::any::Any + Send)) -> Error {
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        Error::Internal(format!("{what} panicked: {msg}"))
+    }
+}
+
+/// Attach an operation and a path to an `io::Result`.
+pub trait IoContext<T> {
+    fn ctx(self, op: &'static str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, op: &'static str, path: &Path) -> Result<T> {
+        self.map_err(|e| Error::io(op, path, e))
+    }
+}

@@ -1,0 +1,306 @@
+//! Sort chunks: records are appended to a byte arena with a compact index until the
+//! chunk's byte budget is reached; the index is then sorted in parallel, duplicates
+//! inside the chunk are dropped, and the chunk is either spilled to a temporary file as
+//! a sorted run or kept in memory as the merge's last source.
+//!
+//! Each index entry carries the record's first 8 bytes as a big-endian integer, so
+//! most comparisons are one integer compare and never touch the arena. Accepted
+//! records hold no NUL byte, so zero-padding short records keeps the order bytewise.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use rayon::iter::{IntoParallelIterator, ParallelIterator};
+use rayon::slice::ParallelSliceMut;
+
+use super::error::{IoContext, Result};
+
+/// Index bytes per record, counted against the chunk budget.
+pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    prefix: u64,
+    off: u32,
+    len: u32,
+}
+
+/// A record's first 8 bytes as a big-endian integer, zero-padded.
+#[inline]
+pub fn prefix_of(rec: &[u8]) -> u64 {
+    let mut p = [0u8; 8];
+    let n = rec.len().min(8);
+    p[..n].copy_from_slice(&rec[..n]);
+    u64::from_be_bytes(p)
+}
+
+/// Below this many entries a tied group is sorted by plain comparison.
+const SMALL_GROUP: usize = 16;
+
+/// Sort a group of entries that agree on their first `depth` bytes, by the bytes from
+/// `depth` on. Entries no longer than `depth` bytes are equal to each other (no NUL in
+/// records, so zero padding cannot make two different records agree) and come first.
+fn sort_group(g: &mut [Entry], data: &[u8], depth: usize) {
+    if g.iter().all(|e| e.len as usize <= depth) {
+        return; // all the same record
+    }
+    if g.len() <= SMALL_GROUP {
+        let tail = |e: &Entry| &data[e.off as usize + depth.min(e.len as usize)..(e.off + e.len) as usize];
+        g.sort_unstable_by(|a, b| tail(a).cmp(tail(b)));
+        return;
+    }
+    for e in g.iter_mut() {
+        let start = e.off as usize + depth.min(e.len as usize);
+        let end = (e.off + e.len) as usize;
+        e.prefix = prefix_of(&data[start..end]);
+    }
+    g.sort_unstable_by_key(|e| e.prefix);
+    for sub in g.chunk_by_mut(|a, b| a.prefix == b.prefix) {
+        if sub.len() > 1 {
+            sort_group(sub, data, depth + 8);
+        }
+    }
+}
+
+/// Records in an arena, with a budget in bytes (data + index).
+#[derive(Debug, Default)]
+pub struct Chunk {
+    data: Vec<u8>,
+    entries: Vec<Entry>,
+    budget: usize,
+    sorted: bool,
+}
+
+impl Chunk {
+    pub fn new(budget: usize) -> Chunk {
+        Chunk { data: Vec::new(), entries: Vec::new(), budget, sorted: false }
+    }
+
+    /// Bytes of data and index held.
+    pub fn used(&self) -> usize {
+        self.data.len() + self.entries.len() * ENTRY_BYTES
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Append a record; false (and nothing appended) when the budget would be exceeded.
+    /// An empty chunk takes any record, so a single record larger than the budget
+    /// still makes progress.
+    #[inline]
+    pub fn push(&mut self, rec: &[u8]) -> bool {
+        if !self.entries.is_empty() && self.used() + rec.len() + ENTRY_BYTES > self.budget {
+            return false;
+        }
+        if self.data.capacity() == 0 {
+            // Reserve address space once; pages become resident only as they are written.
+            self.data.reserve_exact(self.budget.max(rec.len()));
+            self.entries.reserve_exact(self.budget / ENTRY_BYTES / 4);
+        }
+        self.entries.push(Entry { prefix: prefix_of(rec), off: self.data.len() as u32, len: rec.len() as u32 });
+        self.data.extend_from_slice(rec);
+        self.sorted = false;
+        true
+    }
+
+    #[inline]
+    fn rec(&self, e: &Entry) -> &[u8] {
+        &self.data[e.off as usize..(e.off + e.len) as usize]
+    }
+
+    /// Sort bytewise on `pool` and drop repeats; returns how many were dropped.
+    ///
+    /// A string radix sort with 8-byte digits: entries are sorted by their 8-byte key
+    /// at depth 0, then every group that ties is re-keyed with the next 8 bytes and
+    /// sorted again, recursively. Records sharing long prefixes (URLs, e-mail domains)
+    /// are then compared as integers a few bytes at a time instead of by `memcmp` from
+    /// their first byte at every comparison. Groups are sorted in parallel.
+    pub fn sort_dedup(&mut self, pool: &rayon::ThreadPool) -> u64 {
+        let data = &self.data[..];
+        let entries = &mut self.entries[..];
+        pool.install(|| {
+            entries.par_sort_unstable_by_key(|e| e.prefix);
+            let groups: Vec<&mut [Entry]> =
+                entries.chunk_by_mut(|a, b| a.prefix == b.prefix).filter(|g| g.len() > 1).collect();
+            groups.into_par_iter().for_each(|g| sort_group(g, data, 8));
+        });
+        let full = |e: &Entry| &data[e.off as usize..(e.off + e.len) as usize];
+        let before = self.entries.len();
+        self.entries.dedup_by(|b, a| a.prefix == b.prefix && a.len == b.len && full(a) == full(b));
+        self.sorted = true;
+        (before - self.entries.len()) as u64
+    }
+
+    /// The records in index order (bytewise order after [`sort_dedup`](Self::sort_dedup)).
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.entries.iter().map(|e| self.rec(e))
+    }
+
+    pub fn get(&self, i: usize) -> &[u8] {
+        self.rec(&self.entries[i])
+    }
+
+    /// Index of the first record greater than `key` (the chunk must be sorted).
+    pub fn first_after(&self, key: &[u8]) -> usize {
+        debug_assert!(self.sorted);
+        self.entries.partition_point(|e| self.rec(e) <= key)
+    }
+
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.entries.clear();
+        self.sorted = false;
+    }
+}
+
+/// A sorted run on disk: distinct records, `\n`-terminated, optionally zstd-compressed.
+#[derive(Debug)]
+pub struct Run {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub records: u64,
+    pub compressed: bool,
+}
+
+/// Writes one run.
+pub struct RunWriter {
+    out: RunSink,
+    path: PathBuf,
+    records: u64,
+    compressed: bool,
+}
+
+enum RunSink {
+    Plain(BufWriter<File>),
+    Zstd(zstd::stream::write::Encoder<'static, BufWriter<File>>),
+}
+
+/// Level 1: the fastest level still halves typical text; runs are read once.
+const RUN_ZSTD_LEVEL: i32 = 1;
+const RUN_WRITE_BUFFER: usize = 1 << 20;
+
+impl RunWriter {
+    pub fn create(path: PathBuf, compress: bool) -> Result<RunWriter> {
+        let file = File::create(&path).ctx("could not create temporary run", &path)?;
+        let buf = BufWriter::with_capacity(RUN_WRITE_BUFFER, file);
+        let out = if compress {
+            RunSink::Zstd(
+                zstd::stream::write::Encoder::new(buf, RUN_ZSTD_LEVEL).ctx("could not start zstd for", &path)?,
+            )
+        } else {
+            RunSink::Plain(buf)
+        };
+        Ok(RunWriter { out, path, records: 0, compressed: compress })
+    }
+
+    #[inline]
+    pub fn write(&mut self, rec: &[u8]) -> Result<()> {
+        self.records += 1;
+        let r = match &mut self.out {
+            RunSink::Plain(w) => w.write_all(rec).and_then(|_| w.write_all(b"\n")),
+            RunSink::Zstd(w) => w.write_all(rec).and_then(|_| w.write_all(b"\n")),
+        };
+        r.ctx("could not write temporary run", &self.path)
+    }
+
+    /// Write whole `\n`-terminated records at once (the caller counts them).
+    fn write_block(&mut self, block: &[u8]) -> Result<()> {
+        let r = match &mut self.out {
+            RunSink::Plain(w) => w.write_all(block),
+            RunSink::Zstd(w) => w.write_all(block),
+        };
+        r.ctx("could not write temporary run", &self.path)
+    }
+
+    pub fn finish(self) -> Result<Run> {
+        let path = self.path;
+        let buf = match self.out {
+            RunSink::Plain(w) => w,
+            RunSink::Zstd(w) => w.finish().ctx("could not write temporary run", &path)?,
+        };
+        let file = buf.into_inner().map_err(|e| e.into_error()).ctx("could not write temporary run", &path)?;
+        let bytes = file.metadata().ctx("could not stat temporary run", &path)?.len();
+        Ok(Run { path, bytes, records: self.records, compressed: self.compressed })
+    }
+}
+
+/// Write a sorted chunk as a run at `path`. Records are gathered into large blocks
+/// by hand: per-record `write_all` calls cost more than the copying itself.
+pub fn spill(chunk: &Chunk, path: &Path, compress: bool) -> Result<Run> {
+    let mut w = RunWriter::create(path.to_path_buf(), compress)?;
+    let mut block: Vec<u8> = Vec::with_capacity(RUN_WRITE_BUFFER + (64 << 10));
+    for rec in chunk.iter() {
+        block.extend_from_slice(rec);
+        block.push(b'\n');
+        if block.len() >= RUN_WRITE_BUFFER {
+            w.write_block(&block)?;
+            block.clear();
+        }
+    }
+    w.write_block(&block)?;
+    w.records = chunk.len() as u64;
+    w.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sorts_bytewise_and_dedups() {
+        let pool = crate::limits::thread_pool(2).unwrap();
+        let mut c = Chunk::new(1 << 20);
+        let recs: &[&[u8]] =
+            &[b"b", b"abcdefghij", b"abcdefgh", b"abcdefghi", b"b", "é".as_bytes(), b"B", b"abcdefghij", b"a"];
+        for r in recs {
+            assert!(c.push(r));
+        }
+        assert_eq!(c.sort_dedup(&pool), 2);
+        let mut want: Vec<&[u8]> = recs.to_vec();
+        want.sort();
+        want.dedup();
+        assert_eq!(c.iter().collect::<Vec<_>>(), want);
+        assert_eq!(c.first_after(b"abcdefgh"), 3);
+        assert_eq!(c.first_after(b""), 0);
+        assert_eq!(c.first_after("é".as_bytes()), c.len());
+    }
+
+    #[test]
+    fn respects_budget_but_takes_one_oversized_record() {
+        let mut c = Chunk::new(100);
+        assert!(c.push(&[b'x'; 500]));
+        assert!(!c.push(b"y"));
+        c.clear();
+        let mut n = 0;
+        while c.push(b"0123") {
+            n += 1;
+        }
+        assert_eq!(n, 100 / (4 + ENTRY_BYTES));
+        assert!(c.used() <= 100);
+    }
+
+    #[test]
+    fn spills_plain_and_compressed_runs() {
+        let pool = crate::limits::thread_pool(1).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Chunk::new(1 << 20);
+        for i in (0..1000).rev() {
+            c.push(format!("line-{i:05}").as_bytes());
+        }
+        c.sort_dedup(&pool);
+        for compress in [false, true] {
+            let run = spill(&c, &d.path().join(format!("r{compress}")), compress).unwrap();
+            assert_eq!(run.records, 1000);
+            let raw = std::fs::read(&run.path).unwrap();
+            let text = if compress { zstd::decode_all(&raw[..]).unwrap() } else { raw };
+            assert!(text.starts_with(b"line-00000\nline-00001\n"));
+            assert_eq!(run.bytes, std::fs::metadata(&run.path).unwrap().len());
+        }
+    }
+}

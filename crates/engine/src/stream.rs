@@ -1,0 +1,337 @@
+//! The distinct stream: one entry point, [`distinct`], for both dedup modes. It reads
+//! the files, sorts and merges (or runs one Bloom pass), sizes batches, and hands them to
+//! a [`Sink`] — the SPI inserter in the extension, stdout in `store-dedup`, a `Vec` in
+//! tests. Everything the sink is told happens on the caller's thread; the engine's own
+//! threads (spill, sort pool, merge) have signals blocked and never call the sink.
+//!
+//! Errors come back typed: the sink's error type must take the engine's
+//! (`S::Error: From<Error>`), so [`distinct`] returns the sink's own error whether the
+//! sink or the engine failed — the shape of ripgrep's `Sink`.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::batch::{AdaptiveBatcher, Batch, Texts};
+use super::bloom::ApproxDedup;
+use super::config::{Config, Dedup, Fault};
+use super::error::{Error, Result};
+use super::limits;
+use super::merge::Merger;
+use super::progress::{Phase, Progress};
+use super::scan::{scan, FileCounts, FileOutcome, Reject};
+use super::sorted::{announce, sort_distinct};
+use super::walk::{FileEntry, Tree};
+
+/// What the sink wants after a call: more, or nothing more (the run stops early and
+/// cleanly, and [`distinct`] returns a report marked `stopped`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+impl Flow {
+    pub(crate) fn into_result<E>(self) -> Result<(), Halt<E>> {
+        match self {
+            Flow::Continue => Ok(()),
+            Flow::Stop => Err(Halt::Stop),
+        }
+    }
+}
+
+/// The consumer of a run. Every method runs on the thread that called [`distinct`].
+pub trait Sink {
+    /// The sink's error; engine errors are turned into it.
+    type Error: From<Error>;
+
+    /// The next batch of distinct records: bytewise ascending in exact mode (across
+    /// batches too), input order in Bloom mode. `resume_key` is the batch's last record
+    /// in exact mode — a run restarted with it as `resume_after` emits exactly what
+    /// follows — and `None` in Bloom mode, which cannot resume.
+    fn batch(&mut self, batch: &Texts, resume_key: Option<&str>) -> Result<Flow, Self::Error>;
+
+    /// A record was rejected. Every reject is reported, in input order.
+    fn reject(&mut self, _r: &Reject<'_>) -> Result<Flow, Self::Error> {
+        Ok(Flow::Continue)
+    }
+
+    /// A file ended: read, changed while read, or failed.
+    fn file_done(
+        &mut self,
+        _file: &FileEntry,
+        _counts: &FileCounts,
+        _outcome: &FileOutcome,
+    ) -> Result<Flow, Self::Error> {
+        Ok(Flow::Continue)
+    }
+
+    /// The run entered a new phase: worth reporting at once.
+    fn phase(&mut self, _phase: Phase, _progress: &Progress) -> Result<Flow, Self::Error> {
+        Ok(Flow::Continue)
+    }
+
+    /// Called every few thousand records and between files while reading.
+    fn tick(&mut self, _progress: &Progress) -> Result<Flow, Self::Error> {
+        Ok(Flow::Continue)
+    }
+}
+
+/// Why a run stops early, inside the engine: its own error, the sink's, or the sink's
+/// wish. Public only in the sink-facing signatures; [`distinct`] resolves it.
+#[derive(Debug)]
+pub(crate) enum Halt<E> {
+    Engine(Error),
+    Sink(E),
+    Stop,
+}
+
+impl<E> From<Error> for Halt<E> {
+    fn from(e: Error) -> Self {
+        Halt::Engine(e)
+    }
+}
+
+/// What a run did beyond its counters (which are in the shared [`Progress`]).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// The sink asked to stop before the end.
+    pub stopped: bool,
+    /// Exact mode: sorted runs spilled by the scan.
+    pub runs: usize,
+    /// Bloom mode: the filter and its expected error.
+    pub bloom: Option<BloomReport>,
+}
+
+/// What an approximate run adds to the counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct BloomReport {
+    /// Expected number of new records wrongly dropped as repeats.
+    pub estimated_false_drops: f64,
+    pub filter_bytes: u64,
+    pub expected_items: u64,
+}
+
+/// Run `files` of `tree` through the configured dedup mode into `sink`. In exact mode
+/// the stream starts after `resume_after` (the last key a previous run committed).
+/// Temporary files are gone when this returns, however it ends.
+pub fn distinct<S: Sink>(
+    cfg: &Config,
+    tree: &Tree,
+    files: &[FileEntry],
+    resume_after: Option<&[u8]>,
+    progress: &Arc<Progress>,
+    sink: &mut S,
+) -> Result<Report, S::Error> {
+    let mut report = Report::default();
+    let res = announce(progress, Phase::Scanning, sink).and_then(|()| match cfg.dedup {
+        Dedup::Exact => exact(cfg, tree, files, resume_after, progress, sink, &mut report),
+        Dedup::Bloom => bloom(cfg, tree, files, progress, sink, &mut report),
+    });
+    let res = res.and_then(|()| announce(progress, Phase::Done, sink));
+    match res {
+        Ok(()) => Ok(report),
+        Err(Halt::Stop) => Ok(Report { stopped: true, ..report }),
+        Err(Halt::Engine(e)) => Err(e.into()),
+        Err(Halt::Sink(e)) => Err(e),
+    }
+}
+
+fn exact<S: Sink>(
+    cfg: &Config,
+    tree: &Tree,
+    files: &[FileEntry],
+    resume_after: Option<&[u8]>,
+    progress: &Arc<Progress>,
+    sink: &mut S,
+    report: &mut Report,
+) -> Result<(), Halt<S::Error>> {
+    let sorted = sort_distinct(cfg, tree, files, progress, sink)?;
+    report.runs = sorted.runs();
+    let (merger, stop) = sorted.merge(resume_after, sink)?;
+    announce(progress, Phase::Inserting, sink)?;
+    drain(cfg, merger, stop, sink)
+}
+
+/// Records the merge thread hands over at a time: one channel message.
+const BLOCK: usize = 1024;
+
+enum Msg {
+    Block(Batch),
+    /// The merge reached its end: without it, a closed channel means the thread died.
+    End,
+}
+
+/// Run the merge on its own thread and feed its records to the sink in batches.
+fn drain<S: Sink>(cfg: &Config, mut merger: Merger, stop: Arc<AtomicBool>, sink: &mut S) -> Result<(), Halt<S::Error>> {
+    let (tx, rx) = mpsc::sync_channel::<Result<Msg>>(4);
+    let fault = cfg.fault;
+    let producer = limits::spawn("pg_store-merge", move || {
+        let mut emitted = 0u64;
+        loop {
+            let mut block = Batch::default();
+            let more = loop {
+                match merger.next_record() {
+                    Ok(Some(r)) => {
+                        block.push(r);
+                        emitted += 1;
+                        if fault == Some(Fault::MergePanic { after: emitted }) {
+                            panic!("injected fault: the merge thread panics after {emitted} records");
+                        }
+                        if block.len() == BLOCK {
+                            break Ok(true);
+                        }
+                    }
+                    Ok(None) => break Ok(false),
+                    Err(e) => break Err(e),
+                }
+            };
+            match more {
+                Ok(more) => {
+                    if !block.is_empty() && tx.send(Ok(Msg::Block(block))).is_err() {
+                        return;
+                    }
+                    if !more {
+                        let _ = tx.send(Ok(Msg::End));
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+        }
+    })?;
+    let mut batcher = AdaptiveBatcher::new(cfg.batch.min, cfg.batch.max, cfg.batch.target);
+    let consumed = (|| -> Result<(), Halt<S::Error>> {
+        let mut batch = Batch::default();
+        loop {
+            match rx.recv() {
+                Ok(Ok(Msg::Block(block))) => {
+                    for r in block.iter() {
+                        batch.push(r);
+                        if batch.len() >= batcher.size() {
+                            batch = hand_over(batch, true, &mut batcher, sink)?;
+                        }
+                    }
+                }
+                Ok(Ok(Msg::End)) => {
+                    hand_over(batch, true, &mut batcher, sink)?;
+                    return Ok(());
+                }
+                Ok(Err(e)) => return Err(Halt::Engine(e)),
+                Err(mpsc::RecvError) => {
+                    return Err(Halt::Engine(Error::Internal("the merge thread ended before the merge did".into())))
+                }
+            }
+        }
+    })();
+    stop.store(true, Relaxed);
+    drop(rx);
+    // A panic on the merge thread is the cause of whatever the consumer saw: report it,
+    // never a stream that merely looks complete.
+    match producer.join() {
+        Err(panic) => Err(Halt::Engine(Error::panicked("the merge thread", &*panic))),
+        Ok(()) => consumed,
+    }
+}
+
+/// Check `batch`, give it to the sink, time it for the batcher; returns the emptied buffer.
+fn hand_over<S: Sink>(
+    batch: Batch,
+    exact: bool,
+    batcher: &mut AdaptiveBatcher,
+    sink: &mut S,
+) -> Result<Batch, Halt<S::Error>> {
+    if batch.is_empty() {
+        return Ok(batch);
+    }
+    let texts = Texts::new(batch)?;
+    let started = Instant::now();
+    let flow = sink.batch(&texts, if exact { texts.last() } else { None }).map_err(Halt::Sink)?;
+    batcher.observe(texts.len(), started.elapsed());
+    flow.into_result()?;
+    Ok(texts.into_batch())
+}
+
+/// Approximate mode: one pass, input order, a Bloom filter decides what is a repeat.
+/// The filter is sized for `bloom_expected` distinct records, by default one per 32
+/// bytes of input (a typical record is longer, so it errs on the large side), capped
+/// by the memory limit.
+fn bloom<S: Sink>(
+    cfg: &Config,
+    tree: &Tree,
+    files: &[FileEntry],
+    progress: &Arc<Progress>,
+    sink: &mut S,
+    report: &mut Report,
+) -> Result<(), Halt<S::Error>> {
+    let expected = cfg.bloom_expected.unwrap_or_else(|| files.iter().map(|f| f.size).sum::<u64>() / 32).max(1024);
+    let cap = cfg.memory_limit.saturating_sub(cfg.budget().merge_buffer as u64 + (8 << 20)).max(1 << 16);
+    let mut dedup = ApproxDedup::new(expected, cfg.bloom_fpr, Some(cap))?;
+    let mut batcher = AdaptiveBatcher::new(cfg.batch.min, cfg.batch.max, cfg.batch.target);
+    let mut batch = Some(Batch::default());
+    scan(cfg, tree, files, progress, sink, &mut |rec, sink| {
+        if !dedup.offer(rec) {
+            Progress::add(&progress.duplicates, 1);
+            return Ok(());
+        }
+        Progress::add(&progress.distinct, 1);
+        let b = batch.as_mut().expect("a batch buffer between hand-overs");
+        b.push(rec);
+        if b.len() >= batcher.size() {
+            batch = Some(hand_over(batch.take().expect("checked"), false, &mut batcher, sink)?);
+        }
+        Ok(())
+    })?;
+    hand_over(batch.take().unwrap_or_default(), false, &mut batcher, sink)?;
+    report.bloom = Some(BloomReport {
+        estimated_false_drops: dedup.estimated_false_drops(),
+        filter_bytes: dedup.bytes(),
+        expected_items: expected,
+    });
+    Ok(())
+}
+
+/// A sink that keeps everything it is given, for tests and small tools.
+#[derive(Debug, Default)]
+pub struct Collect {
+    pub records: Vec<String>,
+    /// (file, line, offset, reason, prefix) of each reject.
+    pub rejects: Vec<(std::path::PathBuf, u64, u64, &'static str, Vec<u8>)>,
+    pub files: Vec<(std::path::PathBuf, FileCounts, FileOutcome)>,
+    /// Each phase announced, with the number of files done by then.
+    pub phases: Vec<(Phase, usize)>,
+    pub batches: usize,
+}
+
+impl Sink for Collect {
+    type Error = Error;
+
+    fn batch(&mut self, batch: &Texts, resume_key: Option<&str>) -> Result<Flow> {
+        assert_eq!(resume_key, resume_key.and(batch.last()), "the resume key is the batch's last record");
+        self.records.extend(batch.iter().map(str::to_string));
+        self.batches += 1;
+        Ok(Flow::Continue)
+    }
+
+    fn reject(&mut self, r: &Reject<'_>) -> Result<Flow> {
+        self.rejects.push((r.file.to_path_buf(), r.line, r.offset, r.reason.as_str(), r.prefix.to_vec()));
+        Ok(Flow::Continue)
+    }
+
+    fn file_done(&mut self, f: &FileEntry, c: &FileCounts, o: &FileOutcome) -> Result<Flow> {
+        self.files.push((f.path.clone(), c.clone(), o.clone()));
+        Ok(Flow::Continue)
+    }
+
+    fn phase(&mut self, phase: Phase, _: &Progress) -> Result<Flow> {
+        self.phases.push((phase, self.files.len()));
+        Ok(Flow::Continue)
+    }
+}

@@ -1,0 +1,457 @@
+//! Whole-pipeline tests: the engine against the naive oracle of [`store_testkit`],
+//! on random bytes (proptest) and on the cases that break external sorts: many runs,
+//! multi-level merges, compressed inputs, stopping, failures, panics, cleanup.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::batch::Texts;
+use super::config::{Config, Dedup, Fault};
+use super::scan::{FileCounts, FileOutcome, Reject};
+use super::stream::{distinct, Collect, Flow, Report, Sink};
+use super::walk::{walk, FileEntry, Identity, Tree};
+use super::{Error, Phase, Progress, Result, Snapshot};
+use store_testkit::{generate, oracle, oracle_of, oracle_rejects, sha256_lines, GenSpec};
+
+/// A sink that collects, and can stop, fail or panic after a number of ticks or batches.
+#[derive(Default)]
+struct Probe {
+    got: Collect,
+    ticks: u64,
+    stop_at_tick: Option<u64>,
+    fail_at_tick: Option<u64>,
+    panic_at_tick: Option<u64>,
+    stop_at_batch: Option<usize>,
+}
+
+impl Sink for Probe {
+    type Error = Error;
+    fn batch(&mut self, b: &Texts, key: Option<&str>) -> Result<Flow> {
+        self.got.batch(b, key)?;
+        Ok(if self.stop_at_batch.is_some_and(|n| self.got.batches >= n) { Flow::Stop } else { Flow::Continue })
+    }
+    fn reject(&mut self, r: &Reject<'_>) -> Result<Flow> {
+        self.got.reject(r)
+    }
+    fn file_done(&mut self, f: &FileEntry, c: &FileCounts, o: &FileOutcome) -> Result<Flow> {
+        self.got.file_done(f, c, o)
+    }
+    fn phase(&mut self, p: Phase, progress: &Progress) -> Result<Flow> {
+        self.got.phase(p, progress)
+    }
+    fn tick(&mut self, _: &Progress) -> Result<Flow> {
+        self.ticks += 1;
+        if self.fail_at_tick.is_some_and(|n| self.ticks >= n) {
+            return Err(Error::Config("the sink failed".into()));
+        }
+        if self.panic_at_tick.is_some_and(|n| self.ticks >= n) {
+            panic!("the sink panicked");
+        }
+        Ok(if self.stop_at_tick.is_some_and(|n| self.ticks >= n) { Flow::Stop } else { Flow::Continue })
+    }
+}
+
+struct Outcome {
+    records: Vec<Vec<u8>>,
+    progress: Snapshot,
+    report: Report,
+    got: Collect,
+}
+
+fn run_with(cfg: &Config, path: &Path, resume_after: Option<&[u8]>, mut sink: Probe) -> Result<Outcome> {
+    let (tree, listing) = walk(&path.canonicalize().unwrap())?;
+    let progress = Arc::new(Progress::default());
+    let report = distinct(cfg, &tree, &listing.files, resume_after, &progress, &mut sink)?;
+    let records = sink.got.records.iter().map(|r| r.as_bytes().to_vec()).collect();
+    Ok(Outcome { records, progress: progress.snapshot(), report, got: sink.got })
+}
+
+fn run_exact(cfg: &Config, path: &Path, resume_after: Option<&[u8]>) -> Result<Outcome> {
+    run_with(cfg, path, resume_after, Probe::default())
+}
+
+fn tiny(temp: &Path) -> Config {
+    Config {
+        temp_dir: temp.to_path_buf(),
+        chunk_bytes: Some(256),
+        fan_in: 3,
+        read_buffer: 7,
+        threads: 2,
+        ..Config::default()
+    }
+}
+
+fn temp_is_empty(dir: &Path) -> bool {
+    fs::read_dir(dir).unwrap().next().is_none()
+}
+
+/// Random file contents made of the pieces that matter to the contract.
+fn content() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        4 => "[a-c]{1,3}".prop_map(|s| s.into_bytes()),
+        3 => Just(b"\n".to_vec()),
+        1 => Just(b"\r".to_vec()),
+        1 => Just(b"\r\n".to_vec()),
+        1 => Just(b"\0".to_vec()),
+        1 => Just(b"\xff".to_vec()),
+        1 => Just(b"\xc3".to_vec()),
+        1 => Just("é".as_bytes().to_vec()),
+        1 => Just(b"\xEF\xBB\xBF".to_vec()),
+        1 => (1usize..40).prop_map(|n| vec![b'z'; n]),
+        // Longer than a reject's 1 KiB prefix, so the prefix cap is exercised.
+        1 => (1000usize..2500).prop_map(|n| vec![b'L'; n]),
+    ];
+    prop::collection::vec(piece, 0..60).prop_map(|v| v.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn exact_mode_equals_the_oracle(
+        files in prop::collection::vec(content(), 1..5),
+        max_line in prop_oneof![1usize..24, Just(2000usize), Just(5000usize)],
+        chunk in 16usize..300,
+        read_buf in 1usize..40,
+        compress in any::<bool>(),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        fs::create_dir(&input).unwrap();
+        for (i, f) in files.iter().enumerate() {
+            fs::write(input.join(format!("f{i}")), f).unwrap();
+        }
+        let temp = dir.path().join("tmp");
+        fs::create_dir(&temp).unwrap();
+        let cfg = Config { limit: super::normalize::LineLimit::bytes(max_line), chunk_bytes: Some(chunk), read_buffer: read_buf, compress_runs: compress, ..tiny(&temp) };
+        let out = run_exact(&cfg, &input, None).unwrap();
+        let (want, set) = oracle_of(files.iter().map(|f| f.as_slice()), max_line);
+        let want_recs: Vec<Vec<u8>> = set.into_iter().collect();
+        prop_assert_eq!(&out.records, &want_recs);
+        let p = &out.progress;
+        prop_assert_eq!((p.records, p.empty, p.rejected, p.distinct), (want.records, want.empty, want.rejected, want.distinct));
+        prop_assert_eq!(p.duplicates, p.records - p.rejected - p.distinct);
+        // Every reject, with its line, offset, reason and prefix (at most 1 KiB, cut
+        // where the oracle cuts it), in input order.
+        let want_rejects: Vec<_> = files
+            .iter()
+            .enumerate()
+            .flat_map(|(i, f)| oracle_rejects(f, max_line).into_iter().map(move |r| (format!("f{i}"), r)))
+            .collect();
+        let got_rejects: Vec<_> = out
+            .got
+            .rejects
+            .iter()
+            .map(|r| (r.0.file_name().unwrap().to_str().unwrap().to_string(), store_testkit::OracleReject { line: r.1, offset: r.2, reason: r.3, prefix: r.4.clone() }))
+            .collect();
+        prop_assert_eq!(got_rejects, want_rejects);
+        prop_assert!(temp_is_empty(&temp), "temporary files left behind");
+    }
+
+    #[test]
+    fn approximate_mode_never_keeps_a_repeat_or_an_invalid_record(
+        files in prop::collection::vec(content(), 1..4),
+        max_line in 1usize..24,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, f) in files.iter().enumerate() {
+            fs::write(dir.path().join(format!("f{i}")), f).unwrap();
+        }
+        let cfg = Config { limit: super::normalize::LineLimit::bytes(max_line), dedup: Dedup::Bloom, bloom_expected: Some(1000), ..tiny(dir.path()) };
+        let out = run_exact(&cfg, dir.path(), None).unwrap();
+        let (want, set) = oracle_of(files.iter().map(|f| f.as_slice()), max_line);
+        let mut sorted = out.records.clone();
+        sorted.sort();
+        sorted.dedup();
+        prop_assert_eq!(sorted.len(), out.records.len(), "a repeat was kept");
+        prop_assert!(out.records.iter().all(|r| set.contains(r)));
+        let est = out.report.bloom.as_ref().unwrap().estimated_false_drops;
+        prop_assert!(want.distinct - out.records.len() as u64 <= 1 + 2 * est.ceil() as u64);
+        prop_assert_eq!(out.progress.rejected, want.rejected);
+    }
+}
+
+#[test]
+fn tiny_budget_forces_many_runs_and_a_multi_level_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    generate(
+        &input,
+        &GenSpec { files: 3, size: 40_000, nasty: true, max_line_bytes: 300, seed: 5, ..GenSpec::default() },
+    )
+    .unwrap();
+    let temp = dir.path().join("tmp");
+    fs::create_dir(&temp).unwrap();
+    let cfg = Config {
+        chunk_bytes: Some(4096),
+        fan_in: 4,
+        read_buffer: 1000,
+        limit: super::normalize::LineLimit::bytes(300),
+        ..tiny(&temp)
+    };
+    let out = run_exact(&cfg, &input, None).unwrap();
+    let want = oracle(&input, 300).unwrap();
+    assert!(out.report.runs > 16, "only {} runs: fan-in 4 needs two merge levels above 16", out.report.runs);
+    assert!(out.progress.runs_written as usize > out.report.runs, "intermediate runs were written");
+    assert_eq!(sha256_lines(out.records.iter().map(|r| r.as_slice())), want.sha256);
+    assert_eq!((out.progress.rejected, out.progress.empty), (want.rejected, want.empty));
+    // Inputs of each intermediate merge are removed as soon as it is written.
+    assert!(out.progress.temp_bytes < out.progress.temp_peak, "{:?}", out.progress);
+    // Each phase is announced once, in order; sorting only after every file was read.
+    let n = out.got.files.len();
+    assert!(n >= 3);
+    assert_eq!(
+        out.got.phases,
+        vec![(Phase::Scanning, 0), (Phase::Sorting, n), (Phase::Merging, n), (Phase::Inserting, n), (Phase::Done, n)]
+    );
+    assert!(out.got.batches > 1, "the stream came in several batches");
+    assert!(temp_is_empty(&temp));
+}
+
+#[test]
+fn rejects_carry_file_line_offset_reason_and_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.txt");
+    let mut data = b"\xEF\xBB\xBFok\r\nbad\xff\n\nnul\0x\n".to_vec();
+    data.extend(vec![b'L'; 5000]);
+    data.extend(b"\nlast");
+    fs::write(&p, &data).unwrap();
+    let cfg = Config { limit: super::normalize::LineLimit::bytes(100), ..tiny(dir.path()) };
+    let out = run_exact(&cfg, &p, None).unwrap();
+    assert_eq!(out.records, [b"last".to_vec(), b"ok".to_vec()]);
+    let r = &out.got.rejects;
+    assert_eq!(r.len(), 3);
+    assert_eq!((r[0].1, r[0].2, r[0].3, r[0].4.as_slice()), (2, 7, "invalid_utf8", &b"bad\xff"[..]));
+    assert_eq!((r[1].1, r[1].2, r[1].3), (4, 13, "nul_byte"));
+    assert_eq!((r[2].1, r[2].2, r[2].3, r[2].4.len()), (5, 19, "too_long", 105));
+    assert_eq!(out.progress.empty, 1);
+    let (_, counts, outcome) = &out.got.files[0];
+    assert_eq!((counts.records, counts.accepted, counts.rejected, counts.empty), (5, 2, 3, 1));
+    assert_eq!(*outcome, FileOutcome::Read);
+}
+
+#[test]
+fn gzip_multi_member_and_zstd_long_window_are_read_and_corrupt_files_fail_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("in");
+    fs::create_dir(&d).unwrap();
+    // Two gzip members concatenated, as `cat a.gz b.gz` makes.
+    let mut gz = Vec::new();
+    for part in [&b"g1\ng2\n"[..], b"g3\ng1\n"] {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(part).unwrap();
+        gz.extend(e.finish().unwrap());
+    }
+    fs::write(d.join("a.gz"), &gz).unwrap();
+    let mut z = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+    z.long_distance_matching(true).unwrap();
+    z.window_log(27).unwrap();
+    z.write_all(b"z1\nz2\ng2\n").unwrap();
+    fs::write(d.join("b.zst"), z.finish().unwrap()).unwrap();
+    fs::write(d.join("c.gz"), b"this is not gzip\n").unwrap();
+    let mut bad_zst = zstd::encode_all(&b"y1\ny2\n"[..], 1).unwrap();
+    bad_zst.truncate(bad_zst.len() - 3);
+    fs::write(d.join("d.zst"), bad_zst).unwrap();
+    fs::write(d.join("e.txt"), b"plain\n").unwrap();
+
+    let out = run_exact(&tiny(dir.path()), &d, None).unwrap();
+    let got: Vec<&str> = out.records.iter().map(|r| std::str::from_utf8(r).unwrap()).collect();
+    // d.zst is cut short: what decoded before the damage (y1) is kept, as zcat prints it.
+    assert_eq!(got, ["g1", "g2", "g3", "plain", "y1", "z1", "z2"]);
+    let failed: Vec<_> = out
+        .got
+        .files
+        .iter()
+        .filter_map(|f| match &f.2 {
+            FileOutcome::Failed(why) => Some((f.0.file_name().unwrap().to_str().unwrap(), why.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed.iter().map(|f| f.0).collect::<Vec<_>>(), ["c.gz", "d.zst"]);
+    assert!(failed[0].1.contains("could not decode") && failed[0].1.contains("c.gz"), "{}", failed[0].1);
+    assert_eq!((out.progress.files_failed, out.progress.files_done), (2, 5));
+}
+
+#[test]
+fn filter_counts_what_it_drops() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a");
+    fs::write(&p, "a@x\nb@y\nadmin@x\nzz\na@x\n").unwrap();
+    let cfg = Config { filter: super::filter::Filter::parse("include=@;exclude=^admin").unwrap(), ..tiny(dir.path()) };
+    let out = run_exact(&cfg, &p, None).unwrap();
+    assert_eq!(out.records, [b"a@x".to_vec(), b"b@y".to_vec()]);
+    assert_eq!((out.progress.filtered, out.progress.duplicates, out.progress.records), (2, 1, 5));
+}
+
+#[test]
+fn a_character_limit_rejects_what_a_varchar_column_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a");
+    fs::write(&p, "äöü\nabcd\nok\n").unwrap();
+    let cfg = Config { limit: super::normalize::LineLimit { bytes: 100, chars: Some(3) }, ..tiny(dir.path()) };
+    let out = run_exact(&cfg, &p, None).unwrap();
+    assert_eq!(out.records, [b"ok".to_vec(), "äöü".as_bytes().to_vec()]);
+    assert_eq!(out.got.rejects.iter().map(|r| (r.1, r.3)).collect::<Vec<_>>(), [(2, "too_long")]);
+}
+
+#[test]
+fn resumed_merge_emits_exactly_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    generate(&input, &GenSpec { files: 2, size: 20_000, seed: 9, ..GenSpec::default() }).unwrap();
+    let cfg = Config { chunk_bytes: Some(2048), ..tiny(dir.path()) };
+    let all = run_exact(&cfg, &input, None).unwrap().records;
+    for cut in [0, 1, all.len() / 3, all.len() - 1] {
+        let rest = run_exact(&cfg, &input, Some(&all[cut])).unwrap().records;
+        assert_eq!(rest, all[cut + 1..], "resume after record {cut}");
+    }
+}
+
+#[test]
+fn stop_error_and_panic_of_the_sink_leave_no_temporary_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    generate(&input, &GenSpec { files: 2, size: 600_000, seed: 2, ..GenSpec::default() }).unwrap();
+    let temp = dir.path().join("tmp");
+    fs::create_dir(&temp).unwrap();
+    let cfg = Config { chunk_bytes: Some(8192), read_buffer: 4096, ..tiny(&temp) };
+
+    let out = run_with(&cfg, &input, None, Probe { stop_at_tick: Some(3), ..Probe::default() }).unwrap();
+    assert!(out.report.stopped && out.records.is_empty());
+    assert!(temp_is_empty(&temp));
+
+    let r = run_with(&cfg, &input, None, Probe { fail_at_tick: Some(3), ..Probe::default() });
+    assert!(
+        matches!(&r, Err(Error::Config(m)) if m == "the sink failed"),
+        "the sink's own error comes back: {:?}",
+        r.err()
+    );
+    assert!(temp_is_empty(&temp));
+
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_with(&cfg, &input, None, Probe { panic_at_tick: Some(3), ..Probe::default() })
+    }));
+    assert!(r.is_err());
+    assert!(temp_is_empty(&temp));
+
+    // Stopped while the merge thread is streaming: it is joined and the runs removed.
+    let cfg_small =
+        Config { batch: super::config::BatchLimits { min: 10, max: 10, ..Default::default() }, ..cfg.clone() };
+    let out = run_with(&cfg_small, &input, None, Probe { stop_at_batch: Some(2), ..Probe::default() }).unwrap();
+    assert!(out.report.stopped);
+    assert_eq!(out.records.len(), 20);
+    assert!(temp_is_empty(&temp));
+}
+
+#[test]
+fn a_panic_on_the_merge_thread_fails_the_run_instead_of_ending_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    generate(&input, &GenSpec { files: 2, size: 200_000, seed: 4, ..GenSpec::default() }).unwrap();
+    let temp = dir.path().join("tmp");
+    fs::create_dir(&temp).unwrap();
+    let cfg = Config {
+        chunk_bytes: Some(8192),
+        read_buffer: 4096,
+        fault: Some(Fault::MergePanic { after: 2500 }),
+        ..tiny(&temp)
+    };
+    let err = run_exact(&cfg, &input, None).err().expect("the run must fail");
+    assert!(
+        matches!(&err, Error::Internal(m) if m.contains("merge thread panicked") && m.contains("injected fault")),
+        "{err}"
+    );
+    assert!(temp_is_empty(&temp));
+}
+
+#[test]
+fn io_errors_name_the_path_and_the_os_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    generate(&input, &GenSpec { files: 1, size: 50_000, seed: 2, ..GenSpec::default() }).unwrap();
+    let cfg = Config { chunk_bytes: Some(4096), temp_dir: dir.path().join("no/such/dir"), ..Config::default() };
+    let err = run_exact(&cfg, &input, None).err().unwrap().to_string();
+    assert!(err.contains("no/such/dir") && err.contains("No such file or directory"), "{err}");
+}
+
+#[test]
+fn files_that_vanish_or_are_swapped_after_listing_are_recorded_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().canonicalize().unwrap();
+    let input = base.join("in");
+    fs::create_dir(&input).unwrap();
+    let secret = base.join("secret.txt");
+    fs::write(&secret, "outside allowed_dirs\n").unwrap();
+    for name in ["a", "b", "c", "d", "e", "f"] {
+        fs::write(input.join(format!("{name}.txt")), format!("{name} one\n{name} two\n")).unwrap();
+    }
+    let (tree, listing) = walk(&input).unwrap();
+    fs::remove_file(input.join("b.txt")).unwrap();
+    fs::remove_file(input.join("c.txt")).unwrap();
+    std::os::unix::fs::symlink(&secret, input.join("c.txt")).unwrap();
+    fs::remove_file(input.join("d.txt")).unwrap();
+    let fifo = std::ffi::CString::new(input.join("d.txt").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    // f.txt is rewritten after listing: read, but marked changed.
+    fs::write(input.join("f.txt"), "f one\nf two\nf three\n").unwrap();
+
+    let temp = base.join("tmp");
+    fs::create_dir(&temp).unwrap();
+    let progress = Arc::new(Progress::default());
+    let mut got = Collect::default();
+    distinct(&tiny(&temp), &tree, &listing.files, None, &progress, &mut got).unwrap();
+    assert_eq!(
+        got.records,
+        ["a one", "a two", "e one", "e two", "f one", "f three", "f two"],
+        "the secret behind the link and the FIFO were not read"
+    );
+    let outcomes: Vec<_> =
+        got.files.iter().map(|(p, _, o)| (p.file_name().unwrap().to_str().unwrap().to_string(), o.clone())).collect();
+    assert_eq!(outcomes.len(), 6, "every listed file is reported");
+    for (name, o) in &outcomes {
+        match name.as_str() {
+            "b.txt" | "c.txt" | "d.txt" => {
+                assert!(
+                    matches!(o, FileOutcome::Failed(e) if e.contains(name.as_str()) && e.contains("changed since it was listed")),
+                    "{name}: {o:?}"
+                )
+            }
+            "f.txt" => assert_eq!(*o, FileOutcome::Changed, "{name}"),
+            _ => assert_eq!(*o, FileOutcome::Read, "{name}"),
+        }
+    }
+    assert_eq!(progress.snapshot().files_failed, 3);
+}
+
+#[test]
+fn a_file_rewritten_with_its_old_size_and_mtime_has_another_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.txt");
+    fs::write(&p, "aaaa\n").unwrap();
+    let before = Identity::of(&fs::File::open(&p).unwrap()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    fs::write(&p, "bbbb\n").unwrap();
+    // Put the old mtime back, as `touch -r` or a careless copy tool would.
+    let f = fs::File::options().write(true).open(&p).unwrap();
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(before.mtime_ns as u64);
+    f.set_modified(t).unwrap();
+    let after = Identity::of(&f).unwrap();
+    assert_eq!((after.size, after.mtime_ns), (before.size, before.mtime_ns));
+    assert_ne!(after, before, "the inode change time tells them apart");
+}
+
+#[test]
+fn too_little_temporary_space_fails_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().canonicalize().unwrap().join("x");
+    fs::write(&p, "x\n").unwrap();
+    let tree = Tree::open(&p).unwrap();
+    let huge = vec![FileEntry::new(p, Identity { size: u64::MAX / 4, mtime_ns: 0, ctime_ns: 0, inode: 0 })];
+    let err = distinct(&tiny(dir.path()), &tree, &huge, None, &Arc::default(), &mut Collect::default()).err().unwrap();
+    assert!(matches!(err, Error::NoTempSpace { .. }), "{err}");
+    assert!(err.to_string().contains("not enough temporary space"));
+}

@@ -1,0 +1,230 @@
+//! The SQL surface: `store_ingest` (through `store.enqueue`), `store_cancel`,
+//! `store.wait_job` (behind `store_wait`) and `store.line_key`. Each validates and
+//! queues; the work itself happens in the background workers.
+//!
+//! None of these functions is `SECURITY DEFINER`: they act as the role executing them
+//! ([`security::executing_role`]), read `store.*` through its row-level security (a
+//! role sees its own jobs), and write pg_store's bookkeeping as the bootstrap superuser
+//! only after every check passed. Each pins `search_path` to `pg_catalog, pg_temp`.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
+use pgrx::prelude::*;
+use store_engine::filter::Filter;
+use store_engine::Dedup;
+
+use crate::error::{Result, StoreError};
+use crate::{gucs, security, target, PRELOADED};
+
+extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+#[pg_schema]
+mod store {
+    use pgrx::prelude::*;
+
+    /// The unique key of a line: its bytes up to 2,000 bytes, else 0xFF + SHA-256.
+    #[pg_extern(immutable, strict, parallel_safe)]
+    fn line_key(line: &str) -> Vec<u8> {
+        store_engine::key::line_key(line.as_bytes())
+    }
+
+    /// Validate and queue an ingest job; `store_ingest` is the SQL face of this.
+    #[pg_extern(volatile)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn enqueue(path: &str, target: pg_sys::Oid, column_name: &str, dedup: &str, filter: Option<&str>) -> i64 {
+        super::enqueue(path, target, column_name, dedup, filter).unwrap_or_else(|e| e.raise())
+    }
+
+    /// Block until `job` ends (or `timeout` passes), with a progress NOTICE every few
+    /// seconds. Returns the job's state.
+    #[pg_extern(volatile)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> String {
+        super::wait_job(job, timeout).unwrap_or_else(|e| e.raise())
+    }
+}
+
+fn enqueue(path: &str, target: pg_sys::Oid, column: &str, dedup: &str, filter: Option<&str>) -> Result<i64> {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return Err(StoreError::refused(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "pg_store is not loaded through shared_preload_libraries").with_hint(
+            "Add pg_store to shared_preload_libraries in postgresql.conf and restart PostgreSQL: the background workers that run jobs start only then.",
+        ));
+    }
+    if gucs::WORKERS.get() == 0 {
+        return Err(StoreError::refused(
+            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "store.workers is 0: no worker would run this job",
+        ));
+    }
+    let db = gucs::database();
+    let here = Spi::get_one::<String>("SELECT pg_catalog.current_database()::text")?.unwrap_or_default();
+    if here != db {
+        return Err(StoreError::refused(
+            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("store_ingest must be called in database \"{db}\", not \"{here}\""),
+        )
+        .with_hint("The pg_store workers serve the database named by store.database."));
+    }
+    if security::in_restricted_operation() {
+        return Err(StoreError::refused(ERRCODE_INSUFFICIENT_PRIVILEGE, "store_ingest cannot be called inside a security-restricted operation").with_hint(
+            "Maintenance commands (ANALYZE, VACUUM, REINDEX, CREATE INDEX, REFRESH MATERIALIZED VIEW) run a table owner's index and view code this way; reading server files does not belong there.",
+        ));
+    }
+    let who = security::executing_role();
+    if !security::may_read_server_files(who) {
+        return Err(StoreError::refused(ERRCODE_INSUFFICIENT_PRIVILEGE, "permission denied to ingest server files").with_hint(
+            "As for COPY FROM a file: only superusers and roles with the privileges of pg_read_server_files may call store_ingest.",
+        ));
+    }
+    let canon = store_engine::paths::check(path, &gucs::allowed_dirs())?;
+    target::check(target, column, who)?;
+    let dedup: Dedup = dedup
+        .parse()
+        .map_err(|e: store_engine::Error| StoreError::refused(ERRCODE_INVALID_PARAMETER_VALUE, e.to_string()))?;
+    if let Some(f) = filter {
+        Filter::parse(f).map_err(|e| {
+            StoreError::refused(ERRCODE_INVALID_PARAMETER_VALUE, e.to_string())
+                .with_hint("A filter is a regular expression, or include=RE;exclude=RE;min_len=N;max_len=N.")
+        })?;
+    }
+    let canon = canon.to_string_lossy().into_owned();
+    let id = security::as_superuser(|| {
+        Spi::get_one_with_args::<i64>(
+            "INSERT INTO store.jobs (path, target, column_name, dedup, filter, owner) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            &[canon.as_str().into(), target.into(), column.into(), dedup.as_str().into(), filter.into(), who.into()],
+        )
+    })?;
+    id.ok_or_else(|| StoreError::internal("INSERT … RETURNING id returned nothing"))
+}
+
+/// `store_cancel`: ask a job to stop. A queued job is cancelled at once; a running one
+/// within a second or a batch. A role may cancel the jobs it sees: its own (or those of
+/// a role whose privileges it has); a superuser any.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn store_cancel(job: i64) -> bool {
+    cancel(job).unwrap_or_else(|e| e.raise())
+}
+
+fn cancel(job: i64) -> Result<bool> {
+    // Read as the caller: row-level security hides other roles' jobs.
+    let seen = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT FROM store.jobs WHERE id = $1)", &[job.into()])?;
+    if seen != Some(true) {
+        return Err(StoreError::refused(ERRCODE_UNDEFINED_OBJECT, format!("no pg_store job {job}")));
+    }
+    let changed = security::as_superuser(|| {
+        Spi::get_one_with_args::<i64>(
+            "WITH c AS (UPDATE store.jobs SET cancel_requested = true, \
+                  state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END, \
+                  finished_at = CASE WHEN state = 'queued' THEN pg_catalog.now() ELSE finished_at END, updated_at = pg_catalog.now() \
+               WHERE id = $1 AND state IN ('queued', 'running') RETURNING 1) SELECT pg_catalog.count(*) FROM c",
+            &[job.into()],
+        )
+    })?;
+    Ok(changed.unwrap_or(0) > 0)
+}
+
+/// Poll the job's status row with a fresh snapshot each time (READ COMMITTED).
+fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> Result<String> {
+    // SAFETY: reads a backend global.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        return Err(StoreError::refused(
+            ERRCODE_FEATURE_NOT_SUPPORTED,
+            "store_wait needs READ COMMITTED isolation: a snapshot would never see the job progress",
+        ));
+    }
+    let xmin =
+        Spi::get_one_with_args::<String>("SELECT (SELECT xmin::text FROM store.jobs WHERE id = $1)", &[job.into()])?;
+    let Some(xmin) = xmin.and_then(|x| x.parse::<u32>().ok()) else {
+        return Err(StoreError::refused(ERRCODE_UNDEFINED_OBJECT, format!("no pg_store job {job}")));
+    };
+    // SAFETY: plain lookup of a transaction id against this backend's own.
+    if unsafe { pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(xmin)) } {
+        return Err(StoreError::refused(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("job {job} was queued by this transaction and cannot start before it commits"))
+            .with_hint("Call store_ingest and store_wait in separate transactions, e.g. SELECT store_ingest(...) \\gset then SELECT * FROM store_wait(:store_ingest)."));
+    }
+    let limit = timeout.map(|t| Duration::from_micros(t.as_micros().max(0) as u64));
+    let started = Instant::now();
+    let mut last_notice = Instant::now();
+    loop {
+        let s = Spi::connect_mut(|c| {
+            let t = c.update(
+                "SELECT state, coalesce(phase, ''), percent::float8, bytes_read, bytes_total, inserted + already_present, \
+                        coalesce(rows_per_second, 0)::float8 \
+                 FROM store.status WHERE id = $1",
+                Some(1),
+                &[job.into()],
+            )?;
+            let r = t.first();
+            Ok::<_, pgrx::spi::SpiError>(Progress {
+                state: r.get::<String>(1)?.unwrap_or_default(),
+                phase: r.get::<String>(2)?.unwrap_or_default(),
+                percent: r.get::<f64>(3)?.unwrap_or(0.0),
+                read: r.get::<i64>(4)?.unwrap_or(0),
+                total: r.get::<i64>(5)?.unwrap_or(0),
+                rows: r.get::<i64>(6)?.unwrap_or(0),
+                rate: r.get::<f64>(7)?.unwrap_or(0.0),
+            })
+        })?;
+        if matches!(s.state.as_str(), "done" | "partial" | "failed" | "cancelled") {
+            return Ok(s.state);
+        }
+        if limit.is_some_and(|l| started.elapsed() >= l) {
+            pgrx::notice!("store_wait: timed out, job {job} is still {}", s.state);
+            return Ok(s.state);
+        }
+        if last_notice.elapsed() >= Duration::from_secs(3) {
+            last_notice = Instant::now();
+            pgrx::notice!("{}", s.line(job, started.elapsed()));
+        }
+        // SAFETY: the backend's own latch; WL_EXIT_ON_PM_DEATH ends the wait with the server.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                250,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pgrx::check_for_interrupts!();
+    }
+}
+
+/// One `store.status` row as `store_wait` reports it.
+pub struct Progress {
+    pub state: String,
+    pub phase: String,
+    pub percent: f64,
+    pub read: i64,
+    pub total: i64,
+    pub rows: i64,
+    pub rate: f64,
+}
+
+impl Progress {
+    /// `job 7 [#########-----------]  45.0%  inserting  1.20 GB/2.60 GB  310000 rows  310000 rows/s  ETA 0:42`
+    pub fn line(&self, job: i64, waited: Duration) -> String {
+        let pct = self.percent;
+        let filled = ((pct / 5.0).round() as usize).min(20);
+        let bar: String = "#".repeat(filled) + &"-".repeat(20 - filled);
+        let eta = if pct > 1.0 && pct < 100.0 {
+            let secs = waited.as_secs_f64() * (100.0 - pct) / pct;
+            format!("ETA {}:{:02}", (secs / 60.0) as u64, secs as u64 % 60)
+        } else {
+            "ETA ?".into()
+        };
+        let gb = |b: i64| format!("{:.2} GB", b as f64 / 1e9);
+        let phase = if self.phase.is_empty() { &self.state } else { &self.phase };
+        format!(
+            "job {job} [{bar}] {pct:5.1}%  {phase}  {}/{}  {} rows  {:.0} rows/s  {eta}",
+            gb(self.read),
+            gb(self.total),
+            self.rows,
+            self.rate
+        )
+    }
+}

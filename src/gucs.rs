@@ -1,0 +1,242 @@
+//! Every `store.*` setting, in one place. Values are read on the main thread only and
+//! handed to the engine as plain Rust values ([`Settings`], then a
+//! [`store_engine::Config`]).
+
+use std::ffi::{CStr, CString};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+use store_engine::batch::{DEFAULT_BATCH_MAX, DEFAULT_BATCH_MIN};
+use store_engine::config::{BatchLimits, Fault};
+use store_engine::limits;
+use store_engine::normalize::DEFAULT_MAX_LINE_BYTES;
+
+pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static MEMORY_LIMIT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"20%"));
+pub static CPU_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static TEMP_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static BATCH_MIN: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_BATCH_MIN as i32);
+pub static BATCH_MAX: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_BATCH_MAX as i32);
+pub static BATCH_TARGET_MS: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static BLOOM_FPR: GucSetting<f64> = GucSetting::<f64>::new(0.01);
+pub static MAX_LINE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_LINE_BYTES as i32);
+pub static ALLOWED_DIRS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static COMPRESS_RUNS: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static CHECK_TEMP_SPACE: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static FAULT_INJECTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// Define the settings. Postmaster-level ones (`store.workers`, `store.database`) can
+/// only be defined while shared_preload_libraries is processed: defining them later
+/// (CREATE EXTENSION in a server that did not preload pg_store) is a FATAL error, so
+/// they are skipped then, and `store_ingest` explains what is missing instead.
+pub fn init(preloading: bool) {
+    if preloading {
+        define_postmaster_gucs();
+    }
+    define_reloadable_gucs();
+}
+
+fn define_postmaster_gucs() {
+    GucRegistry::define_int_guc(
+        c"store.workers",
+        c"Background workers that run ingest jobs.",
+        c"Registered at server start; needs pg_store in shared_preload_libraries.",
+        &WORKERS,
+        0,
+        64,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"store.database",
+        c"Database whose store.jobs the workers serve.",
+        c"Like cron.database_name: store_ingest must be called in this database.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+}
+
+fn define_reloadable_gucs() {
+    GucRegistry::define_string_guc(
+        c"store.memory_limit",
+        c"Memory budget of one job: bytes with a unit (256MB) or a share of RAM (20%).",
+        c"",
+        &MEMORY_LIMIT,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"store.cpu_limit",
+        c"Sort threads of one job; 0 means half the cores.",
+        c"",
+        &CPU_LIMIT,
+        0,
+        1024,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"store.temp_dir",
+        c"Directory for sorted runs; default pg_store_tmp inside the data directory.",
+        c"",
+        &TEMP_DIR,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"store.batch_min",
+        c"Fewest rows per insert batch.",
+        c"",
+        &BATCH_MIN,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"store.batch_max",
+        c"Most rows per insert batch.",
+        c"",
+        &BATCH_MAX,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"store.batch_target_ms",
+        c"Latency each insert batch aims at.",
+        c"",
+        &BATCH_TARGET_MS,
+        1,
+        600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_float_guc(
+        c"store.bloom_fpr",
+        c"False-positive rate of the Bloom filter in dedup => 'bloom' mode.",
+        c"",
+        &BLOOM_FPR,
+        1e-9,
+        0.5,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"store.max_line_bytes",
+        c"Longest record accepted, in bytes; longer ones are rejected as too_long.",
+        c"",
+        &MAX_LINE_BYTES,
+        1,
+        64 << 20,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"store.allowed_dirs",
+        c"Comma-separated directories store_ingest may read; empty means any.",
+        c"Paths are canonicalised first, so symbolic links and .. cannot leave them.",
+        &ALLOWED_DIRS,
+        GucContext::Suset,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_bool_guc(
+        c"store.compress_runs",
+        c"zstd-compress sorted runs: less temporary disk, more CPU.",
+        c"",
+        &COMPRESS_RUNS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"store.check_temp_space",
+        c"Refuse a job before reading when store.temp_dir has less free space than its input needs.",
+        c"Turn off where free space is misreported (quotas, compressing file systems): a job that runs out fails with ENOSPC instead.",
+        &CHECK_TEMP_SPACE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"store.fault_injection",
+        c"For tests only: a fault the engine injects into the next jobs (merge_panic:N).",
+        c"",
+        &FAULT_INJECTION,
+        GucContext::Suset,
+        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+    );
+}
+
+fn string(s: &GucSetting<Option<CString>>) -> Option<String> {
+    s.get().map(|c| c.to_string_lossy().into_owned()).filter(|s| !s.trim().is_empty())
+}
+
+pub fn database() -> String {
+    string(&DATABASE).unwrap_or_else(|| "postgres".into())
+}
+
+/// Allowed directories, as configured (not yet canonicalised).
+pub fn allowed_dirs() -> Vec<PathBuf> {
+    string(&ALLOWED_DIRS).map_or_else(Vec::new, |s| {
+        s.split(',').map(|d| PathBuf::from(d.trim())).filter(|d| !d.as_os_str().is_empty()).collect()
+    })
+}
+
+/// A job's settings, read once on the main thread.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub memory_limit: u64,
+    pub threads: usize,
+    pub temp_dir: PathBuf,
+    pub batch_min: usize,
+    pub batch_max: usize,
+    pub batch_target: Duration,
+    pub bloom_fpr: f64,
+    pub max_line_bytes: usize,
+    pub compress_runs: bool,
+    pub check_temp_space: bool,
+    pub fault: Option<Fault>,
+}
+
+impl Settings {
+    pub fn read() -> Result<Settings, store_engine::Error> {
+        let mem = string(&MEMORY_LIMIT).unwrap_or_else(|| "20%".into());
+        let memory_limit =
+            limits::parse_memory(&mem).map_err(|e| store_engine::Error::Config(format!("store.memory_limit: {e}")))?;
+        let fault = string(&FAULT_INJECTION).map(|f| f.parse()).transpose()?;
+        let threads = match CPU_LIMIT.get() {
+            0 => limits::default_threads(),
+            n => n as usize,
+        };
+        let temp_dir = string(&TEMP_DIR).map(PathBuf::from).unwrap_or_else(|| data_directory().join("pg_store_tmp"));
+        let (batch_min, batch_max) = (BATCH_MIN.get() as usize, BATCH_MAX.get() as usize);
+        Ok(Settings {
+            memory_limit,
+            threads,
+            temp_dir,
+            batch_min: batch_min.min(batch_max),
+            batch_max,
+            batch_target: Duration::from_millis(BATCH_TARGET_MS.get() as u64),
+            bloom_fpr: BLOOM_FPR.get(),
+            max_line_bytes: MAX_LINE_BYTES.get() as usize,
+            compress_runs: COMPRESS_RUNS.get(),
+            check_temp_space: CHECK_TEMP_SPACE.get(),
+            fault,
+        })
+    }
+
+    pub fn batch_limits(&self) -> BatchLimits {
+        BatchLimits { min: self.batch_min, max: self.batch_max, target: self.batch_target }
+    }
+}
+
+/// The server's data directory.
+pub fn data_directory() -> PathBuf {
+    // SAFETY: DataDir is set by the postmaster before any backend or worker runs.
+    let dir: &CStr = unsafe { CStr::from_ptr(pgrx::pg_sys::DataDir) };
+    PathBuf::from(dir.to_string_lossy().into_owned())
+}

@@ -1,0 +1,342 @@
+//! One job, start to end, in three steps:
+//!
+//! 1. **plan** ([`Plan::make`]): re-check what was checked when the job was queued (the
+//!    path against `store.allowed_dirs`, the target, the owner's privileges), open and
+//!    list the files, and record them against the ledger and any earlier attempt in one
+//!    set-based statement: which to read, which to skip, where to resume.
+//! 2. **consume**: [`store_engine::distinct`] streams the distinct records into the
+//!    [`Inserter`], which commits each batch with its checkpoint.
+//! 3. **finish** ([`finish`]): files read unchanged enter the ledger, and the job ends
+//!    `done`, or `partial` when some file failed — in one transaction.
+//!
+//! Everything here runs on the worker's main thread, outside any transaction except the
+//! short ones it opens itself; the engine's own threads never call PostgreSQL.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
+use pgrx::prelude::*;
+use store_engine::config::Config;
+use store_engine::filter::Filter;
+use store_engine::normalize::LineLimit;
+use store_engine::walk::{walk, FileEntry, Tree};
+use store_engine::{Dedup, Progress};
+
+use crate::error::{Result, StoreError};
+use crate::gucs::{self, Settings};
+use crate::insert::Inserter;
+use crate::security;
+use crate::target::{self, Target};
+use crate::txn::transaction;
+
+/// How a job that ran to its end ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Done,
+    /// Done, but some files could not be listed, opened or read (see `store.files`).
+    Partial,
+}
+
+/// True once the postmaster asked this process to exit (SIGTERM).
+pub fn shutdown_requested() -> bool {
+    // SAFETY: reads a flag the signal handler sets.
+    unsafe { std::ptr::addr_of!(pg_sys::ShutdownRequestPending).read_volatile() != 0 }
+}
+
+/// Reload postgresql.conf if a SIGHUP arrived (a running job keeps the settings it
+/// started with; the next job sees the new ones).
+pub fn reload_on_sighup() {
+    if pgrx::bgworkers::BackgroundWorker::sighup_received() {
+        // SAFETY: called on the main thread between statements.
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    }
+}
+
+/// A job row, as the worker needs it.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: i64,
+    /// The claim number (`attempts`) this worker holds.
+    pub claim: i32,
+    pub path: String,
+    pub target: pg_sys::Oid,
+    pub column: String,
+    pub dedup: Dedup,
+    pub filter: Option<String>,
+    pub owner: pg_sys::Oid,
+}
+
+impl Job {
+    fn load(id: i64, claim: i32) -> Result<Job> {
+        transaction(|| {
+            let job = Spi::connect(|c| {
+                let t = c.select(
+                    "SELECT path, target::pg_catalog.oid, column_name::text, dedup, filter, owner::pg_catalog.oid FROM store.jobs WHERE id = $1",
+                    Some(1),
+                    &[id.into()],
+                )?;
+                let r = t.first();
+                Ok::<_, pgrx::spi::SpiError>((
+                    r.get::<String>(1)?,
+                    r.get::<pg_sys::Oid>(2)?,
+                    r.get::<String>(3)?,
+                    r.get::<String>(4)?,
+                    r.get::<String>(5)?,
+                    r.get::<pg_sys::Oid>(6)?,
+                ))
+            })?;
+            let (Some(path), Some(target), Some(column), Some(dedup), filter, Some(owner)) = job else {
+                return Err(StoreError::internal(format!("job {id} has no row")));
+            };
+            let dedup = dedup.parse::<Dedup>()?;
+            Ok(Job { id, claim, path, target, column, dedup, filter, owner })
+        })
+    }
+}
+
+/// What an attempt does.
+pub struct Plan {
+    pub target: Target,
+    pub tree: Tree,
+    /// Files to read (not skipped as already ingested).
+    pub files: Vec<FileEntry>,
+    /// Exact mode: the merge starts after this key.
+    pub resume_key: Option<Vec<u8>>,
+    /// Batches may use a plain INSERT (keys proven new).
+    pub fast_path: bool,
+    pub cfg: Config,
+}
+
+impl Plan {
+    /// Check the job again, list its files, and record this attempt's plan.
+    fn make(job: &Job, settings: &Settings) -> Result<Plan> {
+        // The path was checked when the job was queued; settings or the file system may
+        // have changed since. The tree is then opened link by link from the checked path.
+        let canon = store_engine::paths::check(&job.path, &gucs::allowed_dirs())?;
+        if canon.as_os_str() != job.path.as_str() {
+            return Err(StoreError::refused(ERRCODE_INSUFFICIENT_PRIVILEGE, format!("path \"{}\" now resolves to \"{}\"", job.path, canon.display()))
+                .with_hint("A component of the path became a symbolic link after the job was queued; queue it again with the path you mean."));
+        }
+        let (target, fast_probe) = transaction(|| {
+            let exists = Spi::get_one_with_args::<bool>(
+                "SELECT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE oid = $1)",
+                &[job.owner.into()],
+            )?;
+            if exists != Some(true) {
+                return Err(StoreError::refused(
+                    ERRCODE_UNDEFINED_OBJECT,
+                    format!("the role that queued job {} no longer exists", job.id),
+                ));
+            }
+            if !security::may_read_server_files(job.owner) {
+                return Err(StoreError::refused(
+                    ERRCODE_INSUFFICIENT_PRIVILEGE,
+                    "the job's owner may no longer read server files",
+                )
+                .with_hint("It lost superuser or the privileges of pg_read_server_files after queueing the job."));
+            }
+            let t = target::check(job.target, &job.column, job.owner)?;
+            let probe = target::may_select(job.target, job.owner)?;
+            Ok((t, probe))
+        })?;
+        let filter = job.filter.as_deref().map(Filter::parse).transpose()?.unwrap_or_default();
+        // Runs go under <temp_dir>/jobs/<worker pid>/, so a starting worker can tell the
+        // directories of dead workers from live ones (see worker::remove_orphans).
+        let temp_dir = settings.temp_dir.join("jobs").join(std::process::id().to_string());
+        std::fs::create_dir_all(&temp_dir).map_err(|e| store_engine::Error::io("could not create", &temp_dir, e))?;
+        let cfg = Config {
+            memory_limit: settings.memory_limit,
+            threads: settings.threads,
+            temp_dir,
+            limit: LineLimit { bytes: settings.max_line_bytes, chars: target.max_chars },
+            compress_runs: settings.compress_runs,
+            check_space: settings.check_temp_space,
+            filter,
+            dedup: job.dedup,
+            bloom_fpr: settings.bloom_fpr,
+            batch: settings.batch_limits(),
+            fault: settings.fault,
+            ..Config::default()
+        };
+        let (tree, listing) = walk(&canon)?;
+        let recorded = transaction(|| record_files(job, &target, &listing, fast_probe))?;
+        let files = listing.files.into_iter().filter(|f| !recorded.skipped.contains(&f.path)).collect();
+        Ok(Plan { target, tree, files, resume_key: recorded.resume_key, fast_path: recorded.fast_path, cfg })
+    }
+}
+
+/// What [`record_files`] decided.
+struct Recorded {
+    skipped: HashSet<PathBuf>,
+    resume_key: Option<Vec<u8>>,
+    fast_path: bool,
+}
+
+/// Record the listing in `store.files` (one statement for every file), compare it with
+/// the ledger and with an earlier attempt of this job, and set up the checkpoint.
+fn record_files(
+    job: &Job,
+    target: &Target,
+    listing: &store_engine::walk::Listing,
+    may_probe: bool,
+) -> Result<Recorded> {
+    let n = listing.files.len() + listing.failed.len();
+    // Column arrays for unnest: listed files first, then the entries that failed.
+    let files = listing.files.iter();
+    let failed = listing.failed.iter();
+    let paths: Vec<String> = files
+        .clone()
+        .map(|f| &f.path)
+        .chain(failed.clone().map(|f| &f.path))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let column = |get: fn(&FileEntry) -> i64| -> Vec<Option<i64>> {
+        files.clone().map(|f| Some(get(f))).chain(failed.clone().map(|_| None)).collect()
+    };
+    let (size, mtime, ctime, inode) =
+        (column(|f| f.size as i64), column(|f| f.mtime_ns), column(|f| f.ctime_ns), column(|f| f.inode as i64));
+    let print: Vec<Option<&str>> =
+        files.clone().map(|f| Some(f.fingerprint.as_str())).chain(failed.clone().map(|_| None)).collect();
+    let error: Vec<Option<&str>> =
+        files.clone().map(|_| None).chain(failed.clone().map(|f| Some(f.error.as_str()))).collect();
+    // One statement: upsert every listed entry as pending, skipped (in the ledger for
+    // this target with the same identity) or failed; and say whether the listing differs
+    // from the one an earlier attempt of this job recorded.
+    let row = Spi::connect_mut(|c| {
+        let t = c.update(
+            "WITH l AS (SELECT * FROM pg_catalog.unnest($2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::text[], $8::text[]) \
+                          AS l(path, size, mtime_ns, ctime_ns, inode, fingerprint, error)), \
+                  prev AS (SELECT path, size, mtime_ns, ctime_ns, inode, fingerprint FROM store.files WHERE job = $1), \
+                  up AS (INSERT INTO store.files AS f (job, path, size, mtime, mtime_ns, ctime_ns, inode, fingerprint, state, error) \
+                         SELECT $1, l.path, l.size, pg_catalog.to_timestamp(l.mtime_ns / 1e9), l.mtime_ns, l.ctime_ns, l.inode, l.fingerprint, \
+                                CASE WHEN l.error IS NOT NULL THEN 'failed' \
+                                     WHEN EXISTS (SELECT FROM store.ingested i WHERE i.target = $9 AND i.path = l.path AND i.size = l.size \
+                                                  AND i.mtime_ns = l.mtime_ns AND i.ctime_ns = l.ctime_ns AND i.inode = l.inode \
+                                                  AND i.fingerprint = l.fingerprint) THEN 'skipped' \
+                                     ELSE 'pending' END, l.error \
+                         FROM l \
+                         ON CONFLICT (job, path) DO UPDATE SET size = excluded.size, mtime = excluded.mtime, mtime_ns = excluded.mtime_ns, \
+                            ctime_ns = excluded.ctime_ns, inode = excluded.inode, fingerprint = excluded.fingerprint, state = excluded.state, \
+                            error = excluded.error, records = NULL, empty = NULL, rejected = NULL, filtered = NULL, accepted = NULL \
+                         RETURNING path, state), \
+                  gone AS (UPDATE store.files SET state = 'failed', error = 'vanished since an earlier attempt of this job' \
+                           WHERE job = $1 AND path <> ALL ($2) RETURNING path) \
+             SELECT (SELECT pg_catalog.array_agg(path) FROM up WHERE state = 'skipped'), \
+                    (SELECT pg_catalog.count(*) FROM up WHERE state = 'failed') + (SELECT pg_catalog.count(*) FROM gone), \
+                    EXISTS (SELECT FROM prev) AND EXISTS (SELECT FROM prev FULL JOIN l USING (path) \
+                            WHERE prev.path IS NULL OR l.path IS NULL \
+                               OR (prev.size, prev.mtime_ns, prev.ctime_ns, prev.inode, prev.fingerprint) \
+                                  IS DISTINCT FROM (l.size, l.mtime_ns, l.ctime_ns, l.inode, l.fingerprint))",
+            None,
+            &[
+                job.id.into(),
+                paths.into(),
+                size.into(),
+                mtime.into(),
+                ctime.into(),
+                inode.into(),
+                print.into(),
+                error.into(),
+                target.oid.into(),
+            ],
+        )?;
+        let r = t.first();
+        Ok::<_, pgrx::spi::SpiError>((r.get::<Vec<String>>(1)?, r.get::<i64>(2)?, r.get::<bool>(3)?))
+    })?;
+    let skipped: HashSet<PathBuf> = row.0.unwrap_or_default().into_iter().map(PathBuf::from).collect();
+    let (failed, differs) = (row.1.unwrap_or(0), row.2.unwrap_or(false));
+    let first = job.claim <= 1;
+    // The target's emptiness decides the fast path, once per job; probed as the owner,
+    // inside a security-restricted operation, and only if the owner may read it.
+    if first {
+        let empty = may_probe
+            && security::as_role(job.owner, || {
+                Spi::get_one::<bool>(&format!("SELECT NOT EXISTS (SELECT FROM {})", target.name))
+            })?
+            .unwrap_or(false);
+        Spi::run_with_args(
+            "UPDATE store.checkpoints SET fast_path = $2 WHERE job = $1",
+            &[job.id.into(), empty.into()],
+        )?;
+    }
+    // A restarted stream (files changed between attempts; Bloom mode cannot resume):
+    // start over on the safe path with the counters at zero, so that inserted +
+    // already_present stays the distinct count of the stream that finishes. Lines the
+    // abandoned pass inserted then count as already present.
+    let restart = !first && (differs || job.dedup == Dedup::Bloom);
+    if restart {
+        Spi::run_with_args(
+            "UPDATE store.checkpoints SET last_key = NULL, fast_path = false, inserted = 0, already_present = 0 WHERE job = $1",
+            &[job.id.into()],
+        )?;
+        Spi::run_with_args(
+            "UPDATE store.jobs SET merge_restarts = merge_restarts + 1 WHERE id = $1",
+            &[job.id.into()],
+        )?;
+    }
+    // Every attempt scans again and reports every reject again.
+    Spi::run_with_args("DELETE FROM store.rejects WHERE job = $1", &[job.id.into()])?;
+    let (key, fast) = Spi::get_two_with_args::<String, bool>(
+        "SELECT last_key, fast_path FROM store.checkpoints WHERE job = $1",
+        &[job.id.into()],
+    )?;
+    let total: i64 = listing.files.iter().filter(|f| !skipped.contains(&f.path)).map(|f| f.size as i64).sum();
+    Spi::run_with_args(
+        "UPDATE store.jobs SET files_total = $2, files_skipped = $3, files_failed = $4, bytes_total = $5, phase = 'scanning', updated_at = pg_catalog.now() \
+         WHERE id = $1",
+        &[job.id.into(), (n as i64).into(), (skipped.len() as i64).into(), failed.into(), total.into()],
+    )?;
+    Ok(Recorded { skipped, resume_key: key.map(String::into_bytes), fast_path: fast.unwrap_or(false) })
+}
+
+/// Run job `id` under claim `claim` to its end.
+pub fn run(id: i64, claim: i32) -> Result<Ended> {
+    let job = Job::load(id, claim)?;
+    let settings = Settings::read()?;
+    let plan = Plan::make(&job, &settings)?;
+    let progress = Arc::new(Progress::default());
+    Progress::add(&progress.bytes_total, plan.files.iter().map(|f| f.size).sum());
+    let mut inserter = Inserter::new(&job, &plan, progress.clone());
+    let report = store_engine::distinct(
+        &plan.cfg,
+        &plan.tree,
+        &plan.files,
+        plan.resume_key.as_deref(),
+        &progress,
+        &mut inserter,
+    )?;
+    finish(&job, &mut inserter, report.bloom.map(|b| b.estimated_false_drops))
+}
+
+/// Files read unchanged go into the ledger, and the job ends; all in one transaction.
+fn finish(job: &Job, inserter: &mut Inserter, estimated_false_drops: Option<f64>) -> Result<Ended> {
+    inserter.flush_rejects()?;
+    transaction(|| {
+        inserter.write_status()?;
+        Spi::run_with_args(
+            "UPDATE store.files SET state = 'done' WHERE job = $1 AND state = 'read'",
+            &[job.id.into()],
+        )?;
+        Spi::run_with_args(
+            "INSERT INTO store.ingested (target, path, size, mtime_ns, ctime_ns, inode, fingerprint, job, owner) \
+             SELECT $2, path, size, mtime_ns, ctime_ns, inode, fingerprint, job, $3 FROM store.files WHERE job = $1 AND state = 'done' \
+             ON CONFLICT (target, path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, ctime_ns = excluded.ctime_ns, \
+               inode = excluded.inode, fingerprint = excluded.fingerprint, job = excluded.job, owner = excluded.owner, ingested_at = pg_catalog.now()",
+            &[job.id.into(), job.target.into(), job.owner.into()],
+        )?;
+        let state = Spi::get_one_with_args::<String>(
+            "UPDATE store.jobs SET state = CASE WHEN EXISTS (SELECT FROM store.files WHERE job = $1 AND state = 'failed') THEN 'partial' ELSE 'done' END, \
+               phase = 'done', percent = 100, finished_at = pg_catalog.now(), updated_at = pg_catalog.now(), estimated_false_drops = $3, \
+               files_done = files_total, files_failed = (SELECT pg_catalog.count(*) FROM store.files WHERE job = $1 AND state = 'failed') \
+             WHERE id = $1 AND attempts = $2 RETURNING state",
+            &[job.id.into(), job.claim.into(), estimated_false_drops.into()],
+        )?;
+        match state.as_deref() {
+            Some("done") => Ok(Ended::Done),
+            Some(_) => Ok(Ended::Partial),
+            None => Err(StoreError::Fenced),
+        }
+    })
+}

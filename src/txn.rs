@@ -1,0 +1,39 @@
+//! Transactions in a background worker, with errors caught instead of killing the
+//! process. `BackgroundWorker::transaction` lets an ERROR unwind through it; here an
+//! error aborts the transaction, leaves the worker in a clean state and comes back as a
+//! [`StoreError`] the caller can retry, record or report.
+
+use pgrx::pg_sys;
+use pgrx::PgTryBuilder;
+
+use crate::error::{Result, StoreError};
+
+/// Run `f` in its own transaction; commit on success, abort on any error (including a
+/// failure at commit).
+pub fn transaction<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
+    // SAFETY: the worker is between transactions whenever it calls this.
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let f = std::panic::AssertUnwindSafe(f);
+    let result = PgTryBuilder::new(move || {
+        let r = f();
+        if r.is_ok() {
+            // SAFETY: pops the snapshot pushed above and commits.
+            unsafe {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+            }
+        }
+        r
+    })
+    .catch_others(|e| Err(StoreError::from(e)))
+    .execute();
+    // SAFETY: aborts whatever is left open after an error or an `Err` from `f`.
+    if unsafe { pg_sys::IsTransactionState() } {
+        unsafe { pg_sys::AbortCurrentTransaction() };
+    }
+    result
+}
