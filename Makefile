@@ -2,15 +2,16 @@
 # Every target installs what it needs first (`make deps`), skipping what is there.
 
 PG_CONFIG   ?= /usr/lib/postgresql/15/bin/pg_config
-PGBIN       := $(shell dirname $(PG_CONFIG))
 PGRX        := 0.18.1
 CARGO       ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 APT_PKGS    := postgresql-15 postgresql-server-dev-15 postgresql-15-cron libclang-dev clang sudo time python3 pkg-config
 DEMO_DIR    ?= /tmp/pg_store_demo
 TEST_PGDATA ?= /tmp/pg_store_pgrx_test
+# Where `cargo pgrx package` stages the files `make install` copies into place.
+STAGE       := target/release/pg_store-pg15
 
-.PHONY: help deps install demo demo-stop test test-engine test-pg test-integration bench bench-engine chaos fuzz clean
+.PHONY: help deps lint install install-staged demo demo-stop test test-engine test-pg test-integration chaos fuzz fuzz-build bench bench-engine clean
 
 # List the targets.
 help:
@@ -24,9 +25,27 @@ deps:
 		echo "installing cargo-pgrx $(PGRX) (about 4 minutes)"; $(CARGO) install cargo-pgrx --version $(PGRX) --locked --quiet; fi
 	@grep -qs 'pg15' $(HOME)/.pgrx/config.toml || $(CARGO) pgrx init --pg15 $(PG_CONFIG) >/dev/null
 
-# Build (release) and install the extension into the system PostgreSQL 15.
+# Formatting and lints, as CI checks them: rustfmt.toml, clippy with warnings as errors.
+lint: deps
+	$(CARGO) fmt --all --check
+	$(CARGO) fmt --check --manifest-path fuzz/Cargo.toml
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Build (release) and install the extension into the system PostgreSQL 15, atomically:
+# each file is written beside its old copy and renamed over it, so servers running the
+# old library keep their mapping (overwriting it in place crashes them).
 install: deps
-	$(CARGO) pgrx install --release --pg-config $(PG_CONFIG)
+	$(CARGO) pgrx package --pg-config $(PG_CONFIG) >/dev/null
+	@$(MAKE) --no-print-directory install-staged
+
+# The install step alone: copy the files `cargo pgrx package` staged in $(STAGE) into place.
+install-staged:
+	@test -f $(STAGE)$$($(PG_CONFIG) --pkglibdir)/pg_store.so || { echo "nothing staged in $(STAGE): run make install"; exit 1; }
+	@cd $(STAGE) && find . -type f | while read -r f; do \
+		dst=/$${f#./}; mkdir -p "$$(dirname "$$dst")"; \
+		cp "$$f" "$$dst.new.$$$$" && chmod 644 "$$dst.new.$$$$" && mv -f "$$dst.new.$$$$" "$$dst"; \
+	done
+	@echo "installed pg_store into $$($(PG_CONFIG) --pkglibdir) and $$($(PG_CONFIG) --sharedir)/extension"
 
 # Fresh machine to a finished ingest: install, start a local cluster, ingest a sample directory, show store.status.
 demo: install
@@ -36,14 +55,14 @@ demo: install
 demo-stop:
 	@bash tests/demo.sh $(DEMO_DIR) stop
 
-# Everything CI runs: engine tests, pgrx tests, then (release build installed) integration tests against real clusters.
-test: deps test-engine test-pg install test-integration
+# Everything CI runs: lints, engine tests, pgrx tests, then (release build installed) integration tests, the chaos campaign, and the fuzz build.
+test: deps lint test-engine test-pg install test-integration chaos fuzz-build
 
-# Engine and command tests: no database needed.
+# Engine, test-kit and command tests: no database and no PostgreSQL headers needed.
 test-engine:
-	$(CARGO) test --lib --bins --test store_dedup
+	$(CARGO) test -p store-engine -p store-testkit -p store-cli
 
-# #[pg_test]s inside a pgrx-managed PostgreSQL, run as the postgres user.
+# #[pg_test]s (and the extension crate's unit tests) inside a pgrx-managed PostgreSQL, run as the postgres user.
 test-pg: deps
 	rm -rf $(TEST_PGDATA) && mkdir -p $(TEST_PGDATA) && chown postgres $(TEST_PGDATA)
 	chmod a+rwx target 2>/dev/null || true
@@ -51,12 +70,19 @@ test-pg: deps
 
 # Integration tests: clusters the harness starts itself, with pg_store and pg_cron preloaded (needs `make install`).
 test-integration:
-	$(CARGO) test --test extension -- --test-threads=2
+	$(CARGO) test --test extension --test trust -- --test-threads=2
 
 # The reliability campaign (tests/chaos.rs): faults, odd files, concurrency, load and hostile callers
 # against a local cluster it starts itself; ends with one summary line, non-zero on any loss.
 chaos: install
-	PG_STORE_CHAOS=1 $(CARGO) test --release --test chaos
+	PG_STORE_CHAOS=1 $(CARGO) test --test chaos
+
+# Build the fuzz target where a nightly toolchain is installed (CI checks it compiles); says so when skipped.
+fuzz-build:
+	@if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then \
+		$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked --quiet; \
+		cd fuzz && $(CARGO) +nightly fuzz build read_normalize; \
+	else echo "SKIPPED: no nightly toolchain, the fuzz target was not built"; fi
 
 # Fuzz the reader and normaliser against the in-memory oracle (FUZZ_SECONDS, default 600; needs the nightly toolchain).
 fuzz: deps

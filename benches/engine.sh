@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}; MEM=${MEM:-256M}; THREADS=${THREADS:-2}
 BIN=target/release/store-dedup GEN=target/release/store-gen
-cargo build --release --quiet --bin store-dedup --bin store-gen
+cargo build --release --quiet -p store-cli --bin store-dedup --bin store-gen
 TMP=target/bench/tmp; mkdir -p "$TMP"
 
 data_for() { # size per file -> directory of 8 files

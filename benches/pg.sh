@@ -21,7 +21,7 @@ RUNS=${RUNS:-3}; B_RUNS=${B_RUNS:-1}; PORT=${BENCH_PORT:-5441}; BIN=/usr/lib/pos
 W=$PWD/target/bench/pg; CL=$W/cluster; TMP=$W/tmp
 mkdir -p "$W" "$TMP/pg_store"; chmod 755 "$W" "$TMP" "$PWD/target/bench" "$PWD/target" 2>/dev/null || true
 chown postgres "$TMP/pg_store"   # the server writes pg_store's runs there
-cargo build --release --quiet --bin store-dedup --bin store-gen
+cargo build --release --quiet -p store-cli --bin store-dedup --bin store-gen
 DATA=${1:-}
 if [ -z "$DATA" ]; then
   DATA=$PWD/target/bench/engine-128M

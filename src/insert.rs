@@ -231,7 +231,7 @@ impl Inserter {
             let raws: Vec<&[u8]> = rows.iter().map(|r| r.raw.as_slice()).collect();
             Ok(Spi::run_with_args(
                 "INSERT INTO store.rejects (job, file, line, byte_offset, reason, raw) \
-                 SELECT $1, * FROM pg_catalog.unnest($2::text[], $3::int8[], $4::int8[], $5::text[], $6::bytea[]) ON CONFLICT DO NOTHING",
+                 SELECT $1, * FROM unnest($2::text[], $3::int8[], $4::int8[], $5::text[], $6::bytea[]) ON CONFLICT DO NOTHING",
                 &[job.into(), files.into(), lines.into(), offsets.into(), reasons.into(), raws.into()],
             )?)
         })

@@ -206,7 +206,7 @@ fn record_files(
     // from the one an earlier attempt of this job recorded.
     let row = Spi::connect_mut(|c| {
         let t = c.update(
-            "WITH l AS (SELECT * FROM pg_catalog.unnest($2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::text[], $8::text[]) \
+            "WITH l AS (SELECT * FROM unnest($2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::text[], $8::text[]) \
                           AS l(path, size, mtime_ns, ctime_ns, inode, fingerprint, error)), \
                   prev AS (SELECT path, size, mtime_ns, ctime_ns, inode, fingerprint FROM store.files WHERE job = $1), \
                   up AS (INSERT INTO store.files AS f (job, path, size, mtime, mtime_ns, ctime_ns, inode, fingerprint, state, error) \

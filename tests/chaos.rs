@@ -7,7 +7,7 @@
 //! target is compared with the project's own oracle, line by line when it differs.
 //!
 //! Prints one line per fault and ends with
-//! `chaos: N/N faults survived, 0 records lost, 0 duplicated, 0 server crashes, M hostile calls refused`;
+//! `chaos: N/N faults survived, 0 records lost, 0 duplicated, 0 server crashes, M/M hostile attempts refused or harmless`;
 //! exits non-zero on any loss, duplicate, crash or failed check.
 //!
 //! `PG_STORE_CHAOS=1` runs it (the Makefile sets it); `CHAOS_SEED` changes the seed,
@@ -152,13 +152,13 @@ fn main() {
     }
     println!("chaos: {:.1} minutes", started.elapsed().as_secs_f64() / 60.0);
     println!(
-        "chaos: {}/{} faults survived, {} records lost, {} duplicated, {} server crashes, {} hostile calls refused",
-        t.survived, t.faults, t.lost, t.duplicated, t.crashes, t.refused
+        "chaos: {}/{} faults survived, {} records lost, {} duplicated, {} server crashes, {}/{} hostile attempts refused or harmless",
+        t.survived, t.faults, t.lost, t.duplicated, t.crashes, t.refused, t.hostile
     );
     let ok = t.survived == t.faults && t.lost == 0 && t.duplicated == 0 && t.crashes == 0 && t.refused == t.hostile;
     if !ok {
         if t.refused != t.hostile {
-            println!("chaos: only {} of {} hostile calls were refused as expected", t.refused, t.hostile);
+            println!("chaos: only {} of {} hostile attempts were refused or came to nothing", t.refused, t.hostile);
         }
         std::process::exit(1);
     }
@@ -224,7 +224,7 @@ impl Ctx {
         let t = Instant::now();
         loop {
             let s = self.q(&format!("SELECT state FROM store.jobs WHERE id = {job}"));
-            if ["done", "failed", "cancelled"].contains(&s.as_str()) {
+            if ["done", "partial", "failed", "cancelled"].contains(&s.as_str()) {
                 return Ok(s);
             }
             if t.elapsed() > within {
@@ -803,26 +803,31 @@ fn files(x: &mut Ctx) {
     });
     fs::remove_dir_all(&dir).unwrap();
 
-    x.fault("unreadable file: the job fails naming it; re-run after chmod is exact", |x| {
+    x.fault("unreadable file: recorded failed, the rest ingested (partial); re-run after chmod is exact", |x| {
         let dir = readable_dir(&x.c.dir.join("unreadable"));
         generate(&dir, &GenSpec { files: 3, size: 200_000, seed: 31, ..GenSpec::default() }).unwrap();
         let locked = dir.join("locked.txt");
         fs::write(&locked, "locked one\nlocked two\n").unwrap();
         fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+        let without = want_of(&dir);
         let t = x.target();
         let job = x.ingest(&dir, &t);
         let s = x.end_of(job, Duration::from_secs(60))?;
-        let err = x.error_of(job);
-        if s != "failed" || !err.contains("locked.txt") || !err.contains("Permission denied") {
-            return Err(format!("job {job} ended {s}: {err}"));
+        let err = x.q(&format!("SELECT state || ': ' || coalesce(error, '') FROM store.files WHERE job = {job} AND path LIKE '%locked.txt'"));
+        if s != "partial" || !err.starts_with("failed: ") || !err.contains("Permission denied") {
+            return Err(format!("job {job} ended {s}; locked.txt {err}"));
         }
-        let rows = x.num(&format!("SELECT count(*) FROM {t}"));
+        let mut rest = without.lines.clone();
+        rest.remove(&b"locked one"[..]);
+        rest.remove(&b"locked two"[..]);
+        x.bounds(&t, &rest, &rest)?;
         fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
         let want = want_of(&dir);
         let again = x.ingest(&dir, &t);
         x.done(again)?;
         x.exact(&t, &want, None)?;
-        Ok(format!("{err} ({rows} rows before the fix)"))
+        let read = x.q(&format!("SELECT files_skipped || ' skipped, ' || inserted || ' inserted' FROM store.status WHERE id = {again}"));
+        Ok(format!("{err}; the re-run: {read}"))
     });
 
     x.fault("10,000 tiny files", |x| {
@@ -1119,6 +1124,54 @@ fn load(x: &mut Ctx) {
 // ---------------------------------------------------------------------------------
 // Hostile callers
 
+/// One hostile attempt that must be refused with `state` and a message containing
+/// `text`, run as `role`.
+fn refused(x: &mut Ctx, role: &str, sql: &str, state: &str, text: &str) {
+    x.t.hostile += 1;
+    match x.c.psql_verbose(role, sql) {
+        Err(e) if e.contains(&format!("ERROR:  {state}:")) && e.contains(text) => {
+            x.t.refused += 1;
+            println!("  refused ({role}) {sql}\n          {}", e.lines().next().unwrap_or(""));
+        }
+        other => {
+            println!("  NOT REFUSED AS EXPECTED ({role}) {sql}: {other:?} (wanted {state} {text})");
+            x.t.failures.push(format!("hostile call {sql}: {other:?}"));
+        }
+    }
+}
+
+/// One hostile attempt whose outcome `check` judges: `Ok` when it was refused or
+/// came to nothing.
+fn attempt(x: &mut Ctx, name: &str, check: impl FnOnce(&mut Ctx) -> Check) {
+    x.t.hostile += 1;
+    let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(x))) {
+        Ok(r) => r,
+        Err(p) => Err(p
+            .downcast_ref::<String>()
+            .cloned()
+            .or(p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()),
+    };
+    match r {
+        Ok(d) => {
+            x.t.refused += 1;
+            println!("  harmless: {name}: {d}");
+        }
+        Err(e) => {
+            println!("  NOT HARMLESS: {name}: {e}");
+            x.t.failures.push(format!("hostile attempt {name}: {e}"));
+        }
+    }
+}
+
+/// Jobs queued by `role` (or by anyone, with None).
+fn jobs_of(x: &Ctx, role: Option<&str>) -> i64 {
+    match role {
+        Some(r) => x.num(&format!("SELECT count(*) FROM store.jobs WHERE owner = '{r}'::regrole")),
+        None => x.num("SELECT count(*) FROM store.jobs"),
+    }
+}
+
 fn hostile(x: &mut Ctx) {
     println!("chaos: hostile callers");
     let ok = readable_dir(&x.c.dir.join("allowed"));
@@ -1129,25 +1182,44 @@ fn hostile(x: &mut Ctx) {
     let fifo = ok.join("pipe");
     let cfifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     assert_eq!(unsafe { libc::mkfifo(cfifo.as_ptr(), 0o644) }, 0);
+    // chaos_plain: a login with CREATE on a schema of its own, nothing else. chaos_reader:
+    // may read server files (as COPY FROM a file requires), owns a table of its own.
     x.q("CREATE ROLE chaos_plain LOGIN; CREATE ROLE chaos_reader LOGIN IN ROLE pg_read_server_files; \
-         CREATE TABLE chaos_private (line text UNIQUE); CREATE TABLE chaos_victim (line text UNIQUE); \
+         CREATE ROLE chaos_other LOGIN IN ROLE pg_read_server_files; \
+         CREATE SCHEMA evil AUTHORIZATION chaos_plain; GRANT USAGE ON SCHEMA evil TO PUBLIC; \
+         CREATE TABLE evil.log (who text, what text); ALTER TABLE evil.log OWNER TO chaos_plain; GRANT INSERT, SELECT ON evil.log TO PUBLIC; \
+         CREATE TABLE chaos_private (line text UNIQUE); CREATE TABLE chaos_victim (line text UNIQUE); CREATE TABLE chaos_nokey (line text); \
          INSERT INTO chaos_victim VALUES ('keep me'); CREATE VIEW chaos_view AS SELECT line FROM chaos_victim; \
-         GRANT SELECT ON chaos_victim TO chaos_reader");
+         GRANT SELECT ON chaos_victim TO chaos_reader; GRANT SELECT, INSERT ON chaos_nokey TO chaos_reader; \
+         CREATE SCHEMA mine AUTHORIZATION chaos_reader");
     set_conf(x, &format!("ALTER SYSTEM SET store.allowed_dirs = '{}'", ok.display()));
     let theirs = x.ingest(&ok, "store.lines");
-    let jobs_before = x.num("SELECT count(*) FROM store.jobs");
+    let readers = x.q(&format!(
+        "SET ROLE chaos_reader; CREATE TABLE mine.t (line text UNIQUE); SELECT store_ingest('{}', 'mine.t')",
+        ok.display()
+    ));
+    let readers: i64 = readers.parse().unwrap();
+    x.done(theirs).expect("a superuser's job");
+    x.done(readers).expect("chaos_reader's job");
+    let jobs_before = jobs_of(x, None);
     let o = ok.display().to_string();
 
+    // Refusals with a SQLSTATE.
     let calls: Vec<(&str, String, &str, &str)> = vec![
         ("chaos_plain", format!("SELECT store_ingest('{o}')"), "42501", "permission denied to ingest server files"),
         ("chaos_plain", format!("SELECT store.enqueue('{o}', 'store.lines'::regclass, 'line', 'exact', NULL)"), "42501", "permission denied"),
-        ("chaos_plain", "INSERT INTO store.jobs (path, target, column_name, dedup, owner) VALUES ('/etc', 'store.lines', 'line', 'exact', 10)".into(), "42501", "permission denied for table jobs"),
+        ("chaos_plain", "INSERT INTO store.jobs (path, target, column_name, dedup, owner) VALUES ('/etc', 'store.lines', 'line', 'exact', 'postgres')".into(), "42501", "permission denied for table jobs"),
         ("chaos_reader", "UPDATE store.jobs SET path = '/etc'".into(), "42501", "permission denied for table jobs"),
         ("chaos_reader", "DELETE FROM store.ingested".into(), "42501", "permission denied for table ingested"),
+        ("chaos_reader", "UPDATE store.checkpoints SET last_key = NULL".into(), "42501", "permission denied for table checkpoints"),
         ("chaos_reader", format!("SELECT store_ingest('{o}', 'chaos_private')"), "42501", "permission denied to insert into"),
-        ("chaos_reader", format!("SELECT store_cancel({theirs})"), "42501", "permission denied to cancel job"),
+        ("chaos_reader", format!("SELECT store.enqueue('{o}', 'chaos_private'::regclass::oid, 'line', 'exact', NULL)"), "42501", "permission denied to insert into"),
+        ("chaos_reader", format!("SELECT store_cancel({theirs})"), "42704", "no pg_store job"),
+        ("chaos_reader", format!("SELECT * FROM store_wait({theirs}, '1 second')"), "42704", "no pg_store job"),
+        ("chaos_plain", format!("SELECT * FROM store_wait({readers}, '1 second')"), "42704", "no pg_store job"),
         ("chaos_reader", "SET store.allowed_dirs = '/'".into(), "42501", "permission denied to set parameter"),
         ("chaos_reader", "ALTER SYSTEM SET store.allowed_dirs = '/'".into(), "42501", "permission denied"),
+        ("chaos_reader", "SET store.fault_injection = 'merge_panic:1'".into(), "42501", "permission denied to set parameter"),
         ("postgres", format!("SELECT store_ingest('{o}/../outside')"), "42501", "is outside store.allowed_dirs"),
         ("postgres", format!("SELECT store_ingest('{o}/escape/secret.txt')"), "42501", "is outside store.allowed_dirs"),
         ("postgres", format!("SELECT store_ingest('{o}/escape')"), "42501", "is outside store.allowed_dirs"),
@@ -1166,27 +1238,228 @@ fn hostile(x: &mut Ctx) {
         ("postgres", "SELECT store_cancel(987654321)".into(), "42704", "no pg_store job"),
     ];
     for (role, sql, state, text) in calls {
-        x.t.hostile += 1;
-        match x.c.psql_verbose(role, &sql) {
-            Err(e) if e.contains(&format!("ERROR:  {state}:")) && e.contains(text) => {
-                x.t.refused += 1;
-                println!("  refused ({role}) {sql}\n          {}", e.lines().next().unwrap_or(""));
-            }
-            other => {
-                println!("  NOT REFUSED AS EXPECTED ({role}) {sql}: {other:?} (wanted {state} {text})");
-                x.t.failures.push(format!("hostile call {sql}: {other:?}"));
-            }
-        }
+        refused(x, role, &sql, state, text);
     }
-    x.fault("hostile calls: nothing queued, nothing written, nothing read", |x| {
-        let jobs_after = x.num("SELECT count(*) FROM store.jobs");
+
+    // Identity borrowing: code of chaos_plain's that a superuser's command runs. An
+    // index expression runs as the table's owner inside a security-restricted operation
+    // during ANALYZE, VACUUM, REINDEX, CREATE INDEX, CLUSTER; a materialized view's query
+    // during REFRESH; a SECURITY DEFINER function as its owner.
+    x.q(&format!(
+        "SET ROLE chaos_plain; \
+         CREATE FUNCTION evil.grab(int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $f$ \
+           BEGIN PERFORM store_ingest('{o}', 'evil.loot'); RETURN $1; END $f$; \
+         CREATE FUNCTION evil.grab_quietly(int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $f$ \
+           BEGIN BEGIN PERFORM store_ingest('{o}', 'evil.loot'); EXCEPTION WHEN others THEN \
+             INSERT INTO evil.log VALUES (current_user, SQLERRM); END; RETURN $1; END $f$; \
+         CREATE FUNCTION evil.sd() RETURNS bigint LANGUAGE sql SECURITY DEFINER AS $f$ SELECT store_ingest('{o}', 'evil.loot') $f$; \
+         CREATE TABLE evil.loot (line text UNIQUE); GRANT INSERT, SELECT ON evil.loot TO PUBLIC; \
+         CREATE TABLE evil.t (x int); INSERT INTO evil.t SELECT generate_series(1, 100); \
+         CREATE TABLE evil.q (x int); INSERT INTO evil.q SELECT generate_series(1, 100); \
+         CREATE INDEX ON evil.q (evil.grab_quietly(x)); \
+         CREATE MATERIALIZED VIEW evil.mv AS SELECT x FROM evil.t WHERE false; \
+         CREATE OR REPLACE FUNCTION evil.mvq() RETURNS SETOF int LANGUAGE sql AS $f$ SELECT evil.grab_quietly(1) $f$"
+    ));
+    for (name, sql) in [
+        ("ANALYZE of a table whose index calls store_ingest", "ANALYZE evil.q"),
+        ("VACUUM ANALYZE of that table", "VACUUM ANALYZE evil.q"),
+        ("REINDEX of that table", "REINDEX TABLE evil.q"),
+        ("CLUSTER of that table", "CLUSTER evil.q USING q_grab_quietly_idx"),
+        ("CREATE INDEX by a superuser on chaos_plain's table", "CREATE INDEX ON evil.t (evil.grab(x))"),
+        ("REFRESH MATERIALIZED VIEW over chaos_plain's function", "CREATE MATERIALIZED VIEW evil.mv2 AS SELECT evil.mvq() WITH NO DATA; ALTER MATERIALIZED VIEW evil.mv2 OWNER TO chaos_plain; REFRESH MATERIALIZED VIEW evil.mv2"),
+        ("a SECURITY DEFINER function of chaos_plain's, called by a superuser", "SELECT evil.sd()"),
+    ] {
+        attempt(x, name, |x| {
+            let before = jobs_of(x, None);
+            let logged = x.num("SELECT count(*) FROM evil.log");
+            let res = x.c.psql_verbose("postgres", sql);
+            let after = jobs_of(x, None);
+            if after != before {
+                return Err(format!("{} job(s) queued: {res:?}", after - before));
+            }
+            let why = match res {
+                Err(e) => e.lines().next().unwrap_or("").to_string(),
+                Ok(_) => {
+                    let seen = x.q(&format!("SELECT coalesce(string_agg(DISTINCT what, '; '), '') FROM (SELECT what FROM evil.log OFFSET {logged}) l"));
+                    if seen.is_empty() {
+                        return Err("the command succeeded and nothing says why no job was queued".into());
+                    }
+                    seen
+                }
+            };
+            if !why.contains("security-restricted operation") && !why.contains("permission denied to ingest server files") {
+                return Err(format!("no job, but not refused for the right reason: {why}"));
+            }
+            Ok(why)
+        });
+    }
+
+    // Catalog spoofing through the temporary schema: relations named like catalogs, an
+    // explicit search_path that puts pg_temp first. pg_store's checks name pg_catalog.
+    let spoof = "CREATE TEMP TABLE pg_class (oid oid, relkind text, relpersistence text); \
+                 CREATE TEMP TABLE pg_index (indrelid oid, indisunique bool, indisvalid bool, indpred text, indnkeyatts int, indkey int[], indexrelid oid); \
+                 CREATE TEMP TABLE pg_attribute (attrelid oid, attname name, attnum int, atttypid oid, atttypmod int, attisdropped bool); \
+                 INSERT INTO pg_class SELECT 'chaos_view'::regclass, 'r', 'p'; \
+                 INSERT INTO pg_index SELECT 'chaos_nokey'::regclass, true, true, NULL, 1, '{1}', 0; \
+                 SET search_path = pg_temp, public, pg_catalog; ";
+    refused(
+        x,
+        "chaos_reader",
+        &format!("{spoof} SELECT store_ingest('{o}', 'chaos_nokey')"),
+        "42P10",
+        "has no unique index",
+    );
+    refused(x, "chaos_reader", &format!("{spoof} SELECT store_ingest('{o}', 'chaos_view')"), "42809", "is not a table");
+
+    // A table queued as a target and turned into a view before the worker starts: the
+    // worker refuses it and never reads it (the view's query would log who read it).
+    attempt(x, "a target turned into a view after queueing", |x| {
+        x.q("CREATE FUNCTION mine.who() RETURNS text LANGUAGE sql AS $f$ INSERT INTO evil.log VALUES (current_user, 'read the view') RETURNING 'x' $f$; \
+             ALTER FUNCTION mine.who() OWNER TO chaos_reader; CREATE TABLE mine.swap (line text UNIQUE); ALTER TABLE mine.swap OWNER TO chaos_reader");
+        // Both workers busy, so the job waits in the queue while its table changes.
+        let holds: Vec<(String, i64)> = (0..2)
+            .map(|_| {
+                let t = x.target();
+                let j = x.ingest(&x.data.clone(), &t);
+                (t, j)
+            })
+            .collect();
+        for (_, j) in &holds {
+            x.c.wait_state(*j, &["running"], Duration::from_secs(60));
+        }
+        let job: i64 =
+            x.c.psql_as("chaos_reader", &format!("SELECT store_ingest('{o}', 'mine.swap')"))?
+                .parse()
+                .map_err(|e| format!("{e}"))?;
+        // A table with indexes cannot become a view, and relhasindex stays set until a VACUUM.
+        x.c.psql_as("chaos_reader", "ALTER TABLE mine.swap DROP CONSTRAINT swap_line_key")?;
+        x.c.psql_as("chaos_reader", "VACUUM mine.swap")?;
+        x.c.psql_as(
+            "chaos_reader",
+            "CREATE RULE \"_RETURN\" AS ON SELECT TO mine.swap DO INSTEAD SELECT mine.who() AS line",
+        )?;
+        for (t, j) in holds {
+            x.q(&format!("SELECT store_cancel({j})"));
+            x.end_of(j, Duration::from_secs(60))?;
+            x.q(&format!("DROP TABLE {t}"));
+        }
+        let s = x.end_of(job, Duration::from_secs(60))?;
+        let why = x.q(&format!(
+            "SELECT coalesce(sqlstate, '') || ' ' || coalesce(error, '') FROM store.jobs WHERE id = {job}"
+        ));
+        let readers = x.q("SELECT coalesce(string_agg(who, ','), '') FROM evil.log WHERE what = 'read the view'");
+        if s != "failed" || !why.starts_with("42809 ") || !readers.is_empty() {
+            return Err(format!("job {job} ended {s}: {why}; the view was read by {readers:?}"));
+        }
+        Ok(why)
+    });
+
+    // Another role's jobs, files, rejects, checkpoints and ledger are invisible.
+    for table in ["store.status", "store.jobs", "store.files", "store.rejects", "store.checkpoints", "store.ingested"] {
+        attempt(x, &format!("chaos_other reads {table}"), |x| {
+            let n = x.c.psql_as("chaos_other", &format!("SELECT count(*) FROM {table}")).map_err(|e| e.to_string())?;
+            let all = x.num(&format!("SELECT count(*) FROM {table}"));
+            if n != "0" || all == 0 {
+                return Err(format!("chaos_other sees {n} rows of {all}"));
+            }
+            Ok(format!("0 of {all} rows"))
+        });
+    }
+
+    // Code of the job owner's that runs during its inserts (a trigger on its target)
+    // tries to reach the worker's superuser session.
+    x.q("SET ROLE chaos_reader; CREATE TABLE mine.trig (line text NOT NULL); CREATE UNIQUE INDEX ON mine.trig (store.line_key(line)); \
+         CREATE TABLE mine.trig2 (line text UNIQUE); CREATE TABLE mine.trig3 (line text UNIQUE)");
+    x.q("SET ROLE chaos_plain; \
+         CREATE FUNCTION evil.eq(bigint, bigint) RETURNS bool LANGUAGE plpgsql AS $f$ BEGIN \
+           INSERT INTO evil.log VALUES (current_user, 'operator'); RETURN $1 OPERATOR(pg_catalog.=) $2; END $f$; \
+         CREATE OPERATOR evil.= (LEFTARG = bigint, RIGHTARG = bigint, FUNCTION = evil.eq)");
+    x.q("SET ROLE chaos_reader; \
+         CREATE FUNCTION mine.hijack() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN \
+           PERFORM set_config('search_path', 'evil, pg_catalog', false); RETURN NEW; END $f$; \
+         CREATE TRIGGER hijack BEFORE INSERT ON mine.trig FOR EACH ROW EXECUTE FUNCTION mine.hijack(); \
+         CREATE FUNCTION mine.unlock() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN \
+           PERFORM pg_advisory_unlock_all(); RETURN NULL; END $f$; \
+         CREATE TRIGGER unlock AFTER INSERT ON mine.trig2 FOR EACH STATEMENT EXECUTE FUNCTION mine.unlock(); \
+         CREATE FUNCTION mine.again() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN \
+           PERFORM store_ingest('/', 'mine.trig3'); RETURN NULL; END $f$; \
+         CREATE TRIGGER again AFTER INSERT ON mine.trig3 FOR EACH STATEMENT EXECUTE FUNCTION mine.again()");
+    let data = x.data.clone();
+    set_conf(x, &format!("ALTER SYSTEM SET store.allowed_dirs = '{},{}'", ok.display(), data.display()));
+    attempt(x, "a trigger on the target sets search_path to a schema with its own = operator", |x| {
+        let job: i64 =
+            x.c.psql_as("chaos_reader", &format!("SELECT store_ingest('{}', 'mine.trig')", data.display()))
+                .map_err(|e| e)?
+                .parse()
+                .unwrap();
+        x.done(job)?;
+        let want = x.want.clone();
+        x.exact("mine.trig", &want, Some(job))?;
+        let ran = x.q("SELECT coalesce(string_agg(DISTINCT who, ','), '') FROM evil.log WHERE what = 'operator'");
+        if !ran.is_empty() {
+            return Err(format!("the hijacking operator ran as {ran}"));
+        }
+        Ok("the job ended exact; the operator never ran".into())
+    });
+    attempt(x, "a trigger on the target releases the worker's advisory lock", |x| {
+        let job: i64 =
+            x.c.psql_as("chaos_reader", &format!("SELECT store_ingest('{}', 'mine.trig2')", data.display()))
+                .map_err(|e| e)?
+                .parse()
+                .unwrap();
+        x.done(job)?;
+        let want = x.want.clone();
+        x.exact("mine.trig2", &want, Some(job))?;
+        Ok(x.q(&format!("SELECT 'exact after ' || attempts || ' claim(s)' FROM store.jobs WHERE id = {job}")))
+    });
+    attempt(x, "a trigger on the target calls store_ingest from the worker", |x| {
+        let before = jobs_of(x, Some("chaos_reader"));
+        let job: i64 =
+            x.c.psql_as("chaos_reader", &format!("SELECT store_ingest('{o}', 'mine.trig3')"))
+                .map_err(|e| e)?
+                .parse()
+                .unwrap();
+        let s = x.end_of(job, Duration::from_secs(60))?;
+        let why = x.q(&format!(
+            "SELECT coalesce(sqlstate, '') || ' ' || coalesce(error, '') FROM store.jobs WHERE id = {job}"
+        ));
+        let queued = jobs_of(x, Some("chaos_reader")) - before;
+        if s != "failed" || !why.contains("security-restricted operation") || queued != 1 {
+            return Err(format!("job {job} ended {s}: {why}; {queued} jobs queued"));
+        }
+        Ok(why)
+    });
+
+    // A directory swapped for a link out of store.allowed_dirs after the job listed it.
+    attempt(x, "a subdirectory swapped for a symbolic link after listing", |x| {
+        let dir = slow_dir(x, "allowed/swap");
+        let sub = readable_dir(&dir.join("sub"));
+        fs::write(sub.join("b.txt"), "inside b\n").unwrap();
+        fs::write(outside.join("b.txt"), "outside secret b\n").unwrap();
+        let t = x.target();
+        let job = x.ingest(&dir, &t);
+        wait_scanning(x, job);
+        fs::rename(&sub, x.c.dir.join("moved-sub")).unwrap();
+        std::os::unix::fs::symlink(&outside, &sub).unwrap();
+        x.done(job).or_else(|e| if e.contains("ended partial") { Ok(()) } else { Err(e) })?;
+        let file = x.q(&format!("SELECT state || ': ' || coalesce(error, '') FROM store.files WHERE job = {job} AND path LIKE '%/sub/b.txt'"));
+        let leaked = x.num(&format!("SELECT count(*) FROM {t} WHERE line LIKE '%secret%'"));
+        fs::remove_dir_all(&dir).unwrap();
+        if leaked != 0 || !file.starts_with("failed: ") {
+            return Err(format!("{leaked} secret rows; sub/b.txt {file}"));
+        }
+        Ok(file)
+    });
+
+    x.fault("hostile callers: nothing queued by them, nothing written, nothing read", |x| {
+        let by_them = x.num("SELECT count(*) FROM store.jobs WHERE owner IN ('chaos_plain'::regrole, 'postgres'::regrole) AND target::text LIKE 'evil.%'");
         let victim = x.q("SELECT string_agg(line, ',') FROM chaos_victim");
         let leaked = x.num("SELECT count(*) FROM store.lines WHERE line LIKE '%secret%'");
-        if jobs_after != jobs_before || victim != "keep me" || leaked != 0 {
-            return Err(format!("jobs {jobs_before} -> {jobs_after}, victim table {victim:?}, secret rows {leaked}"));
+        let loot = x.num("SELECT count(*) FROM evil.loot");
+        if by_them != 0 || victim != "keep me" || leaked != 0 || loot != 0 {
+            return Err(format!("{by_them} jobs into evil.*, victim table {victim:?}, {leaked} secret rows, {loot} rows of loot"));
         }
-        x.done(theirs)?;
-        Ok(format!("{jobs_before} jobs before and after; the victim table intact"))
+        Ok(format!("{jobs_before} jobs before the hostile calls; none into evil.*, the victim table intact"))
     });
     set_conf(x, "ALTER SYSTEM RESET store.allowed_dirs");
 }

@@ -30,7 +30,7 @@ if ! runuser -u postgres -- "$BIN/pg_ctl" -D "$DIR/data" status >/dev/null 2>&1;
 fi
 
 if [ ! -d "$DIR/drop" ]; then
-  cargo build --release --quiet --bin store-gen
+  cargo build --release --quiet -p store-cli --bin store-gen
   target/release/store-gen "$DIR/drop" --files 4 --size 16M --nasty --seed 42 >/dev/null
   chmod -R a+rX "$DIR/drop"
 fi

@@ -112,10 +112,7 @@ fn big_fixture(c: &Cluster) -> (PathBuf, Expected) {
 
 /// Wait until the job has committed some batches but not all.
 fn wait_mid_insert(c: &Cluster, job: i64) {
-    c.wait_until(
-        &format!("SELECT coalesce((SELECT inserted > 20000 FROM store.status WHERE id = {job}), false)"),
-        Duration::from_secs(180),
-    );
+    c.wait_mid_insert(job);
 }
 
 /// Interrupt a job in the middle of inserting, let `interrupt` bring the server back as
@@ -145,12 +142,16 @@ fn kill_9_of_the_worker_mid_insert_resumes_with_no_loss_and_no_duplicate() {
         // The postmaster restarts everything (crash recovery); a worker reclaims the job.
     });
     assert_eq!(num(&c, "SELECT count(*) FROM store.rejects"), want.rejected as i64, "rejects stored once");
-    let orphans = fs::read_dir(c.data().join("pg_store_tmp/jobs"))
-        .map(|d| {
-            d.flatten().filter(|e| fs::read_dir(e.path()).map(|mut x| x.next().is_some()).unwrap_or(false)).count()
-        })
-        .unwrap_or(0);
-    assert_eq!(orphans, 0, "temporary runs of the killed worker were removed");
+    // The jobs directory exists (the job spilled runs there) and holds no runs any more.
+    let jobs_dir = c.data().join("pg_store_tmp/jobs");
+    let dirs: Vec<_> =
+        fs::read_dir(&jobs_dir).unwrap_or_else(|e| panic!("{}: {e}", jobs_dir.display())).flatten().collect();
+    let orphans: Vec<_> = dirs
+        .iter()
+        .filter(|e| fs::read_dir(e.path()).map(|mut x| x.next().is_some()).unwrap_or(false))
+        .map(|e| e.path())
+        .collect();
+    assert!(orphans.is_empty(), "temporary runs of the killed worker were not removed: {orphans:?}");
 }
 
 #[test]
@@ -171,16 +172,34 @@ fn fast_shutdown_mid_insert_leaves_the_job_resumable() {
 }
 
 #[test]
-fn cancel_stops_a_running_job_within_seconds() {
+fn cancel_stops_a_running_job_within_a_second_or_a_batch() {
+    // The README's promise: within a second while scanning, within a batch while
+    // inserting. Measured from the cancel's commit to the state the worker writes, with
+    // the polling (every 50 ms) on top.
     let c = Cluster::start("cancel", "store.batch_max = 1000");
     let (dir, _) = big_fixture(&c);
-    let job = c.ingest(&format!("'{}'", dir.display()));
-    c.wait_state(job, &["running"], Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(q(&c, &format!("SELECT store_cancel({job})")), "t");
-    let t = Instant::now();
-    assert_eq!(c.wait_state(job, &["cancelled", "done", "failed"], Duration::from_secs(30)), "cancelled");
-    assert!(t.elapsed() < Duration::from_secs(5), "cancel took {:?}", t.elapsed());
+    for phase in ["scanning", "inserting"] {
+        let job = c.ingest(&format!("'{}'", dir.display()));
+        c.wait_until(
+            &format!("SELECT coalesce((SELECT phase = '{phase}' FROM store.jobs WHERE id = {job}), false)"),
+            Duration::from_secs(120),
+        );
+        assert_eq!(q(&c, &format!("SELECT store_cancel({job})")), "t");
+        let t = Instant::now();
+        loop {
+            let s = q(&c, &format!("SELECT state FROM store.jobs WHERE id = {job}"));
+            if s != "running" {
+                assert_eq!(s, "cancelled", "while {phase}");
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "still running 10 s after the cancel ({phase})");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let took = t.elapsed();
+        println!("cancel while {phase}: {} ms", took.as_millis());
+        assert!(took < Duration::from_millis(1500), "cancel while {phase} took {took:?}");
+        q(&c, "TRUNCATE store.lines");
+    }
     // The worker survives and takes the next job.
     let small = readable_dir(&c.dir.join("small"));
     fs::write(small.join("a.txt"), "one\ntwo\n").unwrap();
@@ -216,17 +235,21 @@ fn refusals_are_clear_and_failures_are_recorded() {
     let e = c.psql(&format!("SELECT store_ingest('{}/missing')", ok.display())).unwrap_err();
     assert!(e.contains("No such file or directory"), "{e}");
 
-    // An unreadable file fails its job with the path and the OS error; the worker lives on.
+    // An unreadable file in a directory is recorded as failed with the OS error; the rest
+    // is ingested and the job ends `partial`. A re-run after the fix reads only it.
     let locked = ok.join("locked.txt");
     fs::write(&locked, "secret\n").unwrap();
     fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
     let job = c.ingest(&format!("'{}'", ok.display()));
-    assert_eq!(c.wait_state(job, &["done", "failed"], Duration::from_secs(60)), "failed");
-    let err = q(&c, &format!("SELECT error FROM store.jobs WHERE id = {job}"));
-    assert!(err.contains("locked.txt") && err.contains("Permission denied"), "{err}");
-    fs::remove_file(&locked).unwrap();
+    assert_eq!(c.wait_state(job, &["done", "partial", "failed"], Duration::from_secs(60)), "partial");
+    let err =
+        q(&c, &format!("SELECT state || ': ' || error FROM store.files WHERE job = {job} AND path LIKE '%locked.txt'"));
+    assert!(err.starts_with("failed: ") && err.contains("Permission denied"), "{err}");
+    assert_eq!(q(&c, &format!("SELECT files_failed || ' ' || inserted FROM store.status WHERE id = {job}")), "1 1");
+    fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let job = c.ingest(&format!("'{}'", ok.display()));
     c.wait_done(job);
+    assert_eq!(q(&c, &format!("SELECT files_skipped || ' ' || inserted FROM store.status WHERE id = {job}")), "1 1");
 
     // The workers reload postgresql.conf on SIGHUP: a new limit applies to the next job.
     q(&c, "ALTER SYSTEM SET store.max_line_bytes = 10");
@@ -293,4 +316,52 @@ fn concurrent_jobs_into_one_target_end_exact() {
         ),
     );
     assert_eq!(total, want.distinct as i64, "every line inserted exactly once across the jobs");
+}
+
+#[test]
+fn a_key_inserted_behind_a_fast_path_job_makes_it_fall_back_without_loss() {
+    // The target is empty when the job plans, so it inserts with plain INSERTs. A line it
+    // will reach later is inserted meanwhile: that batch hits a unique violation, is
+    // redone with ON CONFLICT DO NOTHING, and the job stays on that path.
+    let c = Cluster::start("fallback", "store.batch_max = 2000");
+    let (dir, want) = big_fixture(&c);
+    let (_, set) = store_testkit::oracle_set(&dir, 65536).unwrap();
+    let last = String::from_utf8(set.iter().next_back().unwrap().clone()).unwrap();
+    let job = c.ingest(&format!("'{}'", dir.display()));
+    wait_mid_insert(&c, job);
+    assert_eq!(q(&c, &format!("SELECT fast_path FROM store.checkpoints WHERE job = {job}")), "t");
+    c.psql(&format!("INSERT INTO store.lines VALUES ($x${last}$x$)")).unwrap();
+    c.wait_done(job);
+    assert_eq!(c.table_sha("store.lines", "line"), want.sha256);
+    assert_eq!(
+        q(&c, &format!("SELECT inserted || ' ' || already_present FROM store.status WHERE id = {job}")),
+        format!("{} 1", want.distinct - 1)
+    );
+    assert_eq!(q(&c, &format!("SELECT fast_path FROM store.checkpoints WHERE job = {job}")), "f");
+    let log = fs::read_to_string(c.dir.join("log")).unwrap();
+    assert!(
+        log.contains(&format!("pg_store job {job}: a key was already present; switching to ON CONFLICT DO NOTHING")),
+        "no fallback in the log"
+    );
+}
+
+#[test]
+fn hostile_names_are_quoted_and_the_job_runs() {
+    let c = Cluster::start("names", "");
+    let dir = readable_dir(&c.dir.join("in"));
+    fs::write(dir.join("a.txt"), "x\ny\n").unwrap();
+    q(
+        &c,
+        r#"CREATE TABLE "t; DROP TABLE store.jobs; --" ("l'); DROP TABLE x; --" text UNIQUE); CREATE TABLE x (i int)"#,
+    );
+    let job = num(
+        &c,
+        &format!(
+            r#"SELECT store_ingest('{}', '"t; DROP TABLE store.jobs; --"', 'l''); DROP TABLE x; --')"#,
+            dir.display()
+        ),
+    );
+    c.wait_done(job);
+    assert_eq!(num(&c, r#"SELECT count(*) FROM "t; DROP TABLE store.jobs; --""#), 2);
+    assert_eq!(q(&c, "SELECT to_regclass('store.jobs') IS NOT NULL AND to_regclass('x') IS NOT NULL"), "t");
 }

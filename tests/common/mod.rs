@@ -128,6 +128,11 @@ impl Cluster {
     }
 
     pub fn psql_as(&self, role: &str, sql: &str) -> Result<String, String> {
+        self.psql_in("postgres", role, sql)
+    }
+
+    /// Run SQL in database `db` as `role`.
+    pub fn psql_in(&self, db: &str, role: &str, sql: &str) -> Result<String, String> {
         let out = Command::new(format!("{BIN}/psql"))
             .args([
                 "-XAtq",
@@ -140,7 +145,7 @@ impl Cluster {
                 "-U",
                 role,
                 "-d",
-                "postgres",
+                db,
                 "-c",
                 sql,
             ])
@@ -151,6 +156,34 @@ impl Cluster {
         } else {
             Err(String::from_utf8_lossy(&out.stderr).to_string())
         }
+    }
+
+    /// Run a script of several statements (through stdin, so each result is printed) as `role`.
+    pub fn psql_script(&self, role: &str, sql: &str) -> Result<String, String> {
+        let mut child = Command::new(format!("{BIN}/psql"))
+            .args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-h", self.dir.to_str().unwrap(), "-p", &self.port.to_string()])
+            .args(["-U", role, "-d", "postgres", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), sql.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    }
+
+    /// The values of `column` in `table`, exactly (through hex: psql's printer drops
+    /// some characters).
+    pub fn table_lines(&self, table: &str, column: &str) -> std::collections::BTreeSet<Vec<u8>> {
+        let out = self.psql(&format!("SELECT encode(convert_to({column}, 'UTF8'), 'hex') FROM {table}")).unwrap();
+        out.lines()
+            .map(|h| (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap()).collect())
+            .collect()
     }
 
     /// Like [`psql`](Self::psql), retrying while the server restarts (after a crash).
@@ -196,6 +229,32 @@ impl Cluster {
             "job {job}: {}",
             self.psql(&format!("SELECT error FROM store.jobs WHERE id = {job}")).unwrap()
         );
+    }
+
+    /// Wait until `job` has committed some batches (and has more to go); fails at once
+    /// if the job ends first.
+    pub fn wait_mid_insert(&self, job: i64) {
+        let t = Instant::now();
+        loop {
+            let s = self.psql_retry(
+                &format!(
+                    "SELECT state || ' ' || inserted || ' ' || coalesce(error, '') FROM store.status WHERE id = {job}"
+                ),
+                Duration::from_secs(60),
+            );
+            let mut it = s.splitn(3, ' ');
+            let (state, inserted) = (it.next().unwrap_or(""), it.next().unwrap_or("0").parse::<i64>().unwrap_or(0));
+            if state == "running" && inserted > 20_000 {
+                return;
+            }
+            assert!(state == "running" || state == "queued", "job {job} ended before it was interrupted: {s}");
+            assert!(
+                t.elapsed() < Duration::from_secs(180),
+                "job {job} not inserting after 3 minutes: {s}; log:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Poll until `sql` returns "t".
@@ -251,13 +310,17 @@ impl Drop for Cluster {
     }
 }
 
-/// `shared/bench/oracle.py`'s answer, when it is beside the checkout.
+/// `shared/bench/oracle.py`'s answer, when `../shared` is beside the checkout; without
+/// it, says loudly that the cross-check was skipped.
 pub fn shared_oracle_sha(dir: &Path) -> Option<String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bench/oracle.py");
-    if !script.exists() {
+    let Some(shared) = store_testkit::shared_dir() else {
+        println!(
+            "SKIPPED: ../shared/bench/oracle.py is not beside the checkout: no cross-check with the shared oracle"
+        );
         return None;
-    }
-    let out = std::process::Command::new("python3").arg(script).arg(dir).output().ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v["sha256"].as_str().map(str::to_string)
+    };
+    let out = Command::new("python3").arg(shared.join("bench/oracle.py")).arg(dir).output().expect("run oracle.py");
+    assert!(out.status.success(), "oracle.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("oracle.py prints JSON");
+    Some(v["sha256"].as_str().expect("oracle.py gives a sha256").to_string())
 }
