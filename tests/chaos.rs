@@ -1388,8 +1388,7 @@ fn hostile(x: &mut Ctx) {
     set_conf(x, &format!("ALTER SYSTEM SET store.allowed_dirs = '{},{}'", ok.display(), data.display()));
     attempt(x, "a trigger on the target sets search_path to a schema with its own = operator", |x| {
         let job: i64 =
-            x.c.psql_as("chaos_reader", &format!("SELECT store_ingest('{}', 'mine.trig')", data.display()))
-                .map_err(|e| e)?
+            x.c.psql_as("chaos_reader", &format!("SELECT store_ingest('{}', 'mine.trig')", data.display()))?
                 .parse()
                 .unwrap();
         x.done(job)?;
@@ -1403,8 +1402,7 @@ fn hostile(x: &mut Ctx) {
     });
     attempt(x, "a trigger on the target releases the worker's advisory lock", |x| {
         let job: i64 =
-            x.c.psql_as("chaos_reader", &format!("SELECT store_ingest('{}', 'mine.trig2')", data.display()))
-                .map_err(|e| e)?
+            x.c.psql_as("chaos_reader", &format!("SELECT store_ingest('{}', 'mine.trig2')", data.display()))?
                 .parse()
                 .unwrap();
         x.done(job)?;
@@ -1415,10 +1413,7 @@ fn hostile(x: &mut Ctx) {
     attempt(x, "a trigger on the target calls store_ingest from the worker", |x| {
         let before = jobs_of(x, Some("chaos_reader"));
         let job: i64 =
-            x.c.psql_as("chaos_reader", &format!("SELECT store_ingest('{o}', 'mine.trig3')"))
-                .map_err(|e| e)?
-                .parse()
-                .unwrap();
+            x.c.psql_as("chaos_reader", &format!("SELECT store_ingest('{o}', 'mine.trig3')"))?.parse().unwrap();
         let s = x.end_of(job, Duration::from_secs(60))?;
         let why = x.q(&format!(
             "SELECT coalesce(sqlstate, '') || ' ' || coalesce(error, '') FROM store.jobs WHERE id = {job}"
