@@ -470,16 +470,15 @@ fn kill9_rounds(x: &mut Ctx) {
     // The killed workers' temporary runs were removed by worker 0 when it restarted.
     x.fault("kill -9: no orphaned temporary runs", |x| {
         let jobs = x.c.data().join("pg_store_tmp/jobs");
-        let left: Vec<_> = fs::read_dir(&jobs)
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| fs::read_dir(e.path()).map(|mut i| i.next().is_some()).unwrap_or(false))
-                    .map(|e| e.path())
-                    .collect()
-            })
-            .unwrap_or_default();
+        // The directory must be there (the killed jobs spilled into it), and empty of runs.
+        let dirs: Vec<_> = fs::read_dir(&jobs).map_err(|e| format!("{}: {e}", jobs.display()))?.flatten().collect();
+        let left: Vec<_> = dirs
+            .iter()
+            .filter(|e| fs::read_dir(e.path()).map(|mut i| i.next().is_some()).unwrap_or(false))
+            .map(|e| e.path())
+            .collect();
         if left.is_empty() {
-            Ok(String::new())
+            Ok(format!("{} worker directories, none holding runs", dirs.len()))
         } else {
             Err(format!("left behind: {left:?}"))
         }
@@ -1192,7 +1191,9 @@ fn hostile(x: &mut Ctx) {
          INSERT INTO chaos_victim VALUES ('keep me'); CREATE VIEW chaos_view AS SELECT line FROM chaos_victim; \
          GRANT SELECT ON chaos_victim TO chaos_reader; GRANT SELECT, INSERT ON chaos_nokey TO chaos_reader; \
          CREATE SCHEMA mine AUTHORIZATION chaos_reader");
-    set_conf(x, &format!("ALTER SYSTEM SET store.allowed_dirs = '{}'", ok.display()));
+    // The main data set is allowed too: some attempts need a long job to keep the workers busy.
+    let data = x.data.clone();
+    set_conf(x, &format!("ALTER SYSTEM SET store.allowed_dirs = '{},{}'", ok.display(), data.display()));
     let theirs = x.ingest(&ok, "store.lines");
     let readers = x.q(&format!(
         "SET ROLE chaos_reader; CREATE TABLE mine.t (line text UNIQUE); SELECT store_ingest('{}', 'mine.t')",
@@ -1245,33 +1246,32 @@ fn hostile(x: &mut Ctx) {
     // index expression runs as the table's owner inside a security-restricted operation
     // during ANALYZE, VACUUM, REINDEX, CREATE INDEX, CLUSTER; a materialized view's query
     // during REFRESH; a SECURITY DEFINER function as its owner.
-    x.q(&format!(
-        "SET ROLE chaos_plain; \
-         CREATE FUNCTION evil.grab(int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $f$ \
-           BEGIN PERFORM store_ingest('{o}', 'evil.loot'); RETURN $1; END $f$; \
-         CREATE FUNCTION evil.grab_quietly(int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $f$ \
-           BEGIN BEGIN PERFORM store_ingest('{o}', 'evil.loot'); EXCEPTION WHEN others THEN \
-             INSERT INTO evil.log VALUES (current_user, SQLERRM); END; RETURN $1; END $f$; \
-         CREATE FUNCTION evil.sd() RETURNS bigint LANGUAGE sql SECURITY DEFINER AS $f$ SELECT store_ingest('{o}', 'evil.loot') $f$; \
+    // evil.grab calls store_ingest only when a session other than chaos_plain's runs it:
+    // chaos_plain can build the index and fill the table, and waits for a superuser.
+    x.c.psql_as(
+        "chaos_plain",
+        &format!(
+        "CREATE FUNCTION evil.grab(int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $f$ BEGIN \
+           IF session_user::text <> 'chaos_plain' THEN PERFORM store_ingest('{o}', 'evil.loot'); END IF; RETURN $1; END $f$; \
          CREATE TABLE evil.loot (line text UNIQUE); GRANT INSERT, SELECT ON evil.loot TO PUBLIC; \
+         CREATE FUNCTION evil.sd() RETURNS bigint LANGUAGE sql SECURITY DEFINER AS $f$ SELECT store_ingest('{o}', 'evil.loot') $f$; \
          CREATE TABLE evil.t (x int); INSERT INTO evil.t SELECT generate_series(1, 100); \
-         CREATE TABLE evil.q (x int); INSERT INTO evil.q SELECT generate_series(1, 100); \
-         CREATE INDEX ON evil.q (evil.grab_quietly(x)); \
-         CREATE MATERIALIZED VIEW evil.mv AS SELECT x FROM evil.t WHERE false; \
-         CREATE OR REPLACE FUNCTION evil.mvq() RETURNS SETOF int LANGUAGE sql AS $f$ SELECT evil.grab_quietly(1) $f$"
-    ));
+         CREATE TABLE evil.q (x int); CREATE INDEX q_grab_idx ON evil.q (evil.grab(x)); INSERT INTO evil.q SELECT generate_series(1, 100); \
+         CREATE MATERIALIZED VIEW evil.mv AS SELECT evil.grab(x) AS g FROM evil.t"
+        ),
+    )
+    .expect("chaos_plain's objects");
     for (name, sql) in [
         ("ANALYZE of a table whose index calls store_ingest", "ANALYZE evil.q"),
         ("VACUUM ANALYZE of that table", "VACUUM ANALYZE evil.q"),
         ("REINDEX of that table", "REINDEX TABLE evil.q"),
-        ("CLUSTER of that table", "CLUSTER evil.q USING q_grab_quietly_idx"),
+        ("CLUSTER of that table", "CLUSTER evil.q USING q_grab_idx"),
         ("CREATE INDEX by a superuser on chaos_plain's table", "CREATE INDEX ON evil.t (evil.grab(x))"),
-        ("REFRESH MATERIALIZED VIEW over chaos_plain's function", "CREATE MATERIALIZED VIEW evil.mv2 AS SELECT evil.mvq() WITH NO DATA; ALTER MATERIALIZED VIEW evil.mv2 OWNER TO chaos_plain; REFRESH MATERIALIZED VIEW evil.mv2"),
+        ("REFRESH MATERIALIZED VIEW of chaos_plain's view", "REFRESH MATERIALIZED VIEW evil.mv"),
         ("a SECURITY DEFINER function of chaos_plain's, called by a superuser", "SELECT evil.sd()"),
     ] {
         attempt(x, name, |x| {
             let before = jobs_of(x, None);
-            let logged = x.num("SELECT count(*) FROM evil.log");
             let res = x.c.psql_verbose("postgres", sql);
             let after = jobs_of(x, None);
             if after != before {
@@ -1279,15 +1279,15 @@ fn hostile(x: &mut Ctx) {
             }
             let why = match res {
                 Err(e) => e.lines().next().unwrap_or("").to_string(),
-                Ok(_) => {
-                    let seen = x.q(&format!("SELECT coalesce(string_agg(DISTINCT what, '; '), '') FROM (SELECT what FROM evil.log OFFSET {logged}) l"));
-                    if seen.is_empty() {
-                        return Err("the command succeeded and nothing says why no job was queued".into());
-                    }
-                    seen
+                Ok(out) => {
+                    return Err(format!(
+                        "the command succeeded ({out:?}): store_ingest was never reached, so nothing was tried"
+                    ))
                 }
             };
-            if !why.contains("security-restricted operation") && !why.contains("permission denied to ingest server files") {
+            if !why.contains("security-restricted operation")
+                && !why.contains("permission denied to ingest server files")
+            {
                 return Err(format!("no job, but not refused for the right reason: {why}"));
             }
             Ok(why)
@@ -1382,10 +1382,8 @@ fn hostile(x: &mut Ctx) {
            PERFORM pg_advisory_unlock_all(); RETURN NULL; END $f$; \
          CREATE TRIGGER unlock AFTER INSERT ON mine.trig2 FOR EACH STATEMENT EXECUTE FUNCTION mine.unlock(); \
          CREATE FUNCTION mine.again() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN \
-           PERFORM store_ingest('/', 'mine.trig3'); RETURN NULL; END $f$; \
+           PERFORM public.store_ingest('/', 'mine.trig3'); RETURN NULL; END $f$; \
          CREATE TRIGGER again AFTER INSERT ON mine.trig3 FOR EACH STATEMENT EXECUTE FUNCTION mine.again()");
-    let data = x.data.clone();
-    set_conf(x, &format!("ALTER SYSTEM SET store.allowed_dirs = '{},{}'", ok.display(), data.display()));
     attempt(x, "a trigger on the target sets search_path to a schema with its own = operator", |x| {
         let job: i64 =
             x.c.psql_as("chaos_reader", &format!("SELECT store_ingest('{}', 'mine.trig')", data.display()))?

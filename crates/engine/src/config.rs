@@ -51,20 +51,26 @@ impl FromStr for Dedup {
 pub enum Fault {
     /// The merge thread panics after emitting this many records.
     MergePanic { after: u64 },
+    /// Every spilled run gets its first byte overwritten with 0xFF (a disk that
+    /// returns garbage): the records read back must be refused, not passed on.
+    CorruptRuns,
 }
 
 impl FromStr for Fault {
     type Err = Error;
 
-    /// `merge_panic:N`.
+    /// `merge_panic:N` or `corrupt_runs`.
     fn from_str(s: &str) -> Result<Fault> {
+        if s == "corrupt_runs" {
+            return Ok(Fault::CorruptRuns);
+        }
         match s.split_once(':') {
             Some(("merge_panic", n)) => n
                 .trim()
                 .parse()
                 .map(|after| Fault::MergePanic { after })
                 .map_err(|_| Error::Config(format!("fault {s:?}"))),
-            _ => Err(Error::Config(format!("unknown fault {s:?}: expected merge_panic:N"))),
+            _ => Err(Error::Config(format!("unknown fault {s:?}: expected merge_panic:N or corrupt_runs"))),
         }
     }
 }

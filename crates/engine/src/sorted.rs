@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tempfile::TempDir;
 
-use super::config::Config;
+use super::config::{Config, Fault};
 use super::error::{Error, IoContext, Result};
 use super::limits;
 use super::merge::{reduce_runs, Merger};
@@ -92,8 +92,9 @@ pub(crate) fn sort_distinct<S: Sink>(
     let outcome: Result<(), Halt<S::Error>> = std::thread::scope(|s| {
         let (job_tx, job_rx) = mpsc::sync_channel::<(Chunk, PathBuf)>(0);
         let (back_tx, back_rx) = mpsc::sync_channel::<Result<Chunk>>(1);
-        let spiller = limits::spawn_scoped(s, "pg_store-spill", || {
-            spill_loop(job_rx, back_tx, &pool, cfg.compress_runs, progress)
+        let (pool, corrupt) = (&pool, cfg.fault == Some(Fault::CorruptRuns));
+        let spiller = limits::spawn_scoped(s, "pg_store-spill", move || {
+            spill_loop(job_rx, back_tx, pool, cfg.compress_runs, corrupt, progress)
         })?;
         let mut spare = Some(Chunk::new(budget.chunk_bytes));
         let mut spilled = 0usize;
@@ -150,13 +151,20 @@ fn spill_loop(
     back: SyncSender<Result<Chunk>>,
     pool: &rayon::ThreadPool,
     compress: bool,
+    corrupt: bool,
     progress: &Progress,
 ) -> Vec<Run> {
     let mut runs = Vec::new();
     for (mut chunk, path) in jobs {
         let dups = chunk.sort_dedup(pool);
         Progress::add(&progress.duplicates, dups);
-        match sort::spill(&chunk, &path, compress) {
+        let spilled = sort::spill(&chunk, &path, compress).and_then(|run| {
+            if corrupt {
+                corrupt_first_byte(&run.path)?;
+            }
+            Ok(run)
+        });
+        match spilled {
             Ok(run) => {
                 progress.temp_grew(run.bytes);
                 Progress::add(&progress.runs_written, 1);
@@ -174,6 +182,13 @@ fn spill_loop(
         }
     }
     runs
+}
+
+/// [`Fault::CorruptRuns`]: overwrite a run's first byte, the first byte of a record.
+fn corrupt_first_byte(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).ctx("could not open temporary run", path)?;
+    f.write_all_at(&[0xFF], 0).ctx("could not write temporary run", path)
 }
 
 fn make_temp_dir(parent: &Path) -> Result<TempDir> {

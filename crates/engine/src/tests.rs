@@ -369,6 +369,27 @@ fn a_panic_on_the_merge_thread_fails_the_run_instead_of_ending_the_stream() {
 }
 
 #[test]
+fn records_damaged_in_a_temporary_run_are_refused_not_passed_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    generate(&input, &GenSpec { files: 2, size: 200_000, seed: 4, ..GenSpec::default() }).unwrap();
+    let temp = dir.path().join("tmp");
+    fs::create_dir(&temp).unwrap();
+    for compress in [false, true] {
+        let cfg = Config {
+            chunk_bytes: Some(8192),
+            read_buffer: 4096,
+            compress_runs: compress,
+            fault: Some(Fault::CorruptRuns),
+            ..tiny(&temp)
+        };
+        let err = run_exact(&cfg, &input, None).err().expect("a damaged run must fail the run");
+        assert!(matches!(&err, Error::Corrupt(_)) || (compress && matches!(&err, Error::Io { .. })), "{err}");
+        assert!(temp_is_empty(&temp));
+    }
+}
+
+#[test]
 fn io_errors_name_the_path_and_the_os_error() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in");

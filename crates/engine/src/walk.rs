@@ -89,12 +89,13 @@ pub struct Failed {
     pub error: String,
 }
 
-/// The files under a path, the entries that failed, and how many were skipped.
+/// The files under a path, the entries that failed, and how many were ignored.
 #[derive(Debug, Default)]
 pub struct Listing {
     pub files: Vec<FileEntry>,
     pub failed: Vec<Failed>,
-    pub skipped: u64,
+    /// Entries passed over by design: hidden names, symbolic links, special files.
+    pub ignored: u64,
 }
 
 impl Listing {
@@ -253,7 +254,7 @@ fn list_dir(dir: OwnedFd, path: &Path, listing: &mut Listing) -> io::Result<()> 
         let name = OsStr::from_bytes(&name);
         let child = path.join(name);
         if name.as_bytes().starts_with(b".") {
-            listing.skipped += 1;
+            listing.ignored += 1;
             continue;
         }
         let mut fail = |what: &str, e: io::Error| {
@@ -282,7 +283,7 @@ fn list_dir(dir: OwnedFd, path: &Path, listing: &mut Listing) -> io::Result<()> 
                 Ok(fe) => listing.files.push(fe),
                 Err(e) => fail("could not open", e),
             },
-            _ => listing.skipped += 1,
+            _ => listing.ignored += 1,
         }
     }
     Ok(())
@@ -350,7 +351,7 @@ mod tests {
 
         let (tree, l) = walk(p).unwrap();
         assert_eq!(names(p, &l), ["a.txt", "b/c/x.gz", "b/y.txt", "z.txt"]);
-        assert_eq!(l.skipped, 5); // .dot, .hidden, fifo, link.txt, linkdir
+        assert_eq!(l.ignored, 5); // .dot, .hidden, fifo, link.txt, linkdir
         assert!(l.failed.is_empty());
         assert_eq!(l.total_bytes(), 8);
         let (_, one) = walk(&p.join("a.txt")).unwrap();
