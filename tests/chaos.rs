@@ -160,6 +160,8 @@ fn main() {
         if t.refused != t.hostile {
             println!("chaos: only {} of {} hostile attempts were refused or came to nothing", t.refused, t.hostile);
         }
+        // exit() skips destructors: stop and remove the cluster first.
+        drop(x);
         std::process::exit(1);
     }
 }
@@ -217,6 +219,14 @@ impl Ctx {
 
     fn ingest(&self, dir: &Path, table: &str) -> i64 {
         self.q(&format!("SELECT store_ingest('{}', '{table}')", dir.display())).parse().unwrap()
+    }
+
+    /// Wait for a job that loses a file on the way: it must end `partial`.
+    fn partial(&self, job: i64) -> Result<(), String> {
+        match self.end_of(job, Duration::from_secs(300))?.as_str() {
+            "partial" => Ok(()),
+            s => Err(format!("job {job} ended {s}, not partial: {}", self.error_of(job))),
+        }
     }
 
     /// Wait for a job to end; its final state.
@@ -716,7 +726,11 @@ fn mutation(x: &mut Ctx, dir: &Path, what: &str, change: impl FnOnce(&Path)) -> 
     let job = x.ingest(dir, &t);
     wait_scanning(x, job);
     change(&v);
-    x.done(job)?;
+    if what == "deleted" {
+        x.partial(job)?;
+    } else {
+        x.done(job)?;
+    }
     let state = x.q(&format!(
         "SELECT state || ':' || coalesce(error, '') FROM store.files WHERE job = {job} AND path LIKE '%z-victim.txt'"
     ));
@@ -790,7 +804,7 @@ fn files(x: &mut Ctx) {
         wait_scanning(x, job);
         fs::remove_file(&v).unwrap();
         std::os::unix::fs::symlink(&secret, &v).unwrap();
-        x.done(job)?;
+        x.partial(job)?;
         let state = x.q(&format!("SELECT state || ':' || coalesce(error, '') FROM store.files WHERE job = {job} AND path LIKE '%z-victim.txt'"));
         let leaked = x.num(&format!("SELECT count(*) FROM {t} WHERE line LIKE 'a secret%'"));
         fs::remove_file(&v).unwrap();
@@ -1434,7 +1448,7 @@ fn hostile(x: &mut Ctx) {
         wait_scanning(x, job);
         fs::rename(&sub, x.c.dir.join("moved-sub")).unwrap();
         std::os::unix::fs::symlink(&outside, &sub).unwrap();
-        x.done(job).or_else(|e| if e.contains("ended partial") { Ok(()) } else { Err(e) })?;
+        x.partial(job)?;
         let file = x.q(&format!("SELECT state || ': ' || coalesce(error, '') FROM store.files WHERE job = {job} AND path LIKE '%/sub/b.txt'"));
         let leaked = x.num(&format!("SELECT count(*) FROM {t} WHERE line LIKE '%secret%'"));
         fs::remove_dir_all(&dir).unwrap();
