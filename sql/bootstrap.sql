@@ -91,6 +91,7 @@ CREATE INDEX jobs_open ON store.jobs (id) WHERE state IN ('queued', 'running');
 CREATE TABLE store.checkpoints (
     job             bigint      PRIMARY KEY REFERENCES store.jobs ON DELETE CASCADE,
     attempt         integer     NOT NULL,
+    spec            text,
     last_key        text,
     inserted        bigint      NOT NULL DEFAULT 0,
     already_present bigint      NOT NULL DEFAULT 0,
@@ -101,6 +102,7 @@ CREATE TABLE store.checkpoints (
 COMMENT ON TABLE store.checkpoints IS 'Where each job stands in its merged stream; updated in the same transaction as every insert batch, so a crash neither loses nor repeats a batch';
 COMMENT ON COLUMN store.checkpoints.job IS 'The job';
 COMMENT ON COLUMN store.checkpoints.attempt IS 'Claim number of the worker allowed to commit batches; a worker whose claim was taken over finds it changed and stops';
+COMMENT ON COLUMN store.checkpoints.spec IS 'What decides the stream''s lines (column, dedup mode, length limits, filter): a resumed job whose spec changed starts its stream over';
 COMMENT ON COLUMN store.checkpoints.last_key IS 'Greatest line committed so far (exact mode): a resumed merge starts after it; NULL means from the start';
 COMMENT ON COLUMN store.checkpoints.inserted IS 'Lines of the job''s stream inserted into the target by this job';
 COMMENT ON COLUMN store.checkpoints.already_present IS 'Lines of the job''s stream the target already held';
@@ -129,7 +131,7 @@ CREATE TABLE store.files (
 );
 COMMENT ON TABLE store.files IS 'Every file a job found (and every entry it could not list), with its identity and outcome';
 COMMENT ON COLUMN store.files.job IS 'The job';
-COMMENT ON COLUMN store.files.path IS 'Full path of the file';
+COMMENT ON COLUMN store.files.path IS 'Full path of the file (bytes that are not UTF-8 written as \xHH)';
 COMMENT ON COLUMN store.files.size IS 'Size in bytes when the job listed it (NULL for an entry that could not be opened)';
 COMMENT ON COLUMN store.files.mtime IS 'Modification time when the job listed it';
 COMMENT ON COLUMN store.files.mtime_ns IS 'Modification time, nanoseconds since the epoch (exact comparison)';
@@ -147,6 +149,7 @@ COMMENT ON COLUMN store.files.error IS 'Why the file failed, with the OS error';
 CREATE TABLE store.ingested (
     target          regclass    NOT NULL,
     path            text        NOT NULL,
+    spec            text        NOT NULL,
     size            bigint      NOT NULL,
     mtime_ns        bigint      NOT NULL,
     ctime_ns        bigint      NOT NULL,
@@ -155,11 +158,12 @@ CREATE TABLE store.ingested (
     job             bigint      NOT NULL,
     owner           regrole     NOT NULL,
     ingested_at     timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (target, path)
+    PRIMARY KEY (target, path, spec)
 );
-COMMENT ON TABLE store.ingested IS 'Files fully ingested into a target: a later job skips a file whose size, times, inode and fingerprint are unchanged (what makes a pg_cron schedule on a drop directory safe)';
+COMMENT ON TABLE store.ingested IS 'Files fully ingested into a target: a later job with the same spec skips a file whose size, times, inode and fingerprint are unchanged (what makes a pg_cron schedule on a drop directory safe)';
 COMMENT ON COLUMN store.ingested.target IS 'Target table';
-COMMENT ON COLUMN store.ingested.path IS 'Full path of the file';
+COMMENT ON COLUMN store.ingested.path IS 'Full path of the file (bytes that are not UTF-8 written as \xHH)';
+COMMENT ON COLUMN store.ingested.spec IS 'What decided the lines taken from it: column, dedup mode, length limits, filter. A job with another spec reads the file again';
 COMMENT ON COLUMN store.ingested.size IS 'Size when ingested';
 COMMENT ON COLUMN store.ingested.mtime_ns IS 'Modification time when ingested, nanoseconds since the epoch';
 COMMENT ON COLUMN store.ingested.ctime_ns IS 'Inode change time when ingested, nanoseconds since the epoch';

@@ -109,6 +109,21 @@ GRANT SELECT ON store.status, store.jobs, store.files, store.rejects, store.chec
 -- default target. store_ingest and store_cancel check privileges themselves.
 GRANT SELECT, INSERT ON store.lines TO pg_read_server_files;
 
+-- A dropped table takes its ledger rows with it: an OID left behind would name another
+-- table one day (or, dumped as a bare number, in a restored cluster) and skip its files.
+CREATE FUNCTION store.forget_dropped_tables() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM store.ingested
+     WHERE target::oid IN (SELECT objid FROM pg_event_trigger_dropped_objects()
+                            WHERE classid = 'pg_class'::regclass AND objsubid = 0);
+END
+$$;
+REVOKE ALL ON FUNCTION store.forget_dropped_tables() FROM PUBLIC;
+CREATE EVENT TRIGGER store_forget_dropped_tables ON sql_drop EXECUTE FUNCTION store.forget_dropped_tables();
+
 CREATE FUNCTION store_ingest(path text, target regclass DEFAULT 'store.lines', column_name name DEFAULT 'line',
                              dedup text DEFAULT 'exact', filter text DEFAULT NULL)
 RETURNS bigint

@@ -16,7 +16,7 @@ use store_engine::filter::Filter;
 use store_engine::Dedup;
 
 use crate::error::{Result, StoreError};
-use crate::{gucs, security, target, PRELOADED};
+use crate::{gucs, registry, security, target, PRELOADED};
 
 extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
@@ -73,6 +73,7 @@ fn enqueue(path: &str, target: pg_sys::Oid, column: &str, dedup: &str, filter: O
             "Maintenance commands (ANALYZE, VACUUM, REINDEX, CREATE INDEX, REFRESH MATERIALIZED VIEW) run a table owner's index and view code this way; reading server files does not belong there.",
         ));
     }
+    crate::job::require_utf8_database()?;
     let who = security::executing_role();
     if !security::may_read_server_files(who) {
         return Err(StoreError::refused(ERRCODE_INSUFFICIENT_PRIVILEGE, "permission denied to ingest server files").with_hint(
@@ -90,7 +91,7 @@ fn enqueue(path: &str, target: pg_sys::Oid, column: &str, dedup: &str, filter: O
                 .with_hint("A filter is a regular expression, or include=RE;exclude=RE;min_len=N;max_len=N.")
         })?;
     }
-    let canon = canon.to_string_lossy().into_owned();
+    let canon = store_engine::walk::path_text(&canon);
     let id = security::as_superuser(|| {
         Spi::get_one_with_args::<i64>(
             "INSERT INTO store.jobs (path, target, column_name, dedup, filter, owner) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
@@ -115,16 +116,32 @@ fn cancel(job: i64) -> Result<bool> {
     if seen != Some(true) {
         return Err(StoreError::refused(ERRCODE_UNDEFINED_OBJECT, format!("no pg_store job {job}")));
     }
-    let changed = security::as_superuser(|| {
-        Spi::get_one_with_args::<i64>(
-            "WITH c AS (UPDATE store.jobs SET cancel_requested = true, \
-                  state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END, \
-                  finished_at = CASE WHEN state = 'queued' THEN pg_catalog.now() ELSE finished_at END, updated_at = pg_catalog.now() \
-               WHERE id = $1 AND state IN ('queued', 'running') RETURNING 1) SELECT pg_catalog.count(*) FROM c",
+    let was = security::as_superuser(|| {
+        Spi::get_one_with_args::<String>(
+            "WITH old AS (SELECT state FROM store.jobs WHERE id = $1 AND state IN ('queued', 'running') FOR UPDATE), \
+                  c AS (UPDATE store.jobs j SET cancel_requested = true, \
+                          state = CASE WHEN j.state = 'queued' THEN 'cancelled' ELSE j.state END, \
+                          finished_at = CASE WHEN j.state = 'queued' THEN pg_catalog.now() ELSE j.finished_at END, \
+                          updated_at = pg_catalog.now() \
+                        FROM old WHERE j.id = $1 RETURNING old.state) \
+             SELECT state FROM c",
             &[job.into()],
         )
     })?;
-    Ok(changed.unwrap_or(0) > 0)
+    if was.as_deref() == Some("running") && PRELOADED.load(Ordering::Relaxed) {
+        // The worker looks at cancel_requested between batches; a batch waiting on a
+        // lock, or stuck in a trigger of the target, would not get there. Once this
+        // transaction commits (so the worker can see why), interrupt it as
+        // pg_cancel_backend would: the worker then ends the job as cancelled.
+        let pids = registry::pids_of(job);
+        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || {
+            for pid in pids {
+                // SAFETY: a signal to a pg_store process of this server (same OS user).
+                unsafe { libc::kill(pid, libc::SIGINT) };
+            }
+        });
+    }
+    Ok(was.is_some())
 }
 
 /// Poll the job's status row with a fresh snapshot each time (READ COMMITTED).

@@ -78,6 +78,12 @@ impl StoreError {
         )
     }
 
+    /// A statement interrupted by SIGINT: `store_cancel` (or someone's
+    /// `pg_cancel_backend`); a cancel only if the job's `cancel_requested` says so.
+    pub fn is_query_canceled(&self) -> bool {
+        matches!(self, StoreError::Sql { code: ERRCODE_QUERY_CANCELED, .. })
+    }
+
     pub fn is_unique_violation(&self) -> bool {
         matches!(self, StoreError::Sql { code: ERRCODE_UNIQUE_VIOLATION, .. })
     }

@@ -26,6 +26,7 @@ pub static MAX_LINE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_
 pub static ALLOWED_DIRS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static COMPRESS_RUNS: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static CHECK_TEMP_SPACE: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
 pub static FAULT_INJECTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// Define the settings. Postmaster-level ones (`store.workers`, `store.database`) can
@@ -158,6 +159,16 @@ fn define_reloadable_gucs() {
         c"Refuse a job before reading when store.temp_dir has less free space than its input needs.",
         c"Turn off where free space is misreported (quotas, compressing file systems): a job that runs out fails with ENOSPC instead.",
         &CHECK_TEMP_SPACE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"store.max_attempts",
+        c"Claims of a job whose worker keeps disappearing (crash, kill, shutdown) before it fails for good.",
+        c"",
+        &MAX_ATTEMPTS,
+        1,
+        1000,
         GucContext::Sighup,
         GucFlags::default(),
     );

@@ -104,7 +104,12 @@ impl Inserter {
                     );
                     self.fast_path = false;
                 }
-                Err(e) if e.is_transient() && attempt < RETRIES => {
+                Err(e) if e.is_query_canceled() && crate::job::cancel_requested(self.job.id) => {
+                    return Err(StoreError::Cancelled)
+                }
+                // A deadlock, a lock timeout, or a cancel not meant for this job (someone's
+                // pg_cancel_backend): worth another try.
+                Err(e) if (e.is_transient() || e.is_query_canceled()) && attempt < RETRIES => {
                     std::thread::sleep(Duration::from_millis(100 << attempt));
                     attempt += 1;
                     log!("pg_store job {}: retrying a batch after {e} (attempt {attempt})", self.job.id);
@@ -177,7 +182,8 @@ impl Inserter {
         let cancel = Spi::get_one_with_args::<bool>(
             "UPDATE store.jobs SET phase = $2, files_done = $3, bytes_read = $4, records = $5, empty = $6, rejected = $7, \
              filtered = $8, duplicates = $9, percent = $10, batch_size = $11, memory_peak = $12, \
-             temp_bytes = greatest(coalesce(temp_bytes, 0), $13), updated_at = pg_catalog.now() WHERE id = $1 RETURNING cancel_requested",
+             temp_bytes = greatest(coalesce(temp_bytes, 0), $13), updated_at = pg_catalog.now() \
+             WHERE id = $1 AND attempts = $14 RETURNING cancel_requested",
             &[
                 self.job.id.into(),
                 p.phase.as_str().into(),
@@ -192,9 +198,11 @@ impl Inserter {
                 self.batch_size.into(),
                 mem.into(),
                 n(p.temp_peak).into(),
+                self.job.claim.into(),
             ],
         )?;
-        Ok(cancel.unwrap_or(false))
+        // No row: another worker holds the job now.
+        cancel.ok_or(StoreError::Fenced)
     }
 
     fn cancel_requested(&self) -> Result<bool> {
@@ -222,7 +230,7 @@ impl Inserter {
             return Ok(());
         }
         let rows = std::mem::take(&mut self.rejects);
-        let job = self.job.id;
+        let (job, claim) = (self.job.id, self.job.claim);
         transaction(|| {
             let files: Vec<&str> = rows.iter().map(|r| r.file.as_str()).collect();
             let lines: Vec<i64> = rows.iter().map(|r| r.line).collect();
@@ -231,8 +239,9 @@ impl Inserter {
             let raws: Vec<&[u8]> = rows.iter().map(|r| r.raw.as_slice()).collect();
             Ok(Spi::run_with_args(
                 "INSERT INTO store.rejects (job, file, line, byte_offset, reason, raw) \
-                 SELECT $1, * FROM unnest($2::text[], $3::int8[], $4::int8[], $5::text[], $6::bytea[]) ON CONFLICT DO NOTHING",
-                &[job.into(), files.into(), lines.into(), offsets.into(), reasons.into(), raws.into()],
+                 SELECT $1, * FROM unnest($2::text[], $3::int8[], $4::int8[], $5::text[], $6::bytea[]) \
+                 WHERE EXISTS (SELECT FROM store.jobs WHERE id = $1 AND attempts = $7) ON CONFLICT DO NOTHING",
+                &[job.into(), files.into(), lines.into(), offsets.into(), reasons.into(), raws.into(), claim.into()],
             )?)
         })
     }
@@ -257,7 +266,7 @@ impl Sink for Inserter {
 
     fn reject(&mut self, r: &Reject<'_>) -> Result<Flow> {
         self.rejects.push(RejectRow {
-            file: r.file.to_string_lossy().into_owned(),
+            file: store_engine::walk::path_text(r.file),
             line: r.line as i64,
             offset: r.offset as i64,
             reason: r.reason.as_str(),
@@ -276,15 +285,15 @@ impl Sink for Inserter {
             FileOutcome::Changed => ("changed", None),
             FileOutcome::Failed(why) => ("failed", Some(why.as_str())),
         };
-        let path = file.path.to_string_lossy();
+        let path = store_engine::walk::path_text(&file.path);
         let n = |v: u64| v as i64;
         transaction(|| {
             Ok(Spi::run_with_args(
                 "UPDATE store.files SET state = $3, records = $4, empty = $5, rejected = $6, filtered = $7, accepted = $8, error = $9 \
-                 WHERE job = $1 AND path = $2",
+                 WHERE job = $1 AND path = $2 AND EXISTS (SELECT FROM store.jobs WHERE id = $1 AND attempts = $10)",
                 &[
                     self.job.id.into(),
-                    path.as_ref().into(),
+                    path.as_str().into(),
                     state.into(),
                     n(c.records).into(),
                     n(c.empty).into(),
@@ -292,6 +301,7 @@ impl Sink for Inserter {
                     n(c.filtered).into(),
                     n(c.accepted).into(),
                     error.into(),
+                    self.job.claim.into(),
                 ],
             )?)
         })?;

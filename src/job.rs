@@ -13,7 +13,6 @@
 //! short ones it opens itself; the engine's own threads never call PostgreSQL.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
@@ -21,7 +20,7 @@ use pgrx::prelude::*;
 use store_engine::config::Config;
 use store_engine::filter::Filter;
 use store_engine::normalize::LineLimit;
-use store_engine::walk::{walk, FileEntry, Tree};
+use store_engine::walk::{path_text, walk, FileEntry, Tree};
 use store_engine::{Dedup, Progress};
 
 use crate::error::{Result, StoreError};
@@ -52,6 +51,16 @@ pub fn reload_on_sighup() {
         // SAFETY: called on the main thread between statements.
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
     }
+}
+
+/// Whether `store_cancel` asked job `id` to stop (in a transaction of its own).
+pub fn cancel_requested(id: i64) -> bool {
+    transaction(|| {
+        Ok(Spi::get_one_with_args::<bool>("SELECT cancel_requested FROM store.jobs WHERE id = $1", &[id.into()])?)
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(false)
 }
 
 /// A job row, as the worker needs it.
@@ -107,6 +116,34 @@ pub struct Plan {
     /// Batches may use a plain INSERT (keys proven new).
     pub fast_path: bool,
     pub cfg: Config,
+    /// What decides which lines a file yields (see [`stream_spec`]).
+    pub spec: String,
+}
+
+/// Everything that decides which lines of a file end up in the target, besides the file
+/// itself: the column, the dedup mode, the filter, the length limits. The ledger skips a
+/// file only for the same spec (a file read through a filter has not been ingested
+/// for an unfiltered job), and a resumed stream starts over when the spec changed
+/// between attempts (a new `store.max_line_bytes` accepts other lines).
+pub fn stream_spec(job: &Job, cfg: &Config) -> String {
+    let chars = cfg.limit.chars.map_or(String::new(), |c| c.to_string());
+    format!(
+        "column={};dedup={};max_bytes={};max_chars={chars};filter={}",
+        job.column,
+        job.dedup.as_str(),
+        cfg.limit.bytes,
+        job.filter.as_deref().unwrap_or("")
+    )
+}
+
+/// pg_store hands PostgreSQL UTF-8 text; another server encoding would store it garbled.
+pub fn require_utf8_database() -> Result<()> {
+    // SAFETY: reads the database's encoding.
+    if unsafe { pg_sys::GetDatabaseEncoding() } != pg_sys::pg_enc::PG_UTF8 as i32 {
+        return Err(StoreError::refused(ERRCODE_FEATURE_NOT_SUPPORTED, "pg_store needs a database with UTF8 encoding")
+            .with_hint("Lines are checked as UTF-8 and stored as such; create the database with ENCODING 'UTF8'."));
+    }
+    Ok(())
 }
 
 impl Plan {
@@ -114,8 +151,9 @@ impl Plan {
     fn make(job: &Job, settings: &Settings) -> Result<Plan> {
         // The path was checked when the job was queued; settings or the file system may
         // have changed since. The tree is then opened link by link from the checked path.
+        require_utf8_database()?;
         let canon = store_engine::paths::check(&job.path, &gucs::allowed_dirs())?;
-        if canon.as_os_str() != job.path.as_str() {
+        if path_text(&canon) != job.path {
             return Err(StoreError::refused(ERRCODE_INSUFFICIENT_PRIVILEGE, format!("path \"{}\" now resolves to \"{}\"", job.path, canon.display()))
                 .with_hint("A component of the path became a symbolic link after the job was queued; queue it again with the path you mean."));
         }
@@ -160,16 +198,18 @@ impl Plan {
             fault: settings.fault,
             ..Config::default()
         };
+        let spec = stream_spec(job, &cfg);
         let (tree, listing) = walk(&canon)?;
-        let recorded = transaction(|| record_files(job, &target, &listing, fast_probe))?;
-        let files = listing.files.into_iter().filter(|f| !recorded.skipped.contains(&f.path)).collect();
-        Ok(Plan { target, tree, files, resume_key: recorded.resume_key, fast_path: recorded.fast_path, cfg })
+        let recorded = transaction(|| record_files(job, &target, &spec, &listing, fast_probe))?;
+        let files = listing.files.into_iter().filter(|f| !recorded.skipped.contains(&path_text(&f.path))).collect();
+        Ok(Plan { target, tree, files, spec, resume_key: recorded.resume_key, fast_path: recorded.fast_path, cfg })
     }
 }
 
 /// What [`record_files`] decided.
 struct Recorded {
-    skipped: HashSet<PathBuf>,
+    /// Paths (as [`path_text`]) skipped as already ingested.
+    skipped: HashSet<String>,
     resume_key: Option<Vec<u8>>,
     fast_path: bool,
 }
@@ -179,6 +219,7 @@ struct Recorded {
 fn record_files(
     job: &Job,
     target: &Target,
+    spec: &str,
     listing: &store_engine::walk::Listing,
     may_probe: bool,
 ) -> Result<Recorded> {
@@ -186,12 +227,8 @@ fn record_files(
     // Column arrays for unnest: listed files first, then the entries that failed.
     let files = listing.files.iter();
     let failed = listing.failed.iter();
-    let paths: Vec<String> = files
-        .clone()
-        .map(|f| &f.path)
-        .chain(failed.clone().map(|f| &f.path))
-        .map(|p| p.to_string_lossy().into_owned())
-        .collect();
+    let paths: Vec<String> =
+        files.clone().map(|f| &f.path).chain(failed.clone().map(|f| &f.path)).map(|p| path_text(p)).collect();
     let column = |get: fn(&FileEntry) -> i64| -> Vec<Option<i64>> {
         files.clone().map(|f| Some(get(f))).chain(failed.clone().map(|_| None)).collect()
     };
@@ -206,15 +243,16 @@ fn record_files(
     // from the one an earlier attempt of this job recorded.
     let row = Spi::connect_mut(|c| {
         let t = c.update(
-            "WITH l AS (SELECT * FROM unnest($2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::text[], $8::text[]) \
-                          AS l(path, size, mtime_ns, ctime_ns, inode, fingerprint, error)), \
-                  prev AS (SELECT path, size, mtime_ns, ctime_ns, inode, fingerprint FROM store.files WHERE job = $1), \
+            "WITH l AS (SELECT DISTINCT ON (path) * \
+                          FROM unnest($2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::text[], $8::text[]) \
+                          AS l(path, size, mtime_ns, ctime_ns, inode, fingerprint, error) ORDER BY path), \
+                  prev AS (SELECT path, size, mtime_ns, ctime_ns, inode, fingerprint, state FROM store.files WHERE job = $1), \
                   up AS (INSERT INTO store.files AS f (job, path, size, mtime, mtime_ns, ctime_ns, inode, fingerprint, state, error) \
                          SELECT $1, l.path, l.size, pg_catalog.to_timestamp(l.mtime_ns / 1e9), l.mtime_ns, l.ctime_ns, l.inode, l.fingerprint, \
                                 CASE WHEN l.error IS NOT NULL THEN 'failed' \
                                      WHEN EXISTS (SELECT FROM store.ingested i WHERE i.target = $9 AND i.path = l.path AND i.size = l.size \
                                                   AND i.mtime_ns = l.mtime_ns AND i.ctime_ns = l.ctime_ns AND i.inode = l.inode \
-                                                  AND i.fingerprint = l.fingerprint) THEN 'skipped' \
+                                                  AND i.fingerprint = l.fingerprint AND i.spec = $10) THEN 'skipped' \
                                      ELSE 'pending' END, l.error \
                          FROM l \
                          ON CONFLICT (job, path) DO UPDATE SET size = excluded.size, mtime = excluded.mtime, mtime_ns = excluded.mtime_ns, \
@@ -226,7 +264,7 @@ fn record_files(
              SELECT (SELECT pg_catalog.array_agg(path) FROM up WHERE state = 'skipped'), \
                     (SELECT pg_catalog.count(*) FROM up WHERE state = 'failed') + (SELECT pg_catalog.count(*) FROM gone), \
                     EXISTS (SELECT FROM prev) AND EXISTS (SELECT FROM prev FULL JOIN l USING (path) \
-                            WHERE prev.path IS NULL OR l.path IS NULL \
+                            WHERE prev.path IS NULL OR l.path IS NULL OR prev.state IN ('failed', 'changed') \
                                OR (prev.size, prev.mtime_ns, prev.ctime_ns, prev.inode, prev.fingerprint) \
                                   IS DISTINCT FROM (l.size, l.mtime_ns, l.ctime_ns, l.inode, l.fingerprint))",
             None,
@@ -240,12 +278,13 @@ fn record_files(
                 print.into(),
                 error.into(),
                 target.oid.into(),
+                spec.into(),
             ],
         )?;
         let r = t.first();
         Ok::<_, pgrx::spi::SpiError>((r.get::<Vec<String>>(1)?, r.get::<i64>(2)?, r.get::<bool>(3)?))
     })?;
-    let skipped: HashSet<PathBuf> = row.0.unwrap_or_default().into_iter().map(PathBuf::from).collect();
+    let skipped: HashSet<String> = row.0.unwrap_or_default().into_iter().collect();
     let (failed, differs) = (row.1.unwrap_or(0), row.2.unwrap_or(false));
     let first = job.claim <= 1;
     // The target's emptiness decides the fast path, once per job; probed as the owner,
@@ -261,11 +300,19 @@ fn record_files(
             &[job.id.into(), empty.into()],
         )?;
     }
-    // A restarted stream (files changed between attempts; Bloom mode cannot resume):
-    // start over on the safe path with the counters at zero, so that inserted +
-    // already_present stays the distinct count of the stream that finishes. Lines the
-    // abandoned pass inserted then count as already present.
-    let restart = !first && (differs || job.dedup == Dedup::Bloom);
+    // The stream an earlier attempt checkpointed is the one this attempt merges only if
+    // the files are the same, each was read through then, and the spec is the same.
+    let same_spec = Spi::get_one_with_args::<bool>(
+        "SELECT spec IS NOT DISTINCT FROM $2 FROM store.checkpoints WHERE job = $1",
+        &[job.id.into(), spec.into()],
+    )?
+    .unwrap_or(false);
+    // Otherwise (and always in Bloom mode, which cannot resume) start over on the safe
+    // path with the counters at zero, so that inserted + already_present stays the
+    // distinct count of the stream that finishes. Lines the abandoned pass inserted then
+    // count as already present.
+    let restart = !first && (differs || !same_spec || job.dedup == Dedup::Bloom);
+    Spi::run_with_args("UPDATE store.checkpoints SET spec = $2 WHERE job = $1", &[job.id.into(), spec.into()])?;
     if restart {
         Spi::run_with_args(
             "UPDATE store.checkpoints SET last_key = NULL, fast_path = false, inserted = 0, already_present = 0 WHERE job = $1",
@@ -282,7 +329,8 @@ fn record_files(
         "SELECT last_key, fast_path FROM store.checkpoints WHERE job = $1",
         &[job.id.into()],
     )?;
-    let total: i64 = listing.files.iter().filter(|f| !skipped.contains(&f.path)).map(|f| f.size as i64).sum();
+    let total: i64 =
+        listing.files.iter().filter(|f| !skipped.contains(&path_text(&f.path))).map(|f| f.size as i64).sum();
     Spi::run_with_args(
         "UPDATE store.jobs SET files_total = $2, files_skipped = $3, files_failed = $4, bytes_total = $5, phase = 'scanning', updated_at = pg_catalog.now() \
          WHERE id = $1",
@@ -307,11 +355,11 @@ pub fn run(id: i64, claim: i32) -> Result<Ended> {
         &progress,
         &mut inserter,
     )?;
-    finish(&job, &mut inserter, report.bloom.map(|b| b.estimated_false_drops))
+    finish(&job, &plan.spec, &mut inserter, report.bloom.map(|b| b.estimated_false_drops))
 }
 
 /// Files read unchanged go into the ledger, and the job ends; all in one transaction.
-fn finish(job: &Job, inserter: &mut Inserter, estimated_false_drops: Option<f64>) -> Result<Ended> {
+fn finish(job: &Job, spec: &str, inserter: &mut Inserter, estimated_false_drops: Option<f64>) -> Result<Ended> {
     inserter.flush_rejects()?;
     transaction(|| {
         inserter.write_status()?;
@@ -320,11 +368,11 @@ fn finish(job: &Job, inserter: &mut Inserter, estimated_false_drops: Option<f64>
             &[job.id.into()],
         )?;
         Spi::run_with_args(
-            "INSERT INTO store.ingested (target, path, size, mtime_ns, ctime_ns, inode, fingerprint, job, owner) \
-             SELECT $2, path, size, mtime_ns, ctime_ns, inode, fingerprint, job, $3 FROM store.files WHERE job = $1 AND state = 'done' \
-             ON CONFLICT (target, path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, ctime_ns = excluded.ctime_ns, \
+            "INSERT INTO store.ingested (target, path, spec, size, mtime_ns, ctime_ns, inode, fingerprint, job, owner) \
+             SELECT $2, path, $4, size, mtime_ns, ctime_ns, inode, fingerprint, job, $3 FROM store.files WHERE job = $1 AND state = 'done' \
+             ON CONFLICT (target, path, spec) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, ctime_ns = excluded.ctime_ns, \
                inode = excluded.inode, fingerprint = excluded.fingerprint, job = excluded.job, owner = excluded.owner, ingested_at = pg_catalog.now()",
-            &[job.id.into(), job.target.into(), job.owner.into()],
+            &[job.id.into(), job.target.into(), job.owner.into(), spec.into()],
         )?;
         let state = Spi::get_one_with_args::<String>(
             "UPDATE store.jobs SET state = CASE WHEN EXISTS (SELECT FROM store.files WHERE job = $1 AND state = 'failed') THEN 'partial' ELSE 'done' END, \

@@ -15,6 +15,7 @@ pub mod error;
 pub mod gucs;
 pub mod insert;
 pub mod job;
+pub mod registry;
 pub mod security;
 pub mod target;
 pub mod txn;
@@ -37,6 +38,7 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init(preloading);
     if preloading {
         PRELOADED.store(true, Ordering::Relaxed);
+        registry::init();
         worker::register();
     }
 }

@@ -2,34 +2,29 @@
 //! connects to `store.database`, claims queued or orphaned jobs one at a time and runs
 //! them.
 //!
-//! A claim, in one transaction: pick the oldest job that is queued, or running with no
-//! live worker (nobody holds its advisory lock), locking only that row (`LIMIT 1 FOR
-//! UPDATE SKIP LOCKED`); bump its `attempts` — the claim number — in the job and in its
-//! checkpoint; then take the session advisory lock on the job, last, so that a claim
-//! that cannot commit leaves no lock behind. A worker that dies loses its session and
-//! so its lock: the job is claimed again and resumes from its checkpoint. Every batch
-//! checks the claim number in its checkpoint update, so a worker whose claim was taken
-//! over stops without writing (see [`crate::insert`]).
+//! A claim, in one transaction: look at the open jobs, fairest first (owners with fewer
+//! running jobs, then the oldest); skip those a live process works on (the
+//! [`registry`] in shared memory, which only workers write); lock the first row left
+//! (`FOR UPDATE SKIP LOCKED`: only that row) and look at the registry again under the
+//! lock; bump `attempts` — the claim number — in the job and its checkpoint; enter the
+//! registry, and commit. A worker that dies leaves the registry with its process (or
+//! with shared memory, after a crash): its job is claimed again and resumes from its
+//! checkpoint. Every batch checks the claim number in its checkpoint update, so a worker
+//! whose claim was taken over stops without writing (see [`crate::insert`]). A job
+//! claimed `store.max_attempts` times without ending fails instead of crashing its
+//! workers forever.
 
 use std::time::Duration;
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 
+use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
+
 use crate::error::{Result, StoreError};
-use crate::gucs;
 use crate::job::{self, shutdown_requested, Ended};
 use crate::txn::transaction;
-
-/// High 16 bits of the first advisory-lock key of a job ("PS"); its low 16 bits and the
-/// second key hold the 48 low bits of the job id.
-const LOCK_CLASS: u32 = 0x5053_0000;
-
-/// The two advisory-lock keys of job `id` (ids stay below 2^48: 281 trillion jobs).
-fn lock_keys(id: i64) -> (i32, i32) {
-    let id = id as u64;
-    ((LOCK_CLASS | ((id >> 32) as u32 & 0xFFFF)) as i32, id as u32 as i32)
-}
+use crate::{gucs, registry};
 
 pub fn register() {
     for i in 0..gucs::WORKERS.get() {
@@ -51,6 +46,7 @@ pub extern "C-unwind" fn pg_store_worker_main(arg: pg_sys::Datum) {
     let index = unsafe { i32::from_datum(arg, false) }.unwrap_or(0);
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
+    registry::clean_up_at_exit();
     pin_search_path();
     log!("pg_store worker {index} started (pid {})", std::process::id());
     if index == 0 {
@@ -93,7 +89,7 @@ fn pin_search_path() {
 /// Remove temporary directories left by jobs of workers that died. Only worker 0 does
 /// this, when it starts: a restart of worker 0 happens only with the whole server
 /// (crash recovery) or after it exited, when no job of its is running; other workers'
-/// live jobs hold their advisory lock, and their directories carry their pid.
+/// directories carry their pid, and live workers are alive.
 fn remove_orphans() {
     let Ok(settings) = gucs::Settings::read() else { return };
     let dir = settings.temp_dir.join("jobs");
@@ -117,67 +113,81 @@ fn remove_orphans() {
     }
 }
 
-/// Claim the oldest job that is queued, or running without a live worker: its id and
+/// Open jobs looked at per claim, fairest first.
+const CANDIDATES: i64 = 64;
+
+/// Claim the fairest job that is queued, or running without a live worker: its id and
 /// the claim number.
 fn claim() -> Result<Option<(i64, i32)>> {
-    let mut locked: Option<i64> = None;
+    let mut entered: Option<i64> = None;
     let res = transaction(|| {
-        let (k1, k2) = (LOCK_CLASS as i64, 0xFFFF_FFFFi64);
-        let id = Spi::get_one_with_args::<i64>(
-            "SELECT (SELECT j.id FROM store.jobs j WHERE j.state IN ('queued', 'running') \
-               AND NOT EXISTS (SELECT FROM pg_catalog.pg_locks l WHERE l.locktype = 'advisory' AND l.objsubid = 2 \
-                     AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database()) \
-                     AND l.classid = ($1 | ((j.id >> 32) & 65535))::pg_catalog.oid AND l.objid = (j.id & $2)::pg_catalog.oid) \
-             ORDER BY j.id LIMIT 1 FOR UPDATE SKIP LOCKED)",
-            &[k1.into(), k2.into()],
-        )?;
-        let Some(id) = id else { return Ok(None) };
-        if id >= 1 << 48 {
-            return Err(StoreError::internal(format!("job id {id} is beyond the 48 bits an advisory lock key holds")));
-        }
-        let claim = Spi::get_one_with_args::<i32>(
-            "UPDATE store.jobs SET state = 'running', attempts = attempts + 1, worker_pid = pg_catalog.pg_backend_pid(), \
-             started_at = coalesce(started_at, pg_catalog.now()), updated_at = pg_catalog.now(), error = NULL, sqlstate = NULL \
-             WHERE id = $1 RETURNING attempts",
-            &[id.into()],
-        )?
-        .ok_or_else(|| StoreError::internal(format!("job {id} vanished while being claimed")))?;
-        // The fence: a worker still running an older claim of this job finds its claim
-        // number gone at its next batch, and stops.
-        Spi::run_with_args(
-            "INSERT INTO store.checkpoints (job, attempt) VALUES ($1, $2) ON CONFLICT (job) DO UPDATE SET attempt = excluded.attempt",
-            &[id.into(), claim.into()],
-        )?;
-        let (a, b) = lock_keys(id);
-        if Spi::get_one_with_args::<bool>("SELECT pg_catalog.pg_try_advisory_lock($1, $2)", &[a.into(), b.into()])?
-            != Some(true)
-        {
-            // Another worker got there between our look and now: leave it the job.
-            return Err(StoreError::Fenced);
-        }
-        locked = Some(id);
-        Ok(Some((id, claim)))
-    });
-    match res {
-        Err(StoreError::Fenced) => Ok(None),
-        Err(e) => {
-            // The claim did not commit: do not keep the lock it took.
-            if let Some(id) = locked {
-                unlock(id);
+        let ids: Vec<i64> = Spi::connect(|c| {
+            let t = c.select(
+                "SELECT j.id FROM store.jobs j WHERE j.state IN ('queued', 'running') \
+                 ORDER BY (SELECT pg_catalog.count(*) FROM store.jobs r WHERE r.state = 'running' AND r.owner = j.owner), j.id \
+                 LIMIT $1",
+                None,
+                &[CANDIDATES.into()],
+            )?;
+            t.map(|r| r.get::<i64>(1).map(Option::unwrap_or_default)).collect::<Result<Vec<_>, _>>()
+        })?;
+        for id in ids {
+            if registry::is_live(id) {
+                continue;
             }
-            Err(e)
+            let row = Spi::get_two_with_args::<i64, i32>(
+                "SELECT (SELECT id FROM store.jobs WHERE id = $1 AND state IN ('queued', 'running') FOR UPDATE SKIP LOCKED), \
+                        (SELECT attempts FROM store.jobs WHERE id = $1)",
+                &[id.into()],
+            )?;
+            let (Some(_), Some(attempts)) = row else { continue };
+            // Under the row lock: a worker that claimed it meanwhile has committed, and
+            // is in the registry.
+            if registry::is_live(id) {
+                continue;
+            }
+            let max = gucs::MAX_ATTEMPTS.get();
+            if attempts >= max {
+                let e = StoreError::refused(
+                    ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                    format!("gave up after {attempts} attempts: each one ended with its worker gone (store.max_attempts = {max})"),
+                );
+                Spi::run_with_args(
+                    "UPDATE store.jobs SET state = 'failed', error = $2, sqlstate = $3, finished_at = pg_catalog.now(), \
+                     updated_at = pg_catalog.now() WHERE id = $1",
+                    &[id.into(), e.to_string().into(), e.sqlstate().into()],
+                )?;
+                log!("pg_store job {id}: {e}");
+                continue;
+            }
+            let claim = Spi::get_one_with_args::<i32>(
+                "UPDATE store.jobs SET state = 'running', attempts = attempts + 1, worker_pid = pg_catalog.pg_backend_pid(), \
+                 started_at = coalesce(started_at, pg_catalog.now()), updated_at = pg_catalog.now(), error = NULL, sqlstate = NULL \
+                 WHERE id = $1 RETURNING attempts",
+                &[id.into()],
+            )?
+            .ok_or_else(|| StoreError::internal(format!("job {id} vanished while being claimed")))?;
+            // The fence: a worker still running an older claim of this job finds its claim
+            // number gone at its next batch, and stops.
+            Spi::run_with_args(
+                "INSERT INTO store.checkpoints (job, attempt) VALUES ($1, $2) ON CONFLICT (job) DO UPDATE SET attempt = excluded.attempt",
+                &[id.into(), claim.into()],
+            )?;
+            if !registry::enter(id, claim, 0) {
+                return Err(StoreError::internal("the pg_store registry of running jobs is full"));
+            }
+            entered = Some(id);
+            return Ok(Some((id, claim)));
         }
-        ok => ok,
+        Ok(None)
+    });
+    if res.is_err() {
+        // The claim did not commit: this process does not run the job.
+        if let Some(id) = entered {
+            registry::leave(id);
+        }
     }
-}
-
-fn unlock(id: i64) {
-    let (a, b) = lock_keys(id);
-    if let Err(e) =
-        transaction(|| Ok(Spi::run_with_args("SELECT pg_catalog.pg_advisory_unlock($1, $2)", &[a.into(), b.into()])?))
-    {
-        log!("pg_store job {id}: could not release its advisory lock: {e}");
-    }
+    res
 }
 
 fn run_claimed(id: i64, claim: i32) {
@@ -200,10 +210,12 @@ fn run_claimed(id: i64, claim: i32) {
         }
         Err(StoreError::Fenced) => {
             log!("pg_store job {id}: another worker claimed it; leaving it to that worker");
-            unlock(id);
+            registry::leave(id);
             return;
         }
         Err(StoreError::Cancelled) => ("cancelled", None),
+        // store_cancel signals the worker, which interrupts whatever statement it was in.
+        Err(e) if e.is_query_canceled() && job::cancel_requested(id) => ("cancelled", None),
         Err(e) => {
             log!("pg_store job {id} failed: {e} (SQLSTATE {})", e.sqlstate());
             ("failed", Some(e))
@@ -221,5 +233,5 @@ fn run_claimed(id: i64, claim: i32) {
             log!("pg_store job {id}: could not record its end: {e}");
         }
     }
-    unlock(id);
+    registry::leave(id);
 }

@@ -10,6 +10,7 @@
 mod common;
 
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -510,4 +511,191 @@ fn a_role_sees_and_cancels_only_its_own_jobs() {
     let t = Instant::now();
     c.wait_state(hold, &["cancelled"], Duration::from_secs(30));
     assert!(t.elapsed() < Duration::from_secs(30));
+}
+
+/// Review finding: the ledger skipped a file ingested into the same table with another
+/// filter, column, mode or limit, so its other lines were never read. The ledger now
+/// holds the spec that decided the lines, and skips only for the same spec.
+#[test]
+fn the_ledger_skips_a_file_only_for_the_same_column_filter_mode_and_limits() {
+    let c = Cluster::start("spec", "");
+    let dir = readable_dir(&c.dir.join("in"));
+    fs::write(dir.join("a.txt"), "ERROR one\ninfo two\nERROR three\n").unwrap();
+    q(&c, "CREATE TABLE two (a text UNIQUE, b text UNIQUE)");
+    let run = |args: &str| {
+        let job = num(&c, &format!("SELECT store_ingest('{}', {args})", dir.display()));
+        c.wait_done(job);
+        q(&c, &format!("SELECT files_skipped || ' ' || inserted FROM store.status WHERE id = {job}"))
+    };
+    assert_eq!(run("'store.lines', filter => 'NOTHING MATCHES THIS'"), "0 0");
+    assert_eq!(run("'store.lines'"), "0 3", "an unfiltered job reads the file a filtered one read");
+    assert_eq!(run("'store.lines'"), "1 0", "and the same job again skips it");
+    assert_eq!(run("'two', 'a', filter => 'ERROR'"), "0 2");
+    assert_eq!(run("'two', 'b'"), "0 3", "another column of the same table is another ingest");
+    reload(&c, "ALTER SYSTEM SET store.max_line_bytes = 9");
+    assert_eq!(run("'two', 'b'"), "0 0", "another length limit reads it again (and finds nothing new)");
+    // Dropping a table takes its ledger rows with it.
+    q(&c, "DROP TABLE two");
+    assert_eq!(num(&c, "SELECT count(*) FROM store.ingested WHERE target::oid NOT IN (SELECT oid FROM pg_class)"), 0);
+}
+
+/// Review finding: a file that failed in an earlier attempt (a passing EIO, EACCES)
+/// and could be read on the resume was read only past the checkpoint, so its lines
+/// before it were lost, and the job ended done. A resume over files that failed or
+/// changed now starts the stream over.
+#[test]
+fn a_file_that_failed_in_an_earlier_attempt_restarts_the_stream() {
+    let c = Cluster::start("failedfirst", "store.batch_max = 1000");
+    let (dir, _) = big(&c);
+    // The last file (read last, keys everywhere in the key space) cannot be read at first.
+    let locked = dir.join("part-0003.txt");
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o000)).unwrap();
+    let job = c.ingest(&format!("'{}'", dir.display()));
+    wait_mid_insert(&c, job);
+    assert_eq!(
+        q(&c, &format!("SELECT state FROM store.files WHERE job = {job} AND path LIKE '%part-0003.txt'")),
+        "failed"
+    );
+    c.stop_fast();
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o644)).unwrap();
+    c.pg_ctl_start();
+    c.wait_done(job);
+    let want = oracle(&dir, 65536).unwrap();
+    assert_eq!(c.table_sha("store.lines", "line"), want.sha256, "every line of the file that failed at first is in");
+    assert_eq!(num(&c, &format!("SELECT merge_restarts FROM store.status WHERE id = {job}")), 1);
+}
+
+/// Review finding: whether a job's worker was alive was told by an advisory lock that
+/// any role can take. A role holding the keys of the next jobs stalled them forever.
+#[test]
+fn advisory_locks_taken_by_a_user_do_not_stall_jobs() {
+    let c = Cluster::start("advlock", "");
+    let dir = readable_dir(&c.dir.join("in"));
+    fs::write(dir.join("a.txt"), "one\n").unwrap();
+    q(&c, "CREATE ROLE nobody_special LOGIN");
+    let next = num(&c, "SELECT last_value + 1 FROM store.jobs_id_seq");
+    // Every key the old scheme (and the two-key scheme) would use for the next jobs,
+    // held by an idle session.
+    let mut hold = Command::new(format!("{BIN}/psql"))
+        .args([
+            "-XAtq",
+            "-h",
+            c.dir.to_str().unwrap(),
+            "-p",
+            &c.port.to_string(),
+            "-U",
+            "nobody_special",
+            "-d",
+            "postgres",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = hold.stdin.as_mut().unwrap();
+    for id in next..next + 3 {
+        writeln!(
+            stdin,
+            "SELECT pg_advisory_lock(20563, {id}::int); SELECT pg_advisory_lock({}, {id});",
+            0x5053_0000u32 as i32
+        )
+        .unwrap();
+    }
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        let job = c.ingest(&format!("'{}'", dir.display()));
+        c.wait_state(job, &["done", "failed"], Duration::from_secs(30));
+    }
+    let _ = hold.kill();
+    let _ = hold.wait();
+}
+
+/// Review finding: a batch waiting on a lock (or stuck in a trigger) never looked at
+/// cancel_requested, and the owner could not cancel its own job. store_cancel now
+/// interrupts the worker's statement once it commits.
+#[test]
+fn cancel_interrupts_a_batch_that_waits_on_a_lock() {
+    let c = Cluster::start("cancellock", "store.batch_max = 1000");
+    let (dir, _) = big(&c);
+    q(&c, "CREATE ROLE owner1 LOGIN IN ROLE pg_read_server_files; CREATE TABLE locked (line text UNIQUE); GRANT INSERT, SELECT ON locked TO owner1");
+    let job = c
+        .psql_as("owner1", &format!("SELECT store_ingest('{}', 'locked')", dir.display()))
+        .unwrap()
+        .parse::<i64>()
+        .unwrap();
+    wait_mid_insert(&c, job);
+    // An idle session holds the table: the next batch waits on its lock for ever.
+    let mut holder = Command::new(format!("{BIN}/psql"))
+        .args(["-XAtq", "-h", c.dir.to_str().unwrap(), "-p", &c.port.to_string(), "-U", "postgres", "-d", "postgres"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(
+        holder.stdin.as_mut().unwrap(),
+        "BEGIN; LOCK TABLE locked IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(600);"
+    )
+    .unwrap();
+    holder.stdin.as_mut().unwrap().flush().unwrap();
+    c.wait_until("SELECT EXISTS (SELECT FROM pg_stat_activity WHERE backend_type = 'pg_store worker' AND wait_event_type = 'Lock')", Duration::from_secs(30));
+    assert_eq!(c.psql_as("owner1", &format!("SELECT store_cancel({job})")).unwrap(), "t");
+    let t = Instant::now();
+    assert_eq!(c.wait_state(job, &["cancelled", "failed", "done"], Duration::from_secs(20)), "cancelled");
+    println!("cancelled a batch waiting on a lock in {} ms", t.elapsed().as_millis());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
+
+/// Review finding: a job whose worker keeps dying was claimed again for ever, each
+/// death a crash-restart of the whole server. store.max_attempts ends it.
+#[test]
+fn a_job_whose_worker_keeps_dying_fails_after_max_attempts() {
+    let c = Cluster::start("attempts", "store.max_attempts = 2\nstore.batch_max = 1000");
+    let (dir, _) = big(&c);
+    let job = c.ingest(&format!("'{}'", dir.display()));
+    for _ in 0..2 {
+        c.wait_until(&format!("SELECT coalesce((SELECT state = 'running' AND worker_pid IS NOT NULL AND phase IS NOT NULL FROM store.jobs WHERE id = {job}), false)"), Duration::from_secs(60));
+        let pid: i32 = q(&c, &format!("SELECT worker_pid FROM store.jobs WHERE id = {job}")).parse().unwrap();
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        // Wait for the crash restart to clear the worker's pid from the row's next claim.
+        c.wait_until(&format!("SELECT coalesce((SELECT worker_pid <> {pid} OR state <> 'running' FROM store.jobs WHERE id = {job}), false)"), Duration::from_secs(60));
+    }
+    assert_eq!(c.wait_state(job, &["failed", "done"], Duration::from_secs(60)), "failed");
+    let s = state_and_error(&c, job);
+    assert!(s.starts_with("failed 54000 ") && s.contains("gave up after 2 attempts"), "{s}");
+}
+
+/// Review finding: file names that are not UTF-8 were converted lossily, so two of them
+/// could collide and fail every job on the directory.
+#[test]
+fn file_names_that_are_not_utf8_are_kept_apart() {
+    use std::os::unix::ffi::OsStrExt;
+    let c = Cluster::start("names8", "");
+    let dir = readable_dir(&c.dir.join("in"));
+    fs::write(dir.join(std::ffi::OsStr::from_bytes(b"a\xff.txt")), "from ff\n").unwrap();
+    fs::write(dir.join(std::ffi::OsStr::from_bytes(b"a\xfe.txt")), "from fe\n").unwrap();
+    let job = c.ingest(&format!("'{}'", dir.display()));
+    c.wait_done(job);
+    assert_eq!(q(&c, "SELECT string_agg(line, ',' ORDER BY line) FROM store.lines"), "from fe,from ff");
+    let names = q(
+        &c,
+        &format!(
+            "SELECT string_agg(substr(path, length('{}') + 2), ',' ORDER BY path) FROM store.files WHERE job = {job}",
+            dir.display()
+        ),
+    );
+    assert_eq!(names, r"a\xFE.txt,a\xFF.txt");
+    let again = c.ingest(&format!("'{}'", dir.display()));
+    c.wait_done(again);
+    assert_eq!(q(&c, &format!("SELECT files_skipped FROM store.status WHERE id = {again}")), "2");
+}
+
+/// Review finding: the database encoding was never checked; lines are UTF-8.
+#[test]
+fn a_database_that_is_not_utf8_is_refused() {
+    let c = Cluster::start("latin1", "store.database = 'latin'");
+    q(&c, "CREATE DATABASE latin ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0");
+    c.psql_in("latin", "postgres", "CREATE EXTENSION pg_store").unwrap();
+    let e = c.psql_in("latin", "postgres", "SELECT store_ingest('/tmp')").unwrap_err();
+    assert!(e.contains("pg_store needs a database with UTF8 encoding"), "{e}");
 }

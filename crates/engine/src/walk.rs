@@ -27,6 +27,32 @@ use serde::Serialize;
 
 use super::error::{Error, IoContext, Result};
 
+/// A path as text for the database: its bytes when they are UTF-8 (as they nearly always
+/// are), else with each byte that is not part of a valid character written as `\xHH`.
+/// Two different paths stay two different texts, so no two files share a row.
+pub fn path_text(p: &Path) -> String {
+    let mut bytes = p.as_os_str().as_bytes();
+    let mut out = String::with_capacity(bytes.len());
+    loop {
+        match std::str::from_utf8(bytes) {
+            Ok(s) => {
+                out.push_str(s);
+                return out;
+            }
+            Err(e) => {
+                let (good, bad) = bytes.split_at(e.valid_up_to());
+                // SAFETY: `valid_up_to` bytes were just checked.
+                out.push_str(unsafe { std::str::from_utf8_unchecked(good) });
+                let n = e.error_len().unwrap_or(bad.len());
+                for b in &bad[..n] {
+                    out.push_str(&format!("\\x{b:02X}"));
+                }
+                bytes = &bad[n..];
+            }
+        }
+    }
+}
+
 /// What tells one version of a file from another without reading it whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Identity {
@@ -362,6 +388,16 @@ mod tests {
         assert_eq!(s, "x\n");
         let err = walk(&p.join("missing")).unwrap_err().to_string();
         assert!(err.contains("missing") && err.contains("No such file"), "{err}");
+    }
+
+    #[test]
+    fn paths_that_are_not_utf8_become_distinct_texts() {
+        use std::os::unix::ffi::OsStrExt;
+        let a = Path::new(OsStr::from_bytes(b"/d/a\xff.txt"));
+        let b = Path::new(OsStr::from_bytes(b"/d/a\xfe.txt"));
+        assert_eq!(path_text(a), "/d/a\\xFF.txt");
+        assert_ne!(path_text(a), path_text(b));
+        assert_eq!(path_text(Path::new("/d/é.txt")), "/d/é.txt");
     }
 
     #[test]
