@@ -40,6 +40,7 @@ CREATE TABLE store.jobs (
     temp_bytes      bigint,
     estimated_false_drops double precision,
     merge_restarts  integer     NOT NULL DEFAULT 0,
+    ranges          integer     NOT NULL DEFAULT 0,
     created_at      timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
     insert_started_at timestamptz,
@@ -78,6 +79,7 @@ COMMENT ON COLUMN store.jobs.memory_peak IS 'Largest private resident memory (Rs
 COMMENT ON COLUMN store.jobs.temp_bytes IS 'Largest temporary disk use of the job, bytes';
 COMMENT ON COLUMN store.jobs.estimated_false_drops IS 'bloom mode: expected new records wrongly dropped as repeats';
 COMMENT ON COLUMN store.jobs.merge_restarts IS 'Times the stream started over because files changed between attempts (its counters restart with it)';
+COMMENT ON COLUMN store.jobs.ranges IS 'Key ranges the sorted stream is inserted in, one process each (0 until the sort is done)';
 COMMENT ON COLUMN store.jobs.created_at IS 'When store_ingest queued the job';
 COMMENT ON COLUMN store.jobs.started_at IS 'When a worker first started the job';
 COMMENT ON COLUMN store.jobs.insert_started_at IS 'When the current attempt began inserting';
@@ -89,25 +91,46 @@ COMMENT ON COLUMN store.jobs.sqlstate IS 'SQLSTATE of the error that failed the 
 CREATE INDEX jobs_open ON store.jobs (id) WHERE state IN ('queued', 'running');
 
 CREATE TABLE store.checkpoints (
-    job             bigint      PRIMARY KEY REFERENCES store.jobs ON DELETE CASCADE,
+    job             bigint      NOT NULL REFERENCES store.jobs ON DELETE CASCADE,
+    range           integer     NOT NULL DEFAULT 0,
     attempt         integer     NOT NULL,
     spec            text,
+    key_after       text,
+    key_upto        text,
     last_key        text,
     inserted        bigint      NOT NULL DEFAULT 0,
     already_present bigint      NOT NULL DEFAULT 0,
+    duplicates      bigint      NOT NULL DEFAULT 0,
     batches         bigint      NOT NULL DEFAULT 0,
+    batch_size      integer,
     fast_path       boolean     NOT NULL DEFAULT false,
-    updated_at      timestamptz NOT NULL DEFAULT now()
+    done            boolean     NOT NULL DEFAULT false,
+    worker_pid      integer,
+    memory_peak     bigint,
+    error           text,
+    sqlstate        text,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job, range)
 );
-COMMENT ON TABLE store.checkpoints IS 'Where each job stands in its merged stream; updated in the same transaction as every insert batch, so a crash neither loses nor repeats a batch';
+COMMENT ON TABLE store.checkpoints IS 'Where each key range of each job stands in its merged stream; updated in the same transaction as every insert batch of that range, so a crash neither loses nor repeats a batch';
 COMMENT ON COLUMN store.checkpoints.job IS 'The job';
-COMMENT ON COLUMN store.checkpoints.attempt IS 'Claim number of the worker allowed to commit batches; a worker whose claim was taken over finds it changed and stops';
+COMMENT ON COLUMN store.checkpoints.range IS 'Key range of the job''s sorted stream, 0 first; each is inserted by one process (the worker, or an inserter it started)';
+COMMENT ON COLUMN store.checkpoints.attempt IS 'Claim number of the job whose processes may commit batches; a process whose claim was taken over finds it changed and stops';
 COMMENT ON COLUMN store.checkpoints.spec IS 'What decides the stream''s lines (column, dedup mode, length limits, filter): a resumed job whose spec changed starts its stream over';
-COMMENT ON COLUMN store.checkpoints.last_key IS 'Greatest line committed so far (exact mode): a resumed merge starts after it; NULL means from the start';
-COMMENT ON COLUMN store.checkpoints.inserted IS 'Lines of the job''s stream inserted into the target by this job';
-COMMENT ON COLUMN store.checkpoints.already_present IS 'Lines of the job''s stream the target already held';
+COMMENT ON COLUMN store.checkpoints.key_after IS 'The range starts after this line (NULL: at the first)';
+COMMENT ON COLUMN store.checkpoints.key_upto IS 'The range ends with this line (NULL: at the last)';
+COMMENT ON COLUMN store.checkpoints.last_key IS 'Greatest line of the range committed so far (exact mode): a resumed merge starts after it; NULL means from the range''s start';
+COMMENT ON COLUMN store.checkpoints.inserted IS 'Lines of the range inserted into the target by this job';
+COMMENT ON COLUMN store.checkpoints.already_present IS 'Lines of the range the target already held';
+COMMENT ON COLUMN store.checkpoints.duplicates IS 'Repeats the range''s merge met across sorted runs';
 COMMENT ON COLUMN store.checkpoints.batches IS 'Insert batches committed';
-COMMENT ON COLUMN store.checkpoints.fast_path IS 'The target was empty when the job began: batches use a plain INSERT until a conflict shows otherwise';
+COMMENT ON COLUMN store.checkpoints.batch_size IS 'Rows in the latest batch';
+COMMENT ON COLUMN store.checkpoints.fast_path IS 'Batches use a plain INSERT (keys proven or found new) rather than ON CONFLICT DO NOTHING';
+COMMENT ON COLUMN store.checkpoints.done IS 'Every line of the range was committed';
+COMMENT ON COLUMN store.checkpoints.worker_pid IS 'PID of the process that inserts, or last inserted, the range';
+COMMENT ON COLUMN store.checkpoints.memory_peak IS 'Largest private resident memory of that process, bytes';
+COMMENT ON COLUMN store.checkpoints.error IS 'Why the range''s inserter failed';
+COMMENT ON COLUMN store.checkpoints.sqlstate IS 'SQLSTATE of that error';
 COMMENT ON COLUMN store.checkpoints.updated_at IS 'Commit time of the last batch';
 
 CREATE TABLE store.files (

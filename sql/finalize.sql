@@ -34,15 +34,17 @@ SELECT j.id,
        j.empty,
        j.rejected,
        j.filtered,
-       j.duplicates,
+       j.duplicates + coalesce(c.duplicates, 0) AS duplicates,
        coalesce(c.inserted, 0) AS inserted,
        coalesce(c.already_present, 0) AS already_present,
-       j.batch_size,
+       j.ranges,
+       coalesce(c.ranges_done, 0) AS ranges_done,
+       coalesce(c.batch_size, j.batch_size) AS batch_size,
        CASE WHEN j.insert_started_at IS NOT NULL AND coalesce(j.finished_at, j.updated_at) > j.insert_started_at
             THEN round(((coalesce(c.inserted, 0) + coalesce(c.already_present, 0))
                  / extract(epoch FROM coalesce(j.finished_at, j.updated_at) - j.insert_started_at))::numeric, 1)
        END AS rows_per_second,
-       j.memory_peak,
+       greatest(j.memory_peak, c.memory_peak) AS memory_peak,
        j.temp_bytes,
        j.dedup,
        j.estimated_false_drops,
@@ -55,7 +57,10 @@ SELECT j.id,
        j.error,
        j.sqlstate
   FROM store.jobs j
-  LEFT JOIN store.checkpoints c ON c.job = j.id;
+  LEFT JOIN (SELECT job, sum(inserted)::bigint AS inserted, sum(already_present)::bigint AS already_present,
+                    sum(duplicates)::bigint AS duplicates, max(memory_peak) AS memory_peak, sum(batch_size)::integer AS batch_size,
+                    count(*) FILTER (WHERE done)::integer AS ranges_done
+               FROM store.checkpoints GROUP BY job) c ON c.job = j.id;
 COMMENT ON VIEW store.status IS 'One row per job the caller may see: state, phase and live progress';
 COMMENT ON COLUMN store.status.id IS 'Job id';
 COMMENT ON COLUMN store.status.path IS 'Canonical path ingested';
@@ -74,12 +79,14 @@ COMMENT ON COLUMN store.status.records IS 'Non-empty records seen';
 COMMENT ON COLUMN store.status.empty IS 'Empty records skipped';
 COMMENT ON COLUMN store.status.rejected IS 'Invalid records (see store.rejects)';
 COMMENT ON COLUMN store.status.filtered IS 'Records dropped by the filter';
-COMMENT ON COLUMN store.status.duplicates IS 'Repeats within the input';
+COMMENT ON COLUMN store.status.duplicates IS 'Repeats within the input (met while sorting and while merging)';
 COMMENT ON COLUMN store.status.inserted IS 'Lines inserted by the job';
 COMMENT ON COLUMN store.status.already_present IS 'Lines the target already held';
-COMMENT ON COLUMN store.status.batch_size IS 'Rows in the latest insert batch';
+COMMENT ON COLUMN store.status.ranges IS 'Key ranges inserted in parallel, one process each (see store.ranges)';
+COMMENT ON COLUMN store.status.ranges_done IS 'Ranges completely inserted';
+COMMENT ON COLUMN store.status.batch_size IS 'Rows in the latest insert batches of all ranges together';
 COMMENT ON COLUMN store.status.rows_per_second IS 'Lines (inserted or already present) per second since inserting began';
-COMMENT ON COLUMN store.status.memory_peak IS 'Largest private memory of the worker during the job, bytes';
+COMMENT ON COLUMN store.status.memory_peak IS 'Largest private memory of any process of the job (the worker, its inserters), bytes';
 COMMENT ON COLUMN store.status.temp_bytes IS 'Largest temporary disk use, bytes';
 COMMENT ON COLUMN store.status.dedup IS 'exact or bloom';
 COMMENT ON COLUMN store.status.estimated_false_drops IS 'bloom mode: expected new lines wrongly dropped';
@@ -91,6 +98,36 @@ COMMENT ON COLUMN store.status.updated_at IS 'Last progress update';
 COMMENT ON COLUMN store.status.finished_at IS 'When it ended';
 COMMENT ON COLUMN store.status.error IS 'Why it failed';
 COMMENT ON COLUMN store.status.sqlstate IS 'SQLSTATE of that error';
+
+CREATE VIEW store.ranges WITH (security_invoker = true) AS
+SELECT c.job,
+       c.range,
+       CASE WHEN c.done THEN 'done' WHEN c.error IS NOT NULL THEN 'failed' WHEN j.state = 'running' THEN 'running' ELSE j.state END AS state,
+       c.key_after,
+       c.key_upto,
+       c.inserted,
+       c.already_present,
+       c.batches,
+       c.batch_size,
+       c.worker_pid,
+       c.memory_peak,
+       c.updated_at,
+       c.error
+  FROM store.checkpoints c JOIN store.jobs j ON j.id = c.job;
+COMMENT ON VIEW store.ranges IS 'Per key range of a job: who inserts it and how far it got';
+COMMENT ON COLUMN store.ranges.job IS 'Job id';
+COMMENT ON COLUMN store.ranges.range IS 'Range number, 0 first';
+COMMENT ON COLUMN store.ranges.state IS 'running, done, failed, or the job''s state';
+COMMENT ON COLUMN store.ranges.key_after IS 'The range starts after this line';
+COMMENT ON COLUMN store.ranges.key_upto IS 'The range ends with this line';
+COMMENT ON COLUMN store.ranges.inserted IS 'Lines inserted';
+COMMENT ON COLUMN store.ranges.already_present IS 'Lines the target already held';
+COMMENT ON COLUMN store.ranges.batches IS 'Batches committed';
+COMMENT ON COLUMN store.ranges.batch_size IS 'Rows in the latest batch';
+COMMENT ON COLUMN store.ranges.worker_pid IS 'Process inserting the range';
+COMMENT ON COLUMN store.ranges.memory_peak IS 'Largest private memory of that process, bytes';
+COMMENT ON COLUMN store.ranges.updated_at IS 'Commit time of the last batch';
+COMMENT ON COLUMN store.ranges.error IS 'Why the range failed';
 
 CREATE FUNCTION store_wait(job bigint, timeout interval DEFAULT NULL)
 RETURNS SETOF store.status
@@ -104,7 +141,7 @@ COMMENT ON FUNCTION store_wait(bigint, interval) IS 'Wait (interruptibly) for a 
 
 GRANT USAGE ON SCHEMA store TO PUBLIC;
 -- Row-level security limits every role to its own jobs.
-GRANT SELECT ON store.status, store.jobs, store.files, store.rejects, store.checkpoints, store.ingested TO PUBLIC;
+GRANT SELECT ON store.status, store.ranges, store.jobs, store.files, store.rejects, store.checkpoints, store.ingested TO PUBLIC;
 -- Reading server files takes what COPY FROM a file takes: those roles may use the
 -- default target. store_ingest and store_cancel check privileges themselves.
 GRANT SELECT, INSERT ON store.lines TO pg_read_server_files;

@@ -130,6 +130,17 @@ pub fn sqlstate_text(code: PgSqlErrorCode) -> String {
     (0..5).map(|i| (((code >> (6 * i)) & 0x3F) as u8 + b'0') as char).collect()
 }
 
+/// The error code of a five-character SQLSTATE (one recorded by another process).
+pub fn code_of_sqlstate(s: &str) -> PgSqlErrorCode {
+    let b = s.as_bytes();
+    if b.len() != 5 {
+        return ERRCODE_INTERNAL_ERROR;
+    }
+    // MAKE_SQLSTATE: five 6-bit characters, first character lowest.
+    let code = b.iter().enumerate().map(|(i, &c)| ((c.wrapping_sub(b'0') as i32) & 0x3F) << (6 * i)).sum::<i32>();
+    PgSqlErrorCode::from(code)
+}
+
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -228,5 +239,7 @@ mod tests {
         );
         assert_eq!(StoreError::from(eacces).sqlstate(), "42501");
         assert_eq!(StoreError::Cancelled.sqlstate(), "57014");
+        assert_eq!(code_of_sqlstate("53100"), ERRCODE_DISK_FULL);
+        assert_eq!(code_of_sqlstate("nope"), ERRCODE_INTERNAL_ERROR);
     }
 }

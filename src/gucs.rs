@@ -27,6 +27,7 @@ pub static ALLOWED_DIRS: GucSetting<Option<CString>> = GucSetting::<Option<CStri
 pub static COMPRESS_RUNS: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static CHECK_TEMP_SPACE: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
+pub static INSERT_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static FAULT_INJECTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// Define the settings. Postmaster-level ones (`store.workers`, `store.database`) can
@@ -163,6 +164,16 @@ fn define_reloadable_gucs() {
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
+        c"store.insert_workers",
+        c"Processes that insert one job's sorted lines, each a key range of its own; 0 means one per core.",
+        c"Inserters beyond the first are dynamic background workers: each takes a slot of max_worker_processes.",
+        &INSERT_WORKERS,
+        0,
+        64,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
         c"store.max_attempts",
         c"Claims of a job whose worker keeps disappearing (crash, kill, shutdown) before it fails for good.",
         c"",
@@ -211,6 +222,8 @@ pub struct Settings {
     pub compress_runs: bool,
     pub check_temp_space: bool,
     pub fault: Option<Fault>,
+    /// Processes inserting one job's ranges.
+    pub insert_workers: usize,
 }
 
 impl Settings {
@@ -237,6 +250,10 @@ impl Settings {
             compress_runs: COMPRESS_RUNS.get(),
             check_temp_space: CHECK_TEMP_SPACE.get(),
             fault,
+            insert_workers: match INSERT_WORKERS.get() {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n as usize,
+            },
         })
     }
 

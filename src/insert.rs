@@ -1,15 +1,19 @@
-//! The SPI consumer of the distinct stream: a [`Sink`] that inserts each batch in one
-//! transaction together with the job's checkpoint, so a crash at any instant loses
-//! nothing and repeats nothing; and that records rejects, file outcomes and progress.
+//! The SPI consumer of the distinct stream: a [`Sink`] that inserts each batch of a key
+//! range in one transaction together with that range's checkpoint, so a crash at any
+//! instant loses nothing and repeats nothing; and, in the job's worker (the leader),
+//! records rejects, file outcomes and the job's progress.
 //!
-//! Two prepared statements per job: a plain `INSERT … SELECT unnest($1::text[])` for
-//! keys proven new (the target was empty when the job began and the stream is
-//! distinct), and the same with `ON CONFLICT DO NOTHING` for everything else. A unique
-//! violation on the fast path (a concurrent writer) redoes that batch on the safe path
-//! and keeps the job there. Transient errors are retried with exponential backoff.
+//! Two prepared statements per process: a plain `INSERT … SELECT unnest($1::text[])`
+//! and the same with `ON CONFLICT DO NOTHING`. The plain one is used while keys are
+//! proven new (the target was empty when the job began, and ranges are disjoint), and,
+//! optimistically, when the batches before came back without a single line already
+//! present — the steady state of a table growing by new files. A unique violation on the
+//! plain path redoes that batch on the safe path; an optimistic attempt that fails waits
+//! twice as many batches before the next (at most 64), a proven one never tries again.
 //! Both statements are prepared and run as the job's owner in a security-restricted
-//! operation. The checkpoint update carries the claim number: a worker whose claim was
-//! taken over by another finds no row to update, and stops.
+//! operation. Transient errors are retried with exponential backoff. The checkpoint
+//! update carries the claim number: a process whose claim was taken over finds no row
+//! to update, and stops.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,8 +26,9 @@ use store_engine::walk::FileEntry;
 use store_engine::{limits, Flow, Phase, Progress, Sink};
 
 use crate::error::{Result, StoreError};
-use crate::job::{reload_on_sighup, shutdown_requested, Job, Plan};
+use crate::job::{reload_on_sighup, shutdown_requested, Job};
 use crate::security::as_role;
+use crate::target::Target;
 use crate::txn::transaction;
 
 /// Retries of a batch after a transient error (serialization failure, deadlock, lock
@@ -33,9 +38,11 @@ const RETRIES: u32 = 3;
 /// Rejects are stored in batches of this many (and at every file's end).
 const REJECT_FLUSH: usize = 1000;
 
-/// How often the job's counters are written to `store.jobs` (and a cancel looked for
-/// while scanning).
+/// How often the job's counters are written (and a cancel looked for while scanning).
 const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+/// Most batches an optimistic plain INSERT waits after failures before it tries again.
+const MAX_BACKOFF: u32 = 64;
 
 /// One reject, waiting to be stored.
 struct RejectRow {
@@ -46,47 +53,127 @@ struct RejectRow {
     raw: Vec<u8>,
 }
 
+/// The job's worker, or an inserter it started for one range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Reads the files, writes the job's status, rejects and file outcomes; inserts
+    /// range 0 and any range no inserter took.
+    Leader,
+    /// Inserts one range; writes only that range's checkpoint.
+    Helper,
+}
+
+/// How the next batch is inserted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Plain INSERT: keys proven new.
+    Proven,
+    /// ON CONFLICT DO NOTHING, trying a plain INSERT again after `wait` batches.
+    Safe { wait: u32, backoff: u32 },
+    /// A plain INSERT tried because the batches before found nothing present.
+    Optimistic { backoff: u32 },
+}
+
+/// Where a range resumes.
+pub struct Resume {
+    pub last_key: Option<String>,
+}
+
 pub struct Inserter {
     job: Job,
+    role: Role,
+    range: i32,
     fast_sql: String,
     safe_sql: String,
     fast: Option<OwnedPreparedStatement>,
     safe: Option<OwnedPreparedStatement>,
-    fast_path: bool,
+    path: Path,
+    /// The scan's counters (the leader's).
     progress: Arc<Progress>,
+    /// The current range's merge counters.
+    merged: Arc<Progress>,
     rejects: Vec<RejectRow>,
     last_status: Instant,
     batch_size: i32,
     /// Records the merge is expected to hand over: what inserting has to get through.
     insert_total: u64,
-    inserted_so_far: u64,
     /// Largest private resident memory seen at a status write (bytes).
     memory_peak: u64,
 }
 
 impl Inserter {
-    pub fn new(job: &Job, plan: &Plan, progress: Arc<Progress>) -> Inserter {
+    pub fn new(job: &Job, target: &Target, role: Role, progress: Arc<Progress>) -> Inserter {
         let fast_sql = format!(
             "INSERT INTO {} ({}) SELECT pg_catalog.unnest($1::pg_catalog.text[])",
-            plan.target.name,
-            plan.target.quoted_column()
+            target.name,
+            target.quoted_column()
         );
         let safe_sql = format!("{fast_sql} ON CONFLICT DO NOTHING");
         Inserter {
             job: job.clone(),
+            role,
+            range: 0,
             fast_sql,
             safe_sql,
             fast: None,
             safe: None,
-            fast_path: plan.fast_path,
+            path: Path::Safe { wait: 0, backoff: 1 },
             progress,
+            merged: Arc::default(),
             rejects: Vec::new(),
             last_status: Instant::now(),
             batch_size: 0,
             insert_total: 0,
-            inserted_so_far: 0,
             memory_peak: 0,
         }
+    }
+
+    /// Work on `range` from now on (in the caller's transaction): where it resumes.
+    pub fn enter_range(&mut self, range: i32) -> Result<Resume> {
+        let (key, fast) = Spi::get_two_with_args::<String, bool>(
+            "SELECT last_key, fast_path FROM store.checkpoints WHERE job = $1 AND range = $2 AND attempt = $3",
+            &[self.job.id.into(), range.into(), self.job.claim.into()],
+        )?;
+        let Some(fast) = fast else { return Err(StoreError::Fenced) };
+        Spi::run_with_args(
+            "UPDATE store.checkpoints SET worker_pid = pg_catalog.pg_backend_pid(), error = NULL, sqlstate = NULL \
+             WHERE job = $1 AND range = $2",
+            &[self.job.id.into(), range.into()],
+        )?;
+        self.range = range;
+        self.path = if fast { Path::Proven } else { Path::Safe { wait: 0, backoff: 1 } };
+        self.merged = Arc::default();
+        Ok(Resume { last_key: key })
+    }
+
+    /// The counters of the merge that feeds the current range.
+    pub fn merging(&mut self, merged: Arc<Progress>) {
+        self.merged = merged;
+    }
+
+    /// The current range is complete (in the caller's transaction).
+    pub fn range_done(&mut self) -> Result<()> {
+        let fenced = Spi::get_one_with_args::<bool>(
+            "WITH c AS (UPDATE store.checkpoints SET done = true, duplicates = $4, memory_peak = greatest(memory_peak, $5), \
+                 updated_at = pg_catalog.now() \
+               WHERE job = $1 AND range = $2 AND attempt = $3 RETURNING 1) SELECT NOT EXISTS (SELECT FROM c)",
+            &[
+                self.job.id.into(),
+                self.range.into(),
+                self.job.claim.into(),
+                (self.merged.snapshot().duplicates as i64).into(),
+                (self.sample_memory() as i64).into(),
+            ],
+        )?;
+        if fenced != Some(false) {
+            return Err(StoreError::Fenced);
+        }
+        Ok(())
+    }
+
+    fn sample_memory(&mut self) -> u64 {
+        self.memory_peak = self.memory_peak.max(limits::private_rss().unwrap_or(0));
+        self.memory_peak
     }
 
     /// Insert `batch` and move the checkpoint to `key`, in one transaction (with a status
@@ -94,15 +181,43 @@ impl Inserter {
     fn commit(&mut self, batch: &Texts, key: Option<&str>) -> Result<()> {
         let mut attempt = 0;
         loop {
-            let fast = self.fast_path;
-            match self.try_commit(batch, key, fast) {
-                Ok(()) => return Ok(()),
-                Err(e) if fast && e.is_unique_violation() => {
-                    log!(
-                        "pg_store job {}: a key was already present; switching to ON CONFLICT DO NOTHING",
-                        self.job.id
-                    );
-                    self.fast_path = false;
+            let plain = match self.path {
+                Path::Proven | Path::Optimistic { .. } => true,
+                Path::Safe { wait, backoff } if wait == 0 && backoff <= MAX_BACKOFF => {
+                    // The batches before found nothing present: try the plain path.
+                    self.path = Path::Optimistic { backoff };
+                    true
+                }
+                Path::Safe { .. } => false,
+            };
+            match self.try_commit(batch, key, plain) {
+                Ok(present) => {
+                    self.path = match self.path {
+                        Path::Proven => Path::Proven,
+                        Path::Optimistic { .. } => Path::Optimistic { backoff: 1 },
+                        Path::Safe { wait, backoff } if present == 0 => {
+                            Path::Safe { wait: wait.saturating_sub(1), backoff }
+                        }
+                        Path::Safe { backoff, .. } => Path::Safe { wait: backoff, backoff },
+                    };
+                    return Ok(());
+                }
+                Err(e) if plain && e.is_unique_violation() => {
+                    self.path = match self.path {
+                        Path::Proven => {
+                            log!(
+                                "pg_store job {}: a key was already present; switching to ON CONFLICT DO NOTHING",
+                                self.job.id
+                            );
+                            // Keys were to be new and are not (a concurrent writer): never again.
+                            Path::Safe { wait: u32::MAX, backoff: u32::MAX }
+                        }
+                        Path::Optimistic { backoff } => {
+                            let next = (backoff * 2).min(MAX_BACKOFF);
+                            Path::Safe { wait: next, backoff: next }
+                        }
+                        safe => safe,
+                    };
                 }
                 Err(e) if e.is_query_canceled() && crate::job::cancel_requested(self.job.id) => {
                     return Err(StoreError::Cancelled)
@@ -119,11 +234,13 @@ impl Inserter {
         }
     }
 
-    fn try_commit(&mut self, batch: &Texts, key: Option<&str>, fast: bool) -> Result<()> {
-        let (job, claim, owner) = (self.job.id, self.job.claim, self.job.owner);
-        let due = self.status_due();
+    /// One attempt at a batch; the number of its lines that were already present.
+    fn try_commit(&mut self, batch: &Texts, key: Option<&str>, plain: bool) -> Result<u64> {
+        let (job, claim, owner, range) = (self.job.id, self.job.claim, self.job.owner, self.range);
+        let due = self.last_status.elapsed() >= STATUS_EVERY;
+        let proven = self.path == Path::Proven;
         transaction(|| {
-            let (sql, slot) = if fast { (&self.fast_sql, &mut self.fast) } else { (&self.safe_sql, &mut self.safe) };
+            let (sql, slot) = if plain { (&self.fast_sql, &mut self.fast) } else { (&self.safe_sql, &mut self.safe) };
             let recs: Vec<&str> = batch.iter().collect();
             // Prepared (so planned, with any of the owner's functions a plan folds) and
             // run as the owner, in a security-restricted operation.
@@ -139,49 +256,56 @@ impl Inserter {
             })?;
             let present = batch.len() as u64 - inserted;
             let fenced = Spi::get_one_with_args::<bool>(
-                "WITH c AS (UPDATE store.checkpoints SET last_key = coalesce($3, last_key), inserted = inserted + $4, \
-                   already_present = already_present + $5, batches = batches + 1, fast_path = $6, updated_at = pg_catalog.now() \
-                   WHERE job = $1 AND attempt = $2 RETURNING 1) SELECT NOT EXISTS (SELECT FROM c)",
-                &[job.into(), claim.into(), key.into(), (inserted as i64).into(), (present as i64).into(), fast.into()],
+                "WITH c AS (UPDATE store.checkpoints SET last_key = coalesce($4, last_key), inserted = inserted + $5, \
+                   already_present = already_present + $6, batches = batches + 1, batch_size = $7, fast_path = $8, \
+                   duplicates = $9, updated_at = pg_catalog.now() \
+                   WHERE job = $1 AND range = $2 AND attempt = $3 RETURNING 1) SELECT NOT EXISTS (SELECT FROM c)",
+                &[
+                    job.into(),
+                    range.into(),
+                    claim.into(),
+                    key.into(),
+                    (inserted as i64).into(),
+                    (present as i64).into(),
+                    (batch.len() as i32).into(),
+                    proven.into(),
+                    (self.merged.snapshot().duplicates as i64).into(),
+                ],
             )?;
             if fenced != Some(false) {
                 return Err(StoreError::Fenced);
             }
-            self.inserted_so_far += batch.len() as u64;
             self.batch_size = batch.len() as i32;
             let cancel = if due { self.write_status()? } else { self.cancel_requested()? };
             if cancel {
                 return Err(StoreError::Cancelled);
             }
-            Ok(())
+            Ok(present)
         })
     }
 
-    fn status_due(&self) -> bool {
-        self.last_status.elapsed() >= STATUS_EVERY
-    }
-
-    fn percent(&self, phase: Phase, bytes_read: u64, bytes_total: u64) -> f32 {
-        match phase {
-            Phase::Scanning | Phase::Sorting => 60.0 * bytes_read as f32 / bytes_total.max(1) as f32,
-            Phase::Merging | Phase::Inserting => {
-                60.0 + 40.0 * (self.inserted_so_far as f32 / self.insert_total.max(1) as f32).min(1.0)
-            }
-            Phase::Done => 100.0,
-        }
-    }
-
     /// Write the counters (inside the caller's transaction); returns `cancel_requested`.
+    /// The leader writes the job's row; an inserter its range's memory peak.
     pub fn write_status(&mut self) -> Result<bool> {
         self.last_status = Instant::now();
+        let mem = self.sample_memory() as i64;
+        if self.role == Role::Helper {
+            Spi::run_with_args(
+                "UPDATE store.checkpoints SET memory_peak = greatest(memory_peak, $3) WHERE job = $1 AND range = $2",
+                &[self.job.id.into(), self.range.into(), mem.into()],
+            )?;
+            return self.cancel_requested();
+        }
         let p = self.progress.snapshot();
-        let percent = self.percent(p.phase, p.bytes_read, p.bytes_total);
-        self.memory_peak = self.memory_peak.max(limits::private_rss().unwrap_or(0));
-        let mem = Some(self.memory_peak as i64).filter(|&m| m > 0);
+        let scan_percent = 60.0 * p.bytes_read as f32 / p.bytes_total.max(1) as f32;
         let n = |v: u64| v as i64;
+        // While inserting, the share done is what every range committed together.
         let cancel = Spi::get_one_with_args::<bool>(
             "UPDATE store.jobs SET phase = $2, files_done = $3, bytes_read = $4, records = $5, empty = $6, rejected = $7, \
-             filtered = $8, duplicates = $9, percent = $10, batch_size = $11, memory_peak = $12, \
+             filtered = $8, duplicates = $9, batch_size = $11, memory_peak = greatest(memory_peak, $12), \
+             percent = CASE WHEN $2 IN ('merging', 'inserting') THEN 60 + 40 * least(1, \
+                 (SELECT pg_catalog.sum(inserted + already_present) FROM store.checkpoints WHERE job = $1)::float8 / greatest($15, 1)) \
+               WHEN $2 = 'done' THEN 100 ELSE $10 END, \
              temp_bytes = greatest(coalesce(temp_bytes, 0), $13), updated_at = pg_catalog.now() \
              WHERE id = $1 AND attempts = $14 RETURNING cancel_requested",
             &[
@@ -194,11 +318,12 @@ impl Inserter {
                 n(p.rejected).into(),
                 n(p.filtered).into(),
                 n(p.duplicates).into(),
-                percent.into(),
+                scan_percent.into(),
                 self.batch_size.into(),
                 mem.into(),
                 n(p.temp_peak).into(),
                 self.job.claim.into(),
+                n(self.insert_total).into(),
             ],
         )?;
         // No row: another worker holds the job now.
@@ -223,8 +348,8 @@ impl Inserter {
         Ok(Flow::Continue)
     }
 
-    /// Store the rejects held back. Each attempt's plan deleted the job's earlier ones,
-    /// so a resumed scan reports each reject once.
+    /// Store the rejects held back. An attempt that reads its files again deleted the
+    /// job's earlier ones first, so each reject is stored once.
     pub fn flush_rejects(&mut self) -> Result<()> {
         if self.rejects.is_empty() {
             return Ok(());
@@ -308,9 +433,14 @@ impl Sink for Inserter {
         Ok(Flow::Continue)
     }
 
-    fn phase(&mut self, phase: Phase, progress: &Progress) -> Result<Flow> {
-        if phase == Phase::Inserting {
-            let p = progress.snapshot();
+    fn phase(&mut self, phase: Phase, _: &Progress) -> Result<Flow> {
+        if self.role == Role::Helper {
+            return Ok(Flow::Continue);
+        }
+        // The merge announces its phases on its own counters; the job's status shows them.
+        self.progress.set_phase(phase);
+        if phase == Phase::Inserting && self.insert_total == 0 {
+            let p = self.progress.snapshot();
             self.insert_total = p.records - p.rejected - p.filtered - p.duplicates;
             let id = self.job.id;
             transaction(|| {
@@ -325,7 +455,7 @@ impl Sink for Inserter {
 
     fn tick(&mut self, _: &Progress) -> Result<Flow> {
         Self::interrupted()?;
-        if !self.status_due() {
+        if self.last_status.elapsed() < STATUS_EVERY {
             return Ok(Flow::Continue);
         }
         self.status_now()

@@ -3,32 +3,42 @@
 //! 1. **plan** ([`Plan::make`]): re-check what was checked when the job was queued (the
 //!    path against `store.allowed_dirs`, the target, the owner's privileges), open and
 //!    list the files, and record them against the ledger and any earlier attempt in one
-//!    set-based statement: which to read, which to skip, where to resume.
-//! 2. **consume**: [`store_engine::distinct`] streams the distinct records into the
-//!    [`Inserter`], which commits each batch with its checkpoint.
+//!    set-based statement: which to read, which to skip, whether the stream an earlier
+//!    attempt checkpointed still holds.
+//! 2. **consume**: in exact mode, the sort an earlier attempt kept is loaded, or the
+//!    files are read and sorted into runs kept in the job's own directory
+//!    ([`store_engine::stream::prepare`]); the key space is split into ranges once, and
+//!    each range is merged and inserted by its own process — this worker for the first,
+//!    inserters it starts for the others ([`run_range`]) — each batch committed with its
+//!    range's checkpoint ([`Inserter`]). In Bloom mode one stream runs through
+//!    [`store_engine::distinct`].
 //! 3. **finish** ([`finish`]): files read unchanged enter the ledger, and the job ends
 //!    `done`, or `partial` when some file failed — in one transaction.
 //!
-//! Everything here runs on the worker's main thread, outside any transaction except the
-//! short ones it opens itself; the engine's own threads never call PostgreSQL.
+//! Everything here runs on the main thread of its process, outside any transaction
+//! except the short ones it opens itself; the engine's own threads never call PostgreSQL.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
 use pgrx::prelude::*;
 use store_engine::config::Config;
 use store_engine::filter::Filter;
+use store_engine::merge::KeyRange;
 use store_engine::normalize::LineLimit;
+use store_engine::sorted::{Keep, Sorted};
 use store_engine::walk::{path_text, walk, FileEntry, Tree};
 use store_engine::{Dedup, Progress};
 
 use crate::error::{Result, StoreError};
 use crate::gucs::{self, Settings};
-use crate::insert::Inserter;
-use crate::security;
+use crate::insert::{Inserter, Role};
 use crate::target::{self, Target};
 use crate::txn::transaction;
+use crate::{registry, security};
 
 /// How a job that ran to its end ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,13 +121,17 @@ pub struct Plan {
     pub tree: Tree,
     /// Files to read (not skipped as already ingested).
     pub files: Vec<FileEntry>,
-    /// Exact mode: the merge starts after this key.
-    pub resume_key: Option<Vec<u8>>,
-    /// Batches may use a plain INSERT (keys proven new).
-    pub fast_path: bool,
     pub cfg: Config,
     /// What decides which lines a file yields (see [`stream_spec`]).
     pub spec: String,
+    /// Exact mode: where the job's sort is kept across attempts.
+    pub keep: Keep,
+}
+
+/// The job's own directory under `store.temp_dir`: its sorted runs and their manifest,
+/// kept across attempts and removed when the job ends.
+pub fn job_dir(settings: &Settings, id: i64) -> PathBuf {
+    settings.temp_dir.join(format!("job-{id}"))
 }
 
 /// Everything that decides which lines of a file end up in the target, besides the file
@@ -179,39 +193,47 @@ impl Plan {
             let probe = target::may_select(job.target, job.owner)?;
             Ok((t, probe))
         })?;
-        let filter = job.filter.as_deref().map(Filter::parse).transpose()?.unwrap_or_default();
-        // Runs go under <temp_dir>/jobs/<worker pid>/, so a starting worker can tell the
-        // directories of dead workers from live ones (see worker::remove_orphans).
-        let temp_dir = settings.temp_dir.join("jobs").join(std::process::id().to_string());
-        std::fs::create_dir_all(&temp_dir).map_err(|e| store_engine::Error::io("could not create", &temp_dir, e))?;
-        let cfg = Config {
-            memory_limit: settings.memory_limit,
-            threads: settings.threads,
-            temp_dir,
-            limit: LineLimit { bytes: settings.max_line_bytes, chars: target.max_chars },
-            compress_runs: settings.compress_runs,
-            check_space: settings.check_temp_space,
-            filter,
-            dedup: job.dedup,
-            bloom_fpr: settings.bloom_fpr,
-            batch: settings.batch_limits(),
-            fault: settings.fault,
-            ..Config::default()
-        };
+        let cfg = config(job, settings, &target)?;
         let spec = stream_spec(job, &cfg);
+        let keep = Keep { dir: cfg.temp_dir.clone(), spec: spec.clone() };
         let (tree, listing) = walk(&canon)?;
         let recorded = transaction(|| record_files(job, &target, &spec, &listing, fast_probe))?;
+        if recorded.restart {
+            // The sort an earlier attempt kept is not of this stream.
+            store_engine::sorted::remove_kept(&keep.dir)?;
+        }
         let files = listing.files.into_iter().filter(|f| !recorded.skipped.contains(&path_text(&f.path))).collect();
-        Ok(Plan { target, tree, files, spec, resume_key: recorded.resume_key, fast_path: recorded.fast_path, cfg })
+        Ok(Plan { target, tree, files, spec, keep, cfg })
     }
+}
+
+/// The engine's settings for `job`: its budget, limits, filter, mode, and its directory.
+fn config(job: &Job, settings: &Settings, target: &Target) -> Result<Config> {
+    let filter = job.filter.as_deref().map(Filter::parse).transpose()?.unwrap_or_default();
+    let temp_dir = job_dir(settings, job.id);
+    std::fs::create_dir_all(&temp_dir).map_err(|e| store_engine::Error::io("could not create", &temp_dir, e))?;
+    Ok(Config {
+        memory_limit: settings.memory_limit,
+        threads: settings.threads,
+        temp_dir,
+        limit: LineLimit { bytes: settings.max_line_bytes, chars: target.max_chars },
+        compress_runs: settings.compress_runs,
+        check_space: settings.check_temp_space,
+        filter,
+        dedup: job.dedup,
+        bloom_fpr: settings.bloom_fpr,
+        batch: settings.batch_limits(),
+        fault: settings.fault,
+        ..Config::default()
+    })
 }
 
 /// What [`record_files`] decided.
 struct Recorded {
     /// Paths (as [`path_text`]) skipped as already ingested.
     skipped: HashSet<String>,
-    resume_key: Option<Vec<u8>>,
-    fast_path: bool,
+    /// The stream starts over: its checkpoints were reset.
+    restart: bool,
 }
 
 /// Record the listing in `store.files` (one statement for every file), compare it with
@@ -256,8 +278,12 @@ fn record_files(
                                      ELSE 'pending' END, l.error \
                          FROM l \
                          ON CONFLICT (job, path) DO UPDATE SET size = excluded.size, mtime = excluded.mtime, mtime_ns = excluded.mtime_ns, \
-                            ctime_ns = excluded.ctime_ns, inode = excluded.inode, fingerprint = excluded.fingerprint, state = excluded.state, \
-                            error = excluded.error, records = NULL, empty = NULL, rejected = NULL, filtered = NULL, accepted = NULL \
+                            ctime_ns = excluded.ctime_ns, inode = excluded.inode, fingerprint = excluded.fingerprint, \
+                            state = excluded.state, error = excluded.error, records = NULL, empty = NULL, rejected = NULL, \
+                            filtered = NULL, accepted = NULL \
+                         WHERE excluded.state <> 'pending' OR f.state NOT IN ('read', 'changed') \
+                            OR (f.size, f.mtime_ns, f.ctime_ns, f.inode, f.fingerprint) \
+                               IS DISTINCT FROM (excluded.size, excluded.mtime_ns, excluded.ctime_ns, excluded.inode, excluded.fingerprint) \
                          RETURNING path, state), \
                   gone AS (UPDATE store.files SET state = 'failed', error = 'vanished since an earlier attempt of this job' \
                            WHERE job = $1 AND path <> ALL ($2) RETURNING path) \
@@ -312,23 +338,22 @@ fn record_files(
     // distinct count of the stream that finishes. Lines the abandoned pass inserted then
     // count as already present.
     let restart = !first && (differs || !same_spec || job.dedup == Dedup::Bloom);
-    Spi::run_with_args("UPDATE store.checkpoints SET spec = $2 WHERE job = $1", &[job.id.into(), spec.into()])?;
+    Spi::run_with_args(
+        "UPDATE store.checkpoints SET spec = $2 WHERE job = $1 AND range = 0",
+        &[job.id.into(), spec.into()],
+    )?;
     if restart {
+        Spi::run_with_args("DELETE FROM store.checkpoints WHERE job = $1 AND range > 0", &[job.id.into()])?;
         Spi::run_with_args(
-            "UPDATE store.checkpoints SET last_key = NULL, fast_path = false, inserted = 0, already_present = 0 WHERE job = $1",
+            "UPDATE store.checkpoints SET last_key = NULL, key_after = NULL, key_upto = NULL, fast_path = false, inserted = 0, \
+               already_present = 0, duplicates = 0, done = false, error = NULL, sqlstate = NULL WHERE job = $1",
             &[job.id.into()],
         )?;
         Spi::run_with_args(
-            "UPDATE store.jobs SET merge_restarts = merge_restarts + 1 WHERE id = $1",
+            "UPDATE store.jobs SET merge_restarts = merge_restarts + 1, ranges = 0 WHERE id = $1",
             &[job.id.into()],
         )?;
     }
-    // Every attempt scans again and reports every reject again.
-    Spi::run_with_args("DELETE FROM store.rejects WHERE job = $1", &[job.id.into()])?;
-    let (key, fast) = Spi::get_two_with_args::<String, bool>(
-        "SELECT last_key, fast_path FROM store.checkpoints WHERE job = $1",
-        &[job.id.into()],
-    )?;
     let total: i64 =
         listing.files.iter().filter(|f| !skipped.contains(&path_text(&f.path))).map(|f| f.size as i64).sum();
     Spi::run_with_args(
@@ -336,7 +361,12 @@ fn record_files(
          WHERE id = $1",
         &[job.id.into(), (n as i64).into(), (skipped.len() as i64).into(), failed.into(), total.into()],
     )?;
-    Ok(Recorded { skipped, resume_key: key.map(String::into_bytes), fast_path: fast.unwrap_or(false) })
+    Ok(Recorded { skipped, restart })
+}
+
+/// Every attempt that reads its files again reports every reject again.
+fn forget_rejects(job: &Job) -> Result<()> {
+    transaction(|| Ok(Spi::run_with_args("DELETE FROM store.rejects WHERE job = $1", &[job.id.into()])?))
 }
 
 /// Run job `id` under claim `claim` to its end.
@@ -346,16 +376,243 @@ pub fn run(id: i64, claim: i32) -> Result<Ended> {
     let plan = Plan::make(&job, &settings)?;
     let progress = Arc::new(Progress::default());
     Progress::add(&progress.bytes_total, plan.files.iter().map(|f| f.size).sum());
-    let mut inserter = Inserter::new(&job, &plan, progress.clone());
-    let report = store_engine::distinct(
-        &plan.cfg,
-        &plan.tree,
-        &plan.files,
-        plan.resume_key.as_deref(),
-        &progress,
-        &mut inserter,
+    let mut inserter = Inserter::new(&job, &plan.target, Role::Leader, progress.clone());
+    let estimated_false_drops = match job.dedup {
+        Dedup::Bloom => {
+            forget_rejects(&job)?;
+            let resume = transaction(|| inserter.enter_range(0))?;
+            let report = store_engine::distinct(
+                &plan.cfg,
+                &plan.tree,
+                &plan.files,
+                resume.last_key.as_deref().map(str::as_bytes),
+                &progress,
+                &mut inserter,
+            )?;
+            transaction(|| inserter.range_done())?;
+            report.bloom.map(|b| b.estimated_false_drops)
+        }
+        Dedup::Exact => {
+            run_exact(&job, &plan, &settings, &progress, &mut inserter)?;
+            None
+        }
+    };
+    finish(&job, &plan.spec, &mut inserter, estimated_false_drops)
+}
+
+/// Exact mode: the sorted runs (kept from an earlier attempt, or made now), the key
+/// ranges, an inserter process for each range but the first, the first here, then any
+/// range no inserter finished.
+fn run_exact(
+    job: &Job,
+    plan: &Plan,
+    settings: &Settings,
+    progress: &Arc<Progress>,
+    inserter: &mut Inserter,
+) -> Result<()> {
+    let mut sorted = match Sorted::load(&plan.keep, Some(&plan.files), &plan.cfg, progress)? {
+        Some(sorted) => {
+            log!("pg_store job {}: resuming from the {} sorted runs an earlier attempt kept", job.id, sorted.runs());
+            sorted
+        }
+        None => {
+            forget_rejects(job)?;
+            store_engine::stream::prepare(&plan.cfg, &plan.tree, &plan.files, &plan.keep, progress, inserter)?
+        }
+    };
+    let ranges = transaction(|| split(job, &sorted, settings.insert_workers))?;
+    let mut helpers = Vec::new();
+    for r in ranges.iter().filter(|r| r.range > 0 && !r.done) {
+        match start_inserter(job, r.range) {
+            Ok(h) => helpers.push(h),
+            Err(e) => {
+                log!("pg_store job {}: could not start an inserter for range {} ({e}); doing it here", job.id, r.range)
+            }
+        }
+    }
+    let mut first = true;
+    loop {
+        // This process's share: range 0 first, then whatever no inserter is (still) on.
+        let next = if first {
+            ranges.iter().find(|r| r.range == 0 && !r.done).cloned()
+        } else {
+            wait_for_inserters(job, inserter, &mut helpers)?;
+            transaction(|| open_ranges(job))?.into_iter().find(|r| !registry::range_is_live(job.id, r.range))
+        };
+        first = false;
+        let Some(r) = next else {
+            if helpers.is_empty() && transaction(|| open_ranges(job))?.is_empty() {
+                return Ok(());
+            }
+            continue;
+        };
+        if r.range != 0 && !registry::enter(job.id, job.claim, r.range) {
+            continue;
+        }
+        let res = drain_range(&plan.cfg, job, &mut sorted, &r, inserter);
+        if r.range != 0 {
+            registry::leave_range(job.id, r.range);
+        }
+        res?;
+    }
+}
+
+/// Insert range `r` of `sorted` in this process, from its checkpoint on.
+fn drain_range(cfg: &Config, job: &Job, sorted: &mut Sorted, r: &RangeRow, inserter: &mut Inserter) -> Result<()> {
+    let resume = transaction(|| inserter.enter_range(r.range))?;
+    let merged = Arc::new(Progress::default());
+    inserter.merging(merged.clone());
+    let report = store_engine::stream::drain(
+        cfg,
+        sorted,
+        &r.keys,
+        resume.last_key.as_deref().map(str::as_bytes),
+        &merged,
+        inserter,
     )?;
-    finish(&job, &plan.spec, &mut inserter, report.bloom.map(|b| b.estimated_false_drops))
+    if report.stopped {
+        return Err(StoreError::internal(format!("the merge of range {} of job {} stopped early", r.range, job.id)));
+    }
+    transaction(|| inserter.range_done())
+}
+
+/// One key range of a job, as its checkpoint row has it.
+#[derive(Debug, Clone)]
+pub struct RangeRow {
+    pub range: i32,
+    pub keys: KeyRange,
+    pub done: bool,
+}
+
+fn ranges_of(job: &Job, only_open: bool) -> Result<Vec<RangeRow>> {
+    Spi::connect(|c| {
+        let t = c.select(
+            "SELECT range, key_after, key_upto, done FROM store.checkpoints WHERE job = $1 AND (NOT $2 OR NOT done) ORDER BY range",
+            None,
+            &[job.id.into(), only_open.into()],
+        )?;
+        t.map(|row| {
+            Ok(RangeRow {
+                range: row.get::<i32>(1)?.unwrap_or(0),
+                keys: KeyRange { after: row.get::<String>(2)?, upto: row.get::<String>(3)? },
+                done: row.get::<bool>(4)?.unwrap_or(false),
+            })
+        })
+        .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
+    })
+    .map_err(StoreError::from)
+}
+
+fn open_ranges(job: &Job) -> Result<Vec<RangeRow>> {
+    ranges_of(job, true)
+}
+
+/// The job's key ranges: those an earlier attempt of this stream decided, else a split
+/// of `sorted` into `workers` ranges of about equal size, recorded once.
+fn split(job: &Job, sorted: &Sorted, workers: usize) -> Result<Vec<RangeRow>> {
+    let decided =
+        Spi::get_one_with_args::<i32>("SELECT ranges FROM store.jobs WHERE id = $1", &[job.id.into()])?.unwrap_or(0);
+    if decided == 0 {
+        let ranges = sorted.ranges(workers);
+        let fenced = Spi::get_one_with_args::<bool>(
+            "WITH c AS (UPDATE store.checkpoints SET key_after = NULL, key_upto = $3 WHERE job = $1 AND range = 0 AND attempt = $2 RETURNING 1) \
+             SELECT NOT EXISTS (SELECT FROM c)",
+            &[job.id.into(), job.claim.into(), ranges[0].upto.clone().into()],
+        )?;
+        if fenced != Some(false) {
+            return Err(StoreError::Fenced);
+        }
+        for (i, r) in ranges.iter().enumerate().skip(1) {
+            Spi::run_with_args(
+                "INSERT INTO store.checkpoints (job, range, attempt, spec, key_after, key_upto, fast_path) \
+                 SELECT job, $2, attempt, spec, $3, $4, fast_path FROM store.checkpoints WHERE job = $1 AND range = 0",
+                &[job.id.into(), (i as i32).into(), r.after.clone().into(), r.upto.clone().into()],
+            )?;
+        }
+        Spi::run_with_args(
+            "UPDATE store.jobs SET ranges = $2 WHERE id = $1",
+            &[job.id.into(), (ranges.len() as i32).into()],
+        )?;
+    }
+    ranges_of(job, false)
+}
+
+/// Start an inserter process for `range` of `job`.
+fn start_inserter(job: &Job, range: i32) -> std::result::Result<pgrx::bgworkers::DynamicBackgroundWorker, String> {
+    // SAFETY: reads backend globals.
+    let (db, pid) = unsafe { (pg_sys::MyDatabaseId, pg_sys::MyProcPid) };
+    pgrx::bgworkers::BackgroundWorkerBuilder::new(&format!("pg_store inserter {} of job {}", range, job.id))
+        .set_type("pg_store inserter")
+        .set_library("pg_store")
+        .set_function("pg_store_inserter_main")
+        .set_argument(range.into_datum())
+        .set_extra(&format!("{} {} {}", job.id, job.claim, db.to_u32()))
+        .enable_spi_access()
+        .set_restart_time(None)
+        .set_notify_pid(pid)
+        .load_dynamic()
+        .map_err(|_| "no background worker slot free (max_worker_processes)".to_string())
+}
+
+/// Wait until every inserter this process started has exited, watching for a cancel,
+/// a shutdown, and keeping the job's status current.
+fn wait_for_inserters(
+    job: &Job,
+    inserter: &mut Inserter,
+    helpers: &mut Vec<pgrx::bgworkers::DynamicBackgroundWorker>,
+) -> Result<()> {
+    loop {
+        helpers.retain(|h| h.pid().is_ok());
+        if helpers.is_empty() {
+            return Ok(());
+        }
+        if shutdown_requested() {
+            return Err(StoreError::Shutdown);
+        }
+        reload_on_sighup();
+        if transaction(|| inserter.write_status())? {
+            return Err(StoreError::Cancelled);
+        }
+        if let Some(e) = transaction(|| failed_range(job))? {
+            return Err(e);
+        }
+        pgrx::bgworkers::BackgroundWorker::wait_latch(Some(Duration::from_millis(250)));
+    }
+}
+
+/// The error an inserter of `job` recorded, if one did.
+fn failed_range(job: &Job) -> Result<Option<StoreError>> {
+    let row = Spi::get_three_with_args::<i32, String, String>(
+        "SELECT (SELECT range FROM store.checkpoints WHERE job = $1 AND error IS NOT NULL ORDER BY range LIMIT 1), \
+                (SELECT error FROM store.checkpoints WHERE job = $1 AND error IS NOT NULL ORDER BY range LIMIT 1), \
+                (SELECT sqlstate FROM store.checkpoints WHERE job = $1 AND error IS NOT NULL ORDER BY range LIMIT 1)",
+        &[job.id.into()],
+    )?;
+    Ok(match row {
+        (Some(r), Some(message), code) => Some(StoreError::Sql {
+            code: code.as_deref().map_or(ERRCODE_INTERNAL_ERROR, crate::error::code_of_sqlstate),
+            message: format!("range {r}: {message}"),
+            detail: None,
+            hint: None,
+        }),
+        _ => None,
+    })
+}
+
+/// An inserter process's share of a job: one range, from its checkpoint to its end.
+pub fn run_range(id: i64, claim: i32, range: i32) -> Result<()> {
+    let job = Job::load(id, claim)?;
+    let settings = Settings::read()?;
+    let target = transaction(|| target::check(job.target, &job.column, job.owner))?;
+    let cfg = config(&job, &settings, &target)?;
+    let keep = Keep { dir: cfg.temp_dir.clone(), spec: stream_spec(&job, &cfg) };
+    let mut sorted = Sorted::load(&keep, None, &cfg, &Progress::default())?.ok_or_else(|| {
+        StoreError::internal(format!("the sorted runs of job {id} are gone from {}", keep.dir.display()))
+    })?;
+    let row = transaction(|| ranges_of(&job, false))?.into_iter().find(|r| r.range == range);
+    let Some(row) = row.filter(|r| !r.done) else { return Ok(()) };
+    let mut inserter = Inserter::new(&job, &target, Role::Helper, Arc::new(Progress::default()));
+    drain_range(&cfg, &job, &mut sorted, &row, &mut inserter)
 }
 
 /// Files read unchanged go into the ledger, and the job ends; all in one transaction.

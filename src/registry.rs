@@ -56,6 +56,12 @@ pub fn is_live(job: i64) -> bool {
     REGISTRY.share().entries.iter().any(|e| e.pid != 0 && e.job == job && e.database == db)
 }
 
+/// Whether a live process is working on `range` of `job` of this database.
+pub fn range_is_live(job: i64, range: i32) -> bool {
+    let db = my_database();
+    REGISTRY.share().entries.iter().any(|e| e.pid != 0 && e.job == job && e.range == range && e.database == db)
+}
+
 /// The processes working on `job` of this database.
 pub fn pids_of(job: i64) -> Vec<i32> {
     let db = my_database();
@@ -84,6 +90,14 @@ pub fn enter(job: i64, claim: i32, range: i32) -> bool {
 pub fn leave(job: i64) {
     let pid = std::process::id() as i32;
     for e in REGISTRY.exclusive().entries.iter_mut().filter(|e| e.pid == pid && e.job == job) {
+        *e = Entry::default();
+    }
+}
+
+/// This process no longer works on `range` of `job` (it goes on with the job).
+pub fn leave_range(job: i64, range: i32) {
+    let pid = std::process::id() as i32;
+    for e in REGISTRY.exclusive().entries.iter_mut().filter(|e| e.pid == pid && e.job == job && e.range == range) {
         *e = Entry::default();
     }
 }

@@ -86,29 +86,42 @@ fn pin_search_path() {
     }
 }
 
-/// Remove temporary directories left by jobs of workers that died. Only worker 0 does
-/// this, when it starts: a restart of worker 0 happens only with the whole server
-/// (crash recovery) or after it exited, when no job of its is running; other workers'
-/// directories carry their pid, and live workers are alive.
+/// Remove what jobs that no longer run left under `store.temp_dir`: the directory of a
+/// job that is neither queued nor running (its worker died after the job ended, or its
+/// row was deleted), and directories of the per-worker layout older versions used.
+/// Only worker 0 does this, when it starts; a kept sort of a job that is still open is
+/// what its next attempt resumes from, and stays.
 fn remove_orphans() {
     let Ok(settings) = gucs::Settings::read() else { return };
-    let dir = settings.temp_dir.join("jobs");
-    let Ok(entries) = std::fs::read_dir(&dir) else { return };
+    let Ok(entries) = std::fs::read_dir(&settings.temp_dir) else { return };
+    let mut ids: Vec<(i64, std::path::PathBuf)> = Vec::new();
     for e in entries.flatten() {
-        // jobs/<pid>/ holds the runs of the worker with that pid.
-        let pid: Option<i32> = e.file_name().to_str().and_then(|s| s.parse().ok());
-        // SAFETY: kill with signal 0 only probes whether the process exists.
-        let alive = pid.is_some_and(|p| p as u32 != std::process::id() && unsafe { libc::kill(p, 0) } == 0);
-        if !alive {
-            let n = store_engine::sorted::remove_orphans(&e.path()).unwrap_or(0);
-            let _ = std::fs::remove_dir(e.path());
-            if n > 0 {
-                log!(
-                    "pg_store: removed {n} orphaned temporary director{} under {}",
-                    if n == 1 { "y" } else { "ies" },
-                    e.path().display()
-                );
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(id) = name.strip_prefix("job-").and_then(|n| n.parse().ok()) {
+            ids.push((id, e.path()));
+        } else if name == "jobs" {
+            for old in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
+                let _ = store_engine::sorted::remove_orphans(&old.path());
+                let _ = std::fs::remove_dir(old.path());
             }
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+    if ids.is_empty() {
+        return;
+    }
+    let all: Vec<i64> = ids.iter().map(|(id, _)| *id).collect();
+    let open = transaction(|| {
+        Ok(Spi::get_one_with_args::<Vec<i64>>(
+            "SELECT coalesce(pg_catalog.array_agg(id), '{}') FROM store.jobs WHERE id = ANY($1) AND state IN ('queued', 'running')",
+            &[all.into()],
+        )?)
+    });
+    let Ok(open) = open else { return };
+    let open = open.unwrap_or_default();
+    for (id, dir) in ids.into_iter().filter(|(id, _)| !open.contains(id)) {
+        if std::fs::remove_dir_all(&dir).is_ok() {
+            log!("pg_store: removed the temporary directory of job {id}, which no longer runs: {}", dir.display());
         }
     }
 }
@@ -170,9 +183,11 @@ fn claim() -> Result<Option<(i64, i32)>> {
             // The fence: a worker still running an older claim of this job finds its claim
             // number gone at its next batch, and stops.
             Spi::run_with_args(
-                "INSERT INTO store.checkpoints (job, attempt) VALUES ($1, $2) ON CONFLICT (job) DO UPDATE SET attempt = excluded.attempt",
+                "INSERT INTO store.checkpoints (job, range, attempt) VALUES ($1, 0, $2) \
+                 ON CONFLICT (job, range) DO UPDATE SET attempt = excluded.attempt",
                 &[id.into(), claim.into()],
             )?;
+            Spi::run_with_args("UPDATE store.checkpoints SET attempt = $2 WHERE job = $1", &[id.into(), claim.into()])?;
             if !registry::enter(id, claim, 0) {
                 return Err(StoreError::internal("the pg_store registry of running jobs is full"));
             }
@@ -221,6 +236,10 @@ fn run_claimed(id: i64, claim: i32) {
             ("failed", Some(e))
         }
     };
+    // The job is over: its sorted runs are of no more use.
+    if let Ok(settings) = gucs::Settings::read() {
+        let _ = std::fs::remove_dir_all(job::job_dir(&settings, id));
+    }
     if state != "done" && state != "partial" {
         let res = transaction(|| {
             Ok(Spi::run_with_args(
@@ -231,6 +250,56 @@ fn run_claimed(id: i64, claim: i32) {
         });
         if let Err(e) = res {
             log!("pg_store job {id}: could not record its end: {e}");
+        }
+    }
+    registry::leave(id);
+}
+
+/// An inserter: a dynamic background worker the job's worker starts for one key range
+/// (its argument; `job claim database` in its extra). It enters the registry for that
+/// range, inserts it from its checkpoint to its end, and records an error in the range's
+/// checkpoint, where the job's worker finds it.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_store_inserter_main(arg: pg_sys::Datum) {
+    // SAFETY: the argument the job's worker registered.
+    let range = unsafe { i32::from_datum(arg, false) }.unwrap_or(-1);
+    let extra = BackgroundWorker::get_extra().to_string();
+    let mut it = extra.split(' ').map(|v| v.parse::<i64>().ok());
+    let (Some(Some(id)), Some(Some(claim)), Some(Some(db))) = (it.next(), it.next(), it.next()) else {
+        log!("pg_store inserter: bad arguments {extra:?}");
+        return;
+    };
+    let claim = claim as i32;
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db as u32)), None);
+    registry::clean_up_at_exit();
+    pin_search_path();
+    if !registry::enter(id, claim, range) {
+        return;
+    }
+    let outcome = std::panic::catch_unwind(|| job::run_range(id, claim, range))
+        .unwrap_or_else(|p| Err(StoreError::from(store_engine::Error::panicked("the inserter", &*p))));
+    // SAFETY: aborts whatever the range left open.
+    unsafe {
+        if pg_sys::IsTransactionState() {
+            pg_sys::AbortCurrentTransaction();
+        }
+    }
+    match outcome {
+        Ok(()) | Err(StoreError::Shutdown | StoreError::Fenced | StoreError::Cancelled) => {}
+        Err(e) if e.is_query_canceled() && job::cancel_requested(id) => {}
+        Err(e) => {
+            log!("pg_store job {id}: the inserter of range {range} failed: {e} (SQLSTATE {})", e.sqlstate());
+            let res = transaction(|| {
+                Ok(Spi::run_with_args(
+                    "UPDATE store.checkpoints SET error = $4, sqlstate = $5 WHERE job = $1 AND range = $2 AND attempt = $3",
+                    &[id.into(), range.into(), claim.into(), e.to_string().into(), e.sqlstate().into()],
+                )?)
+            });
+            if let Err(e) = res {
+                log!("pg_store job {id}: could not record the failure of range {range}: {e}");
+            }
         }
     }
     registry::leave(id);

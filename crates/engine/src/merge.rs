@@ -9,12 +9,13 @@
 //! including it, which is what makes the extension's checkpoints resumable.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
 
 use super::error::{Error, IoContext, Result};
@@ -89,9 +90,38 @@ impl Block {
     }
 }
 
+/// A part of the key space: the records after `after` (exclusive) up to `upto`
+/// (inclusive); `None` leaves that side open. Parallel inserters each merge one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRange {
+    pub after: Option<String>,
+    pub upto: Option<String>,
+}
+
+impl KeyRange {
+    /// Every key.
+    pub fn all() -> KeyRange {
+        KeyRange::default()
+    }
+
+    /// Where a merge of this range starts when everything up to `resume_after` was done.
+    pub fn start<'a>(&'a self, resume_after: Option<&'a [u8]>) -> Option<&'a [u8]> {
+        match (self.after.as_deref().map(str::as_bytes), resume_after) {
+            (Some(a), Some(r)) => Some(a.max(r)),
+            (a, r) => a.or(r),
+        }
+    }
+}
+
 impl Source {
-    fn open(run: &Run, buffer: usize) -> Result<Source> {
-        let file = File::open(&run.path).ctx("could not open temporary run", &run.path)?;
+    /// Open a run positioned at or before its first record after `after` (a plain run
+    /// seeks to the last mark of its sparse index at or below `after`).
+    fn open(run: &Run, buffer: usize, after: Option<&[u8]>) -> Result<Source> {
+        let mut file = File::open(&run.path).ctx("could not open temporary run", &run.path)?;
+        if let Some(key) = after.filter(|_| !run.compressed) {
+            let at = run.seek_offset(key);
+            file.seek(SeekFrom::Start(at)).ctx("could not seek in temporary run", &run.path)?;
+        }
         let reader: Box<dyn Read + Send> = if run.compressed {
             Box::new(zstd::stream::read::Decoder::new(file).ctx("could not read temporary run", &run.path)?)
         } else {
@@ -166,27 +196,32 @@ pub struct Merger {
     progress: Arc<Progress>,
     cancel: Arc<AtomicBool>,
     pulled: u64,
+    /// The last key of the range this merge covers.
+    upto: Option<Vec<u8>>,
     // Last: the runs' directory is removed when the merger is dropped, whatever happens.
     _temp: Option<TempDir>,
 }
 
 impl Merger {
-    /// Merge `runs` (at most the fan-in) and an optional sorted in-memory chunk.
+    /// Merge `runs` (at most the fan-in) and an optional sorted in-memory chunk: the
+    /// records after `after` up to `upto` (inclusive).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         runs: &[Run],
         mem: Option<Chunk>,
         buffer: usize,
-        resume_after: Option<&[u8]>,
+        after: Option<&[u8]>,
+        upto: Option<&[u8]>,
         progress: Arc<Progress>,
         cancel: Arc<AtomicBool>,
         temp: Option<TempDir>,
     ) -> Result<Merger> {
-        let mut sources = runs.iter().map(|r| Source::open(r, buffer)).collect::<Result<Vec<_>>>()?;
+        let mut sources = runs.iter().map(|r| Source::open(r, buffer, after)).collect::<Result<Vec<_>>>()?;
         if let Some(chunk) = mem.filter(|c| !c.is_empty()) {
             let key = prefix_of(chunk.get(0));
             sources.push(Source { kind: Kind::Mem { chunk, pos: 0 }, key });
         }
-        if let Some(key) = resume_after {
+        if let Some(key) = after {
             for s in &mut sources {
                 s.skip_through(key)?;
             }
@@ -199,6 +234,7 @@ impl Merger {
             progress,
             cancel,
             pulled: 0,
+            upto: upto.map(<[u8]>::to_vec),
             _temp: temp,
         };
         m.heap = (0..m.sources.len()).filter(|&i| !m.sources[i].done()).collect();
@@ -261,6 +297,11 @@ impl Merger {
                 self.advance_top()?;
                 continue;
             }
+            if self.upto.as_deref().is_some_and(|u| cur > u) {
+                // Every source is at or past this record: the range is done.
+                self.heap.clear();
+                return Ok(None);
+            }
             self.out.clear();
             self.out.extend_from_slice(cur);
             self.started = true;
@@ -274,12 +315,15 @@ impl Merger {
 /// Merge groups of `fan_in` runs into intermediate runs until at most `fan_in` remain.
 /// Merged inputs are deleted as soon as their group is done, so the temporary space
 /// in use stays near one copy of the data.
+/// With `durable`, every intermediate run is flushed to disk.
+#[allow(clippy::too_many_arguments)]
 pub fn reduce_runs(
     mut runs: Vec<Run>,
     fan_in: usize,
     buffer: usize,
     dir: &std::path::Path,
     compress: bool,
+    durable: bool,
     progress: &Arc<Progress>,
     cancel: &Arc<AtomicBool>,
 ) -> Result<Vec<Run>> {
@@ -290,11 +334,14 @@ pub fn reduce_runs(
         let path = dir.join(format!("merge-{seq:06}.run"));
         seq += 1;
         let mut w = RunWriter::create(path, compress)?;
+        if durable {
+            w = w.durable();
+        }
         {
             // A private progress: intermediate levels neither emit nor drop records
             // that the final count should see twice.
             let scratch = Arc::new(Progress::default());
-            let mut m = Merger::new(&group, None, buffer, None, scratch.clone(), cancel.clone(), None)?;
+            let mut m = Merger::new(&group, None, buffer, None, None, scratch.clone(), cancel.clone(), None)?;
             while let Some(rec) = m.next_record()? {
                 w.write(rec)?;
             }
@@ -342,20 +389,20 @@ mod tests {
         let runs: Vec<Run> = sets[..2]
             .iter()
             .enumerate()
-            .map(|(i, s)| spill(&chunk_of(&pool, s), &d.path().join(i.to_string()), i == 1).unwrap())
+            .map(|(i, s)| spill(&chunk_of(&pool, s), &d.path().join(i.to_string()), i == 1, false).unwrap())
             .collect();
         let p = Arc::new(Progress::default());
         let cancel = Arc::new(AtomicBool::new(false));
         let mem = || Some(chunk_of(&pool, sets[2]));
-        let mut m = Merger::new(&runs, mem(), 4096, None, p.clone(), cancel.clone(), None).unwrap();
+        let mut m = Merger::new(&runs, mem(), 4096, None, None, p.clone(), cancel.clone(), None).unwrap();
         assert_eq!(collect(&mut m), ["", "a", "b", "c", "d", "f", "zz"]);
         assert_eq!((p.distinct.load(Relaxed), p.duplicates.load(Relaxed)), (7, 3));
 
-        let mut m = Merger::new(&runs, mem(), 4096, Some(b"c"), p.clone(), cancel.clone(), None).unwrap();
+        let mut m = Merger::new(&runs, mem(), 4096, Some(b"c"), None, p.clone(), cancel.clone(), None).unwrap();
         assert_eq!(collect(&mut m), ["d", "f", "zz"]);
-        let mut m = Merger::new(&runs, mem(), 4096, Some(b"cc"), p.clone(), cancel.clone(), None).unwrap();
+        let mut m = Merger::new(&runs, mem(), 4096, Some(b"cc"), None, p.clone(), cancel.clone(), None).unwrap();
         assert_eq!(collect(&mut m), ["d", "f", "zz"]);
-        let mut m = Merger::new(&runs, mem(), 4096, Some(b"zz"), p, cancel, None).unwrap();
+        let mut m = Merger::new(&runs, mem(), 4096, Some(b"zz"), None, p, cancel, None).unwrap();
         assert!(collect(&mut m).is_empty());
     }
 
@@ -367,19 +414,84 @@ mod tests {
         for i in 0..23 {
             let recs: Vec<String> = (0..50).map(|j| format!("{:04}", (i * 37 + j * 11) % 300)).collect();
             let refs: Vec<&str> = recs.iter().map(|s| s.as_str()).collect();
-            runs.push(spill(&chunk_of(&pool, &refs), &d.path().join(format!("r{i}")), i % 2 == 0).unwrap());
+            runs.push(spill(&chunk_of(&pool, &refs), &d.path().join(format!("r{i}")), i % 2 == 0, false).unwrap());
         }
         let p = Arc::new(Progress::default());
         p.temp_grew(runs.iter().map(|r| r.bytes).sum());
         let cancel = Arc::new(AtomicBool::new(false));
-        let runs = reduce_runs(runs, 3, 4096, d.path(), true, &p, &cancel).unwrap();
+        let runs = reduce_runs(runs, 3, 4096, d.path(), true, false, &p, &cancel).unwrap();
         assert!(runs.len() <= 3);
         assert!(p.runs_written.load(Relaxed) >= 10, "at least two levels of merging");
-        let mut m = Merger::new(&runs, None, 4096, None, p, cancel, None).unwrap();
+        let mut m = Merger::new(&runs, None, 4096, None, None, p, cancel, None).unwrap();
         let got = collect(&mut m);
         let want: std::collections::BTreeSet<String> =
             (0..23).flat_map(|i| (0..50).map(move |j| format!("{:04}", (i * 37 + j * 11) % 300))).collect();
         assert_eq!(got, want.into_iter().collect::<Vec<_>>());
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), runs.len(), "merged inputs were removed");
+    }
+
+    #[test]
+    fn ranges_seek_through_the_sparse_index_and_cover_the_stream_exactly() {
+        let pool = crate::limits::thread_pool(2).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        // Three big plain runs (several marks each) and one compressed run (no marks).
+        let mut runs = Vec::new();
+        for i in 0..4u32 {
+            let recs: Vec<String> =
+                (0..60_000u32).map(|j| format!("key-{:08}-{i}", (j * 7 + i * 13) % 90_000)).collect();
+            let refs: Vec<&str> = recs.iter().map(String::as_str).collect();
+            let mut c = Chunk::new(64 << 20);
+            for r in &refs {
+                c.push(r.as_bytes());
+            }
+            c.sort_dedup(&pool);
+            runs.push(spill(&c, &d.path().join(format!("r{i}")), i == 3, false).unwrap());
+        }
+        assert!(runs[0].index.len() >= 3, "{} marks", runs[0].index.len());
+        let p = Arc::new(Progress::default());
+        let cancel = Arc::new(AtomicBool::new(false));
+        let all = collect(&mut Merger::new(&runs, None, 4096, None, None, p.clone(), cancel.clone(), None).unwrap());
+        let cut1 = all[all.len() / 3].clone();
+        let cut2 = all[2 * all.len() / 3].clone();
+        let ranges = [
+            KeyRange { after: None, upto: Some(cut1.clone()) },
+            KeyRange { after: Some(cut1.clone()), upto: Some(cut2.clone()) },
+            KeyRange { after: Some(cut2), upto: None },
+        ];
+        let mut joined = Vec::new();
+        for r in &ranges {
+            let start = r.start(None);
+            let mut m = Merger::new(
+                &runs,
+                None,
+                4096,
+                start,
+                r.upto.as_deref().map(str::as_bytes),
+                p.clone(),
+                cancel.clone(),
+                None,
+            )
+            .unwrap();
+            joined.extend(collect(&mut m));
+        }
+        assert_eq!(joined, all, "the ranges partition the stream");
+        // Resuming inside the middle range starts right after the resume key.
+        let resume = all[all.len() / 2].clone();
+        let r = &ranges[1];
+        let mut m = Merger::new(
+            &runs,
+            None,
+            4096,
+            r.start(Some(resume.as_bytes())),
+            r.upto.as_deref().map(str::as_bytes),
+            p,
+            cancel,
+            None,
+        )
+        .unwrap();
+        let rest = collect(&mut m);
+        let from = all.iter().position(|x| *x == resume).unwrap() + 1;
+        let to = all.iter().position(|x| Some(x) == ranges[1].upto.as_ref()).unwrap();
+        assert_eq!(rest, all[from..=to], "a resumed range starts after the key and stops at its end");
     }
 }

@@ -61,6 +61,7 @@ counters! {
     files_total: "Input files found.",
     files_done: "Input files read to the end (or failed).",
     files_failed: "Files that could not be decoded, or had vanished or been swapped since listed; the run went on without them.",
+    files_changed: "Files read to the end that had changed since they were listed.",
     entries_ignored: "Entries the walk passes over by design: hidden names, symbolic links, special files.",
     bytes_total: "Bytes of input on disk (compressed size for compressed files).",
     bytes_read: "Bytes of input read so far, on disk.",

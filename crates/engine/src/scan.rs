@@ -94,8 +94,10 @@ pub(crate) fn scan<S: Sink>(
             },
         };
         Progress::add(&progress.files_done, 1);
-        if let FileOutcome::Failed(_) = outcome {
-            Progress::add(&progress.files_failed, 1);
+        match outcome {
+            FileOutcome::Failed(_) => Progress::add(&progress.files_failed, 1),
+            FileOutcome::Changed => Progress::add(&progress.files_changed, 1),
+            FileOutcome::Read => {}
         }
         sink.file_done(file, &counts, &outcome).map_err(Halt::Sink)?.into_result()?;
     }

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use rayon::iter::{IntoParallelIterator, ParallelIterator};
 use rayon::slice::ParallelSliceMut;
 
+use serde::{Deserialize, Serialize};
+
 use super::error::{IoContext, Result};
 
 /// Index bytes per record, counted against the chunk budget.
@@ -159,13 +161,35 @@ impl Chunk {
     }
 }
 
+/// Bytes of a plain run between two marks of its sparse index (256 KiB): a merge that
+/// starts after a key (a resumed job, a key range) seeks to the last mark at or below
+/// it and reads at most this much before reaching it.
+pub const MARK_EVERY: u64 = 256 << 10;
+
+/// A record that starts at `offset` in a plain run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    pub key: String,
+    pub offset: u64,
+}
+
 /// A sorted run on disk: distinct records, `\n`-terminated, optionally zstd-compressed.
-#[derive(Debug)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Run {
     pub path: PathBuf,
     pub bytes: u64,
     pub records: u64,
     pub compressed: bool,
+    /// Sparse index of a plain run (empty for a compressed one, which cannot be sought).
+    pub index: Vec<Mark>,
+}
+
+impl Run {
+    /// Where to start reading to find the first record after `key`.
+    pub fn seek_offset(&self, key: &[u8]) -> u64 {
+        let i = self.index.partition_point(|m| m.key.as_bytes() <= key);
+        i.checked_sub(1).map_or(0, |i| self.index[i].offset)
+    }
 }
 
 /// Writes one run.
@@ -174,6 +198,11 @@ pub struct RunWriter {
     path: PathBuf,
     records: u64,
     compressed: bool,
+    /// Bytes of records written so far (uncompressed).
+    offset: u64,
+    next_mark: u64,
+    index: Vec<Mark>,
+    sync: bool,
 }
 
 enum RunSink {
@@ -196,12 +225,40 @@ impl RunWriter {
         } else {
             RunSink::Plain(buf)
         };
-        Ok(RunWriter { out, path, records: 0, compressed: compress })
+        Ok(RunWriter {
+            out,
+            path,
+            records: 0,
+            compressed: compress,
+            offset: 0,
+            next_mark: 0,
+            index: Vec::new(),
+            sync: false,
+        })
+    }
+
+    /// Flush the run to disk when it is finished (a run that must outlive a crash).
+    pub fn durable(mut self) -> RunWriter {
+        self.sync = true;
+        self
+    }
+
+    /// Account for one record about to be written: its offset, and a mark every
+    /// [`MARK_EVERY`] bytes of a plain run.
+    #[inline]
+    fn note(&mut self, rec: &[u8]) {
+        if !self.compressed && self.offset >= self.next_mark {
+            // Records are valid UTF-8 (checked when read); a mark of a damaged one is lossy, harmlessly.
+            self.index.push(Mark { key: String::from_utf8_lossy(rec).into_owned(), offset: self.offset });
+            self.next_mark = self.offset + MARK_EVERY;
+        }
+        self.offset += rec.len() as u64 + 1;
+        self.records += 1;
     }
 
     #[inline]
     pub fn write(&mut self, rec: &[u8]) -> Result<()> {
-        self.records += 1;
+        self.note(rec);
         let r = match &mut self.out {
             RunSink::Plain(w) => w.write_all(rec).and_then(|_| w.write_all(b"\n")),
             RunSink::Zstd(w) => w.write_all(rec).and_then(|_| w.write_all(b"\n")),
@@ -225,17 +282,25 @@ impl RunWriter {
             RunSink::Zstd(w) => w.finish().ctx("could not write temporary run", &path)?,
         };
         let file = buf.into_inner().map_err(|e| e.into_error()).ctx("could not write temporary run", &path)?;
+        if self.sync {
+            file.sync_all().ctx("could not flush temporary run", &path)?;
+        }
         let bytes = file.metadata().ctx("could not stat temporary run", &path)?.len();
-        Ok(Run { path, bytes, records: self.records, compressed: self.compressed })
+        Ok(Run { path, bytes, records: self.records, compressed: self.compressed, index: self.index })
     }
 }
 
 /// Write a sorted chunk as a run at `path`. Records are gathered into large blocks
 /// by hand: per-record `write_all` calls cost more than the copying itself.
-pub fn spill(chunk: &Chunk, path: &Path, compress: bool) -> Result<Run> {
+/// With `durable`, the run is flushed to disk before this returns.
+pub fn spill(chunk: &Chunk, path: &Path, compress: bool, durable: bool) -> Result<Run> {
     let mut w = RunWriter::create(path.to_path_buf(), compress)?;
+    if durable {
+        w = w.durable();
+    }
     let mut block: Vec<u8> = Vec::with_capacity(RUN_WRITE_BUFFER + (64 << 10));
     for rec in chunk.iter() {
+        w.note(rec);
         block.extend_from_slice(rec);
         block.push(b'\n');
         if block.len() >= RUN_WRITE_BUFFER {
@@ -244,7 +309,7 @@ pub fn spill(chunk: &Chunk, path: &Path, compress: bool) -> Result<Run> {
         }
     }
     w.write_block(&block)?;
-    w.records = chunk.len() as u64;
+    debug_assert_eq!(w.records, chunk.len() as u64);
     w.finish()
 }
 
@@ -295,8 +360,9 @@ mod tests {
         }
         c.sort_dedup(&pool);
         for compress in [false, true] {
-            let run = spill(&c, &d.path().join(format!("r{compress}")), compress).unwrap();
+            let run = spill(&c, &d.path().join(format!("r{compress}")), compress, compress).unwrap();
             assert_eq!(run.records, 1000);
+            assert_eq!(run.index.is_empty(), compress, "plain runs carry a sparse index");
             let raw = std::fs::read(&run.path).unwrap();
             let text = if compress { zstd::decode_all(&raw[..]).unwrap() } else { raw };
             assert!(text.starts_with(b"line-00000\nline-00001\n"));

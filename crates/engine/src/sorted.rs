@@ -1,18 +1,27 @@
 //! Exact mode's first phase: scan every file into fixed-budget chunks; sort and spill
 //! each full chunk as a run on a helper thread while the next one fills; sort the last
-//! chunk in memory. [`Sorted::merge`] then opens the k-way merge over all of them.
+//! chunk; merge runs beyond the fan-in in levels. [`Sorted::merge`] then opens the
+//! k-way merge over what is left, for the whole key space or one [`KeyRange`] of it.
+//!
+//! Kept sorts ([`Keep`]) spill the last chunk too, flush every run to disk and write a
+//! manifest: the runs, their sparse indexes, the files they were read from and the
+//! scan's counters. A later attempt of the same job loads them ([`Sorted::load`]) instead
+//! of reading and sorting its files again — after a crash, only the batch in flight and
+//! reopening the runs are lost — and parallel inserters each merge their own key range
+//! of them.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
 
 use super::config::{Config, Fault};
 use super::error::{Error, IoContext, Result};
 use super::limits;
-use super::merge::{reduce_runs, Merger};
+use super::merge::{reduce_runs, KeyRange, Merger};
 use super::progress::{Phase, Progress};
 use super::scan::scan;
 use super::sort::{self, Chunk, Run};
@@ -22,50 +31,175 @@ use super::walk::{FileEntry, Tree};
 /// Prefix of every temporary directory a run creates, so orphans left by a crash can be
 /// found and removed (see [`remove_orphans`]).
 pub const TEMP_PREFIX: &str = "pg_store-";
+/// The manifest of a kept sort, in its directory.
+pub const MANIFEST: &str = "manifest.json";
+const MANIFEST_VERSION: u32 = 1;
 
-/// The outcome of the scan-and-sort phase: sorted distinct runs on disk plus the last
-/// chunk in memory, ready to merge.
+/// Where and under which spec a sort is kept across attempts. The caller owns the
+/// directory (creates it, removes it when the job ends).
+#[derive(Debug, Clone)]
+pub struct Keep {
+    pub dir: PathBuf,
+    /// Everything besides the files that decides which records the runs hold (limits,
+    /// filter, …): a kept sort is loaded only for the same spec.
+    pub spec: String,
+}
+
+/// The scan's counters, kept with the runs so a resumed job reports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub files_done: u64,
+    pub files_failed: u64,
+    pub bytes_read: u64,
+    pub records: u64,
+    pub empty: u64,
+    pub rejected: u64,
+    pub filtered: u64,
+    pub duplicates: u64,
+    pub temp_peak: u64,
+}
+
+impl Counts {
+    fn of(p: &Progress) -> Counts {
+        let s = p.snapshot();
+        Counts {
+            files_done: s.files_done,
+            files_failed: s.files_failed,
+            bytes_read: s.bytes_read,
+            records: s.records,
+            empty: s.empty,
+            rejected: s.rejected,
+            filtered: s.filtered,
+            duplicates: s.duplicates,
+            temp_peak: s.temp_peak,
+        }
+    }
+
+    fn restore(&self, p: &Progress) {
+        for (counter, v) in [
+            (&p.files_done, self.files_done),
+            (&p.files_failed, self.files_failed),
+            (&p.bytes_read, self.bytes_read),
+            (&p.records, self.records),
+            (&p.empty, self.empty),
+            (&p.rejected, self.rejected),
+            (&p.filtered, self.filtered),
+            (&p.duplicates, self.duplicates),
+        ] {
+            counter.store(v, std::sync::atomic::Ordering::Relaxed);
+        }
+        p.temp_peak.fetch_max(self.temp_peak, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    version: u32,
+    spec: String,
+    files: Vec<FileEntry>,
+    /// Runs, with paths relative to the manifest's directory.
+    runs: Vec<Run>,
+    counts: Counts,
+}
+
+/// Where the runs live: a temporary directory removed with the merge, or a kept one.
+enum Store {
+    None,
+    Temp(TempDir),
+    Kept(PathBuf),
+}
+
+/// The outcome of the scan-and-sort phase: sorted distinct runs on disk (at most the
+/// fan-in), plus the last chunk in memory unless the sort is kept.
 pub struct Sorted {
     runs: Vec<Run>,
+    /// Runs the scan spilled, before any were merged into longer ones.
+    spilled: usize,
     mem: Option<Chunk>,
-    temp: Option<TempDir>,
+    store: Store,
     cfg: Config,
-    progress: Arc<Progress>,
-    /// Raised to stop the merge's threads early.
-    stop: Arc<AtomicBool>,
 }
 
 impl Sorted {
+    /// Runs the final merge reads (at most the fan-in).
     pub fn runs(&self) -> usize {
         self.runs.len()
     }
 
-    /// Open the merge of every source, starting after `resume_after`. Runs beyond the
-    /// fan-in are first merged in levels, which takes a while on big inputs: the sink
-    /// is told when that starts.
-    pub(crate) fn merge<S: Sink>(
-        self,
-        resume_after: Option<&[u8]>,
-        sink: &mut S,
-    ) -> Result<(Merger, Arc<AtomicBool>), Halt<S::Error>> {
-        let buffer = self.cfg.budget().merge_buffer;
-        let runs = match &self.temp {
-            Some(t) if self.runs.len() > self.cfg.fan_in => {
-                announce(&self.progress, Phase::Merging, sink)?;
-                reduce_runs(
-                    self.runs,
-                    self.cfg.fan_in,
-                    buffer,
-                    t.path(),
-                    self.cfg.compress_runs,
-                    &self.progress,
-                    &self.stop,
-                )?
+    /// Runs the scan spilled.
+    pub fn spilled(&self) -> usize {
+        self.spilled
+    }
+
+    /// Split the key space into at most `n` ranges of about the same amount of data,
+    /// from the runs' sparse indexes (each mark stands for about the same number of
+    /// bytes). Fewer when the data is too small to split.
+    pub fn ranges(&self, n: usize) -> Vec<KeyRange> {
+        let mut marks: Vec<&str> = self.runs.iter().flat_map(|r| r.index.iter().map(|m| m.key.as_str())).collect();
+        marks.sort_unstable();
+        let mut cuts: Vec<String> = Vec::new();
+        for i in 1..n.max(1) {
+            let Some(k) = marks.get(i * marks.len() / n) else { break };
+            if cuts.last().is_none_or(|c| c.as_str() < *k) {
+                cuts.push(k.to_string());
             }
-            _ => self.runs,
+        }
+        let mut ranges = Vec::with_capacity(cuts.len() + 1);
+        let mut after = None;
+        for c in cuts {
+            ranges.push(KeyRange { after: after.clone(), upto: Some(c.clone()) });
+            after = Some(c);
+        }
+        ranges.push(KeyRange { after, upto: None });
+        ranges
+    }
+
+    /// Open the merge of `range`, starting after `resume_after` when that is further.
+    /// A temporary sort's directory goes with the merger; only a sort that is not kept
+    /// can be merged once.
+    pub fn merge(
+        &mut self,
+        range: &KeyRange,
+        resume_after: Option<&[u8]>,
+        progress: Arc<Progress>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Merger> {
+        let buffer = self.cfg.budget().merge_buffer;
+        let temp = match std::mem::replace(&mut self.store, Store::None) {
+            Store::Temp(t) => Some(t),
+            Store::Kept(d) => {
+                self.store = Store::Kept(d);
+                None
+            }
+            Store::None => None,
         };
-        let m = Merger::new(&runs, self.mem, buffer, resume_after, self.progress, self.stop.clone(), self.temp)?;
-        Ok((m, self.stop))
+        let upto = range.upto.as_deref().map(str::as_bytes);
+        Merger::new(&self.runs, self.mem.take(), buffer, range.start(resume_after), upto, progress, stop, temp)
+    }
+
+    /// The sort kept in `keep.dir`, if it is there, complete, and made under the same
+    /// spec (and from these very files, when given); its counters go into `progress`.
+    pub fn load(keep: &Keep, files: Option<&[FileEntry]>, cfg: &Config, progress: &Progress) -> Result<Option<Sorted>> {
+        let path = keep.dir.join(MANIFEST);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("could not read", &path, e)),
+        };
+        let Ok(m) = serde_json::from_slice::<Manifest>(&text) else { return Ok(None) };
+        if m.version != MANIFEST_VERSION || m.spec != keep.spec || files.is_some_and(|f| m.files != f) {
+            return Ok(None);
+        }
+        let mut runs = m.runs;
+        for r in &mut runs {
+            r.path = keep.dir.join(&r.path);
+            match std::fs::metadata(&r.path) {
+                Ok(meta) if meta.len() == r.bytes => {}
+                _ => return Ok(None),
+            }
+        }
+        m.counts.restore(progress);
+        Ok(Some(Sorted { spilled: runs.len(), runs, mem: None, store: Store::Kept(keep.dir.clone()), cfg: cfg.clone() }))
     }
 }
 
@@ -75,39 +209,45 @@ pub(crate) fn announce<S: Sink>(progress: &Progress, phase: Phase, sink: &mut S)
     sink.phase(phase, progress).map_err(Halt::Sink)?.into_result()
 }
 
-/// Read `files`, sort and deduplicate in chunks, spill runs.
+/// Read `files`, sort and deduplicate in chunks, spill runs; keep them under `keep`.
 pub(crate) fn sort_distinct<S: Sink>(
     cfg: &Config,
     tree: &Tree,
     files: &[FileEntry],
+    keep: Option<&Keep>,
     progress: &Arc<Progress>,
     sink: &mut S,
 ) -> Result<Sorted, Halt<S::Error>> {
     cfg.check_temp_space(files)?;
     let budget = cfg.budget();
     let pool = limits::thread_pool(cfg.threads)?;
-    let mut temp: Option<TempDir> = None;
+    let mut store = match keep {
+        Some(k) => {
+            std::fs::create_dir_all(&k.dir).ctx("could not create", &k.dir)?;
+            // A manifest left by an earlier sort no longer describes what is written now.
+            remove_kept(&k.dir)?;
+            Store::Kept(k.dir.clone())
+        }
+        None => Store::None,
+    };
+    let durable = keep.is_some();
     let mut runs = Vec::new();
+    let mut spilled = 0usize;
     let mut current = Chunk::new(budget.chunk_bytes);
     let outcome: Result<(), Halt<S::Error>> = std::thread::scope(|s| {
         let (job_tx, job_rx) = mpsc::sync_channel::<(Chunk, PathBuf)>(0);
         let (back_tx, back_rx) = mpsc::sync_channel::<Result<Chunk>>(1);
         let (pool, corrupt) = (&pool, cfg.fault == Some(Fault::CorruptRuns));
         let spiller = limits::spawn_scoped(s, "pg_store-spill", move || {
-            spill_loop(job_rx, back_tx, pool, cfg.compress_runs, corrupt, progress)
+            spill_loop(job_rx, back_tx, pool, cfg.compress_runs, durable, corrupt, progress)
         })?;
         let mut spare = Some(Chunk::new(budget.chunk_bytes));
-        let mut spilled = 0usize;
-        let mut hand_over = |full: &mut Chunk, spare: &mut Option<Chunk>, temp: &mut Option<TempDir>| -> Result<()> {
+        let mut hand_over = |full: &mut Chunk, spare: &mut Option<Chunk>, store: &mut Store| -> Result<()> {
             let next = match spare.take() {
                 Some(c) => c,
                 None => wait_back(&back_rx)?,
             };
-            let dir = match temp {
-                Some(t) => t.path().to_path_buf(),
-                None => temp.insert(make_temp_dir(&cfg.temp_dir)?).path().to_path_buf(),
-            };
-            let path = dir.join(format!("run-{spilled:06}.run"));
+            let path = run_dir(store, &cfg.temp_dir)?.join(format!("run-{spilled:06}.run"));
             spilled += 1;
             let chunk = std::mem::replace(full, next);
             if job_tx.send((chunk, path)).is_err() {
@@ -118,7 +258,7 @@ pub(crate) fn sort_distinct<S: Sink>(
         };
         let res = scan(cfg, tree, files, progress, sink, &mut |rec, _| {
             if !current.push(rec) {
-                hand_over(&mut current, &mut spare, &mut temp)?;
+                hand_over(&mut current, &mut spare, &mut store)?;
                 let pushed = current.push(rec);
                 debug_assert!(pushed);
             }
@@ -137,7 +277,88 @@ pub(crate) fn sort_distinct<S: Sink>(
     announce(progress, Phase::Sorting, sink)?;
     let dups = current.sort_dedup(&pool);
     Progress::add(&progress.duplicates, dups);
-    Ok(Sorted { runs, mem: Some(current), temp, cfg: cfg.clone(), progress: progress.clone(), stop: Arc::default() })
+    // A kept sort writes its last chunk too: the whole input is then on disk.
+    let mem = if keep.is_some() && !current.is_empty() {
+        let path = run_dir(&mut store, &cfg.temp_dir)?.join(format!("run-{spilled:06}.run"));
+        let run = sort::spill(&current, &path, cfg.compress_runs, true)?;
+        progress.temp_grew(run.bytes);
+        Progress::add(&progress.runs_written, 1);
+        runs.push(run);
+        None
+    } else {
+        Some(current)
+    };
+    let spilled = runs.len();
+    if runs.len() > cfg.fan_in {
+        announce(progress, Phase::Merging, sink)?;
+        let dir = run_dir(&mut store, &cfg.temp_dir)?;
+        let buffer = budget.merge_buffer;
+        runs = reduce_runs(runs, cfg.fan_in, buffer, &dir, cfg.compress_runs, durable, progress, &Arc::default())?;
+    }
+    // Only a sort of every file, each read whole and unchanged, is worth resuming from.
+    let complete = progress.files_failed.load(std::sync::atomic::Ordering::Relaxed) == 0
+        && progress.files_changed.load(std::sync::atomic::Ordering::Relaxed) == 0;
+    if let Some(k) = keep.filter(|_| complete) {
+        write_manifest(k, files, &runs, &Counts::of(progress))?;
+    }
+    Ok(Sorted { runs, spilled, mem, store, cfg: cfg.clone() })
+}
+
+/// The directory runs go into, made on first use for a temporary sort.
+fn run_dir(store: &mut Store, parent: &Path) -> Result<PathBuf> {
+    Ok(match store {
+        Store::Kept(d) => d.clone(),
+        Store::Temp(t) => t.path().to_path_buf(),
+        Store::None => {
+            let t = make_temp_dir(parent)?;
+            let p = t.path().to_path_buf();
+            *store = Store::Temp(t);
+            p
+        }
+    })
+}
+
+/// Write the manifest beside the runs, atomically (rename) and durably.
+fn write_manifest(keep: &Keep, files: &[FileEntry], runs: &[Run], counts: &Counts) -> Result<()> {
+    let rel: Vec<Run> = runs
+        .iter()
+        .map(|r| Run { path: r.path.strip_prefix(&keep.dir).unwrap_or(&r.path).to_path_buf(), ..r.clone() })
+        .collect();
+    let m = Manifest {
+        version: MANIFEST_VERSION,
+        spec: keep.spec.clone(),
+        files: files.to_vec(),
+        runs: rel,
+        counts: counts.clone(),
+    };
+    let tmp = keep.dir.join(format!("{MANIFEST}.tmp"));
+    let body = serde_json::to_vec(&m).map_err(|e| Error::Internal(format!("manifest: {e}")))?;
+    let f = std::fs::File::create(&tmp).ctx("could not create", &tmp)?;
+    std::io::Write::write_all(&mut &f, &body).ctx("could not write", &tmp)?;
+    f.sync_all().ctx("could not flush", &tmp)?;
+    let path = keep.dir.join(MANIFEST);
+    std::fs::rename(&tmp, &path).ctx("could not rename into", &path)?;
+    std::fs::File::open(&keep.dir).and_then(|d| d.sync_all()).ctx("could not flush", &keep.dir)
+}
+
+/// Empty a kept sort's directory (the manifest first, so a crash halfway leaves nothing
+/// that looks complete).
+pub fn remove_kept(dir: &Path) -> Result<()> {
+    match std::fs::remove_file(dir.join(MANIFEST)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::io("could not remove", &dir.join(MANIFEST), e))
+        }
+        _ => {}
+    }
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("could not list", dir, e)),
+    };
+    for e in entries.flatten() {
+        std::fs::remove_file(e.path()).ctx("could not remove", &e.path())?;
+    }
+    Ok(())
 }
 
 fn wait_back(back: &Receiver<Result<Chunk>>) -> Result<Chunk> {
@@ -151,6 +372,7 @@ fn spill_loop(
     back: SyncSender<Result<Chunk>>,
     pool: &rayon::ThreadPool,
     compress: bool,
+    durable: bool,
     corrupt: bool,
     progress: &Progress,
 ) -> Vec<Run> {
@@ -158,7 +380,7 @@ fn spill_loop(
     for (mut chunk, path) in jobs {
         let dups = chunk.sort_dedup(pool);
         Progress::add(&progress.duplicates, dups);
-        let spilled = sort::spill(&chunk, &path, compress).and_then(|run| {
+        let spilled = sort::spill(&chunk, &path, compress, durable).and_then(|run| {
             if corrupt {
                 corrupt_first_byte(&run.path)?;
             }

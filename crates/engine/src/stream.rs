@@ -21,10 +21,10 @@ use super::bloom::ApproxDedup;
 use super::config::{Config, Dedup, Fault};
 use super::error::{Error, Result};
 use super::limits;
-use super::merge::Merger;
+use super::merge::{KeyRange, Merger};
 use super::progress::{Phase, Progress};
 use super::scan::{scan, FileCounts, FileOutcome, Reject};
-use super::sorted::{announce, sort_distinct};
+use super::sorted::{announce, sort_distinct, Keep, Sorted};
 use super::walk::{FileEntry, Tree};
 
 /// What the sink wants after a call: more, or nothing more (the run stops early and
@@ -101,7 +101,7 @@ impl<E> From<Error> for Halt<E> {
 pub struct Report {
     /// The sink asked to stop before the end.
     pub stopped: bool,
-    /// Exact mode: sorted runs spilled by the scan.
+    /// Exact mode: sorted runs spilled by the scan (before merges of more than the fan-in).
     pub runs: usize,
     /// Bloom mode: the filter and its expected error.
     pub bloom: Option<BloomReport>,
@@ -129,10 +129,55 @@ pub fn distinct<S: Sink>(
 ) -> Result<Report, S::Error> {
     let mut report = Report::default();
     let res = announce(progress, Phase::Scanning, sink).and_then(|()| match cfg.dedup {
-        Dedup::Exact => exact(cfg, tree, files, resume_after, progress, sink, &mut report),
+        Dedup::Exact => {
+            let mut sorted = sort_distinct(cfg, tree, files, None, progress, sink)?;
+            report.runs = sorted.spilled();
+            stream_range(cfg, &mut sorted, &KeyRange::all(), resume_after, progress, sink)
+        }
         Dedup::Bloom => bloom(cfg, tree, files, progress, sink, &mut report),
     });
     let res = res.and_then(|()| announce(progress, Phase::Done, sink));
+    finish(res, report)
+}
+
+/// Exact mode, first phase, for a caller that drains in parts or resumes later: read
+/// every file, sort, spill everything (the last chunk too), flush, and describe the runs
+/// in a manifest under `keep`, so that [`Sorted::load`] finds them again (unless a file
+/// failed or changed while it was read: such a sort is not worth resuming from).
+pub fn prepare<S: Sink>(
+    cfg: &Config,
+    tree: &Tree,
+    files: &[FileEntry],
+    keep: &Keep,
+    progress: &Arc<Progress>,
+    sink: &mut S,
+) -> Result<Sorted, S::Error> {
+    let res = announce(progress, Phase::Scanning, sink)
+        .and_then(|()| sort_distinct(cfg, tree, files, Some(keep), progress, sink));
+    match res {
+        Ok(sorted) => Ok(sorted),
+        Err(Halt::Stop) => Err(Error::Stopped.into()),
+        Err(Halt::Engine(e)) => Err(e.into()),
+        Err(Halt::Sink(e)) => Err(e),
+    }
+}
+
+/// Exact mode, second phase: stream the distinct records of `range` of a kept sort into
+/// `sink`, after `resume_after`. The merge's own counters (distinct records, repeats met
+/// across runs) go into `progress`.
+pub fn drain<S: Sink>(
+    cfg: &Config,
+    sorted: &mut Sorted,
+    range: &KeyRange,
+    resume_after: Option<&[u8]>,
+    progress: &Arc<Progress>,
+    sink: &mut S,
+) -> Result<Report, S::Error> {
+    let report = Report { runs: sorted.spilled(), ..Report::default() };
+    finish(stream_range(cfg, sorted, range, resume_after, progress, sink), report)
+}
+
+fn finish<E: From<Error>>(res: Result<(), Halt<E>>, report: Report) -> Result<Report, E> {
     match res {
         Ok(()) => Ok(report),
         Err(Halt::Stop) => Ok(Report { stopped: true, ..report }),
@@ -141,20 +186,19 @@ pub fn distinct<S: Sink>(
     }
 }
 
-fn exact<S: Sink>(
+/// Merge `range` of `sorted` and hand it over in batches.
+fn stream_range<S: Sink>(
     cfg: &Config,
-    tree: &Tree,
-    files: &[FileEntry],
+    sorted: &mut Sorted,
+    range: &KeyRange,
     resume_after: Option<&[u8]>,
     progress: &Arc<Progress>,
     sink: &mut S,
-    report: &mut Report,
 ) -> Result<(), Halt<S::Error>> {
-    let sorted = sort_distinct(cfg, tree, files, progress, sink)?;
-    report.runs = sorted.runs();
-    let (merger, stop) = sorted.merge(resume_after, sink)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let merger = sorted.merge(range, resume_after, progress.clone(), stop.clone())?;
     announce(progress, Phase::Inserting, sink)?;
-    drain(cfg, merger, stop, sink)
+    drain_merger(cfg, merger, stop, sink)
 }
 
 /// Records the merge thread hands over at a time: one channel message.
@@ -167,7 +211,12 @@ enum Msg {
 }
 
 /// Run the merge on its own thread and feed its records to the sink in batches.
-fn drain<S: Sink>(cfg: &Config, mut merger: Merger, stop: Arc<AtomicBool>, sink: &mut S) -> Result<(), Halt<S::Error>> {
+fn drain_merger<S: Sink>(
+    cfg: &Config,
+    mut merger: Merger,
+    stop: Arc<AtomicBool>,
+    sink: &mut S,
+) -> Result<(), Halt<S::Error>> {
     let (tx, rx) = mpsc::sync_channel::<Result<Msg>>(4);
     let fault = cfg.fault;
     let producer = limits::spawn("pg_store-merge", move || {

@@ -476,3 +476,81 @@ fn too_little_temporary_space_fails_before_reading() {
     assert!(matches!(err, Error::NoTempSpace { .. }), "{err}");
     assert!(err.to_string().contains("not enough temporary space"));
 }
+
+#[test]
+fn a_kept_sort_is_loaded_again_and_its_ranges_partition_the_stream() {
+    use super::sorted::{Keep, Sorted};
+    use super::stream::{drain, prepare};
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().canonicalize().unwrap().join("in");
+    generate(&input, &GenSpec { files: 3, size: 1 << 20, seed: 8, nasty: true, ..GenSpec::default() }).unwrap();
+    let want = oracle(&input, 65536).unwrap();
+    let keep = Keep { dir: dir.path().join("job-1"), spec: "spec-a".into() };
+    let cfg = Config { chunk_bytes: Some(256 << 10), fan_in: 32, ..tiny(dir.path()) };
+    let (tree, listing) = walk(&input).unwrap();
+    let progress = Arc::new(Progress::default());
+    let mut got = Collect::default();
+    let sorted = prepare(&cfg, &tree, &listing.files, &keep, &progress, &mut got).unwrap();
+    assert!(sorted.runs() > 2 && sorted.spilled() == progress.snapshot().runs_written as usize, "{} runs, {} spilled, {:?}", sorted.runs(), sorted.spilled(), progress.snapshot());
+    assert!(keep.dir.join(super::sorted::MANIFEST).exists());
+    let scanned = progress.snapshot();
+    drop(sorted);
+
+    // Another process (or attempt) loads it, with the scan's counters, and merges ranges.
+    let again = Arc::new(Progress::default());
+    let mut sorted = Sorted::load(&keep, Some(&listing.files), &cfg, &again).unwrap().expect("the kept sort loads");
+    assert_eq!((again.snapshot().records, again.snapshot().rejected), (scanned.records, scanned.rejected));
+    let ranges = sorted.ranges(3);
+    assert_eq!(ranges.len(), 3);
+    let mut all = Vec::new();
+    for r in &ranges {
+        let mut part = Collect::default();
+        drain(&cfg, &mut sorted, r, None, &Arc::default(), &mut part).unwrap();
+        assert!(!part.records.is_empty(), "{r:?} is empty");
+        all.extend(part.records);
+    }
+    assert_eq!(
+        sha256_lines(all.iter().map(|r| r.as_bytes())),
+        want.sha256,
+        "the ranges together are the whole stream, in order"
+    );
+    // Resuming a range inside it.
+    let r = &ranges[1];
+    let mut whole = Collect::default();
+    drain(&cfg, &mut sorted, r, None, &Arc::default(), &mut whole).unwrap();
+    let cut = whole.records[whole.records.len() / 2].clone();
+    let mut rest = Collect::default();
+    drain(&cfg, &mut sorted, r, Some(cut.as_bytes()), &Arc::default(), &mut rest).unwrap();
+    assert_eq!(rest.records, whole.records[whole.records.len() / 2 + 1..]);
+
+    // Not loaded for another spec, other files, or a damaged run.
+    assert!(Sorted::load(&Keep { spec: "spec-b".into(), ..keep.clone() }, None, &cfg, &Progress::default())
+        .unwrap()
+        .is_none());
+    let fewer = &listing.files[1..];
+    assert!(Sorted::load(&keep, Some(fewer), &cfg, &Progress::default()).unwrap().is_none());
+    let run = std::fs::read_dir(&keep.dir)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with(".run"))
+        .unwrap();
+    std::fs::OpenOptions::new().append(true).open(run.path()).unwrap().write_all(b"x").unwrap();
+    assert!(Sorted::load(&keep, None, &cfg, &Progress::default()).unwrap().is_none(), "a run of another size");
+}
+
+#[test]
+fn a_sort_with_a_failed_file_is_not_kept() {
+    use super::sorted::{Keep, Sorted};
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().canonicalize().unwrap().join("in");
+    fs::create_dir(&input).unwrap();
+    fs::write(input.join("a.txt"), "a\nb\n").unwrap();
+    fs::write(input.join("b.gz"), "not gzip\n").unwrap();
+    let keep = Keep { dir: dir.path().join("job-2"), spec: "s".into() };
+    let cfg = tiny(dir.path());
+    let (tree, listing) = walk(&input).unwrap();
+    let mut got = Collect::default();
+    super::stream::prepare(&cfg, &tree, &listing.files, &keep, &Arc::default(), &mut got).unwrap();
+    assert!(!keep.dir.join(super::sorted::MANIFEST).exists(), "a resume must read the failed file again");
+    assert!(Sorted::load(&keep, Some(&listing.files), &cfg, &Progress::default()).unwrap().is_none());
+}

@@ -23,7 +23,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{openat, statat, AtFlags, Dir, FileType, Mode, OFlags, CWD};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::error::{Error, IoContext, Result};
 
@@ -53,6 +53,21 @@ pub fn path_text(p: &Path) -> String {
     }
 }
 
+/// A path (de)serialised as its raw bytes.
+mod path_bytes {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    use std::path::{Path, PathBuf};
+
+    pub fn serialize<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
+        serde::Serialize::serialize(p.as_os_str().as_bytes(), s)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        let bytes: Vec<u8> = serde::Deserialize::deserialize(d)?;
+        Ok(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+    }
+}
+
 /// What tells one version of a file from another without reading it whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Identity {
@@ -79,8 +94,10 @@ impl Identity {
 }
 
 /// One input file, as listed: its path, its identity and a content fingerprint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {
+    /// Serialised as its bytes: a file name need not be UTF-8.
+    #[serde(with = "path_bytes")]
     pub path: PathBuf,
     pub size: u64,
     pub mtime_ns: i64,
