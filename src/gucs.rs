@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 
-use store_engine::batch::{DEFAULT_BATCH_MAX, DEFAULT_BATCH_MIN};
+use store_engine::batch::{DEFAULT_BATCH_MAX, DEFAULT_BATCH_MIN, DEFAULT_BATCH_TARGET};
 use store_engine::config::{BatchLimits, Fault};
 use store_engine::limits;
 use store_engine::normalize::DEFAULT_MAX_LINE_BYTES;
@@ -20,7 +20,7 @@ pub static CPU_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static TEMP_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static BATCH_MIN: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_BATCH_MIN as i32);
 pub static BATCH_MAX: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_BATCH_MAX as i32);
-pub static BATCH_TARGET_MS: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static BATCH_TARGET_MS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_BATCH_TARGET.as_millis() as i32);
 pub static BLOOM_FPR: GucSetting<f64> = GucSetting::<f64>::new(0.01);
 pub static MAX_LINE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_LINE_BYTES as i32);
 pub static ALLOWED_DIRS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -111,7 +111,7 @@ fn define_reloadable_gucs() {
     );
     GucRegistry::define_int_guc(
         c"store.batch_target_ms",
-        c"Latency each insert batch aims at.",
+        c"Latency each insert batch aims at (more when a batch's fixed cost is high: ten times that cost).",
         c"",
         &BATCH_TARGET_MS,
         1,
@@ -258,7 +258,7 @@ impl Settings {
     }
 
     pub fn batch_limits(&self) -> BatchLimits {
-        BatchLimits { min: self.batch_min, max: self.batch_max, target: self.batch_target }
+        BatchLimits { min: self.batch_min, max: self.batch_max, target: self.batch_target, ..BatchLimits::default() }
     }
 }
 

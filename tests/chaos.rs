@@ -113,8 +113,9 @@ fn main() {
     x.baseline();
 
     type Section = (&'static str, fn(&mut Ctx));
-    let sections: [Section; 9] = [
+    let sections: [Section; 10] = [
         ("kill9", kill9_rounds),
+        ("inserters", inserter_rounds),
         ("sort", sort_rounds),
         ("merge", merge_rounds),
         ("immediate", immediate_rounds),
@@ -479,20 +480,63 @@ fn kill9_rounds(x: &mut Ctx) {
     }
     // The killed workers' temporary runs were removed by worker 0 when it restarted.
     x.fault("kill -9: no orphaned temporary runs", |x| {
-        let jobs = x.c.data().join("pg_store_tmp/jobs");
-        // The directory must be there (the killed jobs spilled into it), and empty of runs.
-        let dirs: Vec<_> = fs::read_dir(&jobs).map_err(|e| format!("{}: {e}", jobs.display()))?.flatten().collect();
-        let left: Vec<_> = dirs
-            .iter()
-            .filter(|e| fs::read_dir(e.path()).map(|mut i| i.next().is_some()).unwrap_or(false))
-            .map(|e| e.path())
-            .collect();
+        // The temporary directory is there (the jobs kept their runs in it) and empty:
+        // each job's own directory went when the job ended.
+        let temp = x.c.data().join("pg_store_tmp");
+        let left: Vec<_> =
+            fs::read_dir(&temp).map_err(|e| format!("{}: {e}", temp.display()))?.flatten().map(|e| e.path()).collect();
         if left.is_empty() {
-            Ok(format!("{} worker directories, none holding runs", dirs.len()))
+            Ok("nothing left in the temporary directory".into())
         } else {
             Err(format!("left behind: {left:?}"))
         }
     });
+}
+
+/// Three key ranges, two of them inserted by inserter processes: kill -9 one of those
+/// at a random moment of its range. The server restarts, the job resumes from the runs
+/// it kept, each range from its own checkpoint.
+fn inserter_rounds(x: &mut Ctx) {
+    println!("chaos: kill -9 of a range's inserter (store.insert_workers = 3), 3 rounds");
+    set_conf(x, "ALTER SYSTEM SET store.insert_workers = 3");
+    for r in 0..3 {
+        x.fault(&format!("kill -9 of an inserter #{}", r + 1), |x| {
+            let t = x.target();
+            let job = x.ingest(&x.data.clone(), &t);
+            let t0 = Instant::now();
+            let range = 1 + (x.rng.below(2) as i32);
+            let pid = loop {
+                let row = x.q(&format!(
+                    "SELECT coalesce((SELECT worker_pid || ' ' || inserted FROM store.ranges WHERE job = {job} AND range = {range} AND state = 'running'), '')"
+                ));
+                if let Some((pid, ins)) = row.split_once(' ') {
+                    let ins: i64 = ins.parse().unwrap_or(0);
+                    // Somewhere in the range's first half: it holds about a third of the lines.
+                    if ins > 1000 + x.rng.below(200_000) as i64 {
+                        break pid.parse::<i32>().unwrap();
+                    }
+                }
+                let state = x.q(&format!("SELECT state FROM store.jobs WHERE id = {job}"));
+                if t0.elapsed() > Duration::from_secs(120) || (state != "running" && state != "queued") {
+                    return Err(format!("never saw range {range} of job {job} inserting"));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            let kind = x.q(&format!("SELECT coalesce((SELECT backend_type FROM pg_stat_activity WHERE pid = {pid}), 'gone')"));
+            x.sigkill(pid);
+            *x.t.kill_phases.entry("inserting (an inserter)".into()).or_default() += 1;
+            x.done(job)?;
+            let want = x.want.clone();
+            x.exact(&t, &want, Some(job))?;
+            let resumed = fs::read_to_string(x.c.dir.join("log")).unwrap_or_default().contains(&format!("pg_store job {job}: resuming from the"));
+            x.q(&format!("DROP TABLE {t}"));
+            if kind != "pg_store inserter" || !resumed {
+                return Err(format!("killed a {kind:?}; resumed from kept runs: {resumed}"));
+            }
+            Ok(format!("killed the inserter of range {range} at {:.1} s; exact, resumed from the kept runs", t0.elapsed().as_secs_f64()))
+        });
+    }
+    set_conf(x, "ALTER SYSTEM RESET store.insert_workers");
 }
 
 /// With a 2 MB budget the main data set spills more runs than the merge's fan-in, so

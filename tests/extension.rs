@@ -119,7 +119,16 @@ fn wait_mid_insert(c: &Cluster, job: i64) {
 /// it must, and check the job ends with exactly the oracle's lines. Returns the cluster,
 /// the job and the expected result for test-specific checks.
 fn interrupted_mid_insert_ends_exact(name: &str, interrupt: impl FnOnce(&Cluster, i64)) -> (Cluster, i64, Expected) {
-    let c = Cluster::start(name, "store.batch_max = 2000");
+    interrupted_mid_insert_ends_exact_with(name, "", interrupt)
+}
+
+/// [`interrupted_mid_insert_ends_exact`] with more settings.
+fn interrupted_mid_insert_ends_exact_with(
+    name: &str,
+    conf: &str,
+    interrupt: impl FnOnce(&Cluster, i64),
+) -> (Cluster, i64, Expected) {
+    let c = Cluster::start(name, &format!("store.batch_max = 2000\n{conf}"));
     let (dir, want) = big_fixture(&c);
     let job = c.ingest(&format!("'{}'", dir.display()));
     wait_mid_insert(&c, job);
@@ -150,7 +159,11 @@ fn kill_9_of_the_worker_mid_insert_resumes_with_no_loss_and_no_duplicate() {
     assert!(left.is_empty(), "left behind in the temporary directory: {left:?}");
     // The resumed attempt read no file again: it merged the runs the first one kept.
     let log = fs::read_to_string(c.dir.join("log")).unwrap();
-    assert!(log.contains(&format!("pg_store job {job}: resuming from the")), "the job sorted its files again:\n{}", c.log_tail());
+    assert!(
+        log.contains(&format!("pg_store job {job}: resuming from the")),
+        "the job sorted its files again:\n{}",
+        c.log_tail()
+    );
 }
 
 #[test]
@@ -337,7 +350,10 @@ fn a_key_inserted_behind_a_fast_path_job_makes_it_fall_back_without_loss() {
         format!("{} 1", want.distinct - 1)
     );
     // The range holding that key (the last) left the plain path, for good.
-    assert_eq!(q(&c, &format!("SELECT fast_path FROM store.checkpoints WHERE job = {job} ORDER BY range DESC LIMIT 1")), "f");
+    assert_eq!(
+        q(&c, &format!("SELECT fast_path FROM store.checkpoints WHERE job = {job} ORDER BY range DESC LIMIT 1")),
+        "f"
+    );
     let log = fs::read_to_string(c.dir.join("log")).unwrap();
     assert!(
         log.contains(&format!("pg_store job {job}: a key was already present; switching to ON CONFLICT DO NOTHING")),
@@ -364,4 +380,32 @@ fn hostile_names_are_quoted_and_the_job_runs() {
     c.wait_done(job);
     assert_eq!(num(&c, r#"SELECT count(*) FROM "t; DROP TABLE store.jobs; --""#), 2);
     assert_eq!(q(&c, "SELECT to_regclass('store.jobs') IS NOT NULL AND to_regclass('x') IS NOT NULL"), "t");
+}
+
+#[test]
+fn kill_9_of_an_inserter_of_a_range_resumes_exact_without_sorting_again() {
+    // Three ranges: the worker inserts the first, two inserters the others. One of the
+    // inserters is killed mid-batch; the server restarts, the job is claimed again,
+    // loads the runs it kept, and every range resumes from its own checkpoint.
+    let (c, job, _) = interrupted_mid_insert_ends_exact_with("inserter", "store.insert_workers = 3", |c, job| {
+        c.wait_until(
+            &format!("SELECT count(*) = 2 FROM store.ranges WHERE job = {job} AND range > 0 AND inserted > 1000 AND state = 'running'"),
+            Duration::from_secs(60),
+        );
+        let pid: i32 =
+            q(c, &format!("SELECT worker_pid FROM store.checkpoints WHERE job = {job} AND range = 2")).parse().unwrap();
+        let kind = q(c, &format!("SELECT backend_type FROM pg_stat_activity WHERE pid = {pid}"));
+        assert_eq!(kind, "pg_store inserter");
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    });
+    assert_eq!(q(&c, &format!("SELECT ranges || ' ' || ranges_done FROM store.status WHERE id = {job}")), "3 3");
+    let log = fs::read_to_string(c.dir.join("log")).unwrap();
+    assert!(log.contains(&format!("pg_store job {job}: resuming from the")), "the job sorted its files again");
+    let per_range = q(
+        &c,
+        &format!(
+            "SELECT string_agg((inserted > 0)::text, ',' ORDER BY range) FROM store.checkpoints WHERE job = {job}"
+        ),
+    );
+    assert_eq!(per_range, "true,true,true");
 }

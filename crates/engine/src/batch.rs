@@ -1,8 +1,14 @@
-//! The adaptive batcher: how many records the consumer should take next. It aims each
-//! batch at `target` latency, as measured and reported by the consumer, from the
-//! throughput of the last three batches, within `[min, max]` records. A step never more
-//! than doubles or halves the size, so one slow outlier (a checkpoint, autovacuum)
-//! cannot swing it to an extreme.
+//! The adaptive batcher: how many records the consumer should take next, to insert as
+//! many rows a second as it can without any batch taking longer than it should.
+//!
+//! A batch costs a fixed part (a commit; on Citus a distributed transaction, ~0.4 s) and
+//! a part per row. From the last batches' sizes and latencies it fits `t = F + c·n`, and
+//! aims each batch at the larger of `target` and ten times `F` — so the fixed cost stays
+//! under a tenth of the time — within the `ceiling`, `[min, max]` records and `max_bytes`
+//! (which the consumer checks as it fills). A step never more than doubles or halves the
+//! size, so one slow outlier (a checkpoint, autovacuum) cannot swing it to an extreme. A
+//! fixed "100 ms a batch" rule would shrink batches to nothing when a transaction alone
+//! costs more than 100 ms.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -10,18 +16,25 @@ use std::time::Duration;
 use super::error::{Error, Result};
 
 pub const DEFAULT_BATCH_MIN: usize = 100;
-pub const DEFAULT_BATCH_MAX: usize = 5000;
-pub const DEFAULT_BATCH_TARGET: Duration = Duration::from_millis(100);
-/// How many recent batches the next size is computed from.
-const WINDOW: usize = 3;
+pub const DEFAULT_BATCH_MAX: usize = 50_000;
+pub const DEFAULT_BATCH_TARGET: Duration = Duration::from_millis(250);
+/// No batch is aimed at more than this, however high the fixed cost.
+pub const DEFAULT_BATCH_CEILING: Duration = Duration::from_secs(10);
+/// Bytes of records in one batch at most (16 MiB): long lines make smaller batches.
+pub const DEFAULT_BATCH_MAX_BYTES: usize = 16 << 20;
+/// How many recent batches the fit uses.
+const WINDOW: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct AdaptiveBatcher {
     min: usize,
     max: usize,
     target: Duration,
+    ceiling: Duration,
     size: usize,
     recent: VecDeque<(usize, Duration)>,
+    /// The last fit of (fixed, per-row) costs; kept while batches all have one size.
+    model: Option<(f64, f64)>,
 }
 
 impl AdaptiveBatcher {
@@ -29,12 +42,41 @@ impl AdaptiveBatcher {
     pub fn new(min: usize, max: usize, target: Duration) -> AdaptiveBatcher {
         let min = min.max(1);
         let max = max.max(min);
-        AdaptiveBatcher { min, max, target, size: min, recent: VecDeque::with_capacity(WINDOW) }
+        AdaptiveBatcher {
+            min,
+            max,
+            target,
+            ceiling: DEFAULT_BATCH_CEILING.max(target),
+            size: min,
+            recent: VecDeque::with_capacity(WINDOW),
+            model: None,
+        }
     }
 
     /// Records to put in the next batch.
     pub fn size(&self) -> usize {
         self.size
+    }
+
+    /// The fixed and per-row cost of a batch (seconds), as last fitted.
+    pub fn costs(&self) -> Option<(f64, f64)> {
+        self.model
+    }
+
+    /// Least squares of latency on rows over the recent batches; none while they have
+    /// all had one size (or latency did not grow with size).
+    fn fit(&self) -> Option<(f64, f64)> {
+        let n = self.recent.len() as f64;
+        let xs = self.recent.iter().map(|r| r.0 as f64);
+        let ys = self.recent.iter().map(|r| r.1.as_secs_f64());
+        let (mx, my) = (xs.clone().sum::<f64>() / n, ys.clone().sum::<f64>() / n);
+        let sxx: f64 = xs.clone().map(|x| (x - mx) * (x - mx)).sum();
+        let sxy: f64 = xs.zip(ys).map(|(x, y)| (x - mx) * (y - my)).sum();
+        if n < 2.0 || sxx < 1e-9 || sxy <= 0.0 {
+            return None;
+        }
+        let c = sxy / sxx;
+        Some(((my - c * mx).max(0.0), c))
     }
 
     /// Report that a batch of `rows` records took `elapsed`; resizes the next batch.
@@ -46,9 +88,28 @@ impl AdaptiveBatcher {
             self.recent.pop_front();
         }
         self.recent.push_back((rows, elapsed));
-        let rows: usize = self.recent.iter().map(|r| r.0).sum();
-        let secs: f64 = self.recent.iter().map(|r| r.1.as_secs_f64()).sum::<f64>().max(1e-6);
-        let ideal = (rows as f64 / secs * self.target.as_secs_f64()).round() as usize;
+        self.model = match (self.fit(), self.model) {
+            (Some(m), _) => Some(m),
+            // Batches all of one size: keep the fixed cost learnt, and let the per-row
+            // cost follow what the batches take now.
+            (None, Some((fixed, _))) => {
+                let n = self.recent.iter().map(|r| r.0 as f64).sum::<f64>() / self.recent.len() as f64;
+                let t = self.recent.iter().map(|r| r.1.as_secs_f64()).sum::<f64>() / self.recent.len() as f64;
+                let fixed = fixed.min(0.9 * t);
+                Some((fixed, (t - fixed) / n))
+            }
+            (None, None) => None,
+        };
+        let ideal = match self.model {
+            Some((fixed, per_row)) => {
+                let aim = self.target.as_secs_f64().max(10.0 * fixed).min(self.ceiling.as_secs_f64());
+                ((aim - fixed).max(0.0) / per_row).round() as usize
+            }
+            // Nothing to fit yet (every batch of one size): try a bigger one, unless this
+            // one already took the longest a batch may take.
+            None if elapsed < self.ceiling / 2 => self.size.saturating_mul(2),
+            None => self.size / 2,
+        };
         let step = ideal.clamp(self.size / 2, self.size.saturating_mul(2));
         self.size = step.clamp(self.min, self.max);
     }
@@ -184,38 +245,49 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
+    /// A consumer whose batch costs `fixed` plus `per_row` for each row.
+    fn settle(b: &mut AdaptiveBatcher, fixed: Duration, per_row: Duration, rounds: usize) -> usize {
+        for _ in 0..rounds {
+            let n = b.size();
+            b.observe(n, fixed + per_row * n as u32);
+        }
+        b.size()
+    }
+
     #[test]
     fn grows_toward_target_and_stays_in_bounds() {
-        let mut b = AdaptiveBatcher::default();
+        let mut b = AdaptiveBatcher::new(100, 5000, 100 * MS);
         assert_eq!(b.size(), 100);
-        // 10 µs a row: 100 ms is 10,000 rows, above max.
-        for _ in 0..10 {
-            let n = b.size();
-            b.observe(n, Duration::from_micros(10 * n as u64));
-        }
-        assert_eq!(b.size(), 5000);
-        // Now 100 µs a row: 1,000 rows hit the target; the window takes 3 batches to see it.
-        for _ in 0..10 {
-            let n = b.size();
-            b.observe(n, Duration::from_micros(100 * n as u64));
-        }
-        assert_eq!(b.size(), 1000);
+        // 10 µs a row, no fixed cost: 100 ms is 10,000 rows, above max.
+        assert_eq!(settle(&mut b, Duration::ZERO, Duration::from_micros(10), 20), 5000);
+        // Now 100 µs a row: 1,000 rows hit the target.
+        assert_eq!(settle(&mut b, Duration::ZERO, Duration::from_micros(100), 20), 1000);
         // Very slow: down to min and no lower.
-        for _ in 0..20 {
-            let n = b.size();
-            b.observe(n, 1000 * MS);
-        }
-        assert_eq!(b.size(), 100);
+        assert_eq!(settle(&mut b, 1000 * MS, Duration::ZERO, 20), 100);
+    }
+
+    #[test]
+    fn a_fixed_cost_per_batch_makes_batches_bigger_not_smaller() {
+        // A distributed transaction: 400 ms whatever the size, then 10 µs a row. A
+        // 100 ms target would shrink to the minimum; aiming at 10 × the fixed cost keeps it
+        // under a tenth of the time.
+        let mut b = AdaptiveBatcher::new(100, 1_000_000, 100 * MS);
+        let n = settle(&mut b, 400 * MS, Duration::from_micros(10), 40);
+        assert!(n > 300_000, "settled at {n} rows");
+        let (fixed, per_row) = b.costs().unwrap();
+        assert!((fixed - 0.4).abs() < 0.01 && (per_row - 10e-6).abs() < 1e-7, "fit {fixed} {per_row}");
+        let t = 0.4 + 10e-6 * n as f64;
+        assert!(n as f64 / t > 0.85 / 10e-6, "{:.0} rows/s at {n} rows", n as f64 / t);
+        // The ceiling holds even so.
+        let mut c = AdaptiveBatcher::new(100, 10_000_000, 100 * MS);
+        let m = settle(&mut c, 5000 * MS, Duration::from_micros(10), 40);
+        assert!(5.0 + 10e-6 * (m as f64) <= DEFAULT_BATCH_CEILING.as_secs_f64() + 0.5, "{m}");
     }
 
     #[test]
     fn one_outlier_moves_size_at_most_by_half() {
         let mut b = AdaptiveBatcher::new(10, 100_000, 100 * MS);
-        for _ in 0..20 {
-            let n = b.size();
-            b.observe(n, Duration::from_micros(20 * n as u64));
-        }
-        let steady = b.size();
+        let steady = settle(&mut b, Duration::ZERO, Duration::from_micros(20), 30);
         assert_eq!(steady, 5000);
         b.observe(steady, 10_000 * MS);
         assert_eq!(b.size(), steady / 2);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use super::batch::{DEFAULT_BATCH_MAX, DEFAULT_BATCH_MIN, DEFAULT_BATCH_TARGET};
+use super::batch::{DEFAULT_BATCH_MAX, DEFAULT_BATCH_MAX_BYTES, DEFAULT_BATCH_MIN, DEFAULT_BATCH_TARGET};
 use super::error::{Error, Result};
 use super::filter::Filter;
 use super::limits::{self, Budget};
@@ -81,11 +81,18 @@ pub struct BatchLimits {
     pub min: usize,
     pub max: usize,
     pub target: Duration,
+    /// Bytes of records in one batch at most.
+    pub max_bytes: usize,
 }
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        BatchLimits { min: DEFAULT_BATCH_MIN, max: DEFAULT_BATCH_MAX, target: DEFAULT_BATCH_TARGET }
+        BatchLimits {
+            min: DEFAULT_BATCH_MIN,
+            max: DEFAULT_BATCH_MAX,
+            target: DEFAULT_BATCH_TARGET,
+            max_bytes: DEFAULT_BATCH_MAX_BYTES,
+        }
     }
 }
 

@@ -199,7 +199,13 @@ impl Sorted {
             }
         }
         m.counts.restore(progress);
-        Ok(Some(Sorted { spilled: runs.len(), runs, mem: None, store: Store::Kept(keep.dir.clone()), cfg: cfg.clone() }))
+        Ok(Some(Sorted {
+            spilled: runs.len(),
+            runs,
+            mem: None,
+            store: Store::Kept(keep.dir.clone()),
+            cfg: cfg.clone(),
+        }))
     }
 }
 

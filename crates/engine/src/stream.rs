@@ -264,7 +264,7 @@ fn drain_merger<S: Sink>(
                 Ok(Ok(Msg::Block(block))) => {
                     for r in block.iter() {
                         batch.push(r);
-                        if batch.len() >= batcher.size() {
+                        if batch.len() >= batcher.size() || batch.bytes() >= cfg.batch.max_bytes {
                             batch = hand_over(batch, true, &mut batcher, sink)?;
                         }
                     }
@@ -333,7 +333,7 @@ fn bloom<S: Sink>(
         Progress::add(&progress.distinct, 1);
         let b = batch.as_mut().expect("a batch buffer between hand-overs");
         b.push(rec);
-        if b.len() >= batcher.size() {
+        if b.len() >= batcher.size() || b.bytes() >= cfg.batch.max_bytes {
             batch = Some(hand_over(batch.take().expect("checked"), false, &mut batcher, sink)?);
         }
         Ok(())

@@ -491,7 +491,13 @@ fn a_kept_sort_is_loaded_again_and_its_ranges_partition_the_stream() {
     let progress = Arc::new(Progress::default());
     let mut got = Collect::default();
     let sorted = prepare(&cfg, &tree, &listing.files, &keep, &progress, &mut got).unwrap();
-    assert!(sorted.runs() > 2 && sorted.spilled() == progress.snapshot().runs_written as usize, "{} runs, {} spilled, {:?}", sorted.runs(), sorted.spilled(), progress.snapshot());
+    assert!(
+        sorted.runs() > 2 && sorted.spilled() == progress.snapshot().runs_written as usize,
+        "{} runs, {} spilled, {:?}",
+        sorted.runs(),
+        sorted.spilled(),
+        progress.snapshot()
+    );
     assert!(keep.dir.join(super::sorted::MANIFEST).exists());
     let scanned = progress.snapshot();
     drop(sorted);
