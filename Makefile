@@ -11,7 +11,7 @@ TEST_PGDATA ?= /tmp/pg_store_pgrx_test
 # Where `cargo pgrx package` stages the files `make install` copies into place.
 STAGE       := target/release/pg_store-pg15
 
-.PHONY: help deps lint install install-staged demo demo-stop test test-engine test-pg test-integration chaos fuzz fuzz-build bench bench-engine clean
+.PHONY: help deps lint install install-staged demo demo-stop test test-engine test-pg test-integration chaos fuzz fuzz-build bench bench-engine bench-scale clean
 
 # List the targets.
 help:
@@ -99,3 +99,7 @@ clean:
 # pg_store against sort -u | COPY and COPY + INSERT ON CONFLICT on 1 GiB (DATA=dir to use other data; RUNS=3 for medians).
 bench: install
 	@bash benches/pg.sh $(DATA)
+
+# pg_store at scale against sort -u | COPY and the DBA pipeline: 10 GiB into an empty table, 1 GiB of new files into it, a kill -9 at 90 % (about 40 minutes, 60 GB of disk; SIZE_G=10).
+bench-scale: install
+	@bash benches/scale.sh

@@ -124,7 +124,7 @@ fn cancel(job: i64) -> Result<bool> {
                           finished_at = CASE WHEN j.state = 'queued' THEN pg_catalog.now() ELSE j.finished_at END, \
                           updated_at = pg_catalog.now() \
                         FROM old WHERE j.id = $1 RETURNING old.state) \
-             SELECT state FROM c",
+             SELECT (SELECT state FROM c)",
             &[job.into()],
         )
     })?;

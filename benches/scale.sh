@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# make bench-scale: pg_store at scale, against the alternatives, in one run on one local
+# PostgreSQL 15 cluster (shared_buffers 1GB, max_wal_size 4GB, otherwise defaults;
+# store.memory_limit 256MB, store.cpu_limit 2). About 40 minutes and 60 GB of disk here.
+#
+#   benches/scale.sh              SIZE_G (default 10): GiB of the big load
+#
+# Data: store-gen --files SIZE_G --size 1G --dup 0.3 --seed 11 (the big load) and
+# store-gen --files 8 --size 128M --dup 0.3 --seed 12 (1 GiB of new files).
+# Steps, each timed alone (one table at a time, to fit the disk):
+#   1. A: LC_ALL=C sort -u -S 256M --parallel=2 | psql \copy    big load into table a
+#   2. B: the DBA way for new files: COPY into an unlogged staging table, then
+#         INSERT INTO a ... ON CONFLICT DO NOTHING               1 GiB into table a
+#   3. pg_store: big load into table p (empty)                 (must equal a after step 1)
+#   4. pg_store: 1 GiB of new files into table p               (must equal a after step 2)
+#   5. pg_store: the same 1 GiB into an empty table
+#   6. pg_store: big load into a fresh table, kill -9 of the worker at 90 % of inserting
+# For each: wall time, rows/s, private memory peak, temporary disk peak, WAL written and
+# full-page images (pg_stat_wal), table + index size. Ratios and the goals at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE_G=${SIZE_G:-10}; PORT=${BENCH_PORT:-5442}; BIN=/usr/lib/postgresql/15/bin
+W=$PWD/target/bench/scale; CL=$W/cluster; TMP=$W/tmp
+mkdir -p "$W" "$TMP/pg_store" "$TMP/sort"; chmod 755 "$PWD/target" "$PWD/target/bench" "$W" "$TMP"
+chown postgres "$TMP/pg_store"
+cargo build --release --quiet -p store-cli --bin store-dedup --bin store-gen
+BIG=$PWD/target/bench/scale-${SIZE_G}g NEW=$PWD/target/bench/scale-new-1g
+[ -f "$BIG/.done" ] || { rm -rf "$BIG"; target/release/store-gen "$BIG" --files "$SIZE_G" --size 1G --dup 0.3 --seed 11 >/dev/null; touch "$BIG/.done"; }
+[ -f "$NEW/.done" ] || { rm -rf "$NEW"; target/release/store-gen "$NEW" --files 8 --size 128M --dup 0.3 --seed 12 >/dev/null; touch "$NEW/.done"; }
+chmod -R a+rX "$BIG" "$NEW"
+BIG_FILES=$(find "$BIG" -type f ! -name '.*' | sort); NEW_FILES=$(find "$NEW" -type f ! -name '.*' | sort)
+
+if [ ! -f "$CL/PG_VERSION" ]; then
+  mkdir -p "$CL"; chown postgres "$W" "$CL"
+  runuser -u postgres -- "$BIN/initdb" -D "$CL" -A trust -E UTF8 --locale=C.UTF-8 -U postgres >/dev/null
+  cat >> "$CL/postgresql.conf" <<CONF
+port = $PORT
+unix_socket_directories = '$W'
+listen_addresses = ''
+shared_buffers = 1GB
+max_wal_size = 4GB
+shared_preload_libraries = 'pg_store'
+store.memory_limit = '256MB'
+store.cpu_limit = 2
+store.temp_dir = '$TMP/pg_store'
+CONF
+fi
+runuser -u postgres -- "$BIN/pg_ctl" -D "$CL" -m fast stop >/dev/null 2>&1 || true
+runuser -u postgres -- "$BIN/pg_ctl" -D "$CL" -l "$W/log" -w start >/dev/null
+PSQL=("$BIN/psql" -XAtq -v ON_ERROR_STOP=1 -h "$W" -p "$PORT" -U postgres -d postgres)
+sql() { "${PSQL[@]}" -c "$1"; }
+sql "DROP EXTENSION IF EXISTS pg_store CASCADE; CREATE EXTENSION pg_store"
+[ -n "${INSERT_WORKERS:-}" ] && { sql "ALTER SYSTEM SET store.insert_workers = $INSERT_WORKERS"; sql "SELECT pg_reload_conf()" >/dev/null; sleep 2; }
+now() { date +%s.%N; }
+fresh_table() { sql "DROP TABLE IF EXISTS $1; CREATE TABLE $1 (line text NOT NULL); CREATE UNIQUE INDEX ${1}_key ON $1 (store.line_key(line))"; }
+fingerprint() { sql "SELECT count(*) || ':' || coalesce(sum(hashtextextended(line, 7)), 0) FROM $1"; }
+wal() { sql "SELECT wal_bytes || ' ' || wal_fpi FROM pg_stat_wal"; }
+size_of() { sql "SELECT pg_relation_size('$1') / 1048576 || ' ' || pg_indexes_size('$1') / 1048576"; }
+du_peak() { # size of directory $1 every 0.5 s until file $2 exists; peak in MiB
+  local peak=0 s; while [ ! -e "$2" ]; do s=$(du -sm "$1" 2>/dev/null | cut -f1); [ "${s:-0}" -gt "$peak" ] && peak=$s; sleep 0.5; done; echo "$peak"
+}
+declare -A R   # key -> "wall rss_mib temp_mib wal_mib fpi rows heap_mib index_mib"
+measure() { # key table command...
+  local key=$1 t=$2; shift 2
+  sql "CHECKPOINT"
+  local w0; w0=$(wal); rm -f "$TMP/done"
+  du_peak "$TMP" "$TMP/done" > "$TMP/du" &
+  local t0 t1 out; t0=$(now); out=$("$@"); t1=$(now); touch "$TMP/done"; wait
+  local w1; w1=$(wal)
+  read -r b0 f0 <<<"$w0"; read -r b1 f1 <<<"$w1"
+  R[$key]="$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') ${out:--} $(cat "$TMP/du") $(( (b1 - b0) / 1048576 )) $((f1 - f0)) $(sql "SELECT count(*) FROM $t") $(size_of "$t")"
+  echo "  $key: ${R[$key]}" >&2
+}
+pg_store() { # table dir [kill_at_fraction]; prints the private memory peak in MiB
+  local job state pid
+  job=$(sql "SELECT store_ingest('$2', '$1')")
+  if [ -n "${3:-}" ]; then
+    # Wait until that fraction of the job's distinct lines is in, then kill -9 the worker.
+    until [ "$(sql "SELECT coalesce(insert_started_at IS NOT NULL AND percent >= 60 + 40 * $3, false) FROM store.jobs j JOIN store.status s USING (id) WHERE id = $job")" = t ]; do sleep 0.5; done
+    pid=$(sql "SELECT worker_pid FROM store.jobs WHERE id = $job"); kill -9 "$pid"
+    echo "  killed the worker (pid $pid) at $(sql "SELECT percent FROM store.status WHERE id = $job") %" >&2
+    sleep 2
+  fi
+  until state=$(sql "SELECT state FROM store.jobs WHERE id = $job" 2>/dev/null); [ "$state" = done ] || [ "$state" = failed ] || [ "$state" = cancelled ]; do sleep 0.5; done
+  [ "$state" = done ] || { sql "SELECT error FROM store.jobs WHERE id = $job" >&2; exit 1; }
+  sql "SELECT (memory_peak / 1048576)::int || ' ' || attempts FROM store.status WHERE id = $job" | cut -d' ' -f1
+}
+copy_a() { # table files...; prints sort's peak RSS in MiB
+  local t=$1; shift
+  /usr/bin/time -f "%M" -o "$TMP/rss" env LC_ALL=C sort -u -S 256M --parallel=2 -T "$TMP/sort" "$@" |
+    "${PSQL[@]}" -c "\copy $t FROM STDIN (FORMAT csv, DELIMITER E'\x1f', QUOTE E'\x01')"
+  echo $(( $(cat "$TMP/rss") / 1024 ))
+}
+staging_b() { # table files...
+  local t=$1; shift
+  sql "DROP TABLE IF EXISTS staging; CREATE UNLOGGED TABLE staging (line text)"
+  cat "$@" | "${PSQL[@]}" -c "\copy staging FROM STDIN (FORMAT csv, DELIMITER E'\x1f', QUOTE E'\x01')"
+  sql "INSERT INTO $t SELECT line FROM staging ON CONFLICT DO NOTHING"
+  sql "DROP TABLE staging"
+  echo -
+}
+
+echo "# $(date -u +%F) $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM; big: $BIG ($(du -sh "$BIG" | cut -f1)), new: $NEW ($(du -sh "$NEW" | cut -f1)); insert workers: $(sql "SHOW store.insert_workers")"
+# Warm-up: the first load of a new cluster pays for creating its WAL segments.
+fresh_table warm; pg_store warm "$NEW" >/dev/null; sql "DROP TABLE warm"
+fresh_table a
+measure big_a a copy_a a $BIG_FILES
+FP_BIG=$(fingerprint a)
+measure new_b a staging_b a $NEW_FILES
+FP_BOTH=$(fingerprint a)
+sql "DROP TABLE a"
+fresh_table p
+measure big_pg p pg_store p "$BIG"
+[ "$(fingerprint p)" = "$FP_BIG" ] || { echo "TABLES DIFFER after the big load"; exit 1; }
+measure new_pg p pg_store p "$NEW"
+[ "$(fingerprint p)" = "$FP_BOTH" ] || { echo "TABLES DIFFER after the new files"; exit 1; }
+sql "DROP TABLE p"
+fresh_table e
+measure new_empty e pg_store e "$NEW"
+sql "DROP TABLE e"
+fresh_table k
+measure big_kill k pg_store k "$BIG" 0.9
+[ "$(fingerprint k)" = "$FP_BIG" ] || { echo "TABLE DIFFERS after the kill -9"; exit 1; }
+sql "DROP TABLE k"
+
+BIG_BYTES=$(du -sb "$BIG" | cut -f1); NEW_BYTES=$(du -sb "$NEW" | cut -f1)
+BIG_REC=$(cat $BIG_FILES | wc -l); NEW_REC=$(cat $NEW_FILES | wc -l)
+printf '\n%-10s %-28s %8s %11s %8s %9s %9s %10s %12s %9s\n' step what wall_s records/s RSS_MiB temp_MiB WAL_MiB FPI rows heap+idx_MiB
+row() { # key label records
+  read -r w rss temp walm fpi rows heap idx <<<"${R[$1]}"
+  printf '%-10s %-28s %8.1f %11.0f %8s %9s %9s %10s %12s %5s+%s\n' "$1" "$2" "$w" "$(awk -v a="$3" -v b="$w" 'BEGIN{print a/b}')" "$rss" "$temp" "$walm" "$fpi" "$rows" "$heap" "$idx"
+}
+row big_a "A: sort -u | COPY, ${SIZE_G} GiB" "$BIG_REC"
+row big_pg "pg_store, ${SIZE_G} GiB" "$BIG_REC"
+row new_b "B: COPY staging + ON CONFLICT" "$NEW_REC"
+row new_pg "pg_store, 1 GiB into big" "$NEW_REC"
+row new_empty "pg_store, 1 GiB into empty" "$NEW_REC"
+row big_kill "pg_store, kill -9 at 90 %" "$BIG_REC"
+w() { echo "${R[$1]}" | cut -d' ' -f1; }
+f() { echo "${R[$1]}" | cut -d' ' -f"$2"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
+goal() { awk -v v="$2" -v g="$3" 'BEGIN{exit !(v <= g)}' && echo "MET   $1: $2 (goal <= $3)" || echo "NOT MET $1: $2 (goal <= $3)"; }
+echo
+goal "big load, pg_store / sort -u | COPY" "$(ratio "$(w big_pg)" "$(w big_a)")" 0.7
+goal "cost per GiB at ${SIZE_G} GiB / at 1 GiB (empty)" "$(ratio "$(awk -v a="$(w big_pg)" -v g="$SIZE_G" 'BEGIN{print a/g}')" "$(awk -v a="$(w new_empty)" -v b="$NEW_BYTES" 'BEGIN{print a/(b/1073741824)}')")" 1.1
+goal "private memory, MiB" "$(f big_pg 2)" 320
+goal "temporary disk / input" "$(ratio "$(f big_pg 3)" "$(( BIG_BYTES / 1048576 ))")" 1.1
+goal "1 GiB into big, pg_store / DBA pipeline" "$(ratio "$(w new_pg)" "$(w new_b)")" 0.2
+goal "1 GiB into big / into empty" "$(ratio "$(w new_pg)" "$(w new_empty)")" 2.0
+goal "kill -9 at 90 %: total / uninterrupted" "$(ratio "$(w big_kill)" "$(w big_pg)")" 1.1
+echo "WAL per new row, 1 GiB into big: pg_store $(awk -v a="$(f new_pg 4)" -v r="$(( $(f new_pg 6) - $(f big_pg 6) ))" 'BEGIN{printf "%.0f bytes", a*1048576/r}'), $(awk -v a="$(f new_pg 5)" -v r="$(( $(f new_pg 6) - $(f big_pg 6) ))" 'BEGIN{printf "%.3f full-page images", a/r}'); B $(awk -v a="$(f new_b 4)" -v r="$(( $(f new_pg 6) - $(f big_pg 6) ))" 'BEGIN{printf "%.0f bytes", a*1048576/r}'), $(awk -v a="$(f new_b 5)" -v r="$(( $(f new_pg 6) - $(f big_pg 6) ))" 'BEGIN{printf "%.3f full-page images", a/r}')"
