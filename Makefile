@@ -11,7 +11,7 @@ TEST_PGDATA ?= /tmp/pg_store_pgrx_test
 # Where `cargo pgrx package` stages the files `make install` copies into place.
 STAGE       := target/release/pg_store-pg15
 
-.PHONY: help deps lint install install-staged demo demo-stop test test-engine test-pg test-integration chaos fuzz fuzz-build bench bench-engine bench-scale clean
+.PHONY: help deps lint install install-staged demo demo-stop test test-engine test-pg test-integration test-citus chaos fuzz fuzz-build bench bench-engine bench-scale bench-citus clean
 
 # List the targets.
 help:
@@ -55,8 +55,8 @@ demo: install
 demo-stop:
 	@bash tests/demo.sh $(DEMO_DIR) stop
 
-# Everything CI runs: lints, engine tests, pgrx tests, then (release build installed) integration tests, the chaos campaign, and the fuzz build.
-test: deps lint test-engine test-pg install test-integration chaos fuzz-build
+# Everything CI runs: lints, engine tests, pgrx tests, then (release build installed) integration tests, the Citus tests, the chaos campaign, and the fuzz build.
+test: deps lint test-engine test-pg install test-integration test-citus chaos fuzz-build
 
 # Engine, test-kit and command tests: no database and no PostgreSQL headers needed.
 test-engine:
@@ -71,6 +71,13 @@ test-pg: deps
 # Integration tests: clusters the harness starts itself, with pg_store and pg_cron preloaded (needs `make install`).
 test-integration:
 	$(CARGO) test --test extension --test trust -- --test-threads=2
+
+# pg_store on a Citus cluster it starts itself (coordinator + 2 workers on 127.0.0.1); installs Citus 13.2.2 from ../shared/vendor when it is missing and can be built, and says so when it cannot.
+test-citus:
+	@if [ ! -f "$$($(PG_CONFIG) --pkglibdir)/citus.so" ] && [ -x ../shared/tools/install-citus.sh ]; then \
+		echo "installing Citus from ../shared/vendor (about 2 minutes)"; ../shared/tools/install-citus.sh; fi
+	@if [ -f "$$($(PG_CONFIG) --pkglibdir)/citus.so" ]; then $(CARGO) test --test citus -- --test-threads=1; \
+	else echo "SKIPPED: Citus is not installed and ../shared/tools/install-citus.sh is not there: no Citus tests ran"; fi
 
 # The reliability campaign (tests/chaos.rs): faults, odd files, concurrency, load and hostile callers
 # against a local cluster it starts itself; ends with one summary line, non-zero on any loss.
@@ -103,3 +110,8 @@ bench: install
 # pg_store at scale against sort -u | COPY and the DBA pipeline: 10 GiB into an empty table, 1 GiB of new files into it, a kill -9 at 90 % (about 40 minutes, 60 GB of disk; SIZE_G=10).
 bench-scale: install
 	@bash benches/scale.sh
+
+# pg_store against COPY into the same Citus distributed table (a 3-node cluster on this machine), side by side; about 20 minutes.
+bench-citus: install
+	@if [ ! -f "$$($(PG_CONFIG) --pkglibdir)/citus.so" ] && [ -x ../shared/tools/install-citus.sh ]; then ../shared/tools/install-citus.sh; fi
+	@bash benches/citus.sh

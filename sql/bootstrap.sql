@@ -5,9 +5,24 @@
 -- Every role may read these tables, and row-level security shows each role its own
 -- jobs (and those of roles whose privileges it has); superusers see all. Only
 -- pg_store's functions and workers write them.
+--
+-- Columns added since 0.1.0 come last in each table, in the order
+-- sql/pg_store--0.1.0--0.2.0.sql adds them: an upgraded and a fresh install are the
+-- same (tests/upgrade.sh compares them).
 
 CREATE SCHEMA IF NOT EXISTS store;
 COMMENT ON SCHEMA store IS 'pg_store: ingest jobs, their files, rejects and checkpoints';
+
+-- Where a job was queued: this cluster (its system identifier, which a physical replica
+-- or backup keeps and pg_dump does not) and this database. A worker fails an open job
+-- of another origin — restored from a dump, or copied with its database — rather than
+-- resume it without the temporary files it had.
+CREATE FUNCTION store.origin() RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT s.system_identifier::text || '/' || d.oid::text FROM pg_control_system() s, pg_database d WHERE d.datname = current_database() $$;
+COMMENT ON FUNCTION store.origin() IS 'This cluster''s system identifier and this database''s OID: where a job is queued';
+REVOKE ALL ON FUNCTION store.origin() FROM PUBLIC;
 
 CREATE TABLE store.jobs (
     id              bigserial PRIMARY KEY,
@@ -26,7 +41,6 @@ CREATE TABLE store.jobs (
     files_total     bigint      NOT NULL DEFAULT 0,
     files_done      bigint      NOT NULL DEFAULT 0,
     files_skipped   bigint      NOT NULL DEFAULT 0,
-    files_failed    bigint      NOT NULL DEFAULT 0,
     bytes_total     bigint      NOT NULL DEFAULT 0,
     bytes_read      bigint      NOT NULL DEFAULT 0,
     records         bigint      NOT NULL DEFAULT 0,
@@ -39,21 +53,26 @@ CREATE TABLE store.jobs (
     memory_peak     bigint,
     temp_bytes      bigint,
     estimated_false_drops double precision,
-    merge_restarts  integer     NOT NULL DEFAULT 0,
-    ranges          integer     NOT NULL DEFAULT 0,
     created_at      timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
     insert_started_at timestamptz,
     updated_at      timestamptz,
     finished_at     timestamptz,
     error           text,
-    sqlstate        text
+    -- since 0.2.0
+    files_failed    bigint      NOT NULL DEFAULT 0,
+    merge_restarts  integer     NOT NULL DEFAULT 0,
+    ranges          integer     NOT NULL DEFAULT 0,
+    sqlstate        text,
+    key_column      name,
+    origin          text        NOT NULL DEFAULT store.origin()
 );
 COMMENT ON TABLE store.jobs IS 'One row per store_ingest call: the queue the background workers claim from, and each job''s live counters';
 COMMENT ON COLUMN store.jobs.id IS 'Job id, as returned by store_ingest';
 COMMENT ON COLUMN store.jobs.path IS 'Canonical path of the file or directory ingested';
 COMMENT ON COLUMN store.jobs.target IS 'Table the distinct lines go into';
 COMMENT ON COLUMN store.jobs.column_name IS 'Text column of the target that holds a line';
+COMMENT ON COLUMN store.jobs.key_column IS 'A bytea column pg_store fills with store.line_key(line), unique by itself (e.g. the distribution column of a Citus table); NULL: the line column (or store.line_key of it) is the unique key';
 COMMENT ON COLUMN store.jobs.dedup IS 'exact (external sort, merge) or bloom (one pass, approximate)';
 COMMENT ON COLUMN store.jobs.filter IS 'Filter spec: a regular expression, or include=..;exclude=..;min_len=..;max_len=..';
 COMMENT ON COLUMN store.jobs.owner IS 'Role that called store_ingest (the role executing it, not the session''s); the worker inserts as this role';
@@ -86,30 +105,32 @@ COMMENT ON COLUMN store.jobs.insert_started_at IS 'When the current attempt bega
 COMMENT ON COLUMN store.jobs.updated_at IS 'Last progress update';
 COMMENT ON COLUMN store.jobs.finished_at IS 'When the job reached done, partial, failed or cancelled';
 COMMENT ON COLUMN store.jobs.error IS 'Why the job failed, with the SQL error text where there is one';
+COMMENT ON COLUMN store.jobs.origin IS 'store.origin() where the job was queued: a restored open job (another cluster or database) fails with SQLSTATE 55000 instead of running';
 COMMENT ON COLUMN store.jobs.sqlstate IS 'SQLSTATE of the error that failed the job, for programs (e.g. 42501 permission denied, 53100 disk full)';
 
 CREATE INDEX jobs_open ON store.jobs (id) WHERE state IN ('queued', 'running');
 
 CREATE TABLE store.checkpoints (
     job             bigint      NOT NULL REFERENCES store.jobs ON DELETE CASCADE,
+    last_key        text,
+    inserted        bigint      NOT NULL DEFAULT 0,
+    already_present bigint      NOT NULL DEFAULT 0,
+    batches         bigint      NOT NULL DEFAULT 0,
+    fast_path       boolean     NOT NULL DEFAULT false,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    -- since 0.2.0
     range           integer     NOT NULL DEFAULT 0,
     attempt         integer     NOT NULL,
     spec            text,
     key_after       text,
     key_upto        text,
-    last_key        text,
-    inserted        bigint      NOT NULL DEFAULT 0,
-    already_present bigint      NOT NULL DEFAULT 0,
     duplicates      bigint      NOT NULL DEFAULT 0,
-    batches         bigint      NOT NULL DEFAULT 0,
     batch_size      integer,
-    fast_path       boolean     NOT NULL DEFAULT false,
     done            boolean     NOT NULL DEFAULT false,
     worker_pid      integer,
     memory_peak     bigint,
     error           text,
     sqlstate        text,
-    updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (job, range)
 );
 COMMENT ON TABLE store.checkpoints IS 'Where each key range of each job stands in its merged stream; updated in the same transaction as every insert batch of that range, so a crash neither loses nor repeats a batch';
@@ -139,8 +160,6 @@ CREATE TABLE store.files (
     size            bigint,
     mtime           timestamptz,
     mtime_ns        bigint,
-    ctime_ns        bigint,
-    inode           bigint,
     fingerprint     text,
     state           text        NOT NULL DEFAULT 'pending'
                     CHECK (state IN ('pending', 'skipped', 'read', 'failed', 'changed', 'done')),
@@ -150,6 +169,9 @@ CREATE TABLE store.files (
     filtered        bigint,
     accepted        bigint,
     error           text,
+    -- since 0.2.0
+    ctime_ns        bigint,
+    inode           bigint,
     PRIMARY KEY (job, path)
 );
 COMMENT ON TABLE store.files IS 'Every file a job found (and every entry it could not list), with its identity and outcome';
@@ -172,15 +194,16 @@ COMMENT ON COLUMN store.files.error IS 'Why the file failed, with the OS error';
 CREATE TABLE store.ingested (
     target          regclass    NOT NULL,
     path            text        NOT NULL,
-    spec            text        NOT NULL,
     size            bigint      NOT NULL,
     mtime_ns        bigint      NOT NULL,
-    ctime_ns        bigint      NOT NULL,
-    inode           bigint      NOT NULL,
     fingerprint     text        NOT NULL,
     job             bigint      NOT NULL,
-    owner           regrole     NOT NULL,
     ingested_at     timestamptz NOT NULL DEFAULT now(),
+    -- since 0.2.0
+    spec            text        NOT NULL,
+    ctime_ns        bigint,
+    inode           bigint,
+    owner           regrole     NOT NULL,
     PRIMARY KEY (target, path, spec)
 );
 COMMENT ON TABLE store.ingested IS 'Files fully ingested into a target: a later job with the same spec skips a file whose size, times, inode and fingerprint are unchanged (what makes a pg_cron schedule on a drop directory safe)';
@@ -189,8 +212,8 @@ COMMENT ON COLUMN store.ingested.path IS 'Full path of the file (bytes that are 
 COMMENT ON COLUMN store.ingested.spec IS 'What decided the lines taken from it: column, dedup mode, length limits, filter. A job with another spec reads the file again';
 COMMENT ON COLUMN store.ingested.size IS 'Size when ingested';
 COMMENT ON COLUMN store.ingested.mtime_ns IS 'Modification time when ingested, nanoseconds since the epoch';
-COMMENT ON COLUMN store.ingested.ctime_ns IS 'Inode change time when ingested, nanoseconds since the epoch';
-COMMENT ON COLUMN store.ingested.inode IS 'Inode number when ingested';
+COMMENT ON COLUMN store.ingested.ctime_ns IS 'Inode change time when ingested, nanoseconds since the epoch (NULL for a file pg_store 0.1.0 ingested: not compared)';
+COMMENT ON COLUMN store.ingested.inode IS 'Inode number when ingested (NULL for a file pg_store 0.1.0 ingested: not compared)';
 COMMENT ON COLUMN store.ingested.fingerprint IS 'Fingerprint when ingested';
 COMMENT ON COLUMN store.ingested.job IS 'Job that ingested it';
 COMMENT ON COLUMN store.ingested.owner IS 'Role that queued that job';

@@ -129,6 +129,45 @@ COMMENT ON COLUMN store.ranges.memory_peak IS 'Largest private memory of that pr
 COMMENT ON COLUMN store.ranges.updated_at IS 'Commit time of the last batch';
 COMMENT ON COLUMN store.ranges.error IS 'Why the range failed';
 
+-- Every node's jobs, for a Citus cluster where store_ingest runs on several nodes (each
+-- node's store.jobs holds its own jobs). Without Citus, this node's. Row-level security
+-- applies on every node: a role sees its own jobs.
+CREATE FUNCTION store.cluster_status()
+RETURNS TABLE (nodeid integer, id bigint, path text, target text, owner text, state text, phase text, percent numeric,
+               inserted bigint, already_present bigint, rejected bigint, created_at timestamptz, finished_at timestamptz,
+               error text, sqlstate text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q constant text := $q$SELECT coalesce(json_agg(json_build_object('id', id, 'path', path, 'target', target::text,
+        'owner', owner::text, 'state', state, 'phase', phase, 'percent', percent, 'inserted', inserted,
+        'already_present', already_present, 'rejected', rejected, 'created_at', created_at, 'finished_at', finished_at,
+        'error', error, 'sqlstate', sqlstate)), '[]') FROM store.status$q$;
+    r record;
+    res text;
+BEGIN
+    IF to_regprocedure('pg_catalog.run_command_on_all_nodes(text,boolean,boolean)') IS NULL THEN
+        EXECUTE q INTO res;
+        RETURN QUERY SELECT 0, x.* FROM json_to_recordset(res::json) AS x(id bigint, path text, target text, owner text,
+            state text, phase text, percent numeric, inserted bigint, already_present bigint, rejected bigint,
+            created_at timestamptz, finished_at timestamptz, error text, sqlstate text);
+        RETURN;
+    END IF;
+    FOR r IN EXECUTE 'SELECT nodeid, success, result FROM pg_catalog.run_command_on_all_nodes($1)' USING q LOOP
+        IF r.success THEN
+            RETURN QUERY SELECT r.nodeid, x.* FROM json_to_recordset(r.result::json) AS x(id bigint, path text, target text,
+                owner text, state text, phase text, percent numeric, inserted bigint, already_present bigint, rejected bigint,
+                created_at timestamptz, finished_at timestamptz, error text, sqlstate text);
+        ELSE
+            RAISE WARNING 'pg_store: node % did not answer: %', r.nodeid, r.result;
+        END IF;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION store.cluster_status() IS 'The jobs of every node of a Citus cluster (store.status of each, by node id); this node''s alone without Citus';
+
 CREATE FUNCTION store_wait(job bigint, timeout interval DEFAULT NULL)
 RETURNS SETOF store.status
 LANGUAGE sql VOLATILE
@@ -162,9 +201,9 @@ REVOKE ALL ON FUNCTION store.forget_dropped_tables() FROM PUBLIC;
 CREATE EVENT TRIGGER store_forget_dropped_tables ON sql_drop EXECUTE FUNCTION store.forget_dropped_tables();
 
 CREATE FUNCTION store_ingest(path text, target regclass DEFAULT 'store.lines', column_name name DEFAULT 'line',
-                             dedup text DEFAULT 'exact', filter text DEFAULT NULL)
+                             dedup text DEFAULT 'exact', filter text DEFAULT NULL, key_column name DEFAULT NULL)
 RETURNS bigint
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT store.enqueue(path, target::oid, column_name::text, dedup, filter) $$;
-COMMENT ON FUNCTION store_ingest(text, regclass, name, text, text) IS 'Queue an ingest of a file or directory on the server into target(column_name); returns the job id at once. The job starts when the calling transaction commits.';
+AS $$ SELECT store.enqueue(path, target::oid, column_name::text, dedup, filter, key_column::text) $$;
+COMMENT ON FUNCTION store_ingest(text, regclass, name, text, text, name) IS 'Queue an ingest of a file or directory on the server into target(column_name); returns the job id at once. The job starts when the calling transaction commits.';

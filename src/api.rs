@@ -34,8 +34,15 @@ mod store {
     /// Validate and queue an ingest job; `store_ingest` is the SQL face of this.
     #[pg_extern(volatile)]
     #[search_path(pg_catalog, pg_temp)]
-    fn enqueue(path: &str, target: pg_sys::Oid, column_name: &str, dedup: &str, filter: Option<&str>) -> i64 {
-        super::enqueue(path, target, column_name, dedup, filter).unwrap_or_else(|e| e.raise())
+    fn enqueue(
+        path: &str,
+        target: pg_sys::Oid,
+        column_name: &str,
+        dedup: &str,
+        filter: Option<&str>,
+        key_column: Option<&str>,
+    ) -> i64 {
+        super::enqueue(path, target, column_name, dedup, filter, key_column).unwrap_or_else(|e| e.raise())
     }
 
     /// Block until `job` ends (or `timeout` passes), with a progress NOTICE every few
@@ -47,7 +54,14 @@ mod store {
     }
 }
 
-fn enqueue(path: &str, target: pg_sys::Oid, column: &str, dedup: &str, filter: Option<&str>) -> Result<i64> {
+fn enqueue(
+    path: &str,
+    target: pg_sys::Oid,
+    column: &str,
+    dedup: &str,
+    filter: Option<&str>,
+    key_column: Option<&str>,
+) -> Result<i64> {
     if !PRELOADED.load(Ordering::Relaxed) {
         return Err(StoreError::refused(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "pg_store is not loaded through shared_preload_libraries").with_hint(
             "Add pg_store to shared_preload_libraries in postgresql.conf and restart PostgreSQL: the background workers that run jobs start only then.",
@@ -81,7 +95,7 @@ fn enqueue(path: &str, target: pg_sys::Oid, column: &str, dedup: &str, filter: O
         ));
     }
     let canon = store_engine::paths::check(path, &gucs::allowed_dirs())?;
-    target::check(target, column, who)?;
+    target::check(target, column, key_column, who)?;
     let dedup: Dedup = dedup
         .parse()
         .map_err(|e: store_engine::Error| StoreError::refused(ERRCODE_INVALID_PARAMETER_VALUE, e.to_string()))?;
@@ -94,8 +108,8 @@ fn enqueue(path: &str, target: pg_sys::Oid, column: &str, dedup: &str, filter: O
     let canon = store_engine::walk::path_text(&canon);
     let id = security::as_superuser(|| {
         Spi::get_one_with_args::<i64>(
-            "INSERT INTO store.jobs (path, target, column_name, dedup, filter, owner) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-            &[canon.as_str().into(), target.into(), column.into(), dedup.as_str().into(), filter.into(), who.into()],
+            "INSERT INTO store.jobs (path, target, column_name, dedup, filter, owner, key_column) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+            &[canon.as_str().into(), target.into(), column.into(), dedup.as_str().into(), filter.into(), who.into(), key_column.into()],
         )
     })?;
     id.ok_or_else(|| StoreError::internal("INSERT … RETURNING id returned nothing"))

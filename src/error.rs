@@ -84,8 +84,33 @@ impl StoreError {
         matches!(self, StoreError::Sql { code: ERRCODE_QUERY_CANCELED, .. })
     }
 
+    /// The connection to another server failed (a Citus node restarting).
+    pub fn is_connection_failure(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sql {
+                code: ERRCODE_CONNECTION_EXCEPTION
+                    | ERRCODE_CONNECTION_FAILURE
+                    | ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
+                    | ERRCODE_SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION,
+                ..
+            }
+        )
+    }
+
     pub fn is_unique_violation(&self) -> bool {
         matches!(self, StoreError::Sql { code: ERRCODE_UNIQUE_VIOLATION, .. })
+    }
+
+    /// An error Citus raises without the SQLSTATE of its cause: the error a shard's COPY
+    /// reported (a unique violation among them) comes back as XX000.
+    pub fn is_internal(&self) -> bool {
+        matches!(self, StoreError::Sql { code: ERRCODE_INTERNAL_ERROR, .. })
+    }
+
+    /// Citus's "failed to COPY to shard" when a node went away mid-batch (58030).
+    pub fn is_io_error(&self) -> bool {
+        matches!(self, StoreError::Sql { code: ERRCODE_IO_ERROR, .. })
     }
 
     /// The table or column a job names is gone (dropped, renamed): for a catalog probe

@@ -35,6 +35,10 @@ use crate::txn::transaction;
 /// timeout), waiting 100 ms, 200 ms, 400 ms.
 const RETRIES: u32 = 3;
 
+/// Retries of a batch after a connection failure (a Citus node down), waiting 0.5, 1, 2,
+/// 4, 8 s and then 8 s each: about a minute in all.
+const CONNECTION_RETRIES: u32 = 10;
+
 /// Rejects are stored in batches of this many (and at every file's end).
 const REJECT_FLUSH: usize = 1000;
 
@@ -83,6 +87,9 @@ pub struct Inserter {
     job: Job,
     role: Role,
     range: i32,
+    /// A Citus target: its `ON CONFLICT` statement returns the count of rows it inserted,
+    /// and shard errors may arrive without their SQLSTATE.
+    citus: bool,
     fast_sql: String,
     safe_sql: String,
     fast: Option<OwnedPreparedStatement>,
@@ -103,18 +110,13 @@ pub struct Inserter {
 
 impl Inserter {
     pub fn new(job: &Job, target: &Target, role: Role, progress: Arc<Progress>) -> Inserter {
-        let fast_sql = format!(
-            "INSERT INTO {} ({}) SELECT pg_catalog.unnest($1::pg_catalog.text[])",
-            target.name,
-            target.quoted_column()
-        );
-        let safe_sql = format!("{fast_sql} ON CONFLICT DO NOTHING");
         Inserter {
             job: job.clone(),
             role,
             range: 0,
-            fast_sql,
-            safe_sql,
+            citus: target.citus,
+            fast_sql: target.insert_sql(false),
+            safe_sql: target.insert_sql(true),
             fast: None,
             safe: None,
             path: Path::Safe { wait: 0, backoff: 1 },
@@ -180,17 +182,26 @@ impl Inserter {
     /// write when one is due, else a look at `cancel_requested`).
     fn commit(&mut self, batch: &Texts, key: Option<&str>) -> Result<()> {
         let mut attempt = 0;
+        // Set when the plain path failed in a way that may or may not be a key already
+        // present (a Citus shard's error, which arrives as XX000): the batch is redone on
+        // the safe path, and what it finds decides.
+        let mut unsure = false;
         loop {
-            let plain = match self.path {
-                Path::Proven | Path::Optimistic { .. } => true,
-                Path::Safe { wait, backoff } if wait == 0 && backoff <= MAX_BACKOFF => {
-                    // The batches before found nothing present: try the plain path.
-                    self.path = Path::Optimistic { backoff };
-                    true
-                }
-                Path::Safe { .. } => false,
-            };
+            let plain = !unsure
+                && match self.path {
+                    Path::Proven | Path::Optimistic { .. } => true,
+                    Path::Safe { wait, backoff } if wait == 0 && backoff <= MAX_BACKOFF => {
+                        // The batches before found nothing present: try the plain path.
+                        self.path = Path::Optimistic { backoff };
+                        true
+                    }
+                    Path::Safe { .. } => false,
+                };
             match self.try_commit(batch, key, plain) {
+                Ok(present) if unsure && present > 0 => {
+                    self.plain_path_conflicted();
+                    return Ok(());
+                }
                 Ok(present) => {
                     self.path = match self.path {
                         Path::Proven => Path::Proven,
@@ -202,25 +213,22 @@ impl Inserter {
                     };
                     return Ok(());
                 }
-                Err(e) if plain && e.is_unique_violation() => {
-                    self.path = match self.path {
-                        Path::Proven => {
-                            log!(
-                                "pg_store job {}: a key was already present; switching to ON CONFLICT DO NOTHING",
-                                self.job.id
-                            );
-                            // Keys were to be new and are not (a concurrent writer): never again.
-                            Path::Safe { wait: u32::MAX, backoff: u32::MAX }
-                        }
-                        Path::Optimistic { backoff } => {
-                            let next = (backoff * 2).min(MAX_BACKOFF);
-                            Path::Safe { wait: next, backoff: next }
-                        }
-                        safe => safe,
-                    };
-                }
+                Err(e) if plain && e.is_unique_violation() => self.plain_path_conflicted(),
+                Err(e) if plain && self.citus && e.is_internal() => unsure = true,
                 Err(e) if e.is_query_canceled() && crate::job::cancel_requested(self.job.id) => {
                     return Err(StoreError::Cancelled)
+                }
+                // A node of a Citus cluster restarting (Citus reports most failures of
+                // its connections as XX000 or 58030): wait for it, up to about a minute.
+                // Every retry is on the safe path, which is idempotent.
+                Err(e) if self.node_may_be_down(&e) && attempt < CONNECTION_RETRIES => {
+                    std::thread::sleep(Duration::from_millis(500 << attempt.min(4)));
+                    attempt += 1;
+                    unsure = true;
+                    if self.citus {
+                        crate::job::reconnect_citus()?;
+                    }
+                    log!("pg_store job {}: retrying a batch after {e} (attempt {attempt})", self.job.id);
                 }
                 // A deadlock, a lock timeout, or a cancel not meant for this job (someone's
                 // pg_cancel_backend): worth another try.
@@ -234,11 +242,32 @@ impl Inserter {
         }
     }
 
+    /// A key the plain path expected to be new was present: back off from it.
+    fn plain_path_conflicted(&mut self) {
+        self.path = match self.path {
+            Path::Proven => {
+                log!("pg_store job {}: a key was already present; switching to ON CONFLICT DO NOTHING", self.job.id);
+                // Keys were to be new and are not (a concurrent writer): never again.
+                Path::Safe { wait: u32::MAX, backoff: u32::MAX }
+            }
+            Path::Optimistic { backoff } => {
+                let next = (backoff * 2).min(MAX_BACKOFF);
+                Path::Safe { wait: next, backoff: next }
+            }
+            safe => safe,
+        };
+    }
+
+    /// Whether `e` may come from a node that is restarting.
+    fn node_may_be_down(&self, e: &StoreError) -> bool {
+        e.is_connection_failure() || (self.citus && (e.is_io_error() || e.is_internal()))
+    }
+
     /// One attempt at a batch; the number of its lines that were already present.
     fn try_commit(&mut self, batch: &Texts, key: Option<&str>, plain: bool) -> Result<u64> {
         let (job, claim, owner, range) = (self.job.id, self.job.claim, self.job.owner, self.range);
         let due = self.last_status.elapsed() >= STATUS_EVERY;
-        let proven = self.path == Path::Proven;
+        let (proven, counted) = (self.path == Path::Proven, self.citus && !plain);
         transaction(|| {
             let (sql, slot) = if plain { (&self.fast_sql, &mut self.fast) } else { (&self.safe_sql, &mut self.safe) };
             let recs: Vec<&str> = batch.iter().collect();
@@ -252,7 +281,14 @@ impl Inserter {
                     *slot = Some(stmt);
                 }
                 let stmt = slot.as_ref().expect("prepared above");
-                Ok(Spi::connect_mut(|c| c.update(stmt, None, &[recs.into()]).map(|t| t.len() as u64))?)
+                Ok(Spi::connect_mut(|c| {
+                    let t = c.update(stmt, None, &[recs.into()])?;
+                    if counted {
+                        Ok(t.first().get_one::<i64>()?.unwrap_or(0) as u64)
+                    } else {
+                        Ok::<_, pgrx::spi::SpiError>(t.len() as u64)
+                    }
+                })?)
             })?;
             let present = batch.len() as u64 - inserted;
             let fenced = Spi::get_one_with_args::<bool>(

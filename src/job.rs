@@ -82,6 +82,7 @@ pub struct Job {
     pub path: String,
     pub target: pg_sys::Oid,
     pub column: String,
+    pub key_column: Option<String>,
     pub dedup: Dedup,
     pub filter: Option<String>,
     pub owner: pg_sys::Oid,
@@ -92,7 +93,8 @@ impl Job {
         transaction(|| {
             let job = Spi::connect(|c| {
                 let t = c.select(
-                    "SELECT path, target::pg_catalog.oid, column_name::text, dedup, filter, owner::pg_catalog.oid FROM store.jobs WHERE id = $1",
+                    "SELECT path, target::pg_catalog.oid, column_name::text, dedup, filter, owner::pg_catalog.oid, key_column::text \
+                     FROM store.jobs WHERE id = $1",
                     Some(1),
                     &[id.into()],
                 )?;
@@ -104,13 +106,14 @@ impl Job {
                     r.get::<String>(4)?,
                     r.get::<String>(5)?,
                     r.get::<pg_sys::Oid>(6)?,
+                    r.get::<String>(7)?,
                 ))
             })?;
-            let (Some(path), Some(target), Some(column), Some(dedup), filter, Some(owner)) = job else {
+            let (Some(path), Some(target), Some(column), Some(dedup), filter, Some(owner), key_column) = job else {
                 return Err(StoreError::internal(format!("job {id} has no row")));
             };
             let dedup = dedup.parse::<Dedup>()?;
-            Ok(Job { id, claim, path, target, column, dedup, filter, owner })
+            Ok(Job { id, claim, path, target, column, key_column, dedup, filter, owner })
         })
     }
 }
@@ -142,8 +145,9 @@ pub fn job_dir(settings: &Settings, id: i64) -> PathBuf {
 pub fn stream_spec(job: &Job, cfg: &Config) -> String {
     let chars = cfg.limit.chars.map_or(String::new(), |c| c.to_string());
     format!(
-        "column={};dedup={};max_bytes={};max_chars={chars};filter={}",
+        "column={};key={};dedup={};max_bytes={};max_chars={chars};filter={}",
         job.column,
+        job.key_column.as_deref().unwrap_or(""),
         job.dedup.as_str(),
         cfg.limit.bytes,
         job.filter.as_deref().unwrap_or("")
@@ -189,7 +193,7 @@ impl Plan {
                 )
                 .with_hint("It lost superuser or the privileges of pg_read_server_files after queueing the job."));
             }
-            let t = target::check(job.target, &job.column, job.owner)?;
+            let t = target::check(job.target, &job.column, job.key_column.as_deref(), job.owner)?;
             let probe = target::may_select(job.target, job.owner)?;
             Ok((t, probe))
         })?;
@@ -222,9 +226,40 @@ fn config(job: &Job, settings: &Settings, target: &Target) -> Result<Config> {
         filter,
         dedup: job.dedup,
         bloom_fpr: settings.bloom_fpr,
-        batch: settings.batch_limits(),
+        batch: if target.citus {
+            settings.batch_limits().distributed(settings.memory_limit)
+        } else {
+            settings.batch_limits()
+        },
         fault: settings.fault,
         ..Config::default()
+    })
+}
+
+/// Settings of the worker's session for a Citus target: keep a connection per shard
+/// across batches (Citus closes all but one per worker node at each commit by default,
+/// and reopening them cost most of a batch's fixed time).
+fn prepare_session(target: &Target) -> Result<()> {
+    if target.citus {
+        cache_citus_connections(64)?;
+    }
+    Ok(())
+}
+
+/// Close every connection to Citus nodes this session keeps: after a node failed, some
+/// are broken without knowing it, and each would fail a retry. Citus closes the cached
+/// connections beyond `citus.max_cached_conns_per_worker` at every abort; the setting
+/// is rolled back with the transaction.
+pub fn reconnect_citus() -> Result<()> {
+    crate::txn::rolled_back(|| {
+        Spi::run("SELECT pg_catalog.set_config('citus.max_cached_conns_per_worker', '0', false)")?;
+        Ok(())
+    })
+}
+
+fn cache_citus_connections(n: u32) -> Result<()> {
+    transaction(|| {
+        Ok(Spi::run(&format!("SELECT pg_catalog.set_config('citus.max_cached_conns_per_worker', '{n}', false)"))?)
     })
 }
 
@@ -261,8 +296,9 @@ fn record_files(
     let error: Vec<Option<&str>> =
         files.clone().map(|_| None).chain(failed.clone().map(|f| Some(f.error.as_str()))).collect();
     // One statement: upsert every listed entry as pending, skipped (in the ledger for
-    // this target with the same identity) or failed; and say whether the listing differs
-    // from the one an earlier attempt of this job recorded.
+    // this target with the same identity; a row 0.1.0 wrote has no ctime or inode, and
+    // the rest must match) or failed; and say whether the listing differs from the one an
+    // earlier attempt of this job recorded.
     let row = Spi::connect_mut(|c| {
         let t = c.update(
             "WITH l AS (SELECT DISTINCT ON (path) * \
@@ -273,7 +309,8 @@ fn record_files(
                          SELECT $1, l.path, l.size, pg_catalog.to_timestamp(l.mtime_ns / 1e9), l.mtime_ns, l.ctime_ns, l.inode, l.fingerprint, \
                                 CASE WHEN l.error IS NOT NULL THEN 'failed' \
                                      WHEN EXISTS (SELECT FROM store.ingested i WHERE i.target = $9 AND i.path = l.path AND i.size = l.size \
-                                                  AND i.mtime_ns = l.mtime_ns AND i.ctime_ns = l.ctime_ns AND i.inode = l.inode \
+                                                  AND i.mtime_ns = l.mtime_ns AND coalesce(i.ctime_ns, l.ctime_ns) = l.ctime_ns \
+                                                  AND coalesce(i.inode, l.inode) = l.inode \
                                                   AND i.fingerprint = l.fingerprint AND i.spec = $10) THEN 'skipped' \
                                      ELSE 'pending' END, l.error \
                          FROM l \
@@ -314,11 +351,12 @@ fn record_files(
     let (failed, differs) = (row.1.unwrap_or(0), row.2.unwrap_or(false));
     let first = job.claim <= 1;
     // The target's emptiness decides the fast path, once per job; probed as the owner,
-    // inside a security-restricted operation, and only if the owner may read it.
+    // inside a security-restricted operation, and only if the owner may read it. (`SELECT 1`:
+    // Citus deparses a shard query with an empty target list into one it cannot parse.)
     if first {
         let empty = may_probe
             && security::as_role(job.owner, || {
-                Spi::get_one::<bool>(&format!("SELECT NOT EXISTS (SELECT FROM {})", target.name))
+                Spi::get_one::<bool>(&format!("SELECT NOT EXISTS (SELECT 1 FROM {})", target.name))
             })?
             .unwrap_or(false);
         Spi::run_with_args(
@@ -376,6 +414,7 @@ pub fn run(id: i64, claim: i32) -> Result<Ended> {
     let plan = Plan::make(&job, &settings)?;
     let progress = Arc::new(Progress::default());
     Progress::add(&progress.bytes_total, plan.files.iter().map(|f| f.size).sum());
+    prepare_session(&plan.target)?;
     let mut inserter = Inserter::new(&job, &plan.target, Role::Leader, progress.clone());
     let estimated_false_drops = match job.dedup {
         Dedup::Bloom => {
@@ -603,7 +642,7 @@ fn failed_range(job: &Job) -> Result<Option<StoreError>> {
 pub fn run_range(id: i64, claim: i32, range: i32) -> Result<()> {
     let job = Job::load(id, claim)?;
     let settings = Settings::read()?;
-    let target = transaction(|| target::check(job.target, &job.column, job.owner))?;
+    let target = transaction(|| target::check(job.target, &job.column, job.key_column.as_deref(), job.owner))?;
     let cfg = config(&job, &settings, &target)?;
     let keep = Keep { dir: cfg.temp_dir.clone(), spec: stream_spec(&job, &cfg) };
     let mut sorted = Sorted::load(&keep, None, &cfg, &Progress::default())?.ok_or_else(|| {
@@ -611,6 +650,7 @@ pub fn run_range(id: i64, claim: i32, range: i32) -> Result<()> {
     })?;
     let row = transaction(|| ranges_of(&job, false))?.into_iter().find(|r| r.range == range);
     let Some(row) = row.filter(|r| !r.done) else { return Ok(()) };
+    prepare_session(&target)?;
     let mut inserter = Inserter::new(&job, &target, Role::Helper, Arc::new(Progress::default()));
     drain_range(&cfg, &job, &mut sorted, &row, &mut inserter)
 }

@@ -2,12 +2,19 @@
 //! worker starts it (for the job's owner, since the table may have changed in between:
 //! become a view, lost its unique index, changed a column's type, revoked a grant).
 //!
-//! A target is an ordinary or partitioned table (not temporary) with a column of type
-//! `text` or `varchar` — or a domain over one of them — that has a unique index on
-//! itself or on `store.line_key(column)`, and the role must be allowed to insert into
-//! that column. Every catalog reference is schema-qualified: the callers pin
-//! `search_path` to `pg_catalog, pg_temp`, and a relation named `pg_class` in some
-//! schema must not stand in for the catalog.
+//! A target is an ordinary or partitioned table (not temporary) with a line column of
+//! type `text` or `varchar` — or a domain over one of them — and a unique index that
+//! decides what is a duplicate: on the line column itself, on `store.line_key(column)`,
+//! or, with a key column, on that `bytea` column alone, which pg_store fills with
+//! `store.line_key(line)` (the way to long lines on Citus, where a unique index must be
+//! on the distribution column and that column cannot be generated). The role must be
+//! allowed to insert into the columns it fills. A Citus table is recognised (its
+//! inserts are counted through `RETURNING`, since Citus reports rows sent, not rows
+//! inserted, and its batches are bigger: each is a distributed transaction).
+//!
+//! Every catalog reference is schema-qualified: the callers pin `search_path` to
+//! `pg_catalog, pg_temp`, and a relation named `pg_class` in some schema must not stand
+//! in for the catalog.
 
 use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
 use pgrx::prelude::*;
@@ -22,19 +29,58 @@ pub struct Target {
     /// The relation's qualified, quoted name (`regclass` output).
     pub name: String,
     pub column: String,
+    /// A `bytea` column pg_store fills with `store.line_key(line)`, unique by itself.
+    pub key_column: Option<String>,
     /// For a `varchar(n)` column (or a domain over one): `n`. Longer records are
     /// rejected as `too_long` at the scan, not refused by an insert mid-job.
     pub max_chars: Option<usize>,
+    /// A Citus table (distributed, reference, or in a distributed schema).
+    pub citus: bool,
 }
 
 impl Target {
-    pub fn quoted_column(&self) -> String {
-        quote_identifier(&self.column)
+    /// The insert of a batch (`$1` a `text[]`), plain or `ON CONFLICT DO NOTHING`; on a
+    /// Citus table the latter returns the count of rows it inserted (a plain insert
+    /// inserts every row it sends, or fails).
+    pub fn insert_sql(&self, on_conflict: bool) -> String {
+        let col = quote_identifier(&self.column);
+        let mut sql = match &self.key_column {
+            None => format!("INSERT INTO {} ({col}) SELECT pg_catalog.unnest($1::pg_catalog.text[])", self.name),
+            Some(k) => format!(
+                "INSERT INTO {} ({col}, {}) SELECT l, store.line_key(l) FROM pg_catalog.unnest($1::pg_catalog.text[]) AS l",
+                self.name,
+                quote_identifier(k)
+            ),
+        };
+        if on_conflict {
+            sql.push_str(" ON CONFLICT DO NOTHING");
+        }
+        if on_conflict && self.citus {
+            // Citus counts rows sent for INSERT … SELECT; RETURNING gives the ones inserted.
+            sql = format!("WITH ins AS ({sql} RETURNING 1) SELECT pg_catalog.count(*) FROM ins");
+        }
+        sql
     }
 }
 
-/// Check that `oid`.`column` can take lines, for `role`.
-pub fn check(oid: pg_sys::Oid, column: &str, role: pg_sys::Oid) -> Result<Target> {
+/// One column of the target: number, type, type modifier.
+fn attribute(oid: pg_sys::Oid, name: &str, table: &str) -> Result<(i16, pg_sys::Oid, i32)> {
+    let col = Spi::get_three_with_args::<i16, pg_sys::Oid, i32>(
+        "SELECT a.attnum, a.atttypid, a.atttypmod FROM (SELECT 1) x LEFT JOIN pg_catalog.pg_attribute a \
+         ON a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+        &[oid.into(), name.into()],
+    )?;
+    match col {
+        (Some(n), Some(t), Some(m)) => Ok((n, t, m)),
+        _ => Err(StoreError::refused(
+            ERRCODE_UNDEFINED_COLUMN,
+            format!("column \"{name}\" of relation \"{table}\" does not exist"),
+        )),
+    }
+}
+
+/// Check that `oid`.`column` (and `key_column`) can take lines, for `role`.
+pub fn check(oid: pg_sys::Oid, column: &str, key_column: Option<&str>, role: pg_sys::Oid) -> Result<Target> {
     let row = Spi::get_three_with_args::<String, String, bool>(
         "SELECT c.relkind::text, c.oid::pg_catalog.regclass::text, c.relpersistence = 't' \
          FROM (SELECT $1::pg_catalog.oid AS oid) x LEFT JOIN pg_catalog.pg_class c ON c.oid = x.oid",
@@ -54,17 +100,7 @@ pub fn check(oid: pg_sys::Oid, column: &str, role: pg_sys::Oid) -> Result<Target
             "A background worker inserts the lines, and it cannot see this session's temporary tables: use an ordinary or UNLOGGED table.",
         ));
     }
-    let col = Spi::get_three_with_args::<i16, pg_sys::Oid, i32>(
-        "SELECT a.attnum, a.atttypid, a.atttypmod FROM (SELECT 1) x LEFT JOIN pg_catalog.pg_attribute a \
-         ON a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
-        &[oid.into(), column.into()],
-    )?;
-    let (Some(attnum), Some(typ), Some(typmod)) = col else {
-        return Err(StoreError::refused(
-            ERRCODE_UNDEFINED_COLUMN,
-            format!("column \"{column}\" of relation \"{name}\" does not exist"),
-        ));
-    };
+    let (attnum, typ, typmod) = attribute(oid, column, &name)?;
     // Through domains to the base type; a domain's own typmod (varchar(n) under it) counts.
     let mut base_typmod = typmod;
     // SAFETY: a syscache lookup in a transaction.
@@ -82,31 +118,76 @@ pub fn check(oid: pg_sys::Oid, column: &str, role: pg_sys::Oid) -> Result<Target
             .with_hint("A domain over text or varchar works too."))
         }
     };
-    let unique = Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid \
-           AND i.indpred IS NULL AND i.indnkeyatts = 1 \
-           AND (i.indkey[0] = $3 OR (i.indkey[0] = 0 \
-                AND pg_catalog.pg_get_indexdef(i.indexrelid, 1, false) = pg_catalog.format('store.line_key(%I)', $2::text))))",
-        &[oid.into(), column.into(), attnum.into()],
-    )?;
+    let unique = match key_column {
+        None => Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid \
+               AND i.indpred IS NULL AND i.indnkeyatts = 1 \
+               AND (i.indkey[0] = $3 OR (i.indkey[0] = 0 \
+                    AND pg_catalog.pg_get_indexdef(i.indexrelid, 1, false) = pg_catalog.format('store.line_key(%I)', $2::text))))",
+            &[oid.into(), column.into(), attnum.into()],
+        )?,
+        Some(k) => {
+            let (key_attnum, key_typ, _) = attribute(oid, k, &name)?;
+            if key_typ != pg_sys::BYTEAOID {
+                return Err(StoreError::refused(ERRCODE_DATATYPE_MISMATCH, format!("key column \"{k}\" of \"{name}\" must be of type bytea"))
+                    .with_hint("pg_store fills it with store.line_key(line)."));
+            }
+            Spi::get_one_with_args::<bool>(
+                "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid \
+                   AND i.indpred IS NULL AND i.indnkeyatts = 1 AND i.indkey[0] = $2)",
+                &[oid.into(), key_attnum.into()],
+            )?
+        }
+    };
     if unique != Some(true) {
-        return Err(StoreError::refused(ERRCODE_INVALID_COLUMN_REFERENCE, format!("\"{name}\" has no unique index on column \"{column}\"")).with_hint(format!(
-            "pg_store deduplicates against what the table holds through a unique index: CREATE UNIQUE INDEX ON {name} ({col}), \
-             or, for lines longer than about 2,000 bytes, CREATE UNIQUE INDEX ON {name} (store.line_key({col})).",
-            col = quote_identifier(column)
-        )));
-    }
-    let may_insert = Spi::get_one_with_args::<bool>(
-        "SELECT pg_catalog.has_column_privilege($1, $2, $3, 'INSERT')",
-        &[role.into(), oid.into(), column.into()],
-    )?;
-    if may_insert != Some(true) {
+        let hint = match key_column {
+            None => format!(
+                "pg_store deduplicates against what the table holds through a unique index: CREATE UNIQUE INDEX ON {name} ({col}), \
+                 or, for lines longer than about 2,000 bytes, CREATE UNIQUE INDEX ON {name} (store.line_key({col})), or a key column.",
+                col = quote_identifier(column)
+            ),
+            Some(k) => format!("The key column must be unique by itself: CREATE UNIQUE INDEX ON {name} ({}).", quote_identifier(k)),
+        };
+        let on = key_column.unwrap_or(column);
         return Err(StoreError::refused(
-            ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("permission denied to insert into \"{name}\".\"{column}\""),
-        ));
+            ERRCODE_INVALID_COLUMN_REFERENCE,
+            format!("\"{name}\" has no unique index on column \"{on}\""),
+        )
+        .with_hint(hint));
     }
-    Ok(Target { oid, name, column: column.to_string(), max_chars })
+    for c in std::iter::once(column).chain(key_column) {
+        let may_insert = Spi::get_one_with_args::<bool>(
+            "SELECT pg_catalog.has_column_privilege($1, $2, $3, 'INSERT')",
+            &[role.into(), oid.into(), c.into()],
+        )?;
+        if may_insert != Some(true) {
+            return Err(StoreError::refused(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("permission denied to insert into \"{name}\".\"{c}\""),
+            ));
+        }
+    }
+    Ok(Target {
+        oid,
+        name,
+        column: column.to_string(),
+        key_column: key_column.map(str::to_string),
+        max_chars,
+        citus: is_citus_table(oid)?,
+    })
+}
+
+/// Whether Citus knows `oid` (its metadata table exists only where Citus is installed).
+fn is_citus_table(oid: pg_sys::Oid) -> Result<bool> {
+    let has_citus = Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL")?;
+    if has_citus != Some(true) {
+        return Ok(false);
+    }
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_partition WHERE logicalrelid = $1)",
+        &[oid.into()],
+    )?
+    .unwrap_or(false))
 }
 
 /// Whether `role` may read `target` (the fast path's emptiness probe needs it).

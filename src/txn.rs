@@ -37,3 +37,18 @@ pub fn transaction<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
     }
     result
 }
+
+/// Run `f` in a transaction that is then rolled back, whatever `f` returns: for what
+/// happens at abort (Citus, for one, closes its cached connections then).
+pub fn rolled_back(f: impl FnOnce() -> Result<()>) -> Result<()> {
+    // SAFETY: as in `transaction`; the abort ends what was started here.
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let result =
+        PgTryBuilder::new(std::panic::AssertUnwindSafe(f)).catch_others(|e| Err(StoreError::from(e))).execute();
+    unsafe { pg_sys::AbortCurrentTransaction() };
+    result
+}

@@ -41,14 +41,25 @@ pub fn readable_dir(path: &Path) -> PathBuf {
 }
 
 impl Cluster {
+    /// A cluster with pg_store and pg_cron preloaded and created.
     pub fn start(name: &str, extra_conf: &str) -> Cluster {
+        let cron = format!("cron.database_name = 'postgres'\ncron.host = '{}'\n", Self::dir_of(name).display());
+        Self::start_with(name, "pg_store,pg_cron", &format!("{cron}{extra_conf}"), &["pg_store", "pg_cron"])
+    }
+
+    fn dir_of(name: &str) -> PathBuf {
+        PathBuf::from(format!("/tmp/pg_store_it/{name}-{}", std::process::id()))
+    }
+
+    /// A cluster with `preload` in shared_preload_libraries and `extensions` created.
+    pub fn start_with(name: &str, preload: &str, extra_conf: &str, extensions: &[&str]) -> Cluster {
         assert!(
             Path::new("/usr/lib/postgresql/15/lib/pg_store.so").exists(),
             "pg_store is not installed: run `make install` (make test does) before the integration tests"
         );
         let n = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
         let port = 20000 + (std::process::id() % 2000) as u16 * 10 + n;
-        let dir = PathBuf::from(format!("/tmp/pg_store_it/{name}-{}", std::process::id()));
+        let dir = Self::dir_of(name);
         let _ = fs::remove_dir_all(&dir);
         readable_dir(&dir);
         run(Command::new("chown").args(["postgres", dir.to_str().unwrap()]));
@@ -67,16 +78,17 @@ impl Cluster {
         ]));
         let conf = format!(
             "port = {port}\nunix_socket_directories = '{}'\nlisten_addresses = ''\n\
-             shared_preload_libraries = 'pg_store,pg_cron'\ncron.database_name = 'postgres'\ncron.host = '{}'\n\
+             shared_preload_libraries = '{preload}'\n\
              store.memory_limit = '64MB'\nstore.cpu_limit = 2\nfsync = off\nmax_wal_size = '1GB'\n{extra_conf}\n",
             dir.display(),
-            dir.display()
         );
         let mut f = fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
         std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
         let c = Cluster { dir, port };
         c.pg_ctl_start();
-        c.psql("CREATE EXTENSION pg_store; CREATE EXTENSION pg_cron;").unwrap();
+        for e in extensions {
+            c.psql(&format!("CREATE EXTENSION {e}")).unwrap();
+        }
         c
     }
 
@@ -266,7 +278,8 @@ impl Cluster {
         }
     }
 
-    /// SHA-256 of the table's lines sorted bytewise, each followed by a newline.
+    /// SHA-256 of the table's lines sorted bytewise, each followed by a newline (read
+    /// through hex: psql's printer drops Unicode noncharacters).
     pub fn table_sha(&self, table: &str, column: &str) -> String {
         let out = Command::new(format!("{BIN}/psql"))
             .args([
@@ -281,15 +294,19 @@ impl Cluster {
                 "postgres",
                 "-c",
             ])
-            .arg(format!("SELECT {column} FROM {table} ORDER BY convert_to({column}, 'UTF8')"))
+            .arg(format!(
+                "SELECT encode(convert_to({column}, 'UTF8'), 'hex') FROM {table} ORDER BY convert_to({column}, 'UTF8')"
+            ))
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let mut recs: Vec<&[u8]> = out.stdout.split(|&b| b == b'\n').collect();
-        if recs.last() == Some(&&b""[..]) {
-            recs.pop();
-        }
-        store_testkit::sha256_lines(recs)
+        let recs: Vec<Vec<u8>> = out
+            .stdout
+            .split(|&b| b == b'\n')
+            .filter(|h| !h.is_empty())
+            .map(|h| h.chunks(2).map(|p| u8::from_str_radix(std::str::from_utf8(p).unwrap(), 16).unwrap()).collect())
+            .collect();
+        store_testkit::sha256_lines(recs.iter().map(Vec::as_slice))
     }
 
     pub fn log_tail(&self) -> String {

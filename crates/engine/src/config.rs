@@ -85,6 +85,19 @@ pub struct BatchLimits {
     pub max_bytes: usize,
 }
 
+impl BatchLimits {
+    /// For a distributed target, where each batch is a distributed transaction with a
+    /// fixed cost of its own: up to a million rows, and as many bytes as an eighth of
+    /// the memory budget allows (16 to 64 MiB).
+    pub fn distributed(self, memory_limit: u64) -> BatchLimits {
+        BatchLimits {
+            max: self.max.max(1_000_000),
+            max_bytes: ((memory_limit / 8) as usize).clamp(16 << 20, 64 << 20),
+            ..self
+        }
+    }
+}
+
 impl Default for BatchLimits {
     fn default() -> Self {
         BatchLimits {

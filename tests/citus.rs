@@ -1,0 +1,235 @@
+//! pg_store on a Citus cluster the tests start themselves: a coordinator and two workers
+//! on 127.0.0.1, each with its own port and data directory, Citus and pg_store preloaded
+//! everywhere. Distributed targets end exact with exact counts, long lines go through a
+//! key column, crashes of the coordinator's worker, of the coordinator and of a worker
+//! node mid-insert resume exactly, and two nodes ingest their own files at once.
+//!
+//! Needs Citus installed (`make test-citus` installs it from `../shared/vendor` when it
+//! can); without it every test says SKIPPED, and `make test` prints why — except under
+//! CI, where a missing Citus fails them.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{readable_dir, Cluster};
+use store_testkit::{generate, oracle, Expected, GenSpec};
+
+/// Whether Citus is there to test against. Under CI (`CI` set) it must be: `make test`
+/// installs it from `../shared/vendor`, and a Citus test that skips there is a defect.
+fn citus_installed() -> bool {
+    let here = Path::new("/usr/lib/postgresql/15/lib/citus.so").exists();
+    if !here {
+        assert!(std::env::var_os("CI").is_none(), "CI runs the Citus tests, and Citus is not installed");
+        println!(
+            "SKIPPED: Citus is not installed in PostgreSQL 15 (make test-citus installs it from ../shared/vendor)"
+        );
+    }
+    here
+}
+
+/// A coordinator and two workers.
+struct Citus {
+    coord: Cluster,
+    workers: Vec<Cluster>,
+}
+
+const NODE_CONF: &str = "listen_addresses = '127.0.0.1'\ncitus.node_conninfo = 'sslmode=disable'\n\
+    citus.recover_2pc_interval = '2s'\nmax_prepared_transactions = 100\nmax_connections = 200\nstore.batch_max = 20000\n";
+
+impl Citus {
+    fn start(name: &str) -> Citus {
+        let node = |role: &str| Cluster::start_with(&format!("{name}-{role}"), "citus,pg_store", NODE_CONF, &["citus"]);
+        let coord = node("coord");
+        let workers = vec![node("w1"), node("w2")];
+        q(&coord, &format!("SELECT citus_set_coordinator_host('127.0.0.1', {})", coord.port));
+        for w in &workers {
+            q(&coord, &format!("SELECT citus_add_node('127.0.0.1', {})", w.port));
+        }
+        // Created on the coordinator, propagated to the workers.
+        q(&coord, "CREATE EXTENSION pg_store");
+        for w in &workers {
+            assert_eq!(
+                q(w, "SELECT count(*) FROM pg_extension WHERE extname = 'pg_store'"),
+                "1",
+                "pg_store propagated to the worker"
+            );
+        }
+        Citus { coord, workers }
+    }
+
+    /// No prepared transaction left on any worker (Citus recovers those of a crash).
+    fn no_prepared_transactions(&self) {
+        for w in &self.workers {
+            w.wait_until("SELECT count(*) = 0 FROM pg_prepared_xacts", Duration::from_secs(60));
+        }
+    }
+}
+
+fn q(c: &Cluster, sql: &str) -> String {
+    c.psql(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+fn num(c: &Cluster, sql: &str) -> i64 {
+    q(c, sql).parse().unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+fn fixtures(c: &Cluster, name: &str, spec: &GenSpec) -> (PathBuf, Expected) {
+    let dir = readable_dir(&c.dir.join(name));
+    generate(&dir, spec).unwrap();
+    let want = oracle(&dir, spec.max_line_bytes).unwrap();
+    (dir, want)
+}
+
+#[test]
+fn a_distributed_target_ends_exact_with_exact_counts() {
+    if !citus_installed() {
+        return;
+    }
+    let c = Citus::start("dist");
+    let (dir, want) = fixtures(
+        &c.coord,
+        "in",
+        &GenSpec { files: 3, size: 4 << 20, seed: 101, nasty: true, max_line_bytes: 1500, ..GenSpec::default() },
+    );
+    q(&c.coord, "CREATE TABLE dist (line text PRIMARY KEY); SELECT create_distributed_table('dist', 'line')");
+    // Some of the lines are there already: the counts must say which.
+    let (_, set) = store_testkit::oracle_set(&dir, 1500).unwrap();
+    let present: Vec<String> = set.iter().step_by(50).map(|l| String::from_utf8(l.clone()).unwrap()).collect();
+    for chunk in present.chunks(500) {
+        let values = chunk.iter().map(|l| format!("($x${l}$x$)")).collect::<Vec<_>>().join(",");
+        q(&c.coord, &format!("INSERT INTO dist VALUES {values}"));
+    }
+    q(&c.coord, "ALTER SYSTEM SET store.max_line_bytes = 1500");
+    q(&c.coord, "SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(1500));
+    let job = num(&c.coord, &format!("SELECT store_ingest('{}', 'dist')", dir.display()));
+    c.coord.wait_done(job);
+    assert_eq!(c.coord.table_sha("dist", "line"), want.sha256);
+    let counts = q(&c.coord, &format!("SELECT inserted || ' ' || already_present FROM store.status WHERE id = {job}"));
+    assert_eq!(
+        counts,
+        format!("{} {}", want.distinct as usize - present.len(), present.len()),
+        "counts of rows inserted, not rows sent"
+    );
+    c.no_prepared_transactions();
+}
+
+#[test]
+fn long_lines_go_through_a_key_column_and_a_reference_table_works() {
+    if !citus_installed() {
+        return;
+    }
+    let c = Citus::start("key");
+    // 64 KiB lines: the key column holds store.line_key(line), 33 bytes for them.
+    let (dir, want) =
+        fixtures(&c.coord, "in", &GenSpec { files: 2, size: 2 << 20, seed: 102, nasty: true, ..GenSpec::default() });
+    q(&c.coord, "CREATE TABLE keyed (line text NOT NULL, key bytea PRIMARY KEY); SELECT create_distributed_table('keyed', 'key')");
+    let job = num(&c.coord, &format!("SELECT store_ingest('{}', 'keyed', key_column => 'key')", dir.display()));
+    c.coord.wait_done(job);
+    assert_eq!(c.coord.table_sha("keyed", "line"), want.sha256);
+    assert!(num(&c.coord, "SELECT max(octet_length(line)) FROM keyed") > 60_000, "the long lines are in");
+    assert_eq!(num(&c.coord, "SELECT count(*) FROM keyed WHERE key <> store.line_key(line)"), 0);
+    assert_eq!(num(&c.coord, &format!("SELECT inserted FROM store.status WHERE id = {job}")), want.distinct as i64);
+    // The same again: every line already there, none twice.
+    q(&c.coord, "DELETE FROM store.ingested");
+    let again = num(&c.coord, &format!("SELECT store_ingest('{}', 'keyed', key_column => 'key')", dir.display()));
+    c.coord.wait_done(again);
+    assert_eq!(
+        q(&c.coord, &format!("SELECT inserted || ' ' || already_present FROM store.status WHERE id = {again}")),
+        format!("0 {}", want.distinct)
+    );
+    // A reference table (a copy on every node) takes lines too.
+    q(&c.coord, "CREATE TABLE everywhere (line text NOT NULL, key bytea PRIMARY KEY); SELECT create_reference_table('everywhere')");
+    let r = num(&c.coord, &format!("SELECT store_ingest('{}', 'everywhere', key_column => 'key')", dir.display()));
+    c.coord.wait_done(r);
+    assert_eq!(c.coord.table_sha("everywhere", "line"), want.sha256);
+    c.no_prepared_transactions();
+}
+
+/// Start a job on a distributed table, do `interrupt` once it has committed some
+/// batches, and check it ends exact, with no prepared transaction left behind.
+fn interrupted(name: &str, interrupt: impl FnOnce(&Citus, i64)) {
+    let c = Citus::start(name);
+    let (dir, want) = fixtures(&c.coord, "in", &GenSpec { files: 4, size: 16 << 20, seed: 103, ..GenSpec::default() });
+    q(&c.coord, "CREATE TABLE dist (line text PRIMARY KEY); SELECT create_distributed_table('dist', 'line')");
+    let job = num(&c.coord, &format!("SELECT store_ingest('{}', 'dist')", dir.display()));
+    c.coord.wait_mid_insert(job);
+    interrupt(&c, job);
+    c.coord.wait_done(job);
+    assert_eq!(c.coord.table_sha("dist", "line"), want.sha256);
+    assert_eq!(
+        num(&c.coord, &format!("SELECT inserted + already_present FROM store.status WHERE id = {job}")),
+        want.distinct as i64
+    );
+    c.no_prepared_transactions();
+}
+
+#[test]
+fn kill_9_of_the_coordinators_worker_mid_insert_resumes_exact() {
+    if !citus_installed() {
+        return;
+    }
+    interrupted("ckill", |c, job| {
+        let pid: i32 = q(&c.coord, &format!("SELECT worker_pid FROM store.jobs WHERE id = {job}")).parse().unwrap();
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    });
+}
+
+#[test]
+fn an_immediate_stop_of_the_coordinator_mid_insert_resumes_exact() {
+    if !citus_installed() {
+        return;
+    }
+    interrupted("cstop", |c, _| {
+        c.coord.stop_immediate();
+        c.coord.pg_ctl_start();
+    });
+}
+
+#[test]
+fn an_immediate_stop_of_a_worker_node_mid_insert_resumes_exact() {
+    if !citus_installed() {
+        return;
+    }
+    interrupted("wstop", |c, _| {
+        c.workers[0].stop_immediate();
+        std::thread::sleep(Duration::from_secs(3));
+        c.workers[0].pg_ctl_start();
+    });
+}
+
+#[test]
+fn two_nodes_ingest_their_own_files_into_one_table_at_once() {
+    if !citus_installed() {
+        return;
+    }
+    let c = Citus::start("hosts");
+    let spec = |seed| GenSpec { files: 2, size: 4 << 20, seed, dup: 0.3, ..GenSpec::default() };
+    let (a, _) = fixtures(&c.coord, "on-coordinator", &spec(104));
+    let (b, _) = fixtures(&c.workers[0], "on-worker", &spec(105));
+    let all = readable_dir(&c.coord.dir.join("all"));
+    for (src, tag) in [(&a, "a"), (&b, "b")] {
+        for e in fs::read_dir(src).unwrap() {
+            let e = e.unwrap();
+            fs::copy(e.path(), all.join(format!("{tag}-{}", e.file_name().to_string_lossy()))).unwrap();
+        }
+    }
+    let want = oracle(&all, 65536).unwrap();
+    q(&c.coord, "CREATE TABLE dist (line text PRIMARY KEY); SELECT create_distributed_table('dist', 'line')");
+    // Each node runs its own job, on its own files, into the same distributed table.
+    let ja = num(&c.coord, &format!("SELECT store_ingest('{}', 'dist')", a.display()));
+    let jb = num(&c.workers[0], &format!("SELECT store_ingest('{}', 'dist')", b.display()));
+    c.coord.wait_done(ja);
+    c.workers[0].wait_done(jb);
+    assert_eq!(c.coord.table_sha("dist", "line"), want.sha256, "one table, the union, each line once");
+    let inserted = num(&c.coord, &format!("SELECT inserted FROM store.status WHERE id = {ja}"))
+        + num(&c.workers[0], &format!("SELECT inserted FROM store.status WHERE id = {jb}"));
+    assert_eq!(inserted, want.distinct as i64, "every line inserted by exactly one of the jobs");
+    // The coordinator sees every node's jobs through store.cluster_status.
+    let seen = q(&c.coord, "SELECT count(*) FROM store.cluster_status() WHERE state = 'done'");
+    assert_eq!(seen, "2");
+    c.no_prepared_transactions();
+}
