@@ -1,5 +1,7 @@
 //! Which jobs are being run right now, and by which process: a table in shared memory
-//! that only pg_store's workers write.
+//! that only pg_store's workers write. Beside it, the processes themselves (for the
+//! `store.workers` view and the launcher's count) and the databases that want a worker
+//! (written by `store_ingest` at commit and by busy workers, read by the launcher).
 //!
 //! A job whose row says `running` but has no entry here lost its worker (a crash, a
 //! `kill -9`, a shutdown): it may be claimed again. Nothing a user can call touches this
@@ -28,15 +30,67 @@ pub struct Entry {
     pub database: u32,
 }
 
+/// What a pg_store process is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Kind {
+    #[default]
+    Free = 0,
+    Launcher = 1,
+    Worker = 2,
+    Inserter = 3,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Free => "free",
+            Kind::Launcher => "launcher",
+            Kind::Worker => "worker",
+            Kind::Inserter => "inserter",
+        }
+    }
+}
+
+/// A live pg_store process: what it is, where, on which job (0: none) since when.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[repr(C)]
+pub struct Proc {
+    pub pid: i32,
+    pub kind: Kind,
+    pub database: u32,
+    pub job: i64,
+    /// Seconds since the Unix epoch.
+    pub since: f64,
+}
+
+/// A database that wants a worker: `more` when it has one and needs another.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Want {
+    pub database: u32,
+    pub more: bool,
+}
+
+const WANTS: usize = 256;
+
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct Registry {
     entries: [Entry; SLOTS],
+    procs: [Proc; SLOTS],
+    wants: [Want; WANTS],
+    launcher: i32,
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Registry { entries: [Entry::default(); SLOTS] }
+        Registry {
+            entries: [Entry::default(); SLOTS],
+            procs: [Proc::default(); SLOTS],
+            wants: [Want::default(); WANTS],
+            launcher: 0,
+        }
     }
 }
 
@@ -106,9 +160,102 @@ pub fn leave_range(job: i64, range: i32) {
 #[pg_guard]
 unsafe extern "C-unwind" fn leave_all(_code: i32, _arg: pg_sys::Datum) {
     let pid = std::process::id() as i32;
-    for e in REGISTRY.exclusive().entries.iter_mut().filter(|e| e.pid == pid) {
+    let mut r = REGISTRY.exclusive();
+    for e in r.entries.iter_mut().filter(|e| e.pid == pid) {
         *e = Entry::default();
     }
+    for p in r.procs.iter_mut().filter(|p| p.pid == pid) {
+        *p = Proc::default();
+    }
+    if r.launcher == pid {
+        r.launcher = 0;
+    }
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Record this process as a `kind` in this database (none for the launcher); false if
+/// the table is full.
+pub fn proc_enter(kind: Kind) -> bool {
+    let pid = std::process::id() as i32;
+    let mut r = REGISTRY.exclusive();
+    if kind == Kind::Launcher {
+        r.launcher = pid;
+    }
+    match r.procs.iter_mut().find(|p| p.kind == Kind::Free) {
+        Some(slot) => {
+            *slot = Proc { pid, kind, database: my_database(), job: 0, since: now() };
+            true
+        }
+        None => false,
+    }
+}
+
+/// This process now works on `job` (0: it is idle).
+pub fn proc_job(job: i64) {
+    let pid = std::process::id() as i32;
+    for p in REGISTRY.exclusive().procs.iter_mut().filter(|p| p.pid == pid) {
+        p.job = job;
+        p.since = now();
+    }
+}
+
+/// The live pg_store processes.
+pub fn procs() -> Vec<Proc> {
+    REGISTRY.share().procs.iter().filter(|p| p.kind != Kind::Free).copied().collect()
+}
+
+/// Workers (not inserters) alive, in all databases and in `database`.
+pub fn workers(database: u32) -> (usize, usize) {
+    let r = REGISTRY.share();
+    let all = r.procs.iter().filter(|p| p.kind == Kind::Worker);
+    let here = all.clone().filter(|p| p.database == database).count();
+    (all.count(), here)
+}
+
+/// Ask the launcher for a worker in `database` (`more`: another one, besides those it
+/// has), and wake it.
+pub fn want(database: u32, more: bool) {
+    let launcher = {
+        let mut r = REGISTRY.exclusive();
+        if let Some(w) = r.wants.iter_mut().find(|w| w.database == database) {
+            w.more |= more;
+        } else if let Some(w) = r.wants.iter_mut().find(|w| w.database == 0) {
+            *w = Want { database, more };
+        }
+        // A full table drops the wish: the launcher's next look at every database
+        // finds the jobs anyway.
+        r.launcher
+    };
+    if launcher != 0 {
+        // SAFETY: looks the launcher's PGPROC up under ProcArrayLock, and sets the latch
+        // in it (shared memory); a process that has exited has no PGPROC and is skipped.
+        unsafe {
+            let proc = pg_sys::BackendPidGetProc(launcher);
+            if !proc.is_null() {
+                pg_sys::SetLatch(&mut (*proc).procLatch);
+            }
+        }
+    }
+}
+
+/// The databases that want a worker, in the order they asked; they stay until [`granted`].
+pub fn wants() -> Vec<Want> {
+    REGISTRY.share().wants.iter().filter(|w| w.database != 0).copied().collect()
+}
+
+/// The launcher started a worker for `database` (or found it needs none).
+pub fn granted(database: u32) {
+    for w in REGISTRY.exclusive().wants.iter_mut().filter(|w| w.database == database) {
+        *w = Want::default();
+    }
+}
+
+/// Whether a database other than `database` waits for a worker.
+pub fn others_waiting(database: u32) -> bool {
+    REGISTRY.share().wants.iter().any(|w| w.database != 0 && w.database != database)
 }
 
 /// Call once in each worker before it claims anything.
