@@ -4,7 +4,8 @@
 # 127.0.0.1, each shared_buffers 512MB, max_wal_size 4GB; pg_store on the coordinator
 # with store.memory_limit 256MB, store.cpu_limit 2). About 20 minutes here.
 #
-#   benches/citus.sh        RUNS (default 3): rounds; FILES x SIZE (default 8 x 128M)
+#   benches/citus.sh        RUNS (default 3): rounds; FILES x SIZE (default 8 x 128M);
+#                           INSERT_WORKERS: store.insert_workers (default: the server's)
 #
 # Data: store-gen --files FILES --size SIZE --dup 0.3 --seed 21. The COPY side gets the
 # distinct lines sorted beforehand (LC_ALL=C sort -u, not timed): COPY alone against
@@ -61,6 +62,9 @@ if [ "$(sql "SELECT count(*) FROM pg_dist_node")" = 0 ]; then
   sql "SELECT citus_add_node('127.0.0.1', $(port w2))" >/dev/null
 fi
 sql "DROP EXTENSION IF EXISTS pg_store CASCADE" 2>/dev/null; sql "CREATE EXTENSION pg_store"
+# INSERT_WORKERS=n: store.insert_workers for pg_store's jobs (default: the server's).
+if [ -n "${INSERT_WORKERS:-}" ]; then sql "ALTER SYSTEM SET store.insert_workers = $INSERT_WORKERS"; else sql "ALTER SYSTEM RESET store.insert_workers"; fi
+sql "SELECT pg_reload_conf()" >/dev/null; sleep 1
 sql "DROP TABLE IF EXISTS c, p, k"
 sql "CREATE TABLE c (line text PRIMARY KEY); SELECT create_distributed_table('c', 'line')" >/dev/null
 sql "CREATE TABLE p (line text PRIMARY KEY); SELECT create_distributed_table('p', 'line')" >/dev/null

@@ -10,6 +10,9 @@
 //! present — the steady state of a table growing by new files. A unique violation on the
 //! plain path redoes that batch on the safe path; an optimistic attempt that fails waits
 //! twice as many batches before the next (at most 64), a proven one never tries again.
+//! On a Citus target the plain path is a binary COPY of the batch from a file in the
+//! job's directory: Citus routes COPY rows straight to their shards, where it collects
+//! the rows of `INSERT … SELECT` on the coordinator first.
 //! Both statements are prepared and run as the job's owner in a security-restricted
 //! operation. Transient errors are retried with exponential backoff. The checkpoint
 //! update carries the claim number: a process whose claim was taken over finds no row
@@ -92,6 +95,9 @@ pub struct Inserter {
     citus: bool,
     fast_sql: String,
     safe_sql: String,
+    /// On a Citus target, the plain path is a COPY of the batch written to this file,
+    /// with this statement (and the key column's values when the target has one).
+    copy: Option<Copy>,
     fast: Option<OwnedPreparedStatement>,
     safe: Option<OwnedPreparedStatement>,
     path: Path,
@@ -108,8 +114,19 @@ pub struct Inserter {
     memory_peak: u64,
 }
 
+struct Copy {
+    file: std::path::PathBuf,
+    sql: String,
+    key_column: bool,
+}
+
 impl Inserter {
-    pub fn new(job: &Job, target: &Target, role: Role, progress: Arc<Progress>) -> Inserter {
+    /// `dir`: the job's directory, where a Citus target's batches are written for COPY.
+    pub fn new(job: &Job, target: &Target, role: Role, progress: Arc<Progress>, dir: &std::path::Path) -> Inserter {
+        let copy = target.citus.then(|| {
+            let file = dir.join(format!("batch-{}.copy", std::process::id()));
+            Copy { sql: target.copy_sql(&file), file, key_column: target.key_column.is_some() }
+        });
         Inserter {
             job: job.clone(),
             role,
@@ -117,6 +134,7 @@ impl Inserter {
             citus: target.citus,
             fast_sql: target.insert_sql(false),
             safe_sql: target.insert_sql(true),
+            copy,
             fast: None,
             safe: None,
             path: Path::Safe { wait: 0, backoff: 1 },
@@ -268,12 +286,24 @@ impl Inserter {
         let (job, claim, owner, range) = (self.job.id, self.job.claim, self.job.owner, self.range);
         let due = self.last_status.elapsed() >= STATUS_EVERY;
         let (proven, counted) = (self.path == Path::Proven, self.citus && !plain);
+        let copy = match self.copy.as_ref().filter(|_| plain) {
+            Some(c) => {
+                crate::target::write_copy_file(&c.file, batch.iter(), c.key_column)
+                    .map_err(|e| store_engine::Error::io("could not write", &c.file, e))?;
+                Some(c.sql.clone())
+            }
+            None => None,
+        };
         transaction(|| {
             let (sql, slot) = if plain { (&self.fast_sql, &mut self.fast) } else { (&self.safe_sql, &mut self.safe) };
             let recs: Vec<&str> = batch.iter().collect();
             // Prepared (so planned, with any of the owner's functions a plan folds) and
             // run as the owner, in a security-restricted operation.
             let inserted = as_role(owner, || -> Result<u64> {
+                if let Some(sql) = &copy {
+                    Spi::run(sql)?;
+                    return Ok(recs.len() as u64);
+                }
                 if slot.is_none() {
                     let stmt = Spi::connect(|c| {
                         c.prepare_mut(sql.as_str(), &[PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID)]).map(|s| s.keep())

@@ -415,7 +415,7 @@ pub fn run(id: i64, claim: i32) -> Result<Ended> {
     let progress = Arc::new(Progress::default());
     Progress::add(&progress.bytes_total, plan.files.iter().map(|f| f.size).sum());
     prepare_session(&plan.target)?;
-    let mut inserter = Inserter::new(&job, &plan.target, Role::Leader, progress.clone());
+    let mut inserter = Inserter::new(&job, &plan.target, Role::Leader, progress.clone(), &job_dir(&settings, job.id));
     let estimated_false_drops = match job.dedup {
         Dedup::Bloom => {
             forget_rejects(&job)?;
@@ -651,7 +651,8 @@ pub fn run_range(id: i64, claim: i32, range: i32) -> Result<()> {
     let row = transaction(|| ranges_of(&job, false))?.into_iter().find(|r| r.range == range);
     let Some(row) = row.filter(|r| !r.done) else { return Ok(()) };
     prepare_session(&target)?;
-    let mut inserter = Inserter::new(&job, &target, Role::Helper, Arc::new(Progress::default()));
+    let mut inserter =
+        Inserter::new(&job, &target, Role::Helper, Arc::new(Progress::default()), &job_dir(&settings, job.id));
     drain_range(&cfg, &job, &mut sorted, &row, &mut inserter)
 }
 

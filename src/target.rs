@@ -63,6 +63,47 @@ impl Target {
     }
 }
 
+impl Target {
+    /// The COPY of a batch written to `file` in binary format ([`write_copy_file`]): the
+    /// plain path on a Citus target, which routes COPY rows straight to their shards where
+    /// `INSERT … SELECT` collects them on the coordinator first.
+    pub fn copy_sql(&self, file: &std::path::Path) -> String {
+        let cols = match &self.key_column {
+            None => quote_identifier(&self.column).to_string(),
+            Some(k) => format!("{}, {}", quote_identifier(&self.column), quote_identifier(k)),
+        };
+        let file = file.to_string_lossy().replace('\'', "''");
+        format!("COPY {} ({cols}) FROM '{file}' WITH (FORMAT binary)", self.name)
+    }
+}
+
+/// Write `lines` as a COPY file in binary format: one text field per row, and with a key
+/// column a second, bytea, field holding `store.line_key` of the line.
+pub fn write_copy_file<'a>(
+    file: &std::path::Path,
+    lines: impl Iterator<Item = &'a str>,
+    key_column: bool,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(file)?);
+    w.write_all(b"PGCOPY\n\xff\r\n\0")?;
+    w.write_all(&0i32.to_be_bytes())?; // flags
+    w.write_all(&0i32.to_be_bytes())?; // header extension
+    let fields: i16 = if key_column { 2 } else { 1 };
+    for line in lines {
+        w.write_all(&fields.to_be_bytes())?;
+        w.write_all(&(line.len() as i32).to_be_bytes())?;
+        w.write_all(line.as_bytes())?;
+        if key_column {
+            let key = store_engine::key::line_key(line.as_bytes());
+            w.write_all(&(key.len() as i32).to_be_bytes())?;
+            w.write_all(&key)?;
+        }
+    }
+    w.write_all(&(-1i16).to_be_bytes())?;
+    w.flush()
+}
+
 /// One column of the target: number, type, type modifier.
 fn attribute(oid: pg_sys::Oid, name: &str, table: &str) -> Result<(i16, pg_sys::Oid, i32)> {
     let col = Spi::get_three_with_args::<i16, pg_sys::Oid, i32>(
