@@ -68,9 +68,9 @@ test-pg: deps
 	chmod a+rwx target 2>/dev/null || true
 	$(CARGO) pgrx test pg15 tests:: --runas postgres --pgdata $(TEST_PGDATA)/data
 
-# Integration tests: clusters the harness starts itself, with pg_store and pg_cron preloaded (needs `make install`).
+# Integration tests: clusters the harness starts itself, with pg_store and pg_cron preloaded (needs `make install`): the extension, trust, and operations (databases, retention, dump and restore).
 test-integration:
-	$(CARGO) test --test extension --test trust -- --test-threads=2
+	$(CARGO) test --test extension --test trust --test operations -- --test-threads=2
 
 # pg_store on a Citus cluster it starts itself (coordinator + 2 workers on 127.0.0.1); installs Citus 13.2.2 from ../shared/vendor when it is missing and can be built, and says so when it cannot.
 test-citus:

@@ -24,7 +24,7 @@ mkdir -p "$W" "$TMP"; chmod 755 "$PWD/target" "$PWD/target/bench" "$W"; chown po
 cargo build --release --quiet -p store-cli --bin store-gen
 [ -f "$DATA/.done" ] || { rm -rf "$DATA"; target/release/store-gen "$DATA" --files "$FILES" --size "$SIZE" --dup 0.3 --seed 21 >/dev/null; touch "$DATA/.done"; }
 chmod -R a+rX "$DATA"
-DISTINCT=$W/distinct.txt
+DISTINCT=$W/distinct-$FILES-$SIZE.txt
 [ -f "$DISTINCT" ] || LC_ALL=C sort -u -S 256M -T "$TMP" "$DATA"/part-* > "$DISTINCT"
 chmod a+r "$DISTINCT"
 

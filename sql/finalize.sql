@@ -129,6 +129,30 @@ COMMENT ON COLUMN store.ranges.memory_peak IS 'Largest private memory of that pr
 COMMENT ON COLUMN store.ranges.updated_at IS 'Commit time of the last batch';
 COMMENT ON COLUMN store.ranges.error IS 'Why the range failed';
 
+-- The live pg_store processes of the whole server. A job number shows where the caller
+-- could see the job: in this database under row-level security, or anywhere with the
+-- privileges of pg_read_all_stats (as pg_stat_activity shows other roles' queries).
+CREATE VIEW store.workers WITH (security_invoker = true) AS
+SELECT w.pid,
+       w.kind,
+       d.datname AS database,
+       CASE WHEN w.kind = 'launcher' THEN NULL WHEN w.job IS NULL THEN 'idle' ELSE 'busy' END AS state,
+       CASE WHEN w.job IS NULL THEN NULL
+            WHEN w.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
+                 AND EXISTS (SELECT FROM store.jobs j WHERE j.id = w.job) THEN w.job
+            WHEN pg_catalog.pg_has_role('pg_read_all_stats', 'USAGE') THEN w.job
+       END AS job,
+       pg_catalog.to_timestamp(w.since) AS since
+  FROM store.worker_list() w
+  LEFT JOIN pg_catalog.pg_database d ON d.oid = w.database;
+COMMENT ON VIEW store.workers IS 'pg_store''s processes in the whole server: the launcher, a worker per busy database, inserters';
+COMMENT ON COLUMN store.workers.pid IS 'Process id (as in pg_stat_activity)';
+COMMENT ON COLUMN store.workers.kind IS 'launcher (starts workers), worker (runs jobs of one database), or inserter (one key range of a job)';
+COMMENT ON COLUMN store.workers.database IS 'The database it serves; NULL for the launcher';
+COMMENT ON COLUMN store.workers.state IS 'idle or busy';
+COMMENT ON COLUMN store.workers.job IS 'The job it works on, if the caller may see it';
+COMMENT ON COLUMN store.workers.since IS 'When it became idle or took its job';
+
 -- Every node's jobs, for a Citus cluster where store_ingest runs on several nodes (each
 -- node's store.jobs holds its own jobs). Without Citus, this node's. Row-level security
 -- applies on every node: a role sees its own jobs.
@@ -180,7 +204,7 @@ COMMENT ON FUNCTION store_wait(bigint, interval) IS 'Wait (interruptibly) for a 
 
 GRANT USAGE ON SCHEMA store TO PUBLIC;
 -- Row-level security limits every role to its own jobs.
-GRANT SELECT ON store.status, store.ranges, store.jobs, store.files, store.rejects, store.checkpoints, store.ingested TO PUBLIC;
+GRANT SELECT ON store.status, store.ranges, store.workers, store.jobs, store.files, store.rejects, store.checkpoints, store.ingested TO PUBLIC;
 -- Reading server files takes what COPY FROM a file takes: those roles may use the
 -- default target. store_ingest and store_cancel check privileges themselves.
 GRANT SELECT, INSERT ON store.lines TO pg_read_server_files;

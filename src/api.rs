@@ -73,15 +73,6 @@ fn enqueue(
             "store.workers is 0: no worker would run this job",
         ));
     }
-    let db = gucs::database();
-    let here = Spi::get_one::<String>("SELECT pg_catalog.current_database()::text")?.unwrap_or_default();
-    if here != db {
-        return Err(StoreError::refused(
-            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("store_ingest must be called in database \"{db}\", not \"{here}\""),
-        )
-        .with_hint("The pg_store workers serve the database named by store.database."));
-    }
     if security::in_restricted_operation() {
         return Err(StoreError::refused(ERRCODE_INSUFFICIENT_PRIVILEGE, "store_ingest cannot be called inside a security-restricted operation").with_hint(
             "Maintenance commands (ANALYZE, VACUUM, REINDEX, CREATE INDEX, REFRESH MATERIALIZED VIEW) run a table owner's index and view code this way; reading server files does not belong there.",
@@ -112,7 +103,25 @@ fn enqueue(
             &[canon.as_str().into(), target.into(), column.into(), dedup.as_str().into(), filter.into(), who.into(), key_column.into()],
         )
     })?;
+    // Once the job is visible, ask the launcher for a worker in this database.
+    let db = registry::my_database();
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || registry::want(db));
     id.ok_or_else(|| StoreError::internal("INSERT … RETURNING id returned nothing"))
+}
+
+/// The live pg_store processes, for the `store.workers` view: pid, kind (launcher,
+/// worker, inserter), database, current job (NULL when idle), and since when (seconds
+/// since the epoch) it does what it does.
+#[pg_extern(volatile, parallel_safe, schema = "store")]
+#[search_path(pg_catalog, pg_temp)]
+fn worker_list() -> TableIterator<
+    'static,
+    (name!(pid, i32), name!(kind, String), name!(database, pg_sys::Oid), name!(job, Option<i64>), name!(since, f64)),
+> {
+    let rows: Vec<_> = if PRELOADED.load(Ordering::Relaxed) { registry::procs() } else { Vec::new() };
+    TableIterator::new(rows.into_iter().map(|p| {
+        (p.pid, p.kind.as_str().to_string(), pg_sys::Oid::from(p.database), (p.job != 0).then_some(p.job), p.since)
+    }))
 }
 
 /// `store_cancel`: ask a job to stop. A queued job is cancelled at once; a running one

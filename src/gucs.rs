@@ -14,7 +14,6 @@ use store_engine::limits;
 use store_engine::normalize::DEFAULT_MAX_LINE_BYTES;
 
 pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
-pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static MEMORY_LIMIT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"20%"));
 pub static CPU_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static TEMP_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -27,42 +26,41 @@ pub static ALLOWED_DIRS: GucSetting<Option<CString>> = GucSetting::<Option<CStri
 pub static COMPRESS_RUNS: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static CHECK_TEMP_SPACE: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
+/// Minutes; 30 days.
+pub static RETENTION: GucSetting<i32> = GucSetting::<i32>::new(43_200);
 pub static INSERT_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static FAULT_INJECTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
-/// Define the settings. Postmaster-level ones (`store.workers`, `store.database`) can
-/// only be defined while shared_preload_libraries is processed: defining them later
-/// (CREATE EXTENSION in a server that did not preload pg_store) is a FATAL error, so
-/// they are skipped then, and `store_ingest` explains what is missing instead.
+/// Define the settings. `store.workers` caps processes the launcher starts, and there is
+/// a launcher only when pg_store was preloaded: it is defined only then, and
+/// `store_ingest` explains what is missing otherwise.
 pub fn init(preloading: bool) {
     if preloading {
-        define_postmaster_gucs();
+        GucRegistry::define_int_guc(
+            c"store.workers",
+            c"Most background workers running jobs at once, in all databases together.",
+            c"A worker serves one database; the launcher starts one where jobs wait. Needs pg_store in shared_preload_libraries, and room in max_worker_processes (with the insert workers).",
+            &WORKERS,
+            0,
+            256,
+            GucContext::Sighup,
+            GucFlags::default(),
+        );
     }
     define_reloadable_gucs();
 }
 
-fn define_postmaster_gucs() {
-    GucRegistry::define_int_guc(
-        c"store.workers",
-        c"Background workers that run ingest jobs.",
-        c"Registered at server start; needs pg_store in shared_preload_libraries.",
-        &WORKERS,
-        0,
-        64,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
-    GucRegistry::define_string_guc(
-        c"store.database",
-        c"Database whose store.jobs the workers serve.",
-        c"Like cron.database_name: store_ingest must be called in this database.",
-        &DATABASE,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
-}
-
 fn define_reloadable_gucs() {
+    GucRegistry::define_int_guc(
+        c"store.retention",
+        c"How long ended jobs are kept, with their files, checkpoints and rejects; 0 keeps them forever.",
+        c"Workers purge older ones when idle; the ledger of ingested files is never purged.",
+        &RETENTION,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MIN,
+    );
     GucRegistry::define_string_guc(
         c"store.memory_limit",
         c"Memory budget of one job: bytes with a unit (256MB) or a share of RAM (20%).",
@@ -195,10 +193,6 @@ fn define_reloadable_gucs() {
 
 fn string(s: &GucSetting<Option<CString>>) -> Option<String> {
     s.get().map(|c| c.to_string_lossy().into_owned()).filter(|s| !s.trim().is_empty())
-}
-
-pub fn database() -> String {
-    string(&DATABASE).unwrap_or_else(|| "postgres".into())
 }
 
 /// Allowed directories, as configured (not yet canonicalised).

@@ -134,7 +134,7 @@ pub struct Plan {
 /// The job's own directory under `store.temp_dir`: its sorted runs and their manifest,
 /// kept across attempts and removed when the job ends.
 pub fn job_dir(settings: &Settings, id: i64) -> PathBuf {
-    settings.temp_dir.join(format!("job-{id}"))
+    settings.temp_dir.join(format!("job-{}-{id}", registry::my_database()))
 }
 
 /// Everything that decides which lines of a file end up in the target, besides the file

@@ -16,6 +16,7 @@ pub mod gucs;
 pub mod insert;
 pub mod job;
 pub mod registry;
+pub mod retention;
 pub mod security;
 pub mod target;
 pub mod txn;

@@ -64,12 +64,12 @@ pub struct Proc {
     pub since: f64,
 }
 
-/// A database that wants a worker: `more` when it has one and needs another.
+/// A database that wants a worker: a job was queued there, or a worker left it in the
+/// middle of a job.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct Want {
     pub database: u32,
-    pub more: bool,
 }
 
 const WANTS: usize = 256;
@@ -99,7 +99,7 @@ unsafe impl PGRXSharedMemory for Registry {}
 
 pub static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"pg_store registry") };
 
-fn my_database() -> u32 {
+pub fn my_database() -> u32 {
     // SAFETY: reads a backend global.
     unsafe { pg_sys::MyDatabaseId }.to_u32()
 }
@@ -164,8 +164,21 @@ unsafe extern "C-unwind" fn leave_all(_code: i32, _arg: pg_sys::Datum) {
     for e in r.entries.iter_mut().filter(|e| e.pid == pid) {
         *e = Entry::default();
     }
+    let mut lost = None;
     for p in r.procs.iter_mut().filter(|p| p.pid == pid) {
+        if p.kind == Kind::Worker && p.job != 0 {
+            lost = Some(p.database);
+        }
         *p = Proc::default();
+    }
+    // A worker leaving in the middle of a job (an error it did not survive): the
+    // launcher starts another one for its database, which resumes the job.
+    if let Some(database) = lost {
+        if !r.wants.iter().any(|w| w.database == database) {
+            if let Some(w) = r.wants.iter_mut().find(|w| w.database == 0) {
+                *w = Want { database };
+            }
+        }
     }
     if r.launcher == pid {
         r.launcher = 0;
@@ -207,23 +220,24 @@ pub fn procs() -> Vec<Proc> {
     REGISTRY.share().procs.iter().filter(|p| p.kind != Kind::Free).copied().collect()
 }
 
-/// Workers (not inserters) alive, in all databases and in `database`.
-pub fn workers(database: u32) -> (usize, usize) {
-    let r = REGISTRY.share();
-    let all = r.procs.iter().filter(|p| p.kind == Kind::Worker);
-    let here = all.clone().filter(|p| p.database == database).count();
-    (all.count(), here)
+/// Workers (not inserters) alive in all databases.
+pub fn workers() -> usize {
+    REGISTRY.share().procs.iter().filter(|p| p.kind == Kind::Worker).count()
 }
 
-/// Ask the launcher for a worker in `database` (`more`: another one, besides those it
-/// has), and wake it.
-pub fn want(database: u32, more: bool) {
+/// Workers of `database` with no job: one of them takes the next job queued there.
+pub fn idle_workers(database: u32) -> usize {
+    REGISTRY.share().procs.iter().filter(|p| p.kind == Kind::Worker && p.database == database && p.job == 0).count()
+}
+
+/// Ask the launcher for a worker in `database`, and wake it.
+pub fn want(database: u32) {
     let launcher = {
         let mut r = REGISTRY.exclusive();
-        if let Some(w) = r.wants.iter_mut().find(|w| w.database == database) {
-            w.more |= more;
-        } else if let Some(w) = r.wants.iter_mut().find(|w| w.database == 0) {
-            *w = Want { database, more };
+        if !r.wants.iter().any(|w| w.database == database) {
+            if let Some(w) = r.wants.iter_mut().find(|w| w.database == 0) {
+                *w = Want { database };
+            }
         }
         // A full table drops the wish: the launcher's next look at every database
         // finds the jobs anyway.
@@ -246,7 +260,7 @@ pub fn wants() -> Vec<Want> {
     REGISTRY.share().wants.iter().filter(|w| w.database != 0).copied().collect()
 }
 
-/// The launcher started a worker for `database` (or found it needs none).
+/// A worker of `database` is about to look at its queue, or the launcher started one.
 pub fn granted(database: u32) {
     for w in REGISTRY.exclusive().wants.iter_mut().filter(|w| w.database == database) {
         *w = Want::default();

@@ -1,6 +1,12 @@
-//! The background workers: registered at preload time (`store.workers` of them), each
-//! connects to `store.database`, claims queued or orphaned jobs one at a time and runs
-//! them.
+//! The background processes. One **launcher**, registered at preload time, connected
+//! to no database: it looks at every database when it starts and every hour, and
+//! whenever `store_ingest` commits somewhere (a *want* in the [`registry`]) it starts a
+//! **worker** in that database — a dynamic background worker — unless one of the
+//! database's workers is idle, while fewer than `store.workers` run in the whole
+//! cluster. A worker leaves when the database has nothing for it for
+//! [`IDLE_EXIT`] (so it does not hold `DROP DATABASE` off), when pg_store is not created
+//! there, and, after a job, when another database waits for a worker and the cap is
+//! reached. When idle it purges the jobs older than `store.retention`.
 //!
 //! A claim, in one transaction: look at the open jobs, fairest first (owners with fewer
 //! running jobs, then the oldest); skip those a live process works on (the
@@ -14,61 +20,249 @@
 //! claimed `store.max_attempts` times without ending fails instead of crashing its
 //! workers forever.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker, SignalWakeFlags,
+};
 use pgrx::prelude::*;
 
 use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
 
 use crate::error::{Result, StoreError};
 use crate::job::{self, shutdown_requested, Ended};
+use crate::registry::{self, Kind};
 use crate::txn::transaction;
-use crate::{gucs, registry};
+use crate::{gucs, retention};
+
+/// How often the launcher looks at every database, for jobs nobody asked a worker for
+/// (left by a worker that died) and for expired history.
+const PROBE_EVERY: Duration = Duration::from_secs(3600);
+
+/// How long a worker with nothing to do waits for more before it leaves: less than the
+/// 5 s `DROP DATABASE` waits for other sessions to go, so an idle worker never makes it
+/// fail.
+pub const IDLE_EXIT: Duration = Duration::from_secs(3);
 
 pub fn register() {
-    for i in 0..gucs::WORKERS.get() {
-        BackgroundWorkerBuilder::new(&format!("pg_store worker {i}"))
-            .set_type("pg_store worker")
-            .set_library("pg_store")
-            .set_function("pg_store_worker_main")
-            .set_argument(i.into_datum())
-            .enable_spi_access()
-            .set_restart_time(Some(Duration::from_secs(5)))
-            .load();
+    BackgroundWorkerBuilder::new("pg_store launcher")
+        .set_type("pg_store launcher")
+        .set_library("pg_store")
+        .set_function("pg_store_launcher_main")
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_store_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    registry::clean_up_at_exit();
+    registry::proc_enter(Kind::Launcher);
+    log!("pg_store launcher started (pid {})", std::process::id());
+    remove_legacy_dirs();
+    let mut started: Vec<(u32, DynamicBackgroundWorker)> = Vec::new();
+    let mut last_probe: Option<Instant> = None;
+    loop {
+        if shutdown_requested() {
+            // SAFETY: ends the process the way PostgreSQL expects.
+            unsafe { pg_sys::proc_exit(1) };
+        }
+        job::reload_on_sighup();
+        started.retain(|(_, h)| {
+            !matches!(h.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied))
+        });
+        if last_probe.is_none_or(|t| t.elapsed() >= PROBE_EVERY) {
+            for db in databases() {
+                registry::want(db);
+            }
+            last_probe = Some(Instant::now());
+        }
+        let cap = gucs::WORKERS.get().max(0) as usize;
+        for w in registry::wants() {
+            let here = started.iter().filter(|(db, _)| *db == w.database).count();
+            if here > 0 && registry::idle_workers(w.database) > 0 {
+                continue; // an idle worker there takes the job, and clears the want
+            }
+            if started.len() >= cap {
+                break;
+            }
+            match start_worker(w.database) {
+                Ok(h) => {
+                    started.push((w.database, h));
+                    registry::granted(w.database);
+                }
+                Err(e) => {
+                    log!("pg_store launcher: could not start a worker: {e}");
+                    break;
+                }
+            }
+        }
+        BackgroundWorker::wait_latch(Some(Duration::from_secs(1)));
+    }
+}
+
+fn start_worker(database: u32) -> std::result::Result<DynamicBackgroundWorker, String> {
+    // SAFETY: reads a backend global.
+    let pid = unsafe { pg_sys::MyProcPid };
+    BackgroundWorkerBuilder::new(&format!("pg_store worker for database {database}"))
+        .set_type("pg_store worker")
+        .set_library("pg_store")
+        .set_function("pg_store_worker_main")
+        .set_argument(i64::from(database).into_datum())
+        .enable_spi_access()
+        .set_restart_time(None)
+        .set_notify_pid(pid)
+        .load_dynamic()
+        .map_err(|_| "no background worker slot free (max_worker_processes)".to_string())
+}
+
+/// The databases a worker may connect to (not templates, not being dropped), read from
+/// `pg_database` (a shared catalog, readable with no database connected).
+fn databases() -> Vec<u32> {
+    let mut out = Vec::new();
+    // SAFETY: a catalog heap scan in a transaction of its own, on the main thread; an
+    // error ends the launcher, which the postmaster starts again.
+    unsafe {
+        pg_sys::StartTransactionCommand();
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let db = &*(pg_sys::GETSTRUCT(tuple) as *const pg_sys::FormData_pg_database);
+            if db.datallowconn && !db.datistemplate && db.datconnlimit != -2 {
+                out.push(db.oid.to_u32());
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        pg_sys::CommitTransactionCommand();
+    }
+    out
+}
+
+/// Remove the temporary directories of 0.1.0's layout (`job-<id>`, `jobs/`), which
+/// named no database: a job of that time resumes by sorting again.
+fn remove_legacy_dirs() {
+    let Ok(settings) = gucs::Settings::read() else { return };
+    let Ok(entries) = std::fs::read_dir(&settings.temp_dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let legacy = name == "jobs" || name.strip_prefix("job-").is_some_and(|n| n.parse::<i64>().is_ok());
+        if legacy && std::fs::remove_dir_all(e.path()).is_ok() {
+            log!("pg_store: removed {}, left by an older version", e.path().display());
+        }
     }
 }
 
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_store_worker_main(arg: pg_sys::Datum) {
-    // SAFETY: the argument registered above.
-    let index = unsafe { i32::from_datum(arg, false) }.unwrap_or(0);
+    // SAFETY: the argument the launcher registered.
+    let db = unsafe { i64::from_datum(arg, false) }.unwrap_or(0) as u32;
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
     registry::clean_up_at_exit();
+    registry::proc_enter(Kind::Worker);
     pin_search_path();
-    log!("pg_store worker {index} started (pid {})", std::process::id());
-    if index == 0 {
-        remove_orphans();
+    registry::granted(db);
+    match transaction(installed_version) {
+        Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => {}
+        Ok(Some(v)) => {
+            log!(
+                "pg_store worker: pg_store {v} is created in database {}, the library is {}: run ALTER EXTENSION pg_store UPDATE there",
+                database_name(),
+                env!("CARGO_PKG_VERSION")
+            );
+            return;
+        }
+        Ok(None) => return, // pg_store is not created in this database
+        Err(e) => {
+            log!("pg_store worker: could not look at database {}: {e}", database_name());
+            return;
+        }
     }
+    fail_restored_jobs();
+    remove_orphans(db);
+    let mut idle_since = Instant::now();
+    let mut purged = false;
     loop {
         if shutdown_requested() {
-            // Non-zero: the postmaster restarts a static worker that exits this way.
-            // SAFETY: ends the process the way PostgreSQL expects.
-            unsafe { pg_sys::proc_exit(1) };
+            return;
         }
         job::reload_on_sighup();
+        registry::granted(db);
         match claim() {
             Ok(Some((id, claim))) => {
+                registry::proc_job(id);
+                if matches!(transaction(|| more_queued(id)), Ok(true)) {
+                    registry::want(db);
+                }
                 run_claimed(id, claim);
+                registry::proc_job(0);
+                (idle_since, purged) = (Instant::now(), false);
+                if registry::others_waiting(db) && registry::workers() >= gucs::WORKERS.get().max(0) as usize {
+                    // Make room for a database that waits; this one asks again.
+                    registry::want(db);
+                    return;
+                }
                 continue;
             }
             Ok(None) => {}
-            Err(e) if e.is_undefined_object() => {} // extension not created yet in this database
-            Err(e) => log!("pg_store worker {index}: could not look for jobs: {e}"),
+            Err(e) => log!("pg_store worker: could not look for jobs: {e}"),
+        }
+        if !purged {
+            retention::purge_expired();
+            purged = true;
+        }
+        if idle_since.elapsed() >= IDLE_EXIT {
+            return;
         }
         BackgroundWorker::wait_latch(Some(Duration::from_secs(1)));
+    }
+}
+
+/// pg_store's version as created in this database, if it is.
+fn installed_version() -> Result<Option<String>> {
+    Ok(Spi::get_one::<String>(
+        "SELECT (SELECT extversion::text FROM pg_catalog.pg_extension WHERE extname = 'pg_store')",
+    )?)
+}
+
+fn database_name() -> String {
+    transaction(|| Ok(Spi::get_one::<String>("SELECT pg_catalog.current_database()::text")?))
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Whether jobs besides `id` wait in this database.
+fn more_queued(id: i64) -> Result<bool> {
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM store.jobs WHERE state = 'queued' AND id <> $1)",
+        &[id.into()],
+    )?
+    .unwrap_or(false))
+}
+
+/// Jobs that were queued or running where a dump was taken, or in a database this one
+/// was copied from, must not run here (their files, table and ledger were another
+/// cluster's): they fail with SQLSTATE 55000, and store_ingest queues them again.
+fn fail_restored_jobs() {
+    let res = transaction(|| {
+        Ok(Spi::get_one::<i64>(
+            "WITH f AS (UPDATE store.jobs SET state = 'failed', sqlstate = '55000',                  error = 'queued in another cluster or database (' || origin || '), restored or copied here: run store_ingest again',                  finished_at = pg_catalog.now(), updated_at = pg_catalog.now()                WHERE state IN ('queued', 'running') AND origin <> store.origin() RETURNING 1)              SELECT pg_catalog.count(*) FROM f",
+        )?)
+    });
+    match res {
+        Ok(Some(n)) if n > 0 => log!("pg_store: {n} open jobs came from another cluster or database and failed"),
+        Ok(_) => {}
+        Err(e) => log!("pg_store worker: could not look for restored jobs: {e}"),
     }
 }
 
@@ -86,27 +280,21 @@ fn pin_search_path() {
     }
 }
 
-/// Remove what jobs that no longer run left under `store.temp_dir`: the directory of a
-/// job that is neither queued nor running (its worker died after the job ended, or its
-/// row was deleted), and directories of the per-worker layout older versions used.
-/// Only worker 0 does this, when it starts; a kept sort of a job that is still open is
-/// what its next attempt resumes from, and stays.
-fn remove_orphans() {
+/// Remove what jobs of this database that no longer run left under `store.temp_dir`
+/// (`job-<database>-<id>`): the directory of a job that is neither queued nor running
+/// (its worker died after the job ended, or its row was deleted). A kept sort of a job
+/// that is still open is what its next attempt resumes from, and stays.
+fn remove_orphans(db: u32) {
     let Ok(settings) = gucs::Settings::read() else { return };
     let Ok(entries) = std::fs::read_dir(&settings.temp_dir) else { return };
-    let mut ids: Vec<(i64, std::path::PathBuf)> = Vec::new();
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(id) = name.strip_prefix("job-").and_then(|n| n.parse().ok()) {
-            ids.push((id, e.path()));
-        } else if name == "jobs" {
-            for old in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
-                let _ = store_engine::sorted::remove_orphans(&old.path());
-                let _ = std::fs::remove_dir(old.path());
-            }
-            let _ = std::fs::remove_dir(e.path());
-        }
-    }
+    let prefix = format!("job-{db}-");
+    let ids: Vec<(i64, std::path::PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let id = e.file_name().to_str()?.strip_prefix(&prefix)?.parse().ok()?;
+            Some((id, e.path()))
+        })
+        .collect();
     if ids.is_empty() {
         return;
     }
@@ -252,7 +440,26 @@ fn run_claimed(id: i64, claim: i32) {
             log!("pg_store job {id}: could not record its end: {e}");
         }
     }
+    log_end(id);
     registry::leave(id);
+}
+
+/// One LOG line per job that ended, with its counts and duration, for log shippers.
+fn log_end(id: i64) {
+    let line = transaction(|| {
+        Ok(Spi::get_one_with_args::<String>(
+            "SELECT (SELECT pg_catalog.format('pg_store job %s %s: %s files read, %s skipped, %s failed; %s records, %s inserted, \
+                    %s already present, %s duplicates, %s rejected, %s filtered; %s s, %s attempts%s', \
+                    id, state, files_done, files_skipped, files_failed, records, inserted, already_present, duplicates, \
+                    rejected, filtered, round(extract(epoch FROM finished_at - coalesce(started_at, created_at)), 1), \
+                    attempts, ', SQLSTATE ' || sqlstate) \
+             FROM store.status WHERE id = $1 AND state NOT IN ('queued', 'running'))",
+            &[id.into()],
+        )?)
+    });
+    if let Ok(Some(line)) = line {
+        log!("{line}");
+    }
 }
 
 /// An inserter: a dynamic background worker the job's worker starts for one key range
@@ -274,6 +481,8 @@ pub extern "C-unwind" fn pg_store_inserter_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db as u32)), None);
     registry::clean_up_at_exit();
+    registry::proc_enter(Kind::Inserter);
+    registry::proc_job(id);
     pin_search_path();
     if !registry::enter(id, claim, range) {
         return;

@@ -478,7 +478,7 @@ fn kill9_rounds(x: &mut Ctx) {
     for r in 0..20 {
         x.fault(&format!("kill -9 #{}", r + 1), |x| crash_round(x, r, false));
     }
-    // The killed workers' temporary runs were removed by worker 0 when it restarted.
+    // The killed workers' temporary runs were removed by the worker that resumed the jobs.
     x.fault("kill -9: no orphaned temporary runs", |x| {
         // The temporary directory is there (the jobs kept their runs in it) and empty:
         // each job's own directory went when the job ended.

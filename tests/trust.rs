@@ -693,7 +693,7 @@ fn file_names_that_are_not_utf8_are_kept_apart() {
 /// Review finding: the database encoding was never checked; lines are UTF-8.
 #[test]
 fn a_database_that_is_not_utf8_is_refused() {
-    let c = Cluster::start("latin1", "store.database = 'latin'");
+    let c = Cluster::start("latin1", "");
     q(&c, "CREATE DATABASE latin ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0");
     c.psql_in("latin", "postgres", "CREATE EXTENSION pg_store").unwrap();
     let e = c.psql_in("latin", "postgres", "SELECT store_ingest('/tmp')").unwrap_err();

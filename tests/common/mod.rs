@@ -281,6 +281,11 @@ impl Cluster {
     /// SHA-256 of the table's lines sorted bytewise, each followed by a newline (read
     /// through hex: psql's printer drops Unicode noncharacters).
     pub fn table_sha(&self, table: &str, column: &str) -> String {
+        self.table_sha_in("postgres", table, column)
+    }
+
+    /// [`table_sha`](Self::table_sha) in database `db`.
+    pub fn table_sha_in(&self, db: &str, table: &str, column: &str) -> String {
         let out = Command::new(format!("{BIN}/psql"))
             .args([
                 "-XAtq",
@@ -291,7 +296,7 @@ impl Cluster {
                 "-U",
                 "postgres",
                 "-d",
-                "postgres",
+                db,
                 "-c",
             ])
             .arg(format!(

@@ -1,0 +1,125 @@
+//! Retention: jobs that ended more than `store.retention` ago are deleted with their
+//! files, checkpoints and rejects — never an open job, never the ledger of ingested
+//! files (`store.ingested`), which is what makes a later run skip them. A worker does
+//! it when it has nothing else to do, a few rows per transaction; `store_purge` does it
+//! by hand, for the jobs its caller sees.
+
+use pgrx::datum::Interval;
+use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
+use pgrx::prelude::*;
+
+use crate::error::{Result, StoreError};
+use crate::txn::transaction;
+use crate::{gucs, job, security};
+
+/// Rejects deleted per transaction.
+const REJECTS_PER_TRANSACTION: i64 = 10_000;
+/// Jobs looked up per statement.
+const JOBS_PER_LOOK: i64 = 100;
+
+/// The states a job can be purged in.
+const ENDED: &str = "('done', 'partial', 'failed', 'cancelled')";
+
+/// Delete the jobs of this database that ended more than `store.retention` ago (in the
+/// worker, between jobs). Stops early at a shutdown, or when a job is queued.
+pub fn purge_expired() {
+    let minutes = gucs::RETENTION.get();
+    if minutes <= 0 {
+        return;
+    }
+    match purge_older_than(minutes) {
+        Ok(0) => {}
+        Ok(n) => log!("pg_store: purged {n} jobs that ended more than store.retention ({minutes} min) ago"),
+        Err(e) => log!("pg_store: could not purge expired jobs: {e}"),
+    }
+}
+
+fn purge_older_than(minutes: i32) -> Result<usize> {
+    let mut purged = 0;
+    loop {
+        let ids = transaction(|| {
+            Ok(Spi::get_one_with_args::<Vec<i64>>(
+                &format!(
+                    "SELECT coalesce(pg_catalog.array_agg(id ORDER BY id), '{{}}') FROM (SELECT id FROM store.jobs \
+                     WHERE state IN {ENDED} AND finished_at < pg_catalog.now() - pg_catalog.make_interval(mins => $1) \
+                     ORDER BY id LIMIT $2) j"
+                ),
+                &[minutes.into(), JOBS_PER_LOOK.into()],
+            )?
+            .unwrap_or_default())
+        })?;
+        if ids.is_empty() {
+            return Ok(purged);
+        }
+        for id in ids {
+            if job::shutdown_requested() || queued()? {
+                return Ok(purged);
+            }
+            purge_job(id)?;
+            purged += 1;
+        }
+    }
+}
+
+fn queued() -> Result<bool> {
+    transaction(|| {
+        Ok(Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM store.jobs WHERE state = 'queued')")?.unwrap_or(false))
+    })
+}
+
+/// One job: its rejects a chunk per transaction, then the row (files and checkpoints
+/// go with it, `ON DELETE CASCADE`), if it is still ended.
+fn purge_job(id: i64) -> Result<()> {
+    loop {
+        let n = transaction(|| {
+            Ok(Spi::get_one_with_args::<i64>(
+                "WITH d AS (DELETE FROM store.rejects WHERE (job, file, line) IN \
+                   (SELECT job, file, line FROM store.rejects WHERE job = $1 LIMIT $2) RETURNING 1) \
+                 SELECT pg_catalog.count(*) FROM d",
+                &[id.into(), REJECTS_PER_TRANSACTION.into()],
+            )?
+            .unwrap_or(0))
+        })?;
+        if n < REJECTS_PER_TRANSACTION {
+            break;
+        }
+    }
+    transaction(|| {
+        Ok(Spi::run_with_args(&format!("DELETE FROM store.jobs WHERE id = $1 AND state IN {ENDED}"), &[id.into()])?)
+    })
+}
+
+/// Delete the jobs the caller sees (its own, and those of roles whose privileges it
+/// has; a superuser's: all) that ended more than `older_than` ago, with their files,
+/// checkpoints and rejects; never an open job, never the ledger. Returns how many.
+#[pg_extern(volatile)]
+#[search_path(pg_catalog, pg_temp)]
+fn store_purge(older_than: Interval) -> i64 {
+    purge(older_than).unwrap_or_else(|e| e.raise())
+}
+
+fn purge(older_than: Interval) -> Result<i64> {
+    let negative = Spi::get_one_with_args::<bool>("SELECT $1 < '0'::pg_catalog.interval", &[older_than.into()])?;
+    if negative == Some(true) {
+        return Err(StoreError::refused(ERRCODE_INVALID_PARAMETER_VALUE, "older_than must not be negative"));
+    }
+    // Read as the caller: row-level security hides other roles' jobs.
+    let ids = Spi::get_one_with_args::<Vec<i64>>(
+        &format!(
+            "SELECT coalesce(pg_catalog.array_agg(id), '{{}}') FROM store.jobs \
+             WHERE state IN {ENDED} AND finished_at < pg_catalog.now() - $1"
+        ),
+        &[older_than.into()],
+    )?
+    .unwrap_or_default();
+    let n = security::as_superuser(|| {
+        Spi::get_one_with_args::<i64>(
+            &format!(
+                "WITH d AS (DELETE FROM store.jobs WHERE id = ANY($1) AND state IN {ENDED} RETURNING 1) \
+                 SELECT pg_catalog.count(*) FROM d"
+            ),
+            &[ids.into()],
+        )
+    })?;
+    Ok(n.unwrap_or(0))
+}

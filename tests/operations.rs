@@ -1,0 +1,243 @@
+//! Living with pg_store: every database of a cluster served by one launcher and its
+//! workers, the `store.workers` view and the LOG line of each job, retention and
+//! `store_purge`, and a `pg_dump -Fc | pg_restore` into a fresh cluster.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{readable_dir, Cluster};
+use store_testkit::{generate, oracle, Expected, GenSpec};
+
+const BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn q(c: &Cluster, sql: &str) -> String {
+    c.psql(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+fn qin(c: &Cluster, db: &str, sql: &str) -> String {
+    c.psql_in(db, "postgres", sql).unwrap_or_else(|e| panic!("{db}: {sql}: {e}"))
+}
+
+fn fixtures(c: &Cluster, name: &str, spec: &GenSpec) -> (PathBuf, Expected) {
+    let dir = readable_dir(&c.dir.join(name));
+    generate(&dir, spec).unwrap();
+    let want = oracle(&dir, spec.max_line_bytes).unwrap();
+    (dir, want)
+}
+
+/// Wait until `sql`, run in `db`, returns `t`.
+fn wait_in(c: &Cluster, db: &str, sql: &str, within: Duration) {
+    let t = Instant::now();
+    while c.psql_in(db, "postgres", sql).as_deref() != Ok("t") {
+        assert!(t.elapsed() < within, "{db}: timed out waiting for {sql}; log:\n{}", c.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_done_in(c: &Cluster, db: &str, job: i64) {
+    wait_in(
+        c,
+        db,
+        &format!("SELECT state NOT IN ('queued', 'running') FROM store.jobs WHERE id = {job}"),
+        Duration::from_secs(300),
+    );
+    assert_eq!(
+        qin(c, db, &format!("SELECT state || coalesce(' ' || error, '') FROM store.jobs WHERE id = {job}")),
+        "done"
+    );
+}
+
+#[test]
+fn two_databases_ingest_at_once_and_store_workers_shows_both() {
+    let c = Cluster::start("dbs", "store.workers = 2");
+    let spec = GenSpec { files: 3, size: 12 << 20, seed: 301, ..GenSpec::default() };
+    let (dir, want) = fixtures(&c, "in", &spec);
+    for db in ["alpha", "beta"] {
+        q(&c, &format!("CREATE DATABASE {db}"));
+        qin(&c, db, "CREATE EXTENSION pg_store");
+    }
+    let a: i64 = qin(&c, "alpha", &format!("SELECT store_ingest('{}')", dir.display())).parse().unwrap();
+    let b: i64 = qin(&c, "beta", &format!("SELECT store_ingest('{}')", dir.display())).parse().unwrap();
+    // Both run at the same time, each in a worker of its own database.
+    wait_in(
+        &c,
+        "alpha",
+        &format!(
+            "SELECT count(DISTINCT database) = 2 AND bool_or(database = 'alpha' AND job = {a}) \
+             FROM store.workers WHERE kind = 'worker' AND state = 'busy'"
+        ),
+        Duration::from_secs(60),
+    );
+    wait_done_in(&c, "alpha", a);
+    wait_done_in(&c, "beta", b);
+    for db in ["alpha", "beta"] {
+        assert_eq!(c.table_sha_in(db, "store.lines", "line"), want.sha256, "{db}");
+    }
+    // Once idle, the workers leave; the launcher stays.
+    wait_in(&c, "alpha", "SELECT count(*) = 0 FROM store.workers WHERE kind = 'worker'", Duration::from_secs(30));
+    assert_eq!(q(&c, "SELECT count(*) FROM store.workers WHERE kind = 'launcher' AND database IS NULL"), "1");
+    // One LOG line per job, with its counts.
+    let log = std::fs::read_to_string(c.dir.join("log")).unwrap();
+    let ends: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&format!("pg_store job {a} done: 3 files read, 0 skipped, 0 failed;")))
+        .collect();
+    assert_eq!(ends.len(), 2, "job {a} of alpha and job {b} of beta: {ends:?}");
+    assert!(ends.iter().all(|l| l.contains(&format!(" {} inserted, 0 already present", want.distinct))), "{ends:?}");
+}
+
+#[test]
+fn a_database_without_pg_store_gets_no_resident_worker() {
+    let c = Cluster::start("nodb", "");
+    q(&c, "CREATE DATABASE plain");
+    // The launcher looked at every database when it started; none keeps a worker.
+    wait_in(&c, "postgres", "SELECT count(*) = 0 FROM store.workers WHERE kind = 'worker'", Duration::from_secs(30));
+    // DROP DATABASE is never held off by pg_store.
+    q(&c, "DROP DATABASE plain");
+}
+
+/// Back-dated history goes; open jobs, recent jobs and the ledger stay.
+#[test]
+fn retention_purges_old_jobs_but_never_the_ledger() {
+    let c = Cluster::start("retention", "store.retention = 0");
+    let spec = GenSpec { files: 2, size: 1 << 20, seed: 302, nasty: true, max_line_bytes: 4096, ..GenSpec::default() };
+    let (dir, _) = fixtures(&c, "in", &spec);
+    q(&c, "ALTER SYSTEM SET store.max_line_bytes = 4096");
+    q(&c, "SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+    let old = c.ingest(&format!("'{}'", dir.display()));
+    c.wait_done(old);
+    assert!(
+        q(&c, &format!("SELECT count(*) > 0 FROM store.rejects WHERE job = {old}")) == "t",
+        "nasty input has rejects"
+    );
+    let files = q(&c, &format!("SELECT files_done FROM store.status WHERE id = {old}"));
+    let recent = c.ingest(&format!("'{}'", dir.display()));
+    c.wait_done(recent);
+    q(&c, &format!("UPDATE store.jobs SET finished_at = now() - interval '2 days' WHERE id = {old}"));
+    // store.retention = 0 keeps everything: a worker that went idle purged nothing.
+    let again = c.ingest(&format!("'{}'", dir.display()));
+    c.wait_done(again);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(q(&c, &format!("SELECT count(*) FROM store.jobs WHERE id = {old}")), "1");
+    q(&c, "ALTER SYSTEM SET store.retention = '1d'");
+    q(&c, "SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+    // A worker purges when idle: give it something to do, then wait.
+    let last = c.ingest(&format!("'{}'", dir.display()));
+    c.wait_done(last);
+    c.wait_until(&format!("SELECT count(*) = 0 FROM store.jobs WHERE id = {old}"), Duration::from_secs(30));
+    for t in ["files", "rejects", "checkpoints"] {
+        assert_eq!(q(&c, &format!("SELECT count(*) FROM store.{t} WHERE job = {old}")), "0", "store.{t}");
+    }
+    assert_eq!(q(&c, &format!("SELECT count(*) FROM store.jobs WHERE id IN ({recent}, {again}, {last})")), "3");
+    // The ledger keeps the files the purged job ingested: the next run skips them.
+    assert_eq!(q(&c, &format!("SELECT count(*) FROM store.ingested WHERE job = {old}")), files);
+    assert_eq!(q(&c, &format!("SELECT files_skipped FROM store.status WHERE id = {last}")), files);
+    let log = std::fs::read_to_string(c.dir.join("log")).unwrap();
+    assert!(log.contains("pg_store: purged 1 jobs that ended more than store.retention"), "{}", c.log_tail());
+}
+
+#[test]
+fn store_purge_deletes_only_what_its_caller_sees() {
+    let c = Cluster::start("purge", "");
+    let (dir, _) = fixtures(&c, "in", &GenSpec { files: 1, size: 256 << 10, seed: 303, ..GenSpec::default() });
+    q(&c, "CREATE ROLE alice LOGIN IN ROLE pg_read_server_files; CREATE ROLE bob LOGIN IN ROLE pg_read_server_files");
+    q(&c, "CREATE TABLE ta (line text PRIMARY KEY); CREATE TABLE tb (line text PRIMARY KEY)");
+    q(&c, "GRANT INSERT, SELECT ON ta TO alice; GRANT INSERT, SELECT ON tb TO bob");
+    let ja: i64 =
+        c.psql_as("alice", &format!("SELECT store_ingest('{}', 'ta')", dir.display())).unwrap().parse().unwrap();
+    let jb: i64 =
+        c.psql_as("bob", &format!("SELECT store_ingest('{}', 'tb')", dir.display())).unwrap().parse().unwrap();
+    c.wait_done(ja);
+    c.wait_done(jb);
+    q(&c, "UPDATE store.jobs SET finished_at = now() - interval '3 hours'");
+    let e = c.psql_as("alice", "SELECT store_purge('-1 hour')").unwrap_err();
+    assert!(e.contains("older_than must not be negative"), "{e}");
+    assert_eq!(c.psql_as("alice", "SELECT store_purge('4 hours')").unwrap(), "0", "nothing that old");
+    assert_eq!(c.psql_as("alice", "SELECT store_purge('1 hour')").unwrap(), "1", "alice's job only");
+    assert_eq!(
+        q(&c, &format!("SELECT string_agg(id::text, ',') FROM store.jobs WHERE id IN ({ja}, {jb})")),
+        jb.to_string()
+    );
+    assert_eq!(q(&c, "SELECT store_purge('1 hour')"), "1", "a superuser purges anyone's");
+    assert_eq!(q(&c, "SELECT count(*) FROM store.ingested"), "2", "the ledger stays");
+}
+
+/// `pg_dump -Fc | pg_restore` into a fresh cluster: the lines, the ledger and the history
+/// come along; a job that was open at dump time fails there instead of running.
+#[test]
+fn a_dump_restored_into_a_fresh_cluster_keeps_lines_ledger_and_history() {
+    let src = Cluster::start("dump-src", "");
+    let (dir, want) =
+        fixtures(&src, "in", &GenSpec { files: 3, size: 2 << 20, seed: 304, nasty: true, ..GenSpec::default() });
+    let done = src.ingest(&format!("'{}'", dir.display()));
+    src.wait_done(done);
+    // pg_cron (which the test clusters load) can only live in one database.
+    q(&src, "DROP EXTENSION pg_cron");
+    // A job left queued at dump time (no worker may run it here: store.workers = 0).
+    q(&src, "ALTER SYSTEM SET store.workers = 0");
+    q(&src, "SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+    let queued: i64 = q(
+        &src,
+        &format!(
+            "INSERT INTO store.jobs (path, target, column_name, dedup, owner) \
+             SELECT path, target, column_name, dedup, owner FROM store.jobs WHERE id = {done} RETURNING id"
+        ),
+    )
+    .parse()
+    .unwrap();
+    let dump = src.dir.join("db.dump");
+    let out = Command::new(format!("{BIN}/pg_dump"))
+        .args(["-Fc", "-h", src.dir.to_str().unwrap(), "-p", &src.port.to_string(), "-U", "postgres", "-f"])
+        .arg(&dump)
+        .arg("postgres")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
+
+    let dst = Cluster::start_with("dump-dst", "pg_store", "", &[]);
+    q(&dst, "CREATE DATABASE restored");
+    let out = Command::new(format!("{BIN}/pg_restore"))
+        .args([
+            "-h",
+            dst.dir.to_str().unwrap(),
+            "-p",
+            &dst.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "restored",
+            "--exit-on-error",
+        ])
+        .arg(&dump)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pg_restore: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(dst.table_sha_in("restored", "store.lines", "line"), want.sha256, "the default target's lines");
+    let files = q(&src, &format!("SELECT files_done FROM store.status WHERE id = {done}"));
+    assert_eq!(qin(&dst, "restored", "SELECT count(*) FROM store.ingested"), files, "the ledger");
+    assert_eq!(qin(&dst, "restored", &format!("SELECT state FROM store.jobs WHERE id = {done}")), "done", "history");
+    assert!(
+        qin(&dst, "restored", &format!("SELECT count(*) > 0 FROM store.rejects WHERE job = {done}")) == "t",
+        "rejects"
+    );
+    // A store_ingest wakes a worker in the restored database: it fails the job that was
+    // open in the other cluster, and runs the new one, which the ledger lets skip all.
+    let rerun: i64 = qin(&dst, "restored", &format!("SELECT store_ingest('{}')", dir.display())).parse().unwrap();
+    wait_done_in(&dst, "restored", rerun);
+    assert_eq!(
+        qin(&dst, "restored", &format!("SELECT files_skipped || ' ' || inserted FROM store.status WHERE id = {rerun}")),
+        format!("{files} 0")
+    );
+    assert_eq!(
+        qin(&dst, "restored", &format!("SELECT state || ' ' || sqlstate FROM store.jobs WHERE id = {queued}")),
+        "failed 55000",
+        "a job queued elsewhere does not run here"
+    );
+    assert!(rerun > queued, "the job sequence came along: {rerun} after {queued}");
+}
