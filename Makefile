@@ -11,7 +11,7 @@ TEST_PGDATA ?= /tmp/pg_store_pgrx_test
 # Where `cargo pgrx package` stages the files `make install` copies into place.
 STAGE       := target/release/pg_store-pg15
 
-.PHONY: help deps lint install install-staged demo demo-stop test test-engine test-pg test-integration test-citus chaos fuzz fuzz-build bench bench-engine bench-scale bench-citus clean
+.PHONY: help deps lint install install-staged package demo demo-stop test test-engine test-pg test-integration test-citus test-package chaos fuzz fuzz-build bench bench-engine bench-scale bench-citus clean
 
 # List the targets.
 help:
@@ -47,6 +47,11 @@ install-staged:
 	done
 	@echo "installed pg_store into $$($(PG_CONFIG) --pkglibdir) and $$($(PG_CONFIG) --sharedir)/extension"
 
+# A Debian package, target/debian/postgresql-15-pg-store_<version>-1_<arch>.deb (install with apt install ./…deb).
+package: deps
+	$(CARGO) pgrx package --pg-config $(PG_CONFIG) >/dev/null
+	@bash tests/package.sh build
+
 # Fresh machine to a finished ingest: install, start a local cluster, ingest a sample directory, show store.status.
 demo: install
 	@bash tests/demo.sh $(DEMO_DIR)
@@ -55,8 +60,8 @@ demo: install
 demo-stop:
 	@bash tests/demo.sh $(DEMO_DIR) stop
 
-# Everything CI runs: lints, engine tests, pgrx tests, then (release build installed) integration tests, the Citus tests, the chaos campaign, and the fuzz build.
-test: deps lint test-engine test-pg install test-integration test-citus chaos fuzz-build
+# Everything CI runs: lints, engine tests, pgrx tests, then (release build installed) integration tests, the Citus tests, the chaos campaign, the Debian package, and the fuzz build.
+test: deps lint test-engine test-pg install test-integration test-citus chaos test-package fuzz-build
 
 # Engine, test-kit and command tests: no database and no PostgreSQL headers needed.
 test-engine:
@@ -71,6 +76,10 @@ test-pg: deps
 # Integration tests: clusters the harness starts itself, with pg_store and pg_cron preloaded (needs `make install`): the extension, trust, and operations (databases, retention, dump and restore).
 test-integration:
 	$(CARGO) test --test extension --test trust --test operations -- --test-threads=2
+
+# The Debian package (built from the staged release build): apt install, a cluster, CREATE EXTENSION, an ingest, apt remove; then the build under test is installed again.
+test-package: install
+	@bash tests/package.sh
 
 # pg_store on a Citus cluster it starts itself (coordinator + 2 workers on 127.0.0.1); installs Citus 13.2.2 from ../shared/vendor when it is missing and can be built, and says so when it cannot.
 test-citus:
