@@ -11,7 +11,7 @@ TEST_PGDATA ?= /tmp/pg_store_pgrx_test
 # Where `cargo pgrx package` stages the files `make install` copies into place.
 STAGE       := target/release/pg_store-pg15
 
-.PHONY: help deps lint install install-staged package demo demo-stop test test-engine test-pg test-integration test-citus test-package chaos fuzz fuzz-build bench bench-engine bench-scale bench-citus clean
+.PHONY: help deps lint install install-staged package demo demo-stop test test-engine test-pg test-integration test-citus test-package test-upgrade chaos fuzz fuzz-build bench bench-engine bench-scale bench-citus clean
 
 # List the targets.
 help:
@@ -35,6 +35,7 @@ lint: deps
 # each file is written beside its old copy and renamed over it, so servers running the
 # old library keep their mapping (overwriting it in place crashes them).
 install: deps
+	rm -rf $(STAGE)
 	$(CARGO) pgrx package --pg-config $(PG_CONFIG) >/dev/null
 	@$(MAKE) --no-print-directory install-staged
 
@@ -49,6 +50,7 @@ install-staged:
 
 # A Debian package, target/debian/postgresql-15-pg-store_<version>-1_<arch>.deb (install with apt install ./…deb).
 package: deps
+	rm -rf $(STAGE)
 	$(CARGO) pgrx package --pg-config $(PG_CONFIG) >/dev/null
 	@bash tests/package.sh build
 
@@ -60,8 +62,8 @@ demo: install
 demo-stop:
 	@bash tests/demo.sh $(DEMO_DIR) stop
 
-# Everything CI runs: lints, engine tests, pgrx tests, then (release build installed) integration tests, the Citus tests, the chaos campaign, the Debian package, and the fuzz build.
-test: deps lint test-engine test-pg install test-integration test-citus chaos test-package fuzz-build
+# Everything CI runs: lints, engine tests, pgrx tests, then (release build installed) integration tests, the Citus tests, the chaos campaign, the Debian package, the upgrade from 0.1.0, and the fuzz build.
+test: deps lint test-engine test-pg install test-integration test-citus chaos test-package test-upgrade fuzz-build
 
 # Engine, test-kit and command tests: no database and no PostgreSQL headers needed.
 test-engine:
@@ -80,6 +82,10 @@ test-integration:
 # The Debian package (built from the staged release build): apt install, a cluster, CREATE EXTENSION, an ingest, apt remove; then the build under test is installed again.
 test-package: install
 	@bash tests/package.sh
+
+# ALTER EXTENSION pg_store UPDATE from 0.1.0 (built once from commit fd2eb5c into /tmp/pg_store_upgrade): a queued job runs, the ledger skips, the schema equals a fresh install's.
+test-upgrade: install
+	@bash tests/upgrade.sh
 
 # pg_store on a Citus cluster it starts itself (coordinator + 2 workers on 127.0.0.1); installs Citus 13.2.2 from ../shared/vendor when it is missing and can be built, and says so when it cannot.
 test-citus:

@@ -222,6 +222,7 @@ BEGIN
 END
 $$;
 REVOKE ALL ON FUNCTION store.forget_dropped_tables() FROM PUBLIC;
+REVOKE ALL ON FUNCTION store.wake() FROM PUBLIC;
 CREATE EVENT TRIGGER store_forget_dropped_tables ON sql_drop EXECUTE FUNCTION store.forget_dropped_tables();
 
 CREATE FUNCTION store_ingest(path text, target regclass DEFAULT 'store.lines', column_name name DEFAULT 'line',

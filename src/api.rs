@@ -109,6 +109,18 @@ fn enqueue(
     id.ok_or_else(|| StoreError::internal("INSERT … RETURNING id returned nothing"))
 }
 
+/// Ask the launcher for a worker in this database once the transaction commits: the
+/// last statement of an extension upgrade, so jobs queued under the old version run
+/// without waiting for the next `store_ingest`.
+#[pg_extern(volatile, schema = "store")]
+#[search_path(pg_catalog, pg_temp)]
+fn wake() {
+    let db = registry::my_database();
+    if PRELOADED.load(Ordering::Relaxed) {
+        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || registry::want(db));
+    }
+}
+
 /// The live pg_store processes, for the `store.workers` view: pid, kind (launcher,
 /// worker, inserter), database, current job (NULL when idle), and since when (seconds
 /// since the epoch) it does what it does.

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# make test-upgrade: ALTER EXTENSION pg_store UPDATE from 0.1.0 (built from its tagged
+# sources, commit fd2eb5c) to this version. A 0.1.0 cluster ingests a directory and
+# has a job queued; the current build is installed over it; after ALTER EXTENSION
+# UPDATE the queued job runs, the ledger still skips the files 0.1.0 ingested, and the
+# upgraded database's schema (pg_dump --schema-only --binary-upgrade, which lists an
+# extension's members, and \dx+) equals a fresh install's.
+#
+# Installs 0.1.0's files into the system PostgreSQL for the duration, so no other
+# cluster of this machine may run pg_store meanwhile (make test runs it alone); the
+# current build is installed again at the end (make install-staged), whatever happens.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=/usr/lib/postgresql/15/bin; PG_CONFIG=${PG_CONFIG:-$BIN/pg_config}
+OLD=fd2eb5c; U=${PG_STORE_UPGRADE_DIR:-/tmp/pg_store_upgrade}; PORT=5462
+NEW=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+fail() { echo "FAILED: $*"; [ -f "$W/log" ] && tail -20 "$W/log"; exit 1; }
+
+git cat-file -e "$OLD^{commit}" 2>/dev/null ||
+  fail "commit $OLD (pg_store 0.1.0) is not in this clone: the upgrade test builds it (clone without --depth)"
+if [ ! -f "$U/stage-0.1.0/.done" ]; then
+  echo "building pg_store 0.1.0 from commit $OLD (a few minutes, once)"
+  rm -rf "$U/src"; mkdir -p "$U/src"; git archive "$OLD" | tar -x -C "$U/src"
+  (cd "$U/src" && CARGO_TARGET_DIR="$U/target" cargo pgrx package --pg-config "$PG_CONFIG" >/dev/null)
+  rm -rf "$U/stage-0.1.0"; cp -a "$U/target/release/pg_store-pg15" "$U/stage-0.1.0"; touch "$U/stage-0.1.0/.done"
+fi
+
+# Copy a staged tree into place, each file renamed over its old copy (as make install).
+install_tree() {
+  (cd "$1" && find . -type f ! -name .done | while read -r f; do
+    dst=/${f#./}; mkdir -p "$(dirname "$dst")"; cp "$f" "$dst.new.$$" && chmod 644 "$dst.new.$$" && mv -f "$dst.new.$$" "$dst"
+  done)
+}
+W=$(mktemp -d /tmp/pg_store_upgrade_test.XXXXXX); chmod 755 "$W"; chown postgres "$W"
+cleanup() {
+  runuser -u postgres -- "$BIN/pg_ctl" -D "$W/data" -m immediate stop >/dev/null 2>&1 || true
+  make --no-print-directory install-staged >/dev/null
+  [ -n "${KEEP:-}" ] || rm -rf "$W"
+}
+trap cleanup EXIT
+sql() { "$BIN/psql" -XAtq -v ON_ERROR_STOP=1 -h "$W" -p "$PORT" -U postgres -d "${DB:-postgres}" -c "$1"; }
+pgctl() { runuser -u postgres -- "$BIN/pg_ctl" -D "$W/data" -l "$W/log" -w "$@" >/dev/null; }
+wait_ended() {
+  for _ in $(seq 1 300); do
+    s=$(sql "SELECT state FROM store.jobs WHERE id = $1")
+    case $s in queued|running) sleep 0.2 ;; *) echo "$s"; return ;; esac
+  done
+  echo "$s"
+}
+
+install_tree "$U/stage-0.1.0"
+runuser -u postgres -- "$BIN/initdb" -D "$W/data" -A trust -E UTF8 --locale=C.UTF-8 -U postgres >/dev/null
+cat >> "$W/data/postgresql.conf" <<CONF
+port = $PORT
+unix_socket_directories = '$W'
+listen_addresses = ''
+shared_preload_libraries = 'pg_store'
+store.workers = 1
+CONF
+pgctl start
+mkdir -p "$W/a" "$W/b"
+printf 'one\ntwo\nthree\n' > "$W/a/1.txt"; printf 'three\nfour\n' > "$W/a/2.txt"; printf 'five\none\n' > "$W/b/3.txt"
+chmod -R a+rX "$W/a" "$W/b"
+sql "CREATE EXTENSION pg_store"
+[ "$(sql "SELECT extversion FROM pg_extension WHERE extname = 'pg_store'")" = 0.1.0 ] || fail "not 0.1.0"
+J1=$(sql "SELECT store_ingest('$W/a')")
+[ "$(wait_ended "$J1")" = done ] || fail "0.1.0 job $J1 did not end done"
+# A job queued under 0.1.0 that no worker takes before the upgrade: with store.workers = 0
+# 0.1.0 refuses store_ingest, so the row is the one its store_ingest writes.
+sed -i 's/^store.workers = 1$/store.workers = 0/' "$W/data/postgresql.conf"
+pgctl restart
+J2=$(sql "INSERT INTO store.jobs (path, target, column_name, dedup, filter, owner) VALUES ('$W/b', 'store.lines', 'line', 'exact', NULL, 'postgres'::regrole) RETURNING id")
+echo "0.1.0: job $J1 ingested $W/a, job $J2 queued"
+pgctl stop
+
+echo "installing pg_store $NEW over 0.1.0"
+make --no-print-directory install-staged >/dev/null
+sed -i 's/^store.workers = 0$/store.workers = 1/' "$W/data/postgresql.conf"
+pgctl start
+sleep 1
+[ "$(sql "SELECT state FROM store.jobs WHERE id = $J2")" = queued ] || fail "job $J2 ran before the upgrade"
+sql "ALTER EXTENSION pg_store UPDATE"
+[ "$(sql "SELECT extversion FROM pg_extension WHERE extname = 'pg_store'")" = "$NEW" ] || fail "not $NEW after the update"
+[ "$(wait_ended "$J2")" = done ] || fail "job $J2, queued under 0.1.0, did not end done after the update: $(sql "SELECT error FROM store.jobs WHERE id = $J2")"
+[ "$(sql "SELECT string_agg(line, ',' ORDER BY line) FROM store.lines")" = "five,four,one,three,two" ] || fail "store.lines: $(sql "SELECT string_agg(line, ',' ORDER BY line) FROM store.lines")"
+J3=$(sql "SELECT store_ingest('$W/a')")
+[ "$(wait_ended "$J3")" = done ] || fail "job $J3 did not end done"
+[ "$(sql "SELECT files_skipped || ' ' || inserted FROM store.status WHERE id = $J3")" = "2 0" ] ||
+  fail "the ledger of 0.1.0 no longer skips its files: $(sql "SELECT files_skipped || ' ' || inserted FROM store.status WHERE id = $J3")"
+echo "$NEW: job $J2 ran after ALTER EXTENSION UPDATE; job $J3 skipped the 2 files 0.1.0 ingested"
+
+# The upgraded database's schema against a fresh install's. Left out of the comparison:
+# what binary-upgrade mode says about OIDs, transaction ids and sequence positions,
+# and pg_dump's per-run \restrict keys.
+sql "CREATE DATABASE fresh"
+DB=fresh sql "CREATE EXTENSION pg_store"
+schema() {
+  "$BIN/pg_dump" --schema-only --binary-upgrade -h "$W" -p "$PORT" -U postgres -d "$1" |
+    grep -v -e binary_upgrade -e '^--' -e '^$' -e '^SET ' -e '^SELECT pg_catalog.set_config' \
+      -e "^WHERE oid = '[0-9]*';$" -e '^SELECT pg_catalog.setval' -e '^\\restrict ' -e '^\\unrestrict '
+  "$BIN/psql" -XAtq -h "$W" -p "$PORT" -U postgres -d "$1" -c '\dx+ pg_store'
+}
+schema postgres > "$W/upgraded.sql"; schema fresh > "$W/fresh.sql"
+[ "$(wc -l < "$W/fresh.sql")" -gt 200 ] || fail "the schema dump of a fresh install is too short to compare ($(wc -l < "$W/fresh.sql") lines)"
+diff -u "$W/fresh.sql" "$W/upgraded.sql" > "$W/schema.diff" || { cat "$W/schema.diff"; fail "the upgraded schema differs from a fresh $NEW install"; }
+echo "schema after the upgrade = a fresh $NEW install ($(wc -l < "$W/fresh.sql") lines of pg_dump --schema-only --binary-upgrade and \\dx+)"
+echo "upgrade test passed"
