@@ -129,19 +129,16 @@ COMMENT ON COLUMN store.ranges.memory_peak IS 'Largest private memory of that pr
 COMMENT ON COLUMN store.ranges.updated_at IS 'Commit time of the last batch';
 COMMENT ON COLUMN store.ranges.error IS 'Why the range failed';
 
--- The live pg_store processes of the whole server. A job number shows where the caller
--- could see the job: in this database under row-level security, or anywhere with the
--- privileges of pg_read_all_stats (as pg_stat_activity shows other roles' queries).
+-- The live pg_store processes of the whole server. store.worker_list() shows a job
+-- number only where the caller could see the job: in this database under row-level
+-- security, or anywhere with the privileges of pg_read_all_stats (as pg_stat_activity
+-- shows other roles' queries). Whether a process is busy shows either way.
 CREATE VIEW store.workers WITH (security_invoker = true) AS
 SELECT w.pid,
        w.kind,
        d.datname AS database,
-       CASE WHEN w.kind = 'launcher' THEN NULL WHEN w.job IS NULL THEN 'idle' ELSE 'busy' END AS state,
-       CASE WHEN w.job IS NULL THEN NULL
-            WHEN w.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
-                 AND EXISTS (SELECT FROM store.jobs j WHERE j.id = w.job) THEN w.job
-            WHEN pg_catalog.pg_has_role('pg_read_all_stats', 'USAGE') THEN w.job
-       END AS job,
+       CASE WHEN w.kind = 'launcher' THEN NULL WHEN w.busy THEN 'busy' ELSE 'idle' END AS state,
+       w.job,
        pg_catalog.to_timestamp(w.since) AS since
   FROM store.worker_list() w
   LEFT JOIN pg_catalog.pg_database d ON d.oid = w.database;

@@ -18,6 +18,13 @@
 
 \echo Use "ALTER EXTENSION pg_store UPDATE" to load this file. \quit
 
+DO $$
+BEGIN
+    RAISE NOTICE 'pg_store 0.2.0 purges ended jobs (with their files and rejects, never the ledger) older than store.retention = %; set store.retention = 0 to keep them all',
+        coalesce(pg_catalog.current_setting('store.retention', true), '30d');
+END
+$$;
+
 -- 0.1.0's code, to be created again below.
 DROP FUNCTION store_wait(bigint, interval);
 DROP VIEW store.status;
@@ -227,7 +234,7 @@ SELECT pg_catalog.pg_extension_config_dump('store.rejects', '');
 
 -- 0.2.0's functions and views, as a fresh install creates them.
 
--- src/api.rs:142
+-- src/api.rs:202
 -- pg_store::api::store_cancel
 CREATE  FUNCTION "store_cancel"(
 	"job" bigint /* i64 */
@@ -239,7 +246,7 @@ AS 'MODULE_PATHNAME', 'store_cancel_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/retention.rs:95
+-- src/retention.rs:97
 -- pg_store::retention::store_purge
 CREATE  FUNCTION "store_purge"(
 	"older_than" interval /* Interval */
@@ -252,6 +259,57 @@ AS 'MODULE_PATHNAME', 'store_purge_wrapper';
 
 /* <begin connected objects> */
 -- src/api.rs:24
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:146
+-- pg_store::api::wake
+CREATE  FUNCTION store."wake"() RETURNS void
+STRICT VOLATILE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'wake_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:50
+-- pg_store::api::store::wait_job
+CREATE  FUNCTION store."wait_job"(
+	"job" bigint, /* i64 */
+	"timeout" interval /* Option < pgrx :: datum :: Interval > */
+) RETURNS TEXT /* String */
+VOLATILE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'wait_job_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:29
+-- pg_store::api::store::line_key
+CREATE OR REPLACE FUNCTION store."line_key"(
+	"line" TEXT /* & str */
+) RETURNS bytea /* Vec < u8 > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'line_key_wrapper';
+/* </end connected objects> */
+
+/* <begin connected objects> */
+-- src/api.rs:160
+-- pg_store::api::worker_list
+CREATE  FUNCTION store."worker_list"() RETURNS TABLE (
+	"pid" INT,  /* i32 */
+	"kind" TEXT,  /* String */
+	"database" oid,  /* pg_sys :: Oid */
+	"busy" bool,  /* bool */
+	"job" bigint,  /* Option < i64 > */
+	"since" double precision  /* f64 */
+)
+STRICT VOLATILE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'worker_list_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -269,56 +327,6 @@ VOLATILE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'enqueue_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:50
--- pg_store::api::store::wait_job
-CREATE  FUNCTION store."wait_job"(
-	"job" bigint, /* i64 */
-	"timeout" interval /* Option < pgrx :: datum :: Interval > */
-) RETURNS TEXT /* String */
-VOLATILE
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'wait_job_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:115
--- pg_store::api::wake
-CREATE  FUNCTION store."wake"() RETURNS void
-STRICT VOLATILE 
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'wake_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:29
--- pg_store::api::store::line_key
-CREATE OR REPLACE FUNCTION store."line_key"(
-	"line" TEXT /* & str */
-) RETURNS bytea /* Vec < u8 > */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'line_key_wrapper';
-/* </end connected objects> */
-
-/* <begin connected objects> */
--- src/api.rs:127
--- pg_store::api::worker_list
-CREATE  FUNCTION store."worker_list"() RETURNS TABLE (
-	"pid" INT,  /* i32 */
-	"kind" TEXT,  /* String */
-	"database" oid,  /* pg_sys :: Oid */
-	"job" bigint,  /* Option < i64 > */
-	"since" double precision  /* f64 */
-)
-STRICT VOLATILE PARALLEL SAFE 
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'worker_list_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
@@ -447,19 +455,16 @@ COMMENT ON COLUMN store.ranges.memory_peak IS 'Largest private memory of that pr
 COMMENT ON COLUMN store.ranges.updated_at IS 'Commit time of the last batch';
 COMMENT ON COLUMN store.ranges.error IS 'Why the range failed';
 
--- The live pg_store processes of the whole server. A job number shows where the caller
--- could see the job: in this database under row-level security, or anywhere with the
--- privileges of pg_read_all_stats (as pg_stat_activity shows other roles' queries).
+-- The live pg_store processes of the whole server. store.worker_list() shows a job
+-- number only where the caller could see the job: in this database under row-level
+-- security, or anywhere with the privileges of pg_read_all_stats (as pg_stat_activity
+-- shows other roles' queries). Whether a process is busy shows either way.
 CREATE VIEW store.workers WITH (security_invoker = true) AS
 SELECT w.pid,
        w.kind,
        d.datname AS database,
-       CASE WHEN w.kind = 'launcher' THEN NULL WHEN w.job IS NULL THEN 'idle' ELSE 'busy' END AS state,
-       CASE WHEN w.job IS NULL THEN NULL
-            WHEN w.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
-                 AND EXISTS (SELECT FROM store.jobs j WHERE j.id = w.job) THEN w.job
-            WHEN pg_catalog.pg_has_role('pg_read_all_stats', 'USAGE') THEN w.job
-       END AS job,
+       CASE WHEN w.kind = 'launcher' THEN NULL WHEN w.busy THEN 'busy' ELSE 'idle' END AS state,
+       w.job,
        pg_catalog.to_timestamp(w.since) AS since
   FROM store.worker_list() w
   LEFT JOIN pg_catalog.pg_database d ON d.oid = w.database;

@@ -54,6 +54,28 @@ mod store {
     }
 }
 
+/// This library's SQL objects must be of its own version. Between installing a new
+/// library (and restarting) and `ALTER EXTENSION pg_store UPDATE`, the old version's
+/// declarations call into the new code — some of 0.1.0's as SECURITY DEFINER, which
+/// would make the new code see their owner as the caller: refuse instead.
+pub fn require_current_version() -> Result<()> {
+    let v = Spi::get_one::<String>(
+        "SELECT (SELECT extversion::text FROM pg_catalog.pg_extension WHERE extname = 'pg_store')",
+    )?;
+    match v {
+        Some(v) if v == env!("CARGO_PKG_VERSION") => Ok(()),
+        v => Err(StoreError::refused(
+            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "pg_store {} is created in this database, but the library is {}",
+                v.as_deref().unwrap_or("(none)"),
+                env!("CARGO_PKG_VERSION")
+            ),
+        )
+        .with_hint("Run ALTER EXTENSION pg_store UPDATE in this database.")),
+    }
+}
+
 fn enqueue(
     path: &str,
     target: pg_sys::Oid,
@@ -62,6 +84,7 @@ fn enqueue(
     filter: Option<&str>,
     key_column: Option<&str>,
 ) -> Result<i64> {
+    require_current_version()?;
     if !PRELOADED.load(Ordering::Relaxed) {
         return Err(StoreError::refused(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "pg_store is not loaded through shared_preload_libraries").with_hint(
             "Add pg_store to shared_preload_libraries in postgresql.conf and restart PostgreSQL: the background workers that run jobs start only then.",
@@ -103,9 +126,17 @@ fn enqueue(
             &[canon.as_str().into(), target.into(), column.into(), dedup.as_str().into(), filter.into(), who.into(), key_column.into()],
         )
     })?;
-    // Once the job is visible, ask the launcher for a worker in this database.
+    // Once the job is visible, ask the launcher for a worker in this database. A prepared
+    // transaction would make it visible at a COMMIT PREPARED no one here sees: refused.
     let db = registry::my_database();
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || registry::want(db));
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PrePrepare, || {
+        StoreError::refused(
+            ERRCODE_FEATURE_NOT_SUPPORTED,
+            "a transaction that called store_ingest cannot be prepared (PREPARE TRANSACTION)",
+        )
+        .raise()
+    });
     id.ok_or_else(|| StoreError::internal("INSERT … RETURNING id returned nothing"))
 }
 
@@ -122,18 +153,47 @@ fn wake() {
 }
 
 /// The live pg_store processes, for the `store.workers` view: pid, kind (launcher,
-/// worker, inserter), database, current job (NULL when idle), and since when (seconds
-/// since the epoch) it does what it does.
-#[pg_extern(volatile, parallel_safe, schema = "store")]
+/// worker, inserter), database, whether it works on a job, the job, and since when
+/// (seconds since the epoch) it does what it does. The job is shown where the caller may see it: in this
+/// database if its row is visible to the caller, elsewhere with the privileges of
+/// pg_read_all_stats (as pg_stat_activity shows other roles' queries); else NULL.
+#[pg_extern(volatile, schema = "store")]
 #[search_path(pg_catalog, pg_temp)]
 fn worker_list() -> TableIterator<
     'static,
-    (name!(pid, i32), name!(kind, String), name!(database, pg_sys::Oid), name!(job, Option<i64>), name!(since, f64)),
+    (
+        name!(pid, i32),
+        name!(kind, String),
+        name!(database, pg_sys::Oid),
+        name!(busy, bool),
+        name!(job, Option<i64>),
+        name!(since, f64),
+    ),
 > {
-    let rows: Vec<_> = if PRELOADED.load(Ordering::Relaxed) { registry::procs() } else { Vec::new() };
-    TableIterator::new(rows.into_iter().map(|p| {
-        (p.pid, p.kind.as_str().to_string(), pg_sys::Oid::from(p.database), (p.job != 0).then_some(p.job), p.since)
-    }))
+    worker_rows().map(TableIterator::new).unwrap_or_else(|e| e.raise())
+}
+
+type WorkerRow = (i32, String, pg_sys::Oid, bool, Option<i64>, f64);
+
+fn worker_rows() -> Result<std::vec::IntoIter<WorkerRow>> {
+    let procs = if PRELOADED.load(Ordering::Relaxed) { registry::procs() } else { Vec::new() };
+    let here = registry::my_database();
+    let stats = Spi::get_one::<bool>("SELECT pg_catalog.pg_has_role('pg_read_all_stats', 'USAGE')")?.unwrap_or(false);
+    let mut rows = Vec::with_capacity(procs.len());
+    for p in procs {
+        let job = match p.job {
+            0 => None,
+            j if p.database == here => Spi::get_one_with_args::<bool>(
+                "SELECT EXISTS (SELECT FROM store.jobs WHERE id = $1 AND pg_catalog.pg_has_role(owner, 'USAGE'))",
+                &[j.into()],
+            )?
+            .unwrap_or(false)
+            .then_some(j),
+            j => stats.then_some(j),
+        };
+        rows.push((p.pid, p.kind.as_str().to_string(), pg_sys::Oid::from(p.database), p.job != 0, job, p.since));
+    }
+    Ok(rows.into_iter())
 }
 
 /// `store_cancel`: ask a job to stop. A queued job is cancelled at once; a running one
@@ -146,8 +206,13 @@ fn store_cancel(job: i64) -> bool {
 }
 
 fn cancel(job: i64) -> Result<bool> {
-    // Read as the caller: row-level security hides other roles' jobs.
-    let seen = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT FROM store.jobs WHERE id = $1)", &[job.into()])?;
+    require_current_version()?;
+    // Read as the caller: row-level security hides other roles' jobs (and the role test
+    // holds for a role that bypasses it).
+    let seen = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM store.jobs WHERE id = $1 AND pg_catalog.pg_has_role(owner, 'USAGE'))",
+        &[job.into()],
+    )?;
     if seen != Some(true) {
         return Err(StoreError::refused(ERRCODE_UNDEFINED_OBJECT, format!("no pg_store job {job}")));
     }
@@ -181,6 +246,7 @@ fn cancel(job: i64) -> Result<bool> {
 
 /// Poll the job's status row with a fresh snapshot each time (READ COMMITTED).
 fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> Result<String> {
+    require_current_version()?;
     // SAFETY: reads a backend global.
     if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
         return Err(StoreError::refused(

@@ -239,6 +239,7 @@ impl Inserter {
                 // A node of a Citus cluster restarting (Citus reports most failures of
                 // its connections as XX000 or 58030): wait for it, up to about a minute.
                 // Every retry is on the safe path, which is idempotent.
+                Err(_) if shutdown_requested() => return Err(StoreError::Shutdown),
                 Err(e) if self.node_may_be_down(&e) && attempt < CONNECTION_RETRIES => {
                     std::thread::sleep(Duration::from_millis(500 << attempt.min(4)));
                     attempt += 1;

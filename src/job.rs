@@ -615,7 +615,9 @@ fn wait_for_inserters(
         if let Some(e) = transaction(|| failed_range(job))? {
             return Err(e);
         }
-        pgrx::bgworkers::BackgroundWorker::wait_latch(Some(Duration::from_millis(250)));
+        if !pgrx::bgworkers::BackgroundWorker::wait_latch(Some(Duration::from_millis(250))) {
+            return Err(StoreError::Shutdown); // the postmaster died
+        }
     }
 }
 

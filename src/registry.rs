@@ -65,11 +65,12 @@ pub struct Proc {
 }
 
 /// A database that wants a worker: a job was queued there, or a worker left it in the
-/// middle of a job.
+/// middle of a job. `seq` orders the wants: the launcher serves the oldest first.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct Want {
     pub database: u32,
+    pub seq: u64,
 }
 
 const WANTS: usize = 256;
@@ -80,6 +81,10 @@ pub struct Registry {
     entries: [Entry; SLOTS],
     procs: [Proc; SLOTS],
     wants: [Want; WANTS],
+    /// The next want's `seq`.
+    next_seq: u64,
+    /// Set when a want found the table full: the launcher looks at every database.
+    overflow: bool,
     launcher: i32,
 }
 
@@ -89,6 +94,8 @@ impl Default for Registry {
             entries: [Entry::default(); SLOTS],
             procs: [Proc::default(); SLOTS],
             wants: [Want::default(); WANTS],
+            next_seq: 1,
+            overflow: false,
             launcher: 0,
         }
     }
@@ -174,11 +181,7 @@ unsafe extern "C-unwind" fn leave_all(_code: i32, _arg: pg_sys::Datum) {
     // A worker leaving in the middle of a job (an error it did not survive): the
     // launcher starts another one for its database, which resumes the job.
     if let Some(database) = lost {
-        if !r.wants.iter().any(|w| w.database == database) {
-            if let Some(w) = r.wants.iter_mut().find(|w| w.database == 0) {
-                *w = Want { database };
-            }
-        }
+        r.add_want(database, false);
     }
     if r.launcher == pid {
         r.launcher = 0;
@@ -230,17 +233,39 @@ pub fn idle_workers(database: u32) -> usize {
     REGISTRY.share().procs.iter().filter(|p| p.kind == Kind::Worker && p.database == database && p.job == 0).count()
 }
 
+impl Registry {
+    /// Record a want for `database`; `last`: behind every other (a worker making room),
+    /// else an earlier want of the same database keeps its place.
+    fn add_want(&mut self, database: u32, last: bool) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if let Some(w) = self.wants.iter_mut().find(|w| w.database == database) {
+            if last {
+                w.seq = seq;
+            }
+        } else if let Some(w) = self.wants.iter_mut().find(|w| w.database == 0) {
+            *w = Want { database, seq };
+        } else {
+            self.overflow = true;
+        }
+    }
+}
+
 /// Ask the launcher for a worker in `database`, and wake it.
 pub fn want(database: u32) {
+    want_as(database, false);
+}
+
+/// Ask for a worker in `database` behind every database that waits already: a worker
+/// that gives its place up asks this way.
+pub fn want_last(database: u32) {
+    want_as(database, true);
+}
+
+fn want_as(database: u32, last: bool) {
     let launcher = {
         let mut r = REGISTRY.exclusive();
-        if !r.wants.iter().any(|w| w.database == database) {
-            if let Some(w) = r.wants.iter_mut().find(|w| w.database == 0) {
-                *w = Want { database };
-            }
-        }
-        // A full table drops the wish: the launcher's next look at every database
-        // finds the jobs anyway.
+        r.add_want(database, last);
         r.launcher
     };
     if launcher != 0 {
@@ -255,9 +280,17 @@ pub fn want(database: u32) {
     }
 }
 
-/// The databases that want a worker, in the order they asked; they stay until [`granted`].
+/// Whether a want found the table full since the last call (then the launcher looks at
+/// every database again).
+pub fn take_overflow() -> bool {
+    std::mem::take(&mut REGISTRY.exclusive().overflow)
+}
+
+/// The databases that want a worker, oldest want first; they stay until [`granted`].
 pub fn wants() -> Vec<Want> {
-    REGISTRY.share().wants.iter().filter(|w| w.database != 0).copied().collect()
+    let mut w: Vec<Want> = REGISTRY.share().wants.iter().filter(|w| w.database != 0).copied().collect();
+    w.sort_by_key(|w| w.seq);
+    w
 }
 
 /// A worker of `database` is about to look at its queue, or the launcher started one.

@@ -29,7 +29,7 @@ use pgrx::prelude::*;
 
 use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
 
-use crate::error::{Result, StoreError};
+use crate::error::{sqlstate_text, Result, StoreError};
 use crate::job::{self, shutdown_requested, Ended};
 use crate::registry::{self, Kind};
 use crate::txn::transaction;
@@ -64,6 +64,10 @@ pub extern "C-unwind" fn pg_store_launcher_main(_arg: pg_sys::Datum) {
     log!("pg_store launcher started (pid {})", std::process::id());
     remove_legacy_dirs();
     let mut started: Vec<(u32, DynamicBackgroundWorker)> = Vec::new();
+    // Databases to look at (at start, hourly, after a want found the table full): served
+    // after the wants, one worker each where none runs, in the launcher's own memory so
+    // that they neither fill the wants table nor make busy workers give way.
+    let mut probe: std::collections::VecDeque<u32> = std::collections::VecDeque::new();
     let mut last_probe: Option<Instant> = None;
     loop {
         if shutdown_requested() {
@@ -74,19 +78,19 @@ pub extern "C-unwind" fn pg_store_launcher_main(_arg: pg_sys::Datum) {
         started.retain(|(_, h)| {
             !matches!(h.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied))
         });
-        if last_probe.is_none_or(|t| t.elapsed() >= PROBE_EVERY) {
-            for db in databases() {
-                registry::want(db);
-            }
+        if last_probe.is_none_or(|t| t.elapsed() >= PROBE_EVERY) || registry::take_overflow() {
+            probe = databases().into();
             last_probe = Some(Instant::now());
         }
         let cap = gucs::WORKERS.get().max(0) as usize;
+        // Workers a launcher that restarted did not start count too.
+        let running = |started: &Vec<(u32, DynamicBackgroundWorker)>| started.len().max(registry::workers());
         for w in registry::wants() {
             let here = started.iter().filter(|(db, _)| *db == w.database).count();
             if here > 0 && registry::idle_workers(w.database) > 0 {
                 continue; // an idle worker there takes the job, and clears the want
             }
-            if started.len() >= cap {
+            if running(&started) >= cap {
                 break;
             }
             match start_worker(w.database) {
@@ -100,7 +104,25 @@ pub extern "C-unwind" fn pg_store_launcher_main(_arg: pg_sys::Datum) {
                 }
             }
         }
-        BackgroundWorker::wait_latch(Some(Duration::from_secs(1)));
+        while running(&started) < cap && registry::wants().is_empty() {
+            let Some(db) = probe.pop_front() else { break };
+            if started.iter().any(|(d, _)| *d == db) {
+                continue;
+            }
+            match start_worker(db) {
+                Ok(h) => started.push((db, h)),
+                Err(e) => {
+                    log!("pg_store launcher: could not start a worker: {e}");
+                    probe.push_front(db);
+                    break;
+                }
+            }
+        }
+        if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+            // The postmaster died.
+            // SAFETY: as above.
+            unsafe { pg_sys::proc_exit(1) };
+        }
     }
 }
 
@@ -169,7 +191,7 @@ pub extern "C-unwind" fn pg_store_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
     registry::clean_up_at_exit();
     registry::proc_enter(Kind::Worker);
-    pin_search_path();
+    pin_session();
     registry::granted(db);
     match transaction(installed_version) {
         Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => {}
@@ -207,8 +229,8 @@ pub extern "C-unwind" fn pg_store_worker_main(arg: pg_sys::Datum) {
                 registry::proc_job(0);
                 (idle_since, purged) = (Instant::now(), false);
                 if registry::others_waiting(db) && registry::workers() >= gucs::WORKERS.get().max(0) as usize {
-                    // Make room for a database that waits; this one asks again.
-                    registry::want(db);
+                    // Make room for a database that waits; this one asks again, behind it.
+                    registry::want_last(db);
                     return;
                 }
                 continue;
@@ -220,10 +242,9 @@ pub extern "C-unwind" fn pg_store_worker_main(arg: pg_sys::Datum) {
             retention::purge_expired();
             purged = true;
         }
-        if idle_since.elapsed() >= IDLE_EXIT {
+        if idle_since.elapsed() >= IDLE_EXIT || !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
             return;
         }
-        BackgroundWorker::wait_latch(Some(Duration::from_secs(1)));
     }
 }
 
@@ -255,8 +276,13 @@ fn more_queued(id: i64) -> Result<bool> {
 /// cluster's): they fail with SQLSTATE 55000, and store_ingest queues them again.
 fn fail_restored_jobs() {
     let res = transaction(|| {
-        Ok(Spi::get_one::<i64>(
-            "WITH f AS (UPDATE store.jobs SET state = 'failed', sqlstate = '55000',                  error = 'queued in another cluster or database (' || origin || '), restored or copied here: run store_ingest again',                  finished_at = pg_catalog.now(), updated_at = pg_catalog.now()                WHERE state IN ('queued', 'running') AND origin <> store.origin() RETURNING 1)              SELECT pg_catalog.count(*) FROM f",
+        Ok(Spi::get_one_with_args::<i64>(
+            "WITH f AS (UPDATE store.jobs SET state = 'failed', sqlstate = $1, \
+                 error = 'queued in another cluster or database (' || origin || '), restored or copied here: run store_ingest again', \
+                 finished_at = pg_catalog.now(), updated_at = pg_catalog.now() \
+               WHERE state IN ('queued', 'running') AND origin <> store.origin() RETURNING 1) \
+             SELECT pg_catalog.count(*) FROM f",
+            &[sqlstate_text(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE).into()],
         )?)
     });
     match res {
@@ -267,16 +293,34 @@ fn fail_restored_jobs() {
 }
 
 /// The worker's own SQL runs as a superuser: it resolves names in `pg_catalog` (and
-/// `pg_temp`, last) only, never in a schema a user can create objects in.
-fn pin_search_path() {
-    // SAFETY: sets a session GUC from the main thread before any transaction.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-        );
+/// `pg_temp`, last) only, never in a schema a user can create objects in. Settings a
+/// database's owner may attach to the database (`ALTER DATABASE … SET`) reach the worker
+/// too: its role, client encoding (which binary COPY converts text from) and string
+/// syntax are pinned to what its SQL assumes.
+fn pin_session() {
+    let set = |name: &std::ffi::CStr, value: &std::ffi::CStr| {
+        // SAFETY: sets a session GUC from the main thread; an invalid value raises an
+        // ERROR, caught below.
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+            )
+        }
+    };
+    set(c"search_path", c"pg_catalog, pg_temp");
+    let pinned = transaction(|| {
+        set(c"role", c"none");
+        set(c"client_encoding", c"UTF8");
+        set(c"standard_conforming_strings", c"on");
+        Ok(())
+    });
+    if let Err(e) = pinned {
+        log!("pg_store: could not pin the session's settings, exiting: {e}");
+        // SAFETY: ends the process the way PostgreSQL expects.
+        unsafe { pg_sys::proc_exit(1) };
     }
 }
 
@@ -483,7 +527,7 @@ pub extern "C-unwind" fn pg_store_inserter_main(arg: pg_sys::Datum) {
     registry::clean_up_at_exit();
     registry::proc_enter(Kind::Inserter);
     registry::proc_job(id);
-    pin_search_path();
+    pin_session();
     if !registry::enter(id, claim, range) {
         return;
     }

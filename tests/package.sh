@@ -66,6 +66,7 @@ dpkg-query -W -f='${Status} ${Version}\n' "$NAME" | grep -q "install ok installe
 FILES=$(dpkg -L "$NAME" | while read -r f; do [ -f "$f" ] && echo "$f"; done)
 echo "$FILES" | grep -q '/pg_store.so$' || fail "no pg_store.so in the package"
 echo "$FILES" | grep -q '/pg_store.control$' || fail "no control file in the package"
+echo "$FILES" | grep -q '/pg_store--0.1.0--[0-9.]*.sql$' || fail "no upgrade script from 0.1.0 in the package"
 
 runuser -u postgres -- "$BIN/initdb" -D "$W/data" -A trust -E UTF8 --locale=C.UTF-8 -U postgres >/dev/null
 cat >> "$W/data/postgresql.conf" <<CONF

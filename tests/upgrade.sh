@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make test-upgrade: ALTER EXTENSION pg_store UPDATE from 0.1.0 (built from its tagged
-# sources, commit fd2eb5c) to this version. A 0.1.0 cluster ingests a directory and
+# sources, commit fd2eb5c, built once into target/upgrade-0.1.0) to this version. A 0.1.0 cluster ingests a directory and
 # has a job queued; the current build is installed over it; after ALTER EXTENSION
 # UPDATE the queued job runs, the ledger still skips the files 0.1.0 ingested, and the
 # upgraded database's schema (pg_dump --schema-only --binary-upgrade, which lists an
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=/usr/lib/postgresql/15/bin; PG_CONFIG=${PG_CONFIG:-$BIN/pg_config}
-OLD=fd2eb5c; U=${PG_STORE_UPGRADE_DIR:-/tmp/pg_store_upgrade}; PORT=5462
+OLD=fd2eb5c; U=$PWD/target/upgrade-0.1.0; PORT=5462
 NEW=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 fail() { echo "FAILED: $*"; [ -f "$W/log" ] && tail -20 "$W/log"; exit 1; }
 
@@ -21,6 +21,7 @@ git cat-file -e "$OLD^{commit}" 2>/dev/null ||
 if [ ! -f "$U/stage-0.1.0/.done" ]; then
   echo "building pg_store 0.1.0 from commit $OLD (a few minutes, once)"
   rm -rf "$U/src"; mkdir -p "$U/src"; git archive "$OLD" | tar -x -C "$U/src"
+  printf '\n[workspace]\n' >> "$U/src/Cargo.toml" # its own workspace, not this checkout's
   (cd "$U/src" && CARGO_TARGET_DIR="$U/target" cargo pgrx package --pg-config "$PG_CONFIG" >/dev/null)
   rm -rf "$U/stage-0.1.0"; cp -a "$U/target/release/pg_store-pg15" "$U/stage-0.1.0"; touch "$U/stage-0.1.0/.done"
 fi
@@ -77,8 +78,15 @@ echo "installing pg_store $NEW over 0.1.0"
 make --no-print-directory install-staged >/dev/null
 sed -i 's/^store.workers = 0$/store.workers = 1/' "$W/data/postgresql.conf"
 pgctl start
+# The library is 0.2.0, the SQL objects still 0.1.0's: workers leave the database alone,
+# and the functions refuse (0.1.0 declared some SECURITY DEFINER: run by 0.2.0's code they
+# would see their owner as the caller).
+for _ in $(seq 1 50); do grep -q "pg_store 0.1.0 is created in database postgres" "$W/log" && break; sleep 0.1; done
+grep -q "pg_store 0.1.0 is created in database postgres, the library is $NEW" "$W/log" || fail "no worker looked at the database"
 sleep 1
 [ "$(sql "SELECT state FROM store.jobs WHERE id = $J2")" = queued ] || fail "job $J2 ran before the upgrade"
+err=$(sql "SELECT store_cancel($J2)" 2>&1) && fail "store_cancel ran before the upgrade: $err"
+echo "$err" | grep -q "pg_store 0.1.0 is created in this database, but the library is $NEW" || fail "store_cancel before the upgrade: $err"
 sql "ALTER EXTENSION pg_store UPDATE"
 [ "$(sql "SELECT extversion FROM pg_extension WHERE extname = 'pg_store'")" = "$NEW" ] || fail "not $NEW after the update"
 [ "$(wait_ended "$J2")" = done ] || fail "job $J2, queued under 0.1.0, did not end done after the update: $(sql "SELECT error FROM store.jobs WHERE id = $J2")"
