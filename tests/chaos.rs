@@ -1266,13 +1266,13 @@ fn hostile(x: &mut Ctx) {
     // Refusals with a SQLSTATE.
     let calls: Vec<(&str, String, &str, &str)> = vec![
         ("chaos_plain", format!("SELECT store_ingest('{o}')"), "42501", "permission denied to ingest server files"),
-        ("chaos_plain", format!("SELECT store.enqueue('{o}', 'store.lines'::regclass, 'line', 'exact', NULL)"), "42501", "permission denied"),
+        ("chaos_plain", format!("SELECT store.enqueue('{o}', 'store.lines'::regclass, 'line', 'exact', NULL, NULL)"), "42501", "permission denied"),
         ("chaos_plain", "INSERT INTO store.jobs (path, target, column_name, dedup, owner) VALUES ('/etc', 'store.lines', 'line', 'exact', 'postgres')".into(), "42501", "permission denied for table jobs"),
         ("chaos_reader", "UPDATE store.jobs SET path = '/etc'".into(), "42501", "permission denied for table jobs"),
         ("chaos_reader", "DELETE FROM store.ingested".into(), "42501", "permission denied for table ingested"),
         ("chaos_reader", "UPDATE store.checkpoints SET last_key = NULL".into(), "42501", "permission denied for table checkpoints"),
         ("chaos_reader", format!("SELECT store_ingest('{o}', 'chaos_private')"), "42501", "permission denied to insert into"),
-        ("chaos_reader", format!("SELECT store.enqueue('{o}', 'chaos_private'::regclass::oid, 'line', 'exact', NULL)"), "42501", "permission denied to insert into"),
+        ("chaos_reader", format!("SELECT store.enqueue('{o}', 'chaos_private'::regclass::oid, 'line', 'exact', NULL, NULL)"), "42501", "permission denied to insert into"),
         ("chaos_reader", format!("SELECT store_cancel({theirs})"), "42704", "no pg_store job"),
         ("chaos_reader", format!("SELECT * FROM store_wait({theirs}, '1 second')"), "42704", "no pg_store job"),
         ("chaos_plain", format!("SELECT * FROM store_wait({readers}, '1 second')"), "42704", "no pg_store job"),
