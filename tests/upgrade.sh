@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# make test-upgrade: ALTER EXTENSION pg_store UPDATE from 0.1.0 (built from its tagged
-# sources, commit fd2eb5c, built once into target/upgrade-0.1.0) to this version. A 0.1.0 cluster ingests a directory and
+# make test-upgrade: ALTER EXTENSION pg_store UPDATE from 0.1.0 (built from its sources,
+# commit fd2eb5c, kept as tests/fixtures/pg_store-0.1.0.tar.gz; built once into
+# target/upgrade-0.1.0) to this version. A 0.1.0 cluster ingests a directory and
 # has a job queued; the current build is installed over it; after ALTER EXTENSION
 # UPDATE the queued job runs, the ledger still skips the files 0.1.0 ingested, and the
 # upgraded database's schema (pg_dump --schema-only --binary-upgrade, which lists an
@@ -14,13 +15,15 @@ cd "$(dirname "$0")/.."
 BIN=/usr/lib/postgresql/15/bin; PG_CONFIG=${PG_CONFIG:-$BIN/pg_config}
 OLD=fd2eb5c; U=$PWD/target/upgrade-0.1.0; PORT=5462
 NEW=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
-fail() { echo "FAILED: $*"; [ -f "$W/log" ] && tail -20 "$W/log"; exit 1; }
+fail() { echo "FAILED: $*"; [ -f "${W:-}/log" ] && tail -20 "$W/log"; exit 1; }
 
-git cat-file -e "$OLD^{commit}" 2>/dev/null ||
-  fail "commit $OLD (pg_store 0.1.0) is not in this clone: the upgrade test builds it (clone without --depth)"
+# 0.1.0's sources, as `git archive --prefix=pg_store-0.1.0/ fd2eb5c` wrote them (kept in
+# the repository, so a shallow clone tests the upgrade too).
+SRC=tests/fixtures/pg_store-0.1.0.tar.gz
+[ -f "$SRC" ] || fail "$SRC is missing"
 if [ ! -f "$U/stage-0.1.0/.done" ]; then
-  echo "building pg_store 0.1.0 from commit $OLD (a few minutes, once)"
-  rm -rf "$U/src"; mkdir -p "$U/src"; git archive "$OLD" | tar -x -C "$U/src"
+  echo "building pg_store 0.1.0 from $SRC (commit $OLD; a few minutes, once)"
+  rm -rf "$U/src"; mkdir -p "$U/src"; tar -xzf "$SRC" -C "$U/src" --strip-components=1
   printf '\n[workspace]\n' >> "$U/src/Cargo.toml" # its own workspace, not this checkout's
   (cd "$U/src" && CARGO_TARGET_DIR="$U/target" cargo pgrx package --pg-config "$PG_CONFIG" >/dev/null)
   rm -rf "$U/stage-0.1.0"; cp -a "$U/target/release/pg_store-pg15" "$U/stage-0.1.0"; touch "$U/stage-0.1.0/.done"
