@@ -59,10 +59,7 @@ mod store {
 /// declarations call into the new code — some of 0.1.0's as SECURITY DEFINER, which
 /// would make the new code see their owner as the caller: refuse instead.
 pub fn require_current_version() -> Result<()> {
-    let v = Spi::get_one::<String>(
-        "SELECT (SELECT extversion::text FROM pg_catalog.pg_extension WHERE extname = 'pg_store')",
-    )?;
-    match v {
+    match installed_version()? {
         Some(v) if v == env!("CARGO_PKG_VERSION") => Ok(()),
         v => Err(StoreError::refused(
             ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -74,6 +71,13 @@ pub fn require_current_version() -> Result<()> {
         )
         .with_hint("Run ALTER EXTENSION pg_store UPDATE in this database.")),
     }
+}
+
+/// pg_store's version as created in this database, if it is.
+pub fn installed_version() -> Result<Option<String>> {
+    Ok(Spi::get_one::<String>(
+        "SELECT (SELECT extversion::text FROM pg_catalog.pg_extension WHERE extname = 'pg_store')",
+    )?)
 }
 
 fn enqueue(

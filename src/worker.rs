@@ -193,7 +193,7 @@ pub extern "C-unwind" fn pg_store_worker_main(arg: pg_sys::Datum) {
     registry::proc_enter(Kind::Worker);
     pin_session();
     registry::granted(db);
-    match transaction(installed_version) {
+    match transaction(crate::api::installed_version) {
         Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => {}
         Ok(Some(v)) => {
             log!(
@@ -246,13 +246,6 @@ pub extern "C-unwind" fn pg_store_worker_main(arg: pg_sys::Datum) {
             return;
         }
     }
-}
-
-/// pg_store's version as created in this database, if it is.
-fn installed_version() -> Result<Option<String>> {
-    Ok(Spi::get_one::<String>(
-        "SELECT (SELECT extversion::text FROM pg_catalog.pg_extension WHERE extname = 'pg_store')",
-    )?)
 }
 
 fn database_name() -> String {
