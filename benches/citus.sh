@@ -5,7 +5,8 @@
 # with store.memory_limit 256MB, store.cpu_limit 2). About 20 minutes here.
 #
 #   benches/citus.sh        RUNS (default 3): rounds; FILES x SIZE (default 8 x 128M);
-#                           INSERT_WORKERS: store.insert_workers (default: the server's)
+#                           INSERT_WORKERS: store.insert_workers (default 1; empty: the server's);
+#                           BATCH_TARGET_MS: store.batch_target_ms (default: the server's)
 #
 # Data: store-gen --files FILES --size SIZE --dup 0.3 --seed 21. The COPY side gets the
 # distinct lines sorted beforehand (LC_ALL=C sort -u, not timed): COPY alone against
@@ -17,6 +18,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}; FILES=${FILES:-8}; SIZE=${SIZE:-128M}; BASE=${BENCH_PORT:-5452}
+# One insert worker unless told: the three nodes share this machine's cores, where a second
+# inserter competes with the workers' backends (2 inserters: 0.78 of COPY, 1: 0.85, 2026-11-26).
+INSERT_WORKERS=${INSERT_WORKERS-1}
 BIN=/usr/lib/postgresql/15/bin
 [ -f "$($BIN/pg_config --pkglibdir)/citus.so" ] || { echo "Citus is not installed (../shared/tools/install-citus.sh builds it)"; exit 1; }
 W=$PWD/target/bench/citus; TMP=$W/tmp; DATA=$PWD/target/bench/citus-data-$FILES-$SIZE
@@ -64,6 +68,8 @@ fi
 sql "DROP EXTENSION IF EXISTS pg_store CASCADE" 2>/dev/null; sql "CREATE EXTENSION pg_store"
 # INSERT_WORKERS=n: store.insert_workers for pg_store's jobs (default: the server's).
 if [ -n "${INSERT_WORKERS:-}" ]; then sql "ALTER SYSTEM SET store.insert_workers = $INSERT_WORKERS"; else sql "ALTER SYSTEM RESET store.insert_workers"; fi
+# BATCH_TARGET_MS=n: store.batch_target_ms (default: the server's).
+if [ -n "${BATCH_TARGET_MS:-}" ]; then sql "ALTER SYSTEM SET store.batch_target_ms = $BATCH_TARGET_MS"; else sql "ALTER SYSTEM RESET store.batch_target_ms"; fi
 sql "SELECT pg_reload_conf()" >/dev/null; sleep 1
 sql "DROP TABLE IF EXISTS c, p, k"
 sql "CREATE TABLE c (line text PRIMARY KEY); SELECT create_distributed_table('c', 'line')" >/dev/null
@@ -94,7 +100,7 @@ pg_store() {
 declare -a TC TP TK; DETAIL_P=() DETAIL_K=()
 ROWS=$(wc -l < "$DISTINCT")
 echo "# $(date -u +%F) $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM, Citus $(sql "SELECT extversion FROM pg_extension WHERE extname = 'citus'"), 1 coordinator + 2 workers on this machine"
-echo "# data: $DATA ($(du -sh "$DATA" | cut -f1), $(cat "$DATA"/part-* | wc -l) records, $ROWS distinct); insert workers: $(sql "SHOW store.insert_workers")"
+echo "# data: $DATA ($(du -sh "$DATA" | cut -f1), $(cat "$DATA"/part-* | wc -l) records, $ROWS distinct); insert workers: $(sql "SHOW store.insert_workers"), batch target: $(sql "SHOW store.batch_target_ms") ms"
 for r in $(seq "$RUNS"); do
   sql "TRUNCATE c, p, k; DELETE FROM store.ingested" >/dev/null; sql "CHECKPOINT"
   t0=$(now); copy_c; t1=$(now); TC+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}')")

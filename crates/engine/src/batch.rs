@@ -5,10 +5,11 @@
 //! a part per row. From the last batches' sizes and latencies it fits `t = F + c·n`, and
 //! aims each batch at the larger of `target` and ten times `F` — so the fixed cost stays
 //! under a tenth of the time — within the `ceiling`, `[min, max]` records and `max_bytes`
-//! (which the consumer checks as it fills). A step never more than doubles or halves the
-//! size, so one slow outlier (a checkpoint, autovacuum) cannot swing it to an extreme. A
-//! fixed "100 ms a batch" rule would shrink batches to nothing when a transaction alone
-//! costs more than 100 ms.
+//! (which the consumer checks as it fills). A step at most quadruples the size (a ramp
+//! from 100 rows to a million takes seven batches, not fourteen: on a distributed target
+//! each costs a distributed transaction) and at most halves it, so one slow outlier (a
+//! checkpoint, autovacuum) cannot swing it to an extreme. A fixed "100 ms a batch" rule
+//! would shrink batches to nothing when a transaction alone costs more than 100 ms.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -22,6 +23,11 @@ pub const DEFAULT_BATCH_TARGET: Duration = Duration::from_millis(250);
 pub const DEFAULT_BATCH_CEILING: Duration = Duration::from_secs(10);
 /// Bytes of records in one batch at most (16 MiB): long lines make smaller batches.
 pub const DEFAULT_BATCH_MAX_BYTES: usize = 16 << 20;
+/// The first batch on a distributed target, where even one row costs a distributed
+/// transaction (~0.4 s on a small Citus cluster).
+pub const DISTRIBUTED_BATCH_START: usize = 10_000;
+/// The most one step multiplies the batch size by.
+const GROWTH: usize = 4;
 /// How many recent batches the fit uses.
 const WINDOW: usize = 8;
 
@@ -40,6 +46,12 @@ pub struct AdaptiveBatcher {
 impl AdaptiveBatcher {
     /// Starts at `min`: the first batches probe the consumer cheaply.
     pub fn new(min: usize, max: usize, target: Duration) -> AdaptiveBatcher {
+        AdaptiveBatcher::starting_at(min, min, max, target)
+    }
+
+    /// Starts at `start` (within `[min, max]`): a consumer known to have a high fixed
+    /// cost per batch skips the cheap probes.
+    pub fn starting_at(start: usize, min: usize, max: usize, target: Duration) -> AdaptiveBatcher {
         let min = min.max(1);
         let max = max.max(min);
         AdaptiveBatcher {
@@ -47,7 +59,7 @@ impl AdaptiveBatcher {
             max,
             target,
             ceiling: DEFAULT_BATCH_CEILING.max(target),
-            size: min,
+            size: start.clamp(min, max),
             recent: VecDeque::with_capacity(WINDOW),
             model: None,
         }
@@ -107,10 +119,10 @@ impl AdaptiveBatcher {
             }
             // Nothing to fit yet (every batch of one size): try a bigger one, unless this
             // one already took the longest a batch may take.
-            None if elapsed < self.ceiling / 2 => self.size.saturating_mul(2),
+            None if elapsed < self.ceiling / 2 => self.size.saturating_mul(GROWTH),
             None => self.size / 2,
         };
-        let step = ideal.clamp(self.size / 2, self.size.saturating_mul(2));
+        let step = ideal.clamp(self.size / 2, self.size.saturating_mul(GROWTH));
         self.size = step.clamp(self.min, self.max);
     }
 }
@@ -282,6 +294,25 @@ mod tests {
         let mut c = AdaptiveBatcher::new(100, 10_000_000, 100 * MS);
         let m = settle(&mut c, 5000 * MS, Duration::from_micros(10), 40);
         assert!(5.0 + 10e-6 * (m as f64) <= DEFAULT_BATCH_CEILING.as_secs_f64() + 0.5, "{m}");
+    }
+
+    #[test]
+    fn a_distributed_target_ramps_up_in_a_few_batches() {
+        // 400 ms a batch whatever its size, then 2 µs a row: from 10,000 rows the batcher
+        // reaches a million in four batches (from 100, doubling, it took fourteen, each
+        // a distributed transaction).
+        let mut b = AdaptiveBatcher::starting_at(DISTRIBUTED_BATCH_START, 100, 1_000_000, 250 * MS);
+        let mut sizes = vec![b.size()];
+        while b.size() < 1_000_000 {
+            let n = b.size();
+            b.observe(n, 400 * MS + Duration::from_micros(2) * n as u32);
+            sizes.push(b.size());
+            assert!(sizes.len() <= 5, "sizes {sizes:?}");
+        }
+        assert_eq!(sizes, [10_000, 40_000, 160_000, 640_000, 1_000_000]);
+        // The start stays within the limits.
+        assert_eq!(AdaptiveBatcher::starting_at(10, 100, 5000, MS).size(), 100);
+        assert_eq!(AdaptiveBatcher::starting_at(10_000, 100, 5000, MS).size(), 5000);
     }
 
     #[test]

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use super::batch::{DEFAULT_BATCH_MAX, DEFAULT_BATCH_MAX_BYTES, DEFAULT_BATCH_MIN, DEFAULT_BATCH_TARGET};
+use super::batch::{
+    DEFAULT_BATCH_MAX, DEFAULT_BATCH_MAX_BYTES, DEFAULT_BATCH_MIN, DEFAULT_BATCH_TARGET, DISTRIBUTED_BATCH_START,
+};
 use super::error::{Error, Result};
 use super::filter::Filter;
 use super::limits::{self, Budget};
@@ -83,14 +85,18 @@ pub struct BatchLimits {
     pub target: Duration,
     /// Bytes of records in one batch at most.
     pub max_bytes: usize,
+    /// Records in the first batch (raised to `min`, lowered to `max`).
+    pub start: usize,
 }
 
 impl BatchLimits {
     /// For a distributed target, where each batch is a distributed transaction with a
-    /// fixed cost of its own: up to a million rows, and as many bytes as an eighth of
-    /// the memory budget allows (16 to 64 MiB).
+    /// fixed cost of its own: starting at 10,000 rows (a ramp from 100 cost a dozen
+    /// distributed transactions for the first million rows), up to a million rows, and
+    /// as many bytes as an eighth of the memory budget allows (16 to 64 MiB).
     pub fn distributed(self, memory_limit: u64) -> BatchLimits {
         BatchLimits {
+            start: self.start.max(DISTRIBUTED_BATCH_START),
             max: self.max.max(1_000_000),
             max_bytes: ((memory_limit / 8) as usize).clamp(16 << 20, 64 << 20),
             ..self
@@ -105,6 +111,7 @@ impl Default for BatchLimits {
             max: DEFAULT_BATCH_MAX,
             target: DEFAULT_BATCH_TARGET,
             max_bytes: DEFAULT_BATCH_MAX_BYTES,
+            start: DEFAULT_BATCH_MIN,
         }
     }
 }
