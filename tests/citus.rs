@@ -11,11 +11,11 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use common::{readable_dir, Cluster};
-use store_testkit::{generate, oracle, Expected, GenSpec};
+use common::{fixtures, num, q, readable_dir, Cluster};
+use store_testkit::{oracle, GenSpec};
 
 /// Whether Citus is there to test against. Under CI (`CI` set) it must be: `make test`
 /// installs it from `../shared/vendor`, and a Citus test that skips there is a defect.
@@ -66,21 +66,6 @@ impl Citus {
             w.wait_until("SELECT count(*) = 0 FROM pg_prepared_xacts", Duration::from_secs(60));
         }
     }
-}
-
-fn q(c: &Cluster, sql: &str) -> String {
-    c.psql(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
-}
-
-fn num(c: &Cluster, sql: &str) -> i64 {
-    q(c, sql).parse().unwrap_or_else(|e| panic!("{sql}: {e}"))
-}
-
-fn fixtures(c: &Cluster, name: &str, spec: &GenSpec) -> (PathBuf, Expected) {
-    let dir = readable_dir(&c.dir.join(name));
-    generate(&dir, spec).unwrap();
-    let want = oracle(&dir, spec.max_line_bytes).unwrap();
-    (dir, want)
 }
 
 #[test]

@@ -9,23 +9,8 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{readable_dir, shared_oracle_sha, Cluster};
-use store_testkit::{generate, oracle, Expected, GenSpec};
-
-fn fixtures(c: &Cluster, name: &str, spec: &GenSpec) -> (PathBuf, Expected) {
-    let dir = readable_dir(&c.dir.join(name));
-    generate(&dir, spec).unwrap();
-    let want = oracle(&dir, spec.max_line_bytes).unwrap();
-    (dir, want)
-}
-
-fn q(c: &Cluster, sql: &str) -> String {
-    c.psql(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
-}
-
-fn num(c: &Cluster, sql: &str) -> i64 {
-    q(c, sql).parse().unwrap_or_else(|e| panic!("{sql}: {e}"))
-}
+use common::{fixtures, num, q, readable_dir, shared_oracle_sha, Cluster};
+use store_testkit::{oracle, Expected, GenSpec};
 
 #[test]
 fn ingest_equals_oracle_rerun_is_idempotent_and_new_files_are_picked_up() {

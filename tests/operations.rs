@@ -4,28 +4,16 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{readable_dir, Cluster};
-use store_testkit::{generate, oracle, Expected, GenSpec};
+use common::{fixtures, q, Cluster};
+use store_testkit::GenSpec;
 
 const BIN: &str = "/usr/lib/postgresql/15/bin";
 
-fn q(c: &Cluster, sql: &str) -> String {
-    c.psql(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
-}
-
 fn qin(c: &Cluster, db: &str, sql: &str) -> String {
     c.psql_in(db, "postgres", sql).unwrap_or_else(|e| panic!("{db}: {sql}: {e}"))
-}
-
-fn fixtures(c: &Cluster, name: &str, spec: &GenSpec) -> (PathBuf, Expected) {
-    let dir = readable_dir(&c.dir.join(name));
-    generate(&dir, spec).unwrap();
-    let want = oracle(&dir, spec.max_line_bytes).unwrap();
-    (dir, want)
 }
 
 /// Wait until `sql`, run in `db`, returns `t`.

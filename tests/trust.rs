@@ -16,23 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{readable_dir, Cluster, BIN};
-use store_testkit::{generate, line_for, oracle, oracle_set, Expected, GenSpec};
-
-fn q(c: &Cluster, sql: &str) -> String {
-    c.psql(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
-}
-
-fn num(c: &Cluster, sql: &str) -> i64 {
-    q(c, sql).parse().unwrap_or_else(|e| panic!("{sql}: {e}"))
-}
-
-fn fixtures(c: &Cluster, name: &str, spec: &GenSpec) -> (PathBuf, Expected) {
-    let dir = readable_dir(&c.dir.join(name));
-    generate(&dir, spec).unwrap();
-    let want = oracle(&dir, spec.max_line_bytes).unwrap();
-    (dir, want)
-}
+use common::{fixtures, num, q, readable_dir, Cluster, BIN};
+use store_testkit::{line_for, oracle, oracle_set, Expected, GenSpec};
 
 /// About 1.6 M distinct lines: long enough to act on a job while it inserts.
 fn big(c: &Cluster) -> (PathBuf, Expected) {
