@@ -331,15 +331,16 @@ impl Ctx {
         Ok(())
     }
 
-    fn record(&mut self, name: &str, r: Check) {
+    fn record(&mut self, name: &str, r: Check, took: Duration) {
         self.t.faults += 1;
+        let took = took.as_secs_f64();
         match r {
             Ok(detail) => {
                 self.t.survived += 1;
-                println!("  ok   {name}{}{detail}", if detail.is_empty() { "" } else { ": " });
+                println!("  ok   {name} ({took:.1} s){}{detail}", if detail.is_empty() { "" } else { ": " });
             }
             Err(e) => {
-                println!("  FAIL {name}: {e}");
+                println!("  FAIL {name} ({took:.1} s): {e}");
                 self.t.failures.push(format!("{name}: {e}"));
             }
         }
@@ -353,6 +354,7 @@ impl Ctx {
 
     /// Run `f` as one fault, catching its panics as failures.
     fn fault(&mut self, name: &str, f: impl FnOnce(&mut Ctx) -> Check) {
+        let started = Instant::now();
         let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self))) {
             Ok(r) => r,
             Err(p) => Err(p
@@ -361,7 +363,7 @@ impl Ctx {
                 .or(p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default()),
         };
-        self.record(name, r);
+        self.record(name, r, started.elapsed());
     }
 
     fn baseline(&mut self) {
@@ -649,7 +651,7 @@ fn temp_space(x: &mut Ctx) {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        x.record("temporary space", Err("could not mount a tmpfs (root needed)".into()));
+        x.record("temporary space", Err("could not mount a tmpfs (root needed)".into()), Duration::ZERO);
         return;
     }
     Command::new("chown").args(["postgres", mnt.to_str().unwrap()]).status().unwrap();
