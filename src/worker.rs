@@ -93,29 +93,19 @@ pub extern "C-unwind" fn pg_store_launcher_main(_arg: pg_sys::Datum) {
             if running(&started) >= cap {
                 break;
             }
-            match start_worker(w.database) {
-                Ok(h) => {
-                    started.push((w.database, h));
-                    registry::granted(w.database);
-                }
-                Err(e) => {
-                    log!("pg_store launcher: could not start a worker: {e}");
-                    break;
-                }
+            if !start_worker(w.database, &mut started) {
+                break;
             }
+            registry::granted(w.database);
         }
         while running(&started) < cap && registry::wants().is_empty() {
             let Some(db) = probe.pop_front() else { break };
             if started.iter().any(|(d, _)| *d == db) {
                 continue;
             }
-            match start_worker(db) {
-                Ok(h) => started.push((db, h)),
-                Err(e) => {
-                    log!("pg_store launcher: could not start a worker: {e}");
-                    probe.push_front(db);
-                    break;
-                }
+            if !start_worker(db, &mut started) {
+                probe.push_front(db);
+                break;
             }
         }
         if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
@@ -126,10 +116,12 @@ pub extern "C-unwind" fn pg_store_launcher_main(_arg: pg_sys::Datum) {
     }
 }
 
-fn start_worker(database: u32) -> std::result::Result<DynamicBackgroundWorker, String> {
+/// Start a worker for `database` and keep its handle in `started`; false (logged) when no
+/// background worker slot is free, so the caller stops starting more for now.
+fn start_worker(database: u32, started: &mut Vec<(u32, DynamicBackgroundWorker)>) -> bool {
     // SAFETY: reads a backend global.
     let pid = unsafe { pg_sys::MyProcPid };
-    BackgroundWorkerBuilder::new(&format!("pg_store worker for database {database}"))
+    let handle = BackgroundWorkerBuilder::new(&format!("pg_store worker for database {database}"))
         .set_type("pg_store worker")
         .set_library("pg_store")
         .set_function("pg_store_worker_main")
@@ -137,8 +129,17 @@ fn start_worker(database: u32) -> std::result::Result<DynamicBackgroundWorker, S
         .enable_spi_access()
         .set_restart_time(None)
         .set_notify_pid(pid)
-        .load_dynamic()
-        .map_err(|_| "no background worker slot free (max_worker_processes)".to_string())
+        .load_dynamic();
+    match handle {
+        Ok(h) => {
+            started.push((database, h));
+            true
+        }
+        Err(_) => {
+            log!("pg_store launcher: could not start a worker: no background worker slot free (max_worker_processes)");
+            false
+        }
+    }
 }
 
 /// The databases a worker may connect to (not templates, not being dropped), read from
