@@ -71,14 +71,15 @@ measure() { # key table command...
   R[$key]="$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') ${out:--} $(cat "$TMP/du") $(( (b1 - b0) / 1048576 )) $((f1 - f0)) $(sql "SELECT count(*) FROM $t") $(size_of "$t")"
   echo "  $key: ${R[$key]}" >&2
 }
-pg_store() { # table dir [kill_at_fraction]; prints the private memory peak in MiB
+pg_store() { # table dir [kill_at_fraction distinct_lines]; prints the private memory peak in MiB
   local job state pid
   job=$(sql "SELECT store_ingest('$2', '$1')")
   if [ -n "${3:-}" ]; then
-    # Wait until that fraction of the job's distinct lines is in, then kill -9 the worker.
-    until [ "$(sql "SELECT coalesce(insert_started_at IS NOT NULL AND percent >= 60 + 40 * $3, false) FROM store.jobs j JOIN store.status s USING (id) WHERE id = $job")" = t ]; do sleep 0.5; done
+    # Wait until that fraction of the job's distinct lines ($4, known from the load before)
+    # is committed, then kill -9 the worker.
+    until [ "$(sql "SELECT coalesce(sum(inserted), 0) >= $3 * $4 FROM store.checkpoints WHERE job = $job")" = t ]; do sleep 0.5; done
     pid=$(sql "SELECT worker_pid FROM store.jobs WHERE id = $job"); kill -9 "$pid"
-    echo "  killed the worker (pid $pid) at $(sql "SELECT percent FROM store.status WHERE id = $job") %" >&2
+    echo "  killed the worker (pid $pid) with $(sql "SELECT sum(inserted) FROM store.checkpoints WHERE job = $job") of $4 lines in" >&2
     sleep 2
   fi
   until state=$(sql "SELECT state FROM store.jobs WHERE id = $job" 2>/dev/null); [ "$state" = done ] || [ "$state" = failed ] || [ "$state" = cancelled ]; do sleep 0.5; done
@@ -119,7 +120,7 @@ fresh_table e
 measure new_empty e pg_store e "$NEW"
 sql "DROP TABLE e"
 fresh_table k
-measure big_kill k pg_store k "$BIG" 0.9
+measure big_kill k pg_store k "$BIG" 0.9 "$(echo "${R[big_pg]}" | cut -d" " -f6)"
 [ "$(fingerprint k)" = "$FP_BIG" ] || { echo "TABLE DIFFERS after the kill -9"; exit 1; }
 sql "DROP TABLE k"
 
