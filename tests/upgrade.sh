@@ -25,7 +25,11 @@ if [ ! -f "$U/stage-0.1.0/.done" ]; then
   echo "building pg_store 0.1.0 from $SRC (commit $OLD; a few minutes, once)"
   rm -rf "$U/src"; mkdir -p "$U/src"; tar -xzf "$SRC" -C "$U/src" --strip-components=1
   printf '\n[workspace]\n' >> "$U/src/Cargo.toml" # its own workspace, not this checkout's
-  (cd "$U/src" && CARGO_TARGET_DIR="$U/target" cargo pgrx package --pg-config "$PG_CONFIG" >/dev/null)
+  # A quick build (opt-level 1, no LTO, many codegen units, no debuginfo): the old version
+  # only has to run a small job, and `make test` builds it from scratch on every clean clone.
+  (cd "$U/src" && CARGO_TARGET_DIR="$U/target" CARGO_PROFILE_RELEASE_OPT_LEVEL=1 CARGO_PROFILE_RELEASE_LTO=false \
+    CARGO_PROFILE_RELEASE_CODEGEN_UNITS=64 CARGO_PROFILE_RELEASE_DEBUG=false \
+    cargo pgrx package --pg-config "$PG_CONFIG" >/dev/null)
   rm -rf "$U/stage-0.1.0"; cp -a "$U/target/release/pg_store-pg15" "$U/stage-0.1.0"; touch "$U/stage-0.1.0/.done"
 fi
 
