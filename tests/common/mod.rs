@@ -311,17 +311,24 @@ impl Cluster {
     /// over the bytewise-sorted lines, each with a newline): no line passes through
     /// psql's printer, which drops Unicode noncharacters, nor through this unoptimised
     /// test build, where decoding and hashing a chaos table took seconds each time.
+    /// A server that a test has just crashed (a job may end a moment before its worker is
+    /// killed) takes connections again after recovery: waited for, up to a minute.
     pub fn table_sha_in(&self, db: &str, table: &str, column: &str) -> String {
-        self.psql_in(
-            db,
-            "postgres",
-            &format!(
-                "SELECT pg_catalog.encode(pg_catalog.sha256(coalesce(pg_catalog.string_agg(\
-                 pg_catalog.convert_to({column}, 'UTF8') || '\\x0a'::bytea, ''::bytea \
-                 ORDER BY pg_catalog.convert_to({column}, 'UTF8')), ''::bytea)), 'hex') FROM {table}"
-            ),
-        )
-        .unwrap_or_else(|e| panic!("SHA-256 of {table}.{column}: {e}"))
+        let sql = format!(
+            "SELECT pg_catalog.encode(pg_catalog.sha256(coalesce(pg_catalog.string_agg(\
+             pg_catalog.convert_to({column}, 'UTF8') || '\\x0a'::bytea, ''::bytea \
+             ORDER BY pg_catalog.convert_to({column}, 'UTF8')), ''::bytea)), 'hex') FROM {table}"
+        );
+        let t = Instant::now();
+        loop {
+            match self.psql_in(db, "postgres", &sql) {
+                Ok(sha) => return sha,
+                Err(e) if e.contains("connection to server") && t.elapsed() < Duration::from_secs(60) => {
+                    std::thread::sleep(Duration::from_millis(300))
+                }
+                Err(e) => panic!("SHA-256 of {table}.{column}: {e}"),
+            }
+        }
     }
 
     pub fn log_tail(&self) -> String {
