@@ -49,6 +49,9 @@ store.temp_dir = '$TMP/pg_store'
 CONF
 fi
 runuser -u postgres -- "$BIN/pg_ctl" -D "$CL" status >/dev/null 2>&1 || runuser -u postgres -- "$BIN/pg_ctl" -D "$CL" -l "$W/log" -w start >/dev/null
+# Stopped at the end, whatever happens: a server left running with pg_store loaded would
+# die when a later `make test-pg` copies its debug library in place.
+trap 'runuser -u postgres -- "$BIN/pg_ctl" -D "$CL" -m fast stop >/dev/null 2>&1 || true' EXIT
 PSQL=("$BIN/psql" -XAtq -v ON_ERROR_STOP=1 -h "$W" -p "$PORT" -U postgres -d postgres)
 sql() { "${PSQL[@]}" -c "$1"; }
 sql "CREATE EXTENSION IF NOT EXISTS pg_store"

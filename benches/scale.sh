@@ -47,6 +47,9 @@ CONF
 fi
 runuser -u postgres -- "$BIN/pg_ctl" -D "$CL" -m fast stop >/dev/null 2>&1 || true
 runuser -u postgres -- "$BIN/pg_ctl" -D "$CL" -l "$W/log" -w start >/dev/null
+# Stopped at the end, whatever happens: a server left running with pg_store loaded would
+# die when a later `make test-pg` copies its debug library in place.
+trap 'runuser -u postgres -- "$BIN/pg_ctl" -D "$CL" -m fast stop >/dev/null 2>&1 || true' EXIT
 PSQL=("$BIN/psql" -XAtq -v ON_ERROR_STOP=1 -h "$W" -p "$PORT" -U postgres -d postgres)
 sql() { "${PSQL[@]}" -c "$1"; }
 sql "DROP EXTENSION IF EXISTS pg_store CASCADE; CREATE EXTENSION pg_store"
