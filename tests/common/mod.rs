@@ -223,9 +223,14 @@ impl Cluster {
 
     /// Like [`psql`](Self::psql), retrying while the server restarts (after a crash).
     pub fn psql_retry(&self, sql: &str, within: Duration) -> String {
+        self.psql_retry_in("postgres", sql, within)
+    }
+
+    /// [`psql_retry`](Self::psql_retry) in database `db`.
+    pub fn psql_retry_in(&self, db: &str, sql: &str, within: Duration) -> String {
         let t = Instant::now();
         loop {
-            match self.psql(sql) {
+            match self.psql_in(db, "postgres", sql) {
                 Ok(s) => return s,
                 Err(e) if t.elapsed() < within => {
                     let _ = e;
@@ -312,23 +317,15 @@ impl Cluster {
     /// psql's printer, which drops Unicode noncharacters, nor through this unoptimised
     /// test build, where decoding and hashing a chaos table took seconds each time.
     /// A server that a test has just crashed (a job may end a moment before its worker is
-    /// killed) takes connections again after recovery: waited for, up to a minute.
+    /// killed) cuts the query off or refuses it until recovery ends: retried, up to a
+    /// minute, as every query of the chaos campaign is.
     pub fn table_sha_in(&self, db: &str, table: &str, column: &str) -> String {
         let sql = format!(
             "SELECT pg_catalog.encode(pg_catalog.sha256(coalesce(pg_catalog.string_agg(\
              pg_catalog.convert_to({column}, 'UTF8') || '\\x0a'::bytea, ''::bytea \
              ORDER BY pg_catalog.convert_to({column}, 'UTF8')), ''::bytea)), 'hex') FROM {table}"
         );
-        let t = Instant::now();
-        loop {
-            match self.psql_in(db, "postgres", &sql) {
-                Ok(sha) => return sha,
-                Err(e) if e.contains("connection to server") && t.elapsed() < Duration::from_secs(60) => {
-                    std::thread::sleep(Duration::from_millis(300))
-                }
-                Err(e) => panic!("SHA-256 of {table}.{column}: {e}"),
-            }
-        }
+        self.psql_retry_in(db, &sql, Duration::from_secs(60))
     }
 
     pub fn log_tail(&self) -> String {
