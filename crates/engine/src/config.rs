@@ -6,7 +6,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use super::batch::{
-    DEFAULT_BATCH_MAX, DEFAULT_BATCH_MAX_BYTES, DEFAULT_BATCH_MIN, DEFAULT_BATCH_TARGET, DISTRIBUTED_BATCH_START,
+    AdaptiveBatcher, DEFAULT_BATCH_MAX, DEFAULT_BATCH_MAX_BYTES, DEFAULT_BATCH_MIN, DEFAULT_BATCH_TARGET,
+    DISTRIBUTED_BATCH_START,
 };
 use super::error::{Error, Result};
 use super::filter::Filter;
@@ -90,6 +91,11 @@ pub struct BatchLimits {
 }
 
 impl BatchLimits {
+    /// The batcher that sizes batches within these limits.
+    pub fn batcher(&self) -> AdaptiveBatcher {
+        AdaptiveBatcher::starting_at(self.start, self.min, self.max, self.target)
+    }
+
     /// For a distributed target, where each batch is a distributed transaction with a
     /// fixed cost of its own: starting at 10,000 rows (a ramp from 100 cost a dozen
     /// distributed transactions for the first million rows), up to a million rows, and

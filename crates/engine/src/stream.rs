@@ -256,7 +256,7 @@ fn drain_merger<S: Sink>(
             }
         }
     })?;
-    let mut batcher = AdaptiveBatcher::starting_at(cfg.batch.start, cfg.batch.min, cfg.batch.max, cfg.batch.target);
+    let mut batcher = cfg.batch.batcher();
     let consumed = (|| -> Result<(), Halt<S::Error>> {
         let mut batch = Batch::default();
         loop {
@@ -323,7 +323,7 @@ fn bloom<S: Sink>(
     let expected = cfg.bloom_expected.unwrap_or_else(|| files.iter().map(|f| f.size).sum::<u64>() / 32).max(1024);
     let cap = cfg.memory_limit.saturating_sub(cfg.budget().merge_buffer as u64 + (8 << 20)).max(1 << 16);
     let mut dedup = ApproxDedup::new(expected, cfg.bloom_fpr, Some(cap))?;
-    let mut batcher = AdaptiveBatcher::starting_at(cfg.batch.start, cfg.batch.min, cfg.batch.max, cfg.batch.target);
+    let mut batcher = cfg.batch.batcher();
     let mut batch = Some(Batch::default());
     scan(cfg, tree, files, progress, sink, &mut |rec, sink| {
         if !dedup.offer(rec) {
