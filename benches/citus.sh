@@ -66,7 +66,7 @@ if [ "$(sql "SELECT count(*) FROM pg_dist_node")" = 0 ]; then
   sql "SELECT citus_add_node('127.0.0.1', $(port w2))" >/dev/null
 fi
 sql "DROP EXTENSION IF EXISTS pg_store CASCADE" 2>/dev/null; sql "CREATE EXTENSION pg_store"
-# INSERT_WORKERS=n: store.insert_workers for pg_store's jobs (default: the server's).
+# INSERT_WORKERS=n: store.insert_workers for pg_store's jobs (empty: the server's).
 if [ -n "${INSERT_WORKERS:-}" ]; then sql "ALTER SYSTEM SET store.insert_workers = $INSERT_WORKERS"; else sql "ALTER SYSTEM RESET store.insert_workers"; fi
 # BATCH_TARGET_MS=n: store.batch_target_ms (default: the server's).
 if [ -n "${BATCH_TARGET_MS:-}" ]; then sql "ALTER SYSTEM SET store.batch_target_ms = $BATCH_TARGET_MS"; else sql "ALTER SYSTEM RESET store.batch_target_ms"; fi
