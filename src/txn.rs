@@ -35,7 +35,22 @@ pub fn transaction<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
     if unsafe { pg_sys::IsTransactionState() } {
         unsafe { pg_sys::AbortCurrentTransaction() };
     }
+    report_stats(false);
     result
+}
+
+/// Flush this process's statistics (rows inserted into the target, WAL written, I/O) to
+/// the shared cumulative statistics, as a client backend does when it goes idle; at most
+/// once a second unless `force`. Without it a job's counts wait for its worker's exit:
+/// autovacuum and monitoring see nothing of a load while it runs.
+pub fn report_stats(force: bool) {
+    thread_local!(static LAST: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) });
+    let due = LAST.with(|l| l.get().is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)));
+    if force || due {
+        LAST.with(|l| l.set(Some(std::time::Instant::now())));
+        // SAFETY: called between transactions, in a backend connected to a database.
+        unsafe { pg_sys::pgstat_report_stat(true) };
+    }
 }
 
 /// Run `f` in a transaction that is then rolled back, whatever `f` returns: for what

@@ -479,6 +479,7 @@ fn run_claimed(id: i64, claim: i32) {
         }
     }
     log_end(id);
+    crate::txn::report_stats(true);
     registry::leave(id);
 }
 

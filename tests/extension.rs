@@ -394,3 +394,32 @@ fn kill_9_of_an_inserter_of_a_range_resumes_exact_without_sorting_again() {
     );
     assert_eq!(per_range, "true,true,true");
 }
+
+/// The worker reports its statistics as it goes (at most once a second), not at its
+/// exit: autovacuum and monitoring see the rows of a load while it runs.
+#[test]
+fn rows_a_running_job_inserted_show_in_the_table_statistics() {
+    // One process inserts: an inserter of a range reports at its exit, which may come early.
+    let c = Cluster::start("stats", "store.batch_max = 1000\nstore.insert_workers = 1");
+    let (dir, _) = big_fixture(&c);
+    let job = c.ingest(&format!("'{}'", dir.display()));
+    wait_mid_insert(&c, job);
+    let t = Instant::now();
+    loop {
+        let s = q(
+            &c,
+            &format!(
+                "SELECT s.n_tup_ins || ' ' || j.state FROM pg_stat_user_tables s, store.jobs j \
+                 WHERE s.relid = 'store.lines'::regclass AND j.id = {job}"
+            ),
+        );
+        let (n, state) = s.split_once(' ').unwrap();
+        if n != "0" {
+            assert_eq!(state, "running", "the statistics came only with the end of the job");
+            break;
+        }
+        assert!(state == "running" && t.elapsed() < Duration::from_secs(30), "no statistics while running: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.wait_done(job);
+}
