@@ -10,9 +10,12 @@
 //! present — the steady state of a table growing by new files. A unique violation on the
 //! plain path redoes that batch on the safe path; an optimistic attempt that fails waits
 //! twice as many batches before the next (at most 64), a proven one never tries again.
-//! On a Citus target the plain path is a binary COPY of the batch from a file in the
-//! job's directory: Citus routes COPY rows straight to their shards, where it collects
-//! the rows of `INSERT … SELECT` on the coordinator first.
+//! The plain path is a binary COPY of the batch from a file in the job's directory: a
+//! local table then takes the rows page by page (heap multi-insert, one WAL record a
+//! page instead of one a row: 1 GiB into an empty table took 0.8× the time of the
+//! INSERT), and Citus routes COPY rows straight to their shards, where it collects the
+//! rows of `INSERT … SELECT` on the coordinator first. A target with rules (which COPY
+//! would not apply) or row-level security (which COPY FROM refuses) keeps the INSERT.
 //! Both statements are prepared and run as the job's owner in a security-restricted
 //! operation. Transient errors are retried with exponential backoff. The checkpoint
 //! update carries the claim number: a process whose claim was taken over finds no row
@@ -95,8 +98,8 @@ pub struct Inserter {
     citus: bool,
     fast_sql: String,
     safe_sql: String,
-    /// On a Citus target, the plain path is a COPY of the batch written to this file,
-    /// with this statement (and the key column's values when the target has one).
+    /// The plain path is a COPY of the batch written to this file, with this statement
+    /// (and the key column's values when the target has one); `None`: INSERT.
     copy: Option<Copy>,
     fast: Option<OwnedPreparedStatement>,
     safe: Option<OwnedPreparedStatement>,
@@ -121,9 +124,9 @@ struct Copy {
 }
 
 impl Inserter {
-    /// `dir`: the job's directory, where a Citus target's batches are written for COPY.
+    /// `dir`: the job's directory, where batches are written for COPY.
     pub fn new(job: &Job, target: &Target, role: Role, progress: Arc<Progress>, dir: &std::path::Path) -> Inserter {
-        let copy = target.citus.then(|| {
+        let copy = target.copy.then(|| {
             let file = dir.join(format!("batch-{}.copy", std::process::id()));
             Copy { sql: target.copy_sql(&file), file, key_column: target.key_column.is_some() }
         });

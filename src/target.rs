@@ -36,6 +36,10 @@ pub struct Target {
     pub max_chars: Option<usize>,
     /// A Citus table (distributed, reference, or in a distributed schema).
     pub citus: bool,
+    /// Batches on the plain path may go by COPY: the table has no rules (which COPY would
+    /// not apply) and no row-level security (which COPY FROM refuses). Always on Citus,
+    /// where COPY is the way rows go straight to their shards.
+    pub copy: bool,
 }
 
 impl Target {
@@ -65,8 +69,7 @@ impl Target {
 
 impl Target {
     /// The COPY of a batch written to `file` in binary format ([`write_copy_file`]): the
-    /// plain path on a Citus target, which routes COPY rows straight to their shards where
-    /// `INSERT … SELECT` collects them on the coordinator first.
+    /// plain path, when [`Target::copy`].
     pub fn copy_sql(&self, file: &std::path::Path) -> String {
         let cols = match &self.key_column {
             None => quote_identifier(&self.column).to_string(),
@@ -208,13 +211,20 @@ pub fn check(oid: pg_sys::Oid, column: &str, key_column: Option<&str>, role: pg_
             ));
         }
     }
+    let citus = is_citus_table(oid)?;
     Ok(Target {
         oid,
         name,
         column: column.to_string(),
         key_column: key_column.map(str::to_string),
         max_chars,
-        citus: is_citus_table(oid)?,
+        copy: citus
+            || Spi::get_one_with_args::<bool>(
+                "SELECT NOT (relhasrules OR relrowsecurity) FROM pg_catalog.pg_class WHERE oid = $1",
+                &[oid.into()],
+            )?
+            .unwrap_or(false),
+        citus,
     })
 }
 

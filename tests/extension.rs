@@ -395,6 +395,33 @@ fn kill_9_of_an_inserter_of_a_range_resumes_exact_without_sorting_again() {
     assert_eq!(per_range, "true,true,true");
 }
 
+/// On the plain path a batch goes by COPY, which applies no rules and refuses tables
+/// with row-level security: such targets keep INSERT and get what INSERT gives them.
+#[test]
+fn targets_with_rules_or_row_security_are_filled_by_insert() {
+    let c = Cluster::start("copyless", "");
+    let dir = readable_dir(&c.dir.join("in"));
+    fs::write(dir.join("a.txt"), "x\ny\nz\nx\n").unwrap();
+    q(&c, "CREATE ROLE loader LOGIN IN ROLE pg_read_server_files; CREATE SCHEMA l AUTHORIZATION loader");
+    c.psql_as(
+        "loader",
+        "CREATE TABLE l.audit (line text); CREATE TABLE l.ruled (line text UNIQUE); \
+         CREATE RULE keep AS ON INSERT TO l.ruled DO ALSO INSERT INTO l.audit VALUES (NEW.line); \
+         CREATE TABLE l.secured (line text UNIQUE); \
+         ALTER TABLE l.secured ENABLE ROW LEVEL SECURITY; ALTER TABLE l.secured FORCE ROW LEVEL SECURITY; \
+         CREATE POLICY mine ON l.secured USING (true) WITH CHECK (true); \
+         CREATE TABLE l.plain (line text UNIQUE)",
+    )
+    .unwrap();
+    for t in ["l.ruled", "l.secured", "l.plain"] {
+        let job: i64 =
+            c.psql_as("loader", &format!("SELECT store_ingest('{}', '{t}')", dir.display())).unwrap().parse().unwrap();
+        c.wait_done(job);
+        assert_eq!(q(&c, &format!("SELECT string_agg(line, ',' ORDER BY line) FROM {t}")), "x,y,z", "{t}");
+    }
+    assert_eq!(q(&c, "SELECT string_agg(line, ',' ORDER BY line) FROM l.audit"), "x,y,z", "the rule did not run");
+}
+
 /// The worker reports its statistics as it goes (at most once a second), not at its
 /// exit: autovacuum and monitoring see the rows of a load while it runs.
 #[test]
