@@ -54,6 +54,35 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// Most batches an optimistic plain INSERT waits after failures before it tries again.
 const MAX_BACKOFF: u32 = 64;
 
+/// The safe path where the target allows it: find which of `recs` the target holds (an
+/// index probe per line, in sorted order), COPY the others. Cheaper than ON CONFLICT DO
+/// NOTHING, which inserts row by row, each speculatively; a line another writer inserts
+/// in between fails the COPY with a unique violation, and the caller redoes the batch on
+/// ON CONFLICT. Returns the number of lines inserted.
+fn probe_and_copy(slot: &mut Option<OwnedPreparedStatement>, sql: &str, copy: &Copy, recs: &[&str]) -> Result<u64> {
+    if slot.is_none() {
+        let stmt =
+            Spi::connect(|c| c.prepare_mut(sql, &[PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID)]).map(|s| s.keep()))?;
+        *slot = Some(stmt);
+    }
+    let stmt = slot.as_ref().expect("prepared above");
+    let found = Spi::connect(|c| c.select(stmt, None, &[recs.to_vec().into()])?.first().get_one::<Vec<i64>>())?;
+    let mut present = vec![false; recs.len()];
+    for i in found.unwrap_or_default() {
+        if let Some(p) = usize::try_from(i - 1).ok().and_then(|i| present.get_mut(i)) {
+            *p = true;
+        }
+    }
+    let new = recs.len() - present.iter().filter(|p| **p).count();
+    if new > 0 {
+        let lines = recs.iter().zip(&present).filter(|(_, p)| !**p).map(|(l, _)| *l);
+        crate::target::write_copy_file(&copy.file, lines, copy.key_column)
+            .map_err(|e| store_engine::Error::io("could not write", &copy.file, e))?;
+        Spi::run(&copy.sql)?;
+    }
+    Ok(new as u64)
+}
+
 /// One reject, waiting to be stored.
 struct RejectRow {
     file: String,
@@ -103,6 +132,10 @@ pub struct Inserter {
     copy: Option<Copy>,
     fast: Option<OwnedPreparedStatement>,
     safe: Option<OwnedPreparedStatement>,
+    /// The safe path as a probe of the batch's keys and a COPY of the lines not found
+    /// ([`Target::probe`]), where the target allows it.
+    probe_sql: Option<String>,
+    probe: Option<OwnedPreparedStatement>,
     path: Path,
     /// The scan's counters (the leader's).
     progress: Arc<Progress>,
@@ -140,6 +173,8 @@ impl Inserter {
             copy,
             fast: None,
             safe: None,
+            probe_sql: target.probe.clone(),
+            probe: None,
             path: Path::Safe { wait: 0, backoff: 1 },
             progress,
             merged: Arc::default(),
@@ -207,6 +242,9 @@ impl Inserter {
         // present (a Citus shard's error, which arrives as XX000): the batch is redone on
         // the safe path, and what it finds decides.
         let mut unsure = false;
+        // Cleared when a line the probe did not find was there at the COPY (a concurrent
+        // writer): the batch is redone with ON CONFLICT DO NOTHING.
+        let mut may_probe = self.probe_sql.is_some();
         loop {
             let plain = !unsure
                 && match self.path {
@@ -218,7 +256,8 @@ impl Inserter {
                     }
                     Path::Safe { .. } => false,
                 };
-            match self.try_commit(batch, key, plain) {
+            let probe = !plain && may_probe;
+            match self.try_commit(batch, key, plain, probe) {
                 Ok(present) if unsure && present > 0 => {
                     self.plain_path_conflicted();
                     return Ok(());
@@ -235,6 +274,7 @@ impl Inserter {
                     return Ok(());
                 }
                 Err(e) if plain && e.is_unique_violation() => self.plain_path_conflicted(),
+                Err(e) if probe && e.is_unique_violation() => may_probe = false,
                 Err(e) if plain && self.citus && e.is_internal() => unsure = true,
                 Err(e) if e.is_query_canceled() && crate::job::cancel_requested(self.job.id) => {
                     return Err(StoreError::Cancelled)
@@ -285,8 +325,9 @@ impl Inserter {
         e.is_connection_failure() || (self.citus && (e.is_io_error() || e.is_internal()))
     }
 
-    /// One attempt at a batch; the number of its lines that were already present.
-    fn try_commit(&mut self, batch: &Texts, key: Option<&str>, plain: bool) -> Result<u64> {
+    /// One attempt at a batch (plain; else by probe and COPY, or ON CONFLICT DO NOTHING);
+    /// the number of its lines that were already present.
+    fn try_commit(&mut self, batch: &Texts, key: Option<&str>, plain: bool, probe: bool) -> Result<u64> {
         let (job, claim, owner, range) = (self.job.id, self.job.claim, self.job.owner, self.range);
         let due = self.last_status.elapsed() >= STATUS_EVERY;
         let (proven, counted) = (self.path == Path::Proven, self.citus && !plain);
@@ -307,6 +348,10 @@ impl Inserter {
                 if let Some(sql) = &copy {
                     Spi::run(sql)?;
                     return Ok(recs.len() as u64);
+                }
+                if probe {
+                    let (stmt, copy) = (&mut self.probe, self.copy.as_ref().expect("a probe only where COPY is"));
+                    return probe_and_copy(stmt, self.probe_sql.as_deref().unwrap_or_default(), copy, &recs);
                 }
                 if slot.is_none() {
                     let stmt = Spi::connect(|c| {

@@ -36,6 +36,10 @@ pub struct Target {
     pub max_chars: Option<usize>,
     /// A Citus table (distributed, reference, or in a distributed schema).
     pub citus: bool,
+    /// The statement that returns the ordinals (an `int8[]`, NULL for none) of the lines
+    /// of a batch (`$1`, a `text[]`) that the target already holds, through its unique
+    /// index; for a local target that takes COPY and that the role may read.
+    pub probe: Option<String>,
     /// Batches on the plain path may go by COPY: the table has no rules (which COPY would
     /// not apply) and no row-level security (which COPY FROM refuses). Always on Citus,
     /// where COPY is the way rows go straight to their shards.
@@ -68,6 +72,15 @@ impl Target {
 }
 
 impl Target {
+    /// The statement behind [`Target::probe`], for a row condition from
+    /// [`probe_condition`]: an index probe per line, in the batch's (sorted) order.
+    fn probe_sql(name: &str, cond: &str) -> String {
+        format!(
+            "SELECT pg_catalog.array_agg(x.i) FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS x(l, i) \
+             WHERE EXISTS (SELECT FROM {name} t WHERE {cond})"
+        )
+    }
+
     /// The COPY of a batch written to `file` in binary format ([`write_copy_file`]): the
     /// plain path, when [`Target::copy`].
     pub fn copy_sql(&self, file: &std::path::Path) -> String {
@@ -212,20 +225,47 @@ pub fn check(oid: pg_sys::Oid, column: &str, key_column: Option<&str>, role: pg_
         }
     }
     let citus = is_citus_table(oid)?;
+    let copy = citus
+        || Spi::get_one_with_args::<bool>(
+            "SELECT NOT (relhasrules OR relrowsecurity) FROM pg_catalog.pg_class WHERE oid = $1",
+            &[oid.into()],
+        )?
+        .unwrap_or(false);
+    let probe = match copy && !citus && may_select(oid, role)? {
+        false => None,
+        true => probe_condition(oid, column, attnum, key_column)?.map(|cond| Target::probe_sql(&name, &cond)),
+    };
     Ok(Target {
         oid,
         name,
         column: column.to_string(),
         key_column: key_column.map(str::to_string),
         max_chars,
-        copy: citus
-            || Spi::get_one_with_args::<bool>(
-                "SELECT NOT (relhasrules OR relrowsecurity) FROM pg_catalog.pg_class WHERE oid = $1",
-                &[oid.into()],
-            )?
-            .unwrap_or(false),
+        copy,
         citus,
+        probe,
     })
+}
+
+/// How a row `t` of the target matches a line `x.l` through its unique index: the
+/// column under the index's collation, `store.line_key` of it, or the key column.
+/// Operators are schema-qualified: the owner's code may change `search_path`.
+fn probe_condition(oid: pg_sys::Oid, column: &str, attnum: i16, key_column: Option<&str>) -> Result<Option<String>> {
+    if let Some(k) = key_column {
+        return Ok(Some(format!("t.{} OPERATOR(pg_catalog.=) store.line_key(x.l)", quote_identifier(k))));
+    }
+    Ok(Spi::get_one_with_args::<String>(
+        "SELECT CASE WHEN i.indkey[0] = $3 \
+                  THEN pg_catalog.format('t.%I OPERATOR(pg_catalog.=) (x.l COLLATE %s)', $2::text, \
+                                         i.indcollation[0]::pg_catalog.regcollation) \
+                  ELSE pg_catalog.format('store.line_key(t.%I) OPERATOR(pg_catalog.=) store.line_key(x.l)', $2::text) END \
+         FROM pg_catalog.pg_index i WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid \
+           AND i.indpred IS NULL AND i.indnkeyatts = 1 \
+           AND (i.indkey[0] = $3 OR (i.indkey[0] = 0 \
+                AND pg_catalog.pg_get_indexdef(i.indexrelid, 1, false) = pg_catalog.format('store.line_key(%I)', $2::text))) \
+         ORDER BY i.indkey[0] = 0 LIMIT 1",
+        &[oid.into(), column.into(), attnum.into()],
+    )?)
 }
 
 /// Whether Citus knows `oid` (its metadata table exists only where Citus is installed).

@@ -450,3 +450,59 @@ fn rows_a_running_job_inserted_show_in_the_table_statistics() {
     }
     c.wait_done(job);
 }
+
+/// On a target that holds part of the data, a batch is a probe of its keys and a COPY of
+/// the lines not found. A line another session inserts (uncommitted at the probe, so not
+/// found) and commits while the COPY waits on it fails that COPY with a unique
+/// violation: the batch is redone with ON CONFLICT DO NOTHING, and the line is counted
+/// once, as already present.
+#[test]
+fn a_line_committed_between_probe_and_copy_is_counted_once() {
+    use std::io::Write;
+    let c = Cluster::start("probe", "store.batch_max = 1000\nstore.insert_workers = 1");
+    let (dir, want) = fixtures(&c, "probe", &GenSpec { files: 2, size: 2 << 20, seed: 33, ..GenSpec::default() });
+    let (_, set) = store_testkit::oracle_set(&dir, 65536).unwrap();
+    let lines: Vec<&Vec<u8>> = set.iter().collect();
+    let (last, rest) = lines.split_last().unwrap();
+    // Every other line is in the target before the job: every batch finds some present.
+    let half: Vec<u8> = rest.iter().step_by(2).flat_map(|l| l.iter().copied().chain([b'\n'])).collect();
+    let preload = readable_dir(&c.dir.join("preload")).join("half.txt");
+    fs::write(&preload, &half).unwrap();
+    q(
+        &c,
+        &format!(
+            "CREATE TABLE t (line varchar UNIQUE); COPY t FROM '{}' (FORMAT csv, DELIMITER E'\\x1f', QUOTE E'\\x01')",
+            preload.display()
+        ),
+    );
+    let preloaded = num(&c, "SELECT count(*) FROM t");
+    assert_eq!(preloaded as usize, rest.len().div_ceil(2));
+    let last = String::from_utf8((*last).clone()).unwrap();
+    let mut holder = std::process::Command::new(format!("{}/psql", common::BIN))
+        .args(["-XAtq", "-h", c.dir.to_str().unwrap(), "-p", &c.port.to_string(), "-U", "postgres", "-d", "postgres"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = holder.stdin.as_mut().unwrap();
+    writeln!(stdin, "BEGIN; INSERT INTO t VALUES ($x${last}$x$);").unwrap();
+    stdin.flush().unwrap();
+    c.wait_until(
+        "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE state = 'idle in transaction')",
+        Duration::from_secs(30),
+    );
+    let job = c.ingest(&format!("'{}', 't'", dir.display()));
+    // The last batch's COPY waits on the uncommitted line.
+    c.wait_until(
+        "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE backend_type = 'pg_store worker' AND wait_event = 'transactionid')",
+        Duration::from_secs(60),
+    );
+    writeln!(holder.stdin.as_mut().unwrap(), "COMMIT;").unwrap();
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+    c.wait_done(job);
+    assert_eq!(c.table_sha("t", "line"), want.sha256);
+    assert_eq!(
+        q(&c, &format!("SELECT inserted || ' ' || already_present FROM store.status WHERE id = {job}")),
+        format!("{} {}", want.distinct as i64 - preloaded - 1, preloaded + 1)
+    );
+}
