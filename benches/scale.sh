@@ -16,7 +16,8 @@
 #   5. pg_store: the same 1 GiB into an empty table
 #   6. pg_store: big load into a fresh table, kill -9 of the worker at 90 % of inserting
 # For each: wall time, rows/s, private memory peak, temporary disk peak, WAL written and
-# full-page images (pg_stat_wal), table + index size. Ratios and the goals at the end.
+# full-page images (pg_stat_wal), pages written (pg_stat_bgwriter: by checkpoints, the
+# background writer and backends), table + index size. Ratios and the goals at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_G=${SIZE_G:-10}; PORT=${BENCH_PORT:-5442}; BIN=/usr/lib/postgresql/15/bin
@@ -57,21 +58,21 @@ sql "DROP EXTENSION IF EXISTS pg_store CASCADE; CREATE EXTENSION pg_store"
 now() { date +%s.%N; }
 fresh_table() { sql "DROP TABLE IF EXISTS $1; CREATE TABLE $1 (line text NOT NULL); CREATE UNIQUE INDEX ${1}_key ON $1 (store.line_key(line))"; }
 fingerprint() { sql "SELECT count(*) || ':' || coalesce(sum(hashtextextended(line, 7)), 0) FROM $1"; }
-wal() { sql "SELECT wal_bytes || ' ' || wal_fpi FROM pg_stat_wal"; }
+wal() { sql "SELECT wal_bytes || ' ' || wal_fpi || ' ' || (SELECT buffers_checkpoint + buffers_clean + buffers_backend FROM pg_stat_bgwriter) FROM pg_stat_wal"; }
 size_of() { sql "SELECT pg_relation_size('$1') / 1048576 || ' ' || pg_indexes_size('$1') / 1048576"; }
 du_peak() { # size of directory $1 every 0.5 s until file $2 exists; peak in MiB
   local peak=0 s; while [ ! -e "$2" ]; do s=$(du -sm "$1" 2>/dev/null | cut -f1); [ "${s:-0}" -gt "$peak" ] && peak=$s; sleep 0.5; done; echo "$peak"
 }
-declare -A R   # key -> "wall rss_mib temp_mib wal_mib fpi rows heap_mib index_mib"
+declare -A R   # key -> "wall rss_mib temp_mib wal_mib fpi rows heap_mib index_mib pages_written"
 measure() { # key table command...
   local key=$1 t=$2; shift 2
   sql "CHECKPOINT"
   local w0; w0=$(wal); rm -f "$TMP/done"
   du_peak "$TMP" "$TMP/done" > "$TMP/du" &
   local t0 t1 out; t0=$(now); out=$("$@"); t1=$(now); touch "$TMP/done"; wait
-  local w1; w1=$(wal)
-  read -r b0 f0 <<<"$w0"; read -r b1 f1 <<<"$w1"
-  R[$key]="$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') ${out:--} $(cat "$TMP/du") $(( (b1 - b0) / 1048576 )) $((f1 - f0)) $(sql "SELECT count(*) FROM $t") $(size_of "$t")"
+  sleep 1; local w1; w1=$(wal)
+  read -r b0 f0 p0 <<<"$w0"; read -r b1 f1 p1 <<<"$w1"
+  R[$key]="$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') ${out:--} $(cat "$TMP/du") $(( (b1 - b0) / 1048576 )) $((f1 - f0)) $(sql "SELECT count(*) FROM $t") $(size_of "$t") $((p1 - p0))"
   echo "  $key: ${R[$key]}" >&2
 }
 pg_store() { # table dir [kill_at_fraction distinct_lines]; prints the private memory peak in MiB
@@ -129,10 +130,10 @@ sql "DROP TABLE k"
 
 BIG_BYTES=$(du -sb "$BIG" | cut -f1); NEW_BYTES=$(du -sb "$NEW" | cut -f1)
 BIG_REC=$(cat $BIG_FILES | wc -l); NEW_REC=$(cat $NEW_FILES | wc -l)
-printf '\n%-10s %-28s %8s %11s %8s %9s %9s %10s %12s %9s\n' step what wall_s records/s RSS_MiB temp_MiB WAL_MiB FPI rows heap+idx_MiB
+printf '\n%-10s %-28s %8s %11s %8s %9s %9s %10s %10s %12s %9s\n' step what wall_s records/s RSS_MiB temp_MiB WAL_MiB FPI pages_wr rows heap+idx_MiB
 row() { # key label records
-  read -r w rss temp walm fpi rows heap idx <<<"${R[$1]}"
-  printf '%-10s %-28s %8.1f %11.0f %8s %9s %9s %10s %12s %5s+%s\n' "$1" "$2" "$w" "$(awk -v a="$3" -v b="$w" 'BEGIN{print a/b}')" "$rss" "$temp" "$walm" "$fpi" "$rows" "$heap" "$idx"
+  read -r w rss temp walm fpi rows heap idx pages <<<"${R[$1]}"
+  printf '%-10s %-28s %8.1f %11.0f %8s %9s %9s %10s %10s %12s %5s+%s\n' "$1" "$2" "$w" "$(awk -v a="$3" -v b="$w" 'BEGIN{print a/b}')" "$rss" "$temp" "$walm" "$fpi" "$pages" "$rows" "$heap" "$idx"
 }
 row big_a "A: sort -u | COPY, ${SIZE_G} GiB" "$BIG_REC"
 row big_pg "pg_store, ${SIZE_G} GiB" "$BIG_REC"
@@ -152,4 +153,7 @@ goal "temporary disk / input" "$(ratio "$(f big_pg 3)" "$(( BIG_BYTES / 1048576 
 goal "1 GiB into big, pg_store / DBA pipeline" "$(ratio "$(w new_pg)" "$(w new_b)")" 0.2
 goal "1 GiB into big / into empty" "$(ratio "$(w new_pg)" "$(w new_empty)")" 2.0
 goal "kill -9 at 90 %: total / uninterrupted" "$(ratio "$(w big_kill)" "$(w big_pg)")" 1.1
+per_row() { awk -v a="$1" -v r="$2" 'BEGIN{printf "%.3f", a/r}'; }
+NEW_ROWS=$(( $(f new_pg 6) - $(f big_pg 6) ))
+echo "pages written per new row, 1 GiB into big: pg_store $(per_row "$(f new_pg 9)" $NEW_ROWS), B $(per_row "$(f new_b 9)" $NEW_ROWS), into empty $(per_row "$(f new_empty 9)" "$(f new_empty 6)")"
 echo "WAL per new row, 1 GiB into big: pg_store $(awk -v a="$(f new_pg 4)" -v r="$(( $(f new_pg 6) - $(f big_pg 6) ))" 'BEGIN{printf "%.0f bytes", a*1048576/r}'), $(awk -v a="$(f new_pg 5)" -v r="$(( $(f new_pg 6) - $(f big_pg 6) ))" 'BEGIN{printf "%.3f full-page images", a/r}'); B $(awk -v a="$(f new_b 4)" -v r="$(( $(f new_pg 6) - $(f big_pg 6) ))" 'BEGIN{printf "%.0f bytes", a*1048576/r}'), $(awk -v a="$(f new_b 5)" -v r="$(( $(f new_pg 6) - $(f big_pg 6) ))" 'BEGIN{printf "%.3f full-page images", a/r}')"
