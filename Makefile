@@ -11,7 +11,7 @@ TEST_PGDATA ?= /tmp/pg_store_pgrx_test
 # Where `cargo pgrx package` stages the files `make install` copies into place.
 STAGE       := target/release/pg_store-pg15
 
-.PHONY: help deps lint install install-staged package demo demo-stop test test-engine test-pg test-integration test-citus test-package test-upgrade chaos fuzz fuzz-build bench bench-engine bench-scale bench-citus clean
+.PHONY: help deps lint install install-staged package demo demo-stop test test-engine test-pg test-integration test-citus test-package test-upgrade chaos fuzz fuzz-build bench bench-engine bench-mmap bench-scale bench-citus clean
 
 # List the targets.
 help:
@@ -114,6 +114,12 @@ fuzz: deps
 # store-dedup against sort -u on 1 GiB (make bench-engine SIZES="32M 128M 256M" for the scaling check).
 bench-engine:
 	@bash benches/engine.sh $(DATA)
+
+# The engine's input reading (4 MiB read calls) against a memory map of each file (memmap2), on the 1 GiB of bench-engine, from the page cache.
+bench-mmap:
+	@$(CARGO) build --release --quiet -p store-cli --bin store-readbench --bin store-gen
+	@d=target/bench/engine-128M; [ -f $$d/.done ] || { rm -rf $$d; target/release/store-gen $$d --files 8 --size 128M --dup 0.3 --seed 7 >/dev/null && touch $$d/.done; }; \
+	target/release/store-readbench $$d
 
 clean:
 	$(CARGO) clean
