@@ -61,7 +61,9 @@ fingerprint() { sql "SELECT count(*) || ':' || coalesce(sum(hashtextextended(lin
 wal() { sql "SELECT wal_bytes || ' ' || wal_fpi || ' ' || (SELECT buffers_checkpoint + buffers_clean + buffers_backend FROM pg_stat_bgwriter) FROM pg_stat_wal"; }
 size_of() { sql "SELECT pg_relation_size('$1') / 1048576 || ' ' || pg_indexes_size('$1') / 1048576"; }
 du_peak() { # size of directory $1 every 0.5 s until file $2 exists; peak in MiB
-  local peak=0 s; while [ ! -e "$2" ]; do s=$(du -sm "$1" 2>/dev/null | cut -f1); [ "${s:-0}" -gt "$peak" ] && peak=$s; sleep 0.5; done; echo "$peak"
+  # du fails when files vanish under it (sort's and pg_store's runs come and go): a
+  # failed sample counts as none, it must not end the loop (set -e, pipefail).
+  local peak=0 s; while [ ! -e "$2" ]; do s=$(du -sm "$1" 2>/dev/null | cut -f1) || s=0; [ "${s:-0}" -gt "$peak" ] && peak=$s; sleep 0.5; done; echo "$peak"
 }
 declare -A R   # key -> "wall rss_mib temp_mib wal_mib fpi rows heap_mib index_mib pages_written"
 measure() { # key table command...
@@ -72,7 +74,10 @@ measure() { # key table command...
   local t0 t1 out; t0=$(now); out=$("$@"); t1=$(now); touch "$TMP/done"; wait
   sleep 1; local w1; w1=$(wal)
   read -r b0 f0 p0 <<<"$w0"; read -r b1 f1 p1 <<<"$w1"
-  R[$key]="$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') ${out:--} $(cat "$TMP/du") $(( (b1 - b0) / 1048576 )) $((f1 - f0)) $(sql "SELECT count(*) FROM $t") $(size_of "$t") $((p1 - p0))"
+  local walm=$(( (b1 - b0) / 1048576 )) fpi=$((f1 - f0)) pages=$((p1 - p0))
+  # Crash recovery (the kill -9 step) resets the cumulative statistics: no figures then.
+  [ "$b1" -ge "$b0" ] || { walm=-; fpi=-; pages=-; }
+  R[$key]="$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') ${out:--} $(cat "$TMP/du") $walm $fpi $(sql "SELECT count(*) FROM $t") $(size_of "$t") $pages"
   echo "  $key: ${R[$key]}" >&2
 }
 pg_store() { # table dir [kill_at_fraction distinct_lines]; prints the private memory peak in MiB
