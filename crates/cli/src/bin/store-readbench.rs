@@ -59,7 +59,7 @@ fn by_read(files: &[PathBuf]) -> Pass {
             pass.bytes += l.bytes.len() as u64;
             std::hint::black_box(l.clean);
             n += 1;
-            if n % (1 << 20) == 0 {
+            if n.is_multiple_of(1 << 20) {
                 pass.sample();
             }
             Ok(())
@@ -95,7 +95,7 @@ fn by_mmap(files: &[PathBuf]) -> Pass {
                 pass.bytes += rec.len() as u64;
             }
             start = end;
-            if (start / READ_BUFFER) % 16 == 0 {
+            if (start / READ_BUFFER).is_multiple_of(16) {
                 pass.sample();
             }
         }
