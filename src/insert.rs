@@ -58,7 +58,7 @@ const MAX_BACKOFF: u32 = 64;
 /// index probe per line, in sorted order), COPY the others. Cheaper than ON CONFLICT DO
 /// NOTHING, which inserts row by row, each speculatively; a line another writer inserts
 /// in between fails the COPY with a unique violation, and the caller redoes the batch on
-/// ON CONFLICT. Returns the number of lines inserted.
+/// ON CONFLICT. Returns the number of rows inserted.
 fn probe_and_copy(slot: &mut Option<OwnedPreparedStatement>, sql: &str, copy: &Copy, recs: &[&str]) -> Result<u64> {
     if slot.is_none() {
         let stmt =
@@ -78,9 +78,15 @@ fn probe_and_copy(slot: &mut Option<OwnedPreparedStatement>, sql: &str, copy: &C
         let lines = recs.iter().zip(&present).filter(|(_, p)| !**p).map(|(l, _)| *l);
         crate::target::write_copy_file(&copy.file, lines, copy.key_column)
             .map_err(|e| store_engine::Error::io("could not write", &copy.file, e))?;
-        Spi::run(&copy.sql)?;
+        return copied(&copy.sql);
     }
-    Ok(new as u64)
+    Ok(0)
+}
+
+/// Run a COPY; the rows it inserted. As for INSERT, a row a BEFORE trigger suppressed is
+/// not counted (the caller counts it as already present).
+fn copied(sql: &str) -> Result<u64> {
+    Ok(Spi::connect_mut(|c| c.update(sql, None, &[]).map(|t| t.len() as u64))?)
 }
 
 /// One reject, waiting to be stored.
@@ -330,7 +336,7 @@ impl Inserter {
     fn try_commit(&mut self, batch: &Texts, key: Option<&str>, plain: bool, probe: bool) -> Result<u64> {
         let (job, claim, owner, range) = (self.job.id, self.job.claim, self.job.owner, self.range);
         let due = self.last_status.elapsed() >= STATUS_EVERY;
-        let (proven, counted) = (self.path == Path::Proven, self.citus && !plain);
+        let (proven, counted, citus) = (self.path == Path::Proven, self.citus && !plain, self.citus);
         let copy = match self.copy.as_ref().filter(|_| plain) {
             Some(c) => {
                 crate::target::write_copy_file(&c.file, batch.iter(), c.key_column)
@@ -346,8 +352,9 @@ impl Inserter {
             // run as the owner, in a security-restricted operation.
             let inserted = as_role(owner, || -> Result<u64> {
                 if let Some(sql) = &copy {
-                    Spi::run(sql)?;
-                    return Ok(recs.len() as u64);
+                    let rows = copied(sql)?;
+                    // Citus reports the rows it sent; a plain COPY there inserts them all or fails.
+                    return Ok(if citus { recs.len() as u64 } else { rows });
                 }
                 if probe {
                     let (stmt, copy) = (&mut self.probe, self.copy.as_ref().expect("a probe only where COPY is"));
