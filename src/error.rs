@@ -102,6 +102,22 @@ impl StoreError {
         matches!(self, StoreError::Sql { code: ERRCODE_UNIQUE_VIOLATION, .. })
     }
 
+    /// A row a unique index or an exclusion constraint refused: what `ON CONFLICT DO
+    /// NOTHING`, with no conflict target, would have skipped.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Sql { code: ERRCODE_UNIQUE_VIOLATION | ERRCODE_EXCLUSION_VIOLATION, .. })
+    }
+
+    /// COPY cannot serve the target any more: row-level security was turned on (COPY FROM
+    /// refuses it), or rules were created (COPY would not apply them), during the job.
+    pub fn is_copy_refused(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sql { code: ERRCODE_FEATURE_NOT_SUPPORTED, .. }
+                | StoreError::Refused { code: ERRCODE_FEATURE_NOT_SUPPORTED, .. }
+        )
+    }
+
     /// An error Citus raises without the SQLSTATE of its cause: the error a shard's COPY
     /// reported (a unique violation among them) comes back as XX000.
     pub fn is_internal(&self) -> bool {

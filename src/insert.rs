@@ -142,6 +142,12 @@ pub struct Inserter {
     /// ([`Target::probe`]), where the target allows it.
     probe_sql: Option<String>,
     probe: Option<OwnedPreparedStatement>,
+    /// Batches to go by ON CONFLICT before the next probe, after probes whose COPY met
+    /// a conflict anyway (doubling, at most [`MAX_BACKOFF`]).
+    probe_wait: u32,
+    probe_backoff: u32,
+    /// The target whose catalog row is looked at after each local COPY.
+    target: pg_sys::Oid,
     path: Path,
     /// The scan's counters (the leader's).
     progress: Arc<Progress>,
@@ -181,6 +187,9 @@ impl Inserter {
             safe: None,
             probe_sql: target.probe.clone(),
             probe: None,
+            probe_wait: 0,
+            probe_backoff: 1,
+            target: target.oid,
             path: Path::Safe { wait: 0, backoff: 1 },
             progress,
             merged: Arc::default(),
@@ -249,8 +258,10 @@ impl Inserter {
         // the safe path, and what it finds decides.
         let mut unsure = false;
         // Cleared when a line the probe did not find was there at the COPY (a concurrent
-        // writer): the batch is redone with ON CONFLICT DO NOTHING.
-        let mut may_probe = self.probe_sql.is_some();
+        // writer, a trigger that rewrites lines, another unique index): the batch is
+        // redone with ON CONFLICT DO NOTHING.
+        let mut may_probe = self.probe_sql.is_some() && self.probe_wait == 0;
+        self.probe_wait = self.probe_wait.saturating_sub(1);
         loop {
             let plain = !unsure
                 && match self.path {
@@ -263,12 +274,16 @@ impl Inserter {
                     Path::Safe { .. } => false,
                 };
             let probe = !plain && may_probe;
+            let by_copy = !self.citus && (probe || (plain && self.copy.is_some()));
             match self.try_commit(batch, key, plain, probe) {
                 Ok(present) if unsure && present > 0 => {
                     self.plain_path_conflicted();
                     return Ok(());
                 }
                 Ok(present) => {
+                    if probe {
+                        self.probe_backoff = 1;
+                    }
                     self.path = match self.path {
                         Path::Proven => Path::Proven,
                         Path::Optimistic { .. } => Path::Optimistic { backoff: 1 },
@@ -279,8 +294,16 @@ impl Inserter {
                     };
                     return Ok(());
                 }
-                Err(e) if plain && e.is_unique_violation() => self.plain_path_conflicted(),
-                Err(e) if probe && e.is_unique_violation() => may_probe = false,
+                Err(e) if plain && e.is_conflict() => self.plain_path_conflicted(),
+                Err(e) if probe && e.is_conflict() => {
+                    may_probe = false;
+                    self.probe_backoff = (self.probe_backoff * 2).min(MAX_BACKOFF);
+                    self.probe_wait = self.probe_backoff;
+                }
+                Err(e) if by_copy && e.is_copy_refused() => {
+                    log!("pg_store job {}: {e}; inserting without COPY from now on", self.job.id);
+                    (self.copy, self.probe_sql) = (None, None);
+                }
                 Err(e) if plain && self.citus && e.is_internal() => unsure = true,
                 Err(e) if e.is_query_canceled() && crate::job::cancel_requested(self.job.id) => {
                     return Err(StoreError::Cancelled)
@@ -337,6 +360,7 @@ impl Inserter {
         let (job, claim, owner, range) = (self.job.id, self.job.claim, self.job.owner, self.range);
         let due = self.last_status.elapsed() >= STATUS_EVERY;
         let (proven, counted, citus) = (self.path == Path::Proven, self.citus && !plain, self.citus);
+        let by_copy = !citus && (probe || (plain && self.copy.is_some()));
         let copy = match self.copy.as_ref().filter(|_| plain) {
             Some(c) => {
                 crate::target::write_copy_file(&c.file, batch.iter(), c.key_column)
@@ -376,6 +400,21 @@ impl Inserter {
                     }
                 })?)
             })?;
+            // COPY applies no rules and refuses row-level security: if either came to the
+            // target since the job checked it, this batch is redone by INSERT (the lock
+            // the COPY took keeps them from coming between this look and the commit).
+            if by_copy {
+                let changed = Spi::get_one_with_args::<bool>(
+                    "SELECT relhasrules OR relrowsecurity FROM pg_catalog.pg_class WHERE oid = $1",
+                    &[self.target.into()],
+                )?;
+                if changed != Some(false) {
+                    return Err(StoreError::refused(
+                        pg_sys::errcodes::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                        "the target has rules or row-level security now",
+                    ));
+                }
+            }
             let present = batch.len() as u64 - inserted;
             let fenced = Spi::get_one_with_args::<bool>(
                 "WITH c AS (UPDATE store.checkpoints SET last_key = coalesce($4, last_key), inserted = inserted + $5, \

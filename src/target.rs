@@ -74,10 +74,12 @@ impl Target {
 impl Target {
     /// The statement behind [`Target::probe`], for a row condition from
     /// [`probe_condition`]: an index probe per line, in the batch's (sorted) order.
+    /// `OFFSET 0` keeps the `EXISTS` a sub-plan run per line: never a hash join that
+    /// reads the whole target, whatever a cached generic plan guesses of the batch.
     fn probe_sql(name: &str, cond: &str) -> String {
         format!(
             "SELECT pg_catalog.array_agg(x.i) FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS x(l, i) \
-             WHERE EXISTS (SELECT FROM {name} t WHERE {cond})"
+             WHERE EXISTS (SELECT FROM {name} t WHERE {cond} OFFSET 0)"
         )
     }
 
@@ -248,8 +250,10 @@ pub fn check(oid: pg_sys::Oid, column: &str, key_column: Option<&str>, role: pg_
 }
 
 /// How a row `t` of the target matches a line `x.l` through its unique index: the
-/// column under the index's collation, `store.line_key` of it, or the key column.
-/// Operators are schema-qualified: the owner's code may change `search_path`.
+/// column under the index's collation, `store.line_key` of it, or the key column; none
+/// when the index's equality is not `=` (an operator class of its own), where only ON
+/// CONFLICT knows what the index calls equal. Operators are schema-qualified: the
+/// owner's code may change `search_path`.
 fn probe_condition(oid: pg_sys::Oid, column: &str, attnum: i16, key_column: Option<&str>) -> Result<Option<String>> {
     if let Some(k) = key_column {
         return Ok(Some(format!("t.{} OPERATOR(pg_catalog.=) store.line_key(x.l)", quote_identifier(k))));
@@ -263,6 +267,9 @@ fn probe_condition(oid: pg_sys::Oid, column: &str, attnum: i16, key_column: Opti
            AND i.indpred IS NULL AND i.indnkeyatts = 1 \
            AND (i.indkey[0] = $3 OR (i.indkey[0] = 0 \
                 AND pg_catalog.pg_get_indexdef(i.indexrelid, 1, false) = pg_catalog.format('store.line_key(%I)', $2::text))) \
+           AND EXISTS (SELECT FROM pg_catalog.pg_amop o JOIN pg_catalog.pg_opclass c ON c.opcfamily = o.amopfamily \
+                WHERE c.oid = i.indclass[0] AND o.amopstrategy = 3 \
+                  AND o.amopopr IN ('pg_catalog.=(text,text)'::pg_catalog.regoperator, 'pg_catalog.=(bytea,bytea)'::pg_catalog.regoperator)) \
          ORDER BY i.indkey[0] = 0 LIMIT 1",
         &[oid.into(), column.into(), attnum.into()],
     )?)

@@ -519,3 +519,37 @@ fn a_line_committed_between_probe_and_copy_is_counted_once() {
         format!("{} {}", want.distinct as i64 - preloaded - 1, preloaded + 1)
     );
 }
+
+/// A rule created on the target while a job copies into it would be ignored by COPY:
+/// the worker looks after each COPY, and from then on inserts, so the rule runs. And a
+/// row an exclusion constraint refuses is skipped as ON CONFLICT DO NOTHING skips it.
+#[test]
+fn a_rule_created_mid_job_is_honoured_and_exclusion_conflicts_are_skipped() {
+    let c = Cluster::start("midrule", "store.batch_max = 1000\nstore.insert_workers = 1");
+    let (dir, want) = big_fixture(&c);
+    q(&c, "CREATE TABLE audit (line text); CREATE TABLE t (line text NOT NULL); CREATE UNIQUE INDEX ON t (store.line_key(line))");
+    let job = c.ingest(&format!("'{}', 't'", dir.display()));
+    wait_mid_insert(&c, job);
+    q(&c, "CREATE RULE keep AS ON INSERT TO t DO ALSO INSERT INTO audit VALUES (NEW.line)");
+    c.wait_done(job);
+    assert_eq!(c.table_sha("t", "line"), want.sha256);
+    let (rows, audited) = (num(&c, "SELECT count(*) FROM t"), num(&c, "SELECT count(*) FROM audit"));
+    assert!(audited > 0 && audited < rows, "{audited} of {rows} rows went through the rule");
+    assert_eq!(num(&c, "SELECT count(*) FROM audit a WHERE NOT EXISTS (SELECT FROM t WHERE t.line = a.line)"), 0);
+    let log = fs::read_to_string(c.dir.join("log")).unwrap();
+    assert!(
+        log.contains("the target has rules or row-level security now; inserting without COPY"),
+        "no switch in the log"
+    );
+
+    let small = readable_dir(&c.dir.join("small"));
+    fs::write(small.join("a.txt"), "x\nyy\nzzz\n").unwrap();
+    q(
+        &c,
+        "CREATE TABLE ex (line text UNIQUE, EXCLUDE USING btree (length(line) WITH =)); INSERT INTO ex VALUES ('aa')",
+    );
+    let job = c.ingest(&format!("'{}', 'ex'", small.display()));
+    c.wait_done(job);
+    assert_eq!(q(&c, "SELECT string_agg(line, ',' ORDER BY line) FROM ex"), "aa,x,zzz");
+    assert_eq!(q(&c, &format!("SELECT inserted || ' ' || already_present FROM store.status WHERE id = {job}")), "2 1");
+}
