@@ -60,12 +60,7 @@ const MAX_BACKOFF: u32 = 64;
 /// in between fails the COPY with a unique violation, and the caller redoes the batch on
 /// ON CONFLICT. Returns the number of rows inserted.
 fn probe_and_copy(slot: &mut Option<OwnedPreparedStatement>, sql: &str, copy: &Copy, recs: &[&str]) -> Result<u64> {
-    if slot.is_none() {
-        let stmt =
-            Spi::connect(|c| c.prepare_mut(sql, &[PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID)]).map(|s| s.keep()))?;
-        *slot = Some(stmt);
-    }
-    let stmt = slot.as_ref().expect("prepared above");
+    let stmt = prepared(slot, sql)?;
     let found = Spi::connect(|c| c.select(stmt, None, &[recs.to_vec().into()])?.first().get_one::<Vec<i64>>())?;
     let mut present = vec![false; recs.len()];
     for i in found.unwrap_or_default() {
@@ -81,6 +76,17 @@ fn probe_and_copy(slot: &mut Option<OwnedPreparedStatement>, sql: &str, copy: &C
         return copied(&copy.sql);
     }
     Ok(0)
+}
+
+/// The statement in `slot`, prepared from `sql` (one `text[]` parameter) on first use
+/// and kept for the process.
+fn prepared<'a>(slot: &'a mut Option<OwnedPreparedStatement>, sql: &str) -> Result<&'a OwnedPreparedStatement> {
+    if slot.is_none() {
+        let stmt =
+            Spi::connect(|c| c.prepare_mut(sql, &[PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID)]).map(|s| s.keep()))?;
+        *slot = Some(stmt);
+    }
+    Ok(slot.as_ref().expect("prepared above"))
 }
 
 /// Run a COPY; the rows it inserted. As for INSERT, a row a BEFORE trigger suppressed is
@@ -274,7 +280,7 @@ impl Inserter {
                     Path::Safe { .. } => false,
                 };
             let probe = !plain && may_probe;
-            let by_copy = !self.citus && (probe || (plain && self.copy.is_some()));
+            let by_copy = self.by_copy(plain, probe);
             match self.try_commit(batch, key, plain, probe) {
                 Ok(present) if unsure && present > 0 => {
                     self.plain_path_conflicted();
@@ -333,6 +339,12 @@ impl Inserter {
         }
     }
 
+    /// Whether an attempt on the plain path (`plain`) or by look-up (`probe`) goes by a
+    /// local COPY, which must be checked against rules and row-level security.
+    fn by_copy(&self, plain: bool, probe: bool) -> bool {
+        !self.citus && (probe || (plain && self.copy.is_some()))
+    }
+
     /// A key the plain path expected to be new was present: back off from it.
     fn plain_path_conflicted(&mut self) {
         self.path = match self.path {
@@ -360,7 +372,7 @@ impl Inserter {
         let (job, claim, owner, range) = (self.job.id, self.job.claim, self.job.owner, self.range);
         let due = self.last_status.elapsed() >= STATUS_EVERY;
         let (proven, counted, citus) = (self.path == Path::Proven, self.citus && !plain, self.citus);
-        let by_copy = !citus && (probe || (plain && self.copy.is_some()));
+        let by_copy = self.by_copy(plain, probe);
         let copy = match self.copy.as_ref().filter(|_| plain) {
             Some(c) => {
                 crate::target::write_copy_file(&c.file, batch.iter(), c.key_column)
@@ -384,13 +396,7 @@ impl Inserter {
                     let (stmt, copy) = (&mut self.probe, self.copy.as_ref().expect("a probe only where COPY is"));
                     return probe_and_copy(stmt, self.probe_sql.as_deref().unwrap_or_default(), copy, &recs);
                 }
-                if slot.is_none() {
-                    let stmt = Spi::connect(|c| {
-                        c.prepare_mut(sql.as_str(), &[PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID)]).map(|s| s.keep())
-                    })?;
-                    *slot = Some(stmt);
-                }
-                let stmt = slot.as_ref().expect("prepared above");
+                let stmt = prepared(slot, sql)?;
                 Ok(Spi::connect_mut(|c| {
                     let t = c.update(stmt, None, &[recs.into()])?;
                     if counted {
@@ -403,17 +409,11 @@ impl Inserter {
             // COPY applies no rules and refuses row-level security: if either came to the
             // target since the job checked it, this batch is redone by INSERT (the lock
             // the COPY took keeps them from coming between this look and the commit).
-            if by_copy {
-                let changed = Spi::get_one_with_args::<bool>(
-                    "SELECT relhasrules OR relrowsecurity FROM pg_catalog.pg_class WHERE oid = $1",
-                    &[self.target.into()],
-                )?;
-                if changed != Some(false) {
-                    return Err(StoreError::refused(
-                        pg_sys::errcodes::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                        "the target has rules or row-level security now",
-                    ));
-                }
+            if by_copy && !crate::target::copy_allowed(self.target)? {
+                return Err(StoreError::refused(
+                    pg_sys::errcodes::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    "the target has rules or row-level security now",
+                ));
             }
             let present = batch.len() as u64 - inserted;
             let fenced = Spi::get_one_with_args::<bool>(

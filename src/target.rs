@@ -227,12 +227,7 @@ pub fn check(oid: pg_sys::Oid, column: &str, key_column: Option<&str>, role: pg_
         }
     }
     let citus = is_citus_table(oid)?;
-    let copy = citus
-        || Spi::get_one_with_args::<bool>(
-            "SELECT NOT (relhasrules OR relrowsecurity) FROM pg_catalog.pg_class WHERE oid = $1",
-            &[oid.into()],
-        )?
-        .unwrap_or(false);
+    let copy = citus || copy_allowed(oid)?;
     let probe = match copy && !citus && may_select(oid, role)? {
         false => None,
         true => probe_condition(oid, column, attnum, key_column)?.map(|cond| Target::probe_sql(&name, &cond)),
@@ -247,6 +242,16 @@ pub fn check(oid: pg_sys::Oid, column: &str, key_column: Option<&str>, role: pg_
         citus,
         probe,
     })
+}
+
+/// Whether COPY may fill `oid`: no rules (COPY would not apply them) and no row-level
+/// security (COPY FROM refuses it). Checked when a job starts and after each COPY.
+pub fn copy_allowed(oid: pg_sys::Oid) -> Result<bool> {
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT NOT (relhasrules OR relrowsecurity) FROM pg_catalog.pg_class WHERE oid = $1",
+        &[oid.into()],
+    )?
+    .unwrap_or(false))
 }
 
 /// How a row `t` of the target matches a line `x.l` through its unique index: the
