@@ -491,11 +491,7 @@ fn a_line_committed_between_probe_and_copy_is_counted_once() {
     let preloaded = num(&c, "SELECT count(*) FROM t");
     assert_eq!(preloaded as usize, rest.len().div_ceil(2));
     let last = String::from_utf8((*last).clone()).unwrap();
-    let mut holder = std::process::Command::new(format!("{}/psql", common::BIN))
-        .args(["-XAtq", "-h", c.dir.to_str().unwrap(), "-p", &c.port.to_string(), "-U", "postgres", "-d", "postgres"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut holder = c.session("postgres");
     let stdin = holder.stdin.as_mut().unwrap();
     writeln!(stdin, "BEGIN; INSERT INTO t VALUES ($x${last}$x$);").unwrap();
     stdin.flush().unwrap();

@@ -561,21 +561,7 @@ fn advisory_locks_taken_by_a_user_do_not_stall_jobs() {
     let next = num(&c, "SELECT last_value + 1 FROM store.jobs_id_seq");
     // Every key the old scheme (and the two-key scheme) would use for the next jobs,
     // held by an idle session.
-    let mut hold = Command::new(format!("{BIN}/psql"))
-        .args([
-            "-XAtq",
-            "-h",
-            c.dir.to_str().unwrap(),
-            "-p",
-            &c.port.to_string(),
-            "-U",
-            "nobody_special",
-            "-d",
-            "postgres",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut hold = c.session("nobody_special");
     let stdin = hold.stdin.as_mut().unwrap();
     for id in next..next + 3 {
         writeln!(
@@ -610,11 +596,7 @@ fn cancel_interrupts_a_batch_that_waits_on_a_lock() {
         .unwrap();
     wait_mid_insert(&c, job);
     // An idle session holds the table: the next batch waits on its lock for ever.
-    let mut holder = Command::new(format!("{BIN}/psql"))
-        .args(["-XAtq", "-h", c.dir.to_str().unwrap(), "-p", &c.port.to_string(), "-U", "postgres", "-d", "postgres"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut holder = c.session("postgres");
     writeln!(
         holder.stdin.as_mut().unwrap(),
         "BEGIN; LOCK TABLE locked IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(600);"

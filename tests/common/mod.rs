@@ -157,6 +157,26 @@ impl Cluster {
         ]));
     }
 
+    /// An interactive psql session as `role`, its stdin open: a test writes SQL to it
+    /// (a transaction it holds open, a lock) and kills or closes it.
+    pub fn session(&self, role: &str) -> std::process::Child {
+        std::process::Command::new(format!("{BIN}/psql"))
+            .args([
+                "-XAtq",
+                "-h",
+                self.dir.to_str().unwrap(),
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                role,
+                "-d",
+                "postgres",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// Run SQL as the superuser; stdout (unaligned, tuples only) or the error text.
     pub fn psql(&self, sql: &str) -> Result<String, String> {
         self.psql_as("postgres", sql)
