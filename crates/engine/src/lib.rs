@@ -37,4 +37,4 @@ mod tests;
 pub use config::{Config, Dedup};
 pub use error::{Error, Result};
 pub use progress::{Phase, Progress, Snapshot};
-pub use stream::{distinct, Flow, Sink};
+pub use stream::{distinct, BatchInfo, Flow, Sink};

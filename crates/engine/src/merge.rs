@@ -1,7 +1,9 @@
 //! The k-way merge: sorted, internally distinct sources (runs on disk, and at most one
 //! chunk still in memory) are merged through a binary min-heap of source indices into
 //! one stream of distinct records in bytewise order. Repeats across sources meet at
-//! the top of the heap and are dropped there.
+//! the top of the heap and are dropped there, as soon as their record is taken, so each
+//! record comes out with the number of repeats it had: a consumer that stops after a
+//! record and resumes after it never loses or counts twice a repeat of it.
 //!
 //! More runs than the fan-in (open files) are first merged in groups into
 //! intermediate runs, as many levels as needed. A merge can start after a given key —
@@ -192,7 +194,6 @@ pub struct Merger {
     sources: Vec<Source>,
     heap: Vec<usize>,
     out: Vec<u8>,
-    started: bool,
     progress: Arc<Progress>,
     cancel: Arc<AtomicBool>,
     pulled: u64,
@@ -230,7 +231,6 @@ impl Merger {
             sources,
             heap: Vec::new(),
             out: Vec::new(),
-            started: false,
             progress,
             cancel,
             pulled: 0,
@@ -282,33 +282,42 @@ impl Merger {
         Ok(())
     }
 
-    /// The next distinct record, or `None` at the end. Checks the cancel flag every
+    /// The next distinct record with the number of its repeats the merge dropped (its
+    /// copies in other sources), or `None` at the end. Checks the cancel flag every
     /// 4096 records.
-    pub fn next_record(&mut self) -> Result<Option<&[u8]>> {
-        loop {
-            let Some(&top) = self.heap.first() else { return Ok(None) };
-            self.pulled += 1;
-            if self.pulled.is_multiple_of(4096) && self.cancel.load(Relaxed) {
-                return Err(Error::Stopped);
-            }
-            let cur = self.sources[top].cur();
-            if self.started && cur == self.out.as_slice() {
-                Progress::add(&self.progress.duplicates, 1);
-                self.advance_top()?;
-                continue;
-            }
-            if self.upto.as_deref().is_some_and(|u| cur > u) {
-                // Every source is at or past this record: the range is done.
-                self.heap.clear();
-                return Ok(None);
-            }
-            self.out.clear();
-            self.out.extend_from_slice(cur);
-            self.started = true;
-            self.advance_top()?;
-            Progress::add(&self.progress.distinct, 1);
-            return Ok(Some(&self.out));
+    ///
+    /// The repeats are taken with the record, not when they reach the top of the heap
+    /// after it: all copies of a record are at the head of their sources once it is the
+    /// smallest, so they are all counted here, and none is left to fall after a batch
+    /// boundary or a resume key.
+    pub fn next_record(&mut self) -> Result<Option<(&[u8], u64)>> {
+        let Some(&top) = self.heap.first() else { return Ok(None) };
+        self.pulled += 1;
+        if self.pulled.is_multiple_of(4096) && self.cancel.load(Relaxed) {
+            return Err(Error::Stopped);
         }
+        let cur = self.sources[top].cur();
+        if self.upto.as_deref().is_some_and(|u| cur > u) {
+            // Every source is at or past this record: the range is done.
+            self.heap.clear();
+            return Ok(None);
+        }
+        self.out.clear();
+        self.out.extend_from_slice(cur);
+        self.advance_top()?;
+        let mut repeats = 0u64;
+        while let Some(&top) = self.heap.first() {
+            if self.sources[top].cur() != self.out.as_slice() {
+                break;
+            }
+            repeats += 1;
+            self.advance_top()?;
+        }
+        if repeats > 0 {
+            Progress::add(&self.progress.duplicates, repeats);
+        }
+        Progress::add(&self.progress.distinct, 1);
+        Ok(Some((&self.out, repeats)))
     }
 }
 
@@ -342,7 +351,7 @@ pub fn reduce_runs(
             // that the final count should see twice.
             let scratch = Arc::new(Progress::default());
             let mut m = Merger::new(&group, None, buffer, None, None, scratch.clone(), cancel.clone(), None)?;
-            while let Some(rec) = m.next_record()? {
+            while let Some((rec, _)) = m.next_record()? {
                 w.write(rec)?;
             }
             Progress::add(&progress.duplicates, scratch.duplicates.load(Relaxed));
@@ -375,7 +384,7 @@ mod tests {
 
     fn collect(m: &mut Merger) -> Vec<String> {
         let mut v = Vec::new();
-        while let Some(r) = m.next_record().unwrap() {
+        while let Some((r, _)) = m.next_record().unwrap() {
             v.push(String::from_utf8(r.to_vec()).unwrap());
         }
         v
@@ -397,6 +406,20 @@ mod tests {
         let mut m = Merger::new(&runs, mem(), 4096, None, None, p.clone(), cancel.clone(), None).unwrap();
         assert_eq!(collect(&mut m), ["", "a", "b", "c", "d", "f", "zz"]);
         assert_eq!((p.distinct.load(Relaxed), p.duplicates.load(Relaxed)), (7, 3));
+
+        // Each record comes with its own repeats, the in-memory chunk's copy included.
+        let mut m = Merger::new(&runs, mem(), 4096, None, None, Arc::default(), cancel.clone(), None).unwrap();
+        let mut counted = Vec::new();
+        while let Some((r, n)) = m.next_record().unwrap() {
+            counted.push((String::from_utf8(r.to_vec()).unwrap(), n));
+        }
+        let want = [("", 0), ("a", 0), ("b", 1), ("c", 0), ("d", 1), ("f", 1), ("zz", 0)];
+        assert_eq!(counted, want.map(|(r, n)| (r.to_string(), n)));
+        // Resumed after "b": its repeat is not met (nor counted) again.
+        let p2 = Arc::new(Progress::default());
+        let mut m = Merger::new(&runs, mem(), 4096, Some(b"b"), None, p2.clone(), cancel.clone(), None).unwrap();
+        assert_eq!(collect(&mut m), ["c", "d", "f", "zz"]);
+        assert_eq!(p2.duplicates.load(Relaxed), 2);
 
         let mut m = Merger::new(&runs, mem(), 4096, Some(b"c"), None, p.clone(), cancel.clone(), None).unwrap();
         assert_eq!(collect(&mut m), ["d", "f", "zz"]);

@@ -44,16 +44,31 @@ impl Flow {
     }
 }
 
+/// What the sink is told with each batch besides its records: what it must store with
+/// the batch, in the same transaction, to resume exactly after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchInfo<'a> {
+    /// Exact mode: the batch's last record — a run restarted with it as `resume_after`
+    /// emits exactly what follows. `None` in Bloom mode, which cannot resume.
+    pub resume_key: Option<&'a str>,
+    /// Exact mode: the repeats of this batch's records that the final merge dropped
+    /// (copies in other runs, beyond the first). Summed over the batches of a drain
+    /// that starts after a key, it is the merge's repeats of every later key of the
+    /// range; over a whole drain, all the merge dropped. Repeats inside one chunk, and
+    /// those dropped by merges of more runs than the fan-in, are the scan's (counted in
+    /// [`Progress::duplicates`] before the stream starts, and kept in a kept sort's
+    /// counters). Always 0 in Bloom mode, whose repeats are all counted by the scan.
+    pub duplicates: u64,
+}
+
 /// The consumer of a run. Every method runs on the thread that called [`distinct`].
 pub trait Sink {
     /// The sink's error; engine errors are turned into it.
     type Error: From<Error>;
 
     /// The next batch of distinct records: bytewise ascending in exact mode (across
-    /// batches too), input order in Bloom mode. `resume_key` is the batch's last record
-    /// in exact mode — a run restarted with it as `resume_after` emits exactly what
-    /// follows — and `None` in Bloom mode, which cannot resume.
-    fn batch(&mut self, batch: &Texts, resume_key: Option<&str>) -> Result<Flow, Self::Error>;
+    /// batches too), input order in Bloom mode; see [`BatchInfo`] for what comes with it.
+    fn batch(&mut self, batch: &Texts, info: &BatchInfo<'_>) -> Result<Flow, Self::Error>;
 
     /// A record was rejected. Every reject is reported, in input order.
     fn reject(&mut self, _r: &Reject<'_>) -> Result<Flow, Self::Error> {
@@ -164,7 +179,8 @@ pub fn prepare<S: Sink>(
 
 /// Exact mode, second phase: stream the distinct records of `range` of a kept sort into
 /// `sink`, after `resume_after`. The merge's own counters (distinct records, repeats met
-/// across runs) go into `progress`.
+/// across runs) go into `progress` as the merge finds them, ahead of the batches the
+/// sink has taken: what belongs to a committed batch is in its [`BatchInfo`].
 pub fn drain<S: Sink>(
     cfg: &Config,
     sorted: &mut Sorted,
@@ -205,7 +221,8 @@ fn stream_range<S: Sink>(
 const BLOCK: usize = 1024;
 
 enum Msg {
-    Block(Batch),
+    /// Records, and the repeats the merge dropped of each.
+    Block(Batch, Vec<u64>),
     /// The merge reached its end: without it, a closed channel means the thread died.
     End,
 }
@@ -223,10 +240,12 @@ fn drain_merger<S: Sink>(
         let mut emitted = 0u64;
         loop {
             let mut block = Batch::default();
+            let mut repeats = Vec::with_capacity(BLOCK);
             let more = loop {
                 match merger.next_record() {
-                    Ok(Some(r)) => {
+                    Ok(Some((r, n))) => {
                         block.push(r);
+                        repeats.push(n);
                         emitted += 1;
                         if fault == Some(Fault::MergePanic { after: emitted }) {
                             panic!("injected fault: the merge thread panics after {emitted} records");
@@ -241,7 +260,7 @@ fn drain_merger<S: Sink>(
             };
             match more {
                 Ok(more) => {
-                    if !block.is_empty() && tx.send(Ok(Msg::Block(block))).is_err() {
+                    if !block.is_empty() && tx.send(Ok(Msg::Block(block, repeats))).is_err() {
                         return;
                     }
                     if !more {
@@ -259,18 +278,21 @@ fn drain_merger<S: Sink>(
     let mut batcher = cfg.batch.batcher();
     let consumed = (|| -> Result<(), Halt<S::Error>> {
         let mut batch = Batch::default();
+        let mut duplicates = 0u64;
         loop {
             match rx.recv() {
-                Ok(Ok(Msg::Block(block))) => {
-                    for r in block.iter() {
+                Ok(Ok(Msg::Block(block, repeats))) => {
+                    for (r, n) in block.iter().zip(repeats) {
                         batch.push(r);
+                        duplicates += n;
                         if batch.len() >= batcher.size() || batch.bytes() >= cfg.batch.max_bytes {
-                            batch = hand_over(batch, true, &mut batcher, sink)?;
+                            batch = hand_over(batch, Some(duplicates), &mut batcher, sink)?;
+                            duplicates = 0;
                         }
                     }
                 }
                 Ok(Ok(Msg::End)) => {
-                    hand_over(batch, true, &mut batcher, sink)?;
+                    hand_over(batch, Some(duplicates), &mut batcher, sink)?;
                     return Ok(());
                 }
                 Ok(Err(e)) => return Err(Halt::Engine(e)),
@@ -291,9 +313,11 @@ fn drain_merger<S: Sink>(
 }
 
 /// Check `batch`, give it to the sink, time it for the batcher; returns the emptied buffer.
+/// `exact` carries the merge's repeats of the batch's records (exact mode, which also
+/// gives a resume key); `None` in Bloom mode.
 fn hand_over<S: Sink>(
     batch: Batch,
-    exact: bool,
+    exact: Option<u64>,
     batcher: &mut AdaptiveBatcher,
     sink: &mut S,
 ) -> Result<Batch, Halt<S::Error>> {
@@ -301,8 +325,9 @@ fn hand_over<S: Sink>(
         return Ok(batch);
     }
     let texts = Texts::new(batch)?;
+    let info = BatchInfo { resume_key: exact.and(texts.last()), duplicates: exact.unwrap_or(0) };
     let started = Instant::now();
-    let flow = sink.batch(&texts, if exact { texts.last() } else { None }).map_err(Halt::Sink)?;
+    let flow = sink.batch(&texts, &info).map_err(Halt::Sink)?;
     batcher.observe(texts.len(), started.elapsed());
     flow.into_result()?;
     Ok(texts.into_batch())
@@ -334,11 +359,11 @@ fn bloom<S: Sink>(
         let b = batch.as_mut().expect("a batch buffer between hand-overs");
         b.push(rec);
         if b.len() >= batcher.size() || b.bytes() >= cfg.batch.max_bytes {
-            batch = Some(hand_over(batch.take().expect("checked"), false, &mut batcher, sink)?);
+            batch = Some(hand_over(batch.take().expect("checked"), None, &mut batcher, sink)?);
         }
         Ok(())
     })?;
-    hand_over(batch.take().unwrap_or_default(), false, &mut batcher, sink)?;
+    hand_over(batch.take().unwrap_or_default(), None, &mut batcher, sink)?;
     report.bloom = Some(BloomReport {
         estimated_false_drops: dedup.estimated_false_drops(),
         filter_bytes: dedup.bytes(),
@@ -357,15 +382,21 @@ pub struct Collect {
     /// Each phase announced, with the number of files done by then.
     pub phases: Vec<(Phase, usize)>,
     pub batches: usize,
+    /// The sum of the batches' [`BatchInfo::duplicates`].
+    pub duplicates: u64,
+    /// The last batch's resume key.
+    pub resume_key: Option<String>,
 }
 
 impl Sink for Collect {
     type Error = Error;
 
-    fn batch(&mut self, batch: &Texts, resume_key: Option<&str>) -> Result<Flow> {
-        assert_eq!(resume_key, resume_key.and(batch.last()), "the resume key is the batch's last record");
+    fn batch(&mut self, batch: &Texts, info: &BatchInfo<'_>) -> Result<Flow> {
+        assert_eq!(info.resume_key, info.resume_key.and(batch.last()), "the resume key is the batch's last record");
         self.records.extend(batch.iter().map(str::to_string));
         self.batches += 1;
+        self.duplicates += info.duplicates;
+        self.resume_key = info.resume_key.map(str::to_string);
         Ok(Flow::Continue)
     }
 

@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use super::batch::Texts;
 use super::config::{Config, Dedup, Fault};
 use super::scan::{FileCounts, FileOutcome, Reject};
-use super::stream::{distinct, Collect, Flow, Report, Sink};
+use super::stream::{distinct, BatchInfo, Collect, Flow, Report, Sink};
 use super::walk::{walk, FileEntry, Identity, Tree};
 use super::{Error, Phase, Progress, Result, Snapshot};
 use store_testkit::{generate, oracle, oracle_of, oracle_rejects, sha256_lines, GenSpec};
@@ -26,12 +26,14 @@ struct Probe {
     fail_at_tick: Option<u64>,
     panic_at_tick: Option<u64>,
     stop_at_batch: Option<usize>,
+    /// `Progress::duplicates` when the stream started: the scan's repeats.
+    duplicates_scanned: Option<u64>,
 }
 
 impl Sink for Probe {
     type Error = Error;
-    fn batch(&mut self, b: &Texts, key: Option<&str>) -> Result<Flow> {
-        self.got.batch(b, key)?;
+    fn batch(&mut self, b: &Texts, info: &BatchInfo<'_>) -> Result<Flow> {
+        self.got.batch(b, info)?;
         Ok(if self.stop_at_batch.is_some_and(|n| self.got.batches >= n) { Flow::Stop } else { Flow::Continue })
     }
     fn reject(&mut self, r: &Reject<'_>) -> Result<Flow> {
@@ -41,6 +43,9 @@ impl Sink for Probe {
         self.got.file_done(f, c, o)
     }
     fn phase(&mut self, p: Phase, progress: &Progress) -> Result<Flow> {
+        if p == Phase::Inserting {
+            self.duplicates_scanned = Some(progress.snapshot().duplicates);
+        }
         self.got.phase(p, progress)
     }
     fn tick(&mut self, _: &Progress) -> Result<Flow> {
@@ -60,6 +65,7 @@ struct Outcome {
     progress: Snapshot,
     report: Report,
     got: Collect,
+    duplicates_scanned: Option<u64>,
 }
 
 fn run_with(cfg: &Config, path: &Path, resume_after: Option<&[u8]>, mut sink: Probe) -> Result<Outcome> {
@@ -67,7 +73,13 @@ fn run_with(cfg: &Config, path: &Path, resume_after: Option<&[u8]>, mut sink: Pr
     let progress = Arc::new(Progress::default());
     let report = distinct(cfg, &tree, &listing.files, resume_after, &progress, &mut sink)?;
     let records = sink.got.records.iter().map(|r| r.as_bytes().to_vec()).collect();
-    Ok(Outcome { records, progress: progress.snapshot(), report, got: sink.got })
+    Ok(Outcome {
+        records,
+        progress: progress.snapshot(),
+        report,
+        got: sink.got,
+        duplicates_scanned: sink.duplicates_scanned,
+    })
 }
 
 fn run_exact(cfg: &Config, path: &Path, resume_after: Option<&[u8]>) -> Result<Outcome> {
@@ -172,6 +184,7 @@ proptest! {
         let est = out.report.bloom.as_ref().unwrap().estimated_false_drops;
         prop_assert!(want.distinct - out.records.len() as u64 <= 1 + 2 * est.ceil() as u64);
         prop_assert_eq!(out.progress.rejected, want.rejected);
+        prop_assert_eq!(out.got.duplicates, 0, "Bloom mode counts its repeats in the scan");
     }
 }
 
@@ -308,6 +321,104 @@ fn resumed_merge_emits_exactly_the_rest() {
     for cut in [0, 1, all.len() / 3, all.len() - 1] {
         let rest = run_exact(&cfg, &input, Some(&all[cut])).unwrap().records;
         assert_eq!(rest, all[cut + 1..], "resume after record {cut}");
+    }
+}
+
+/// Data with many repeats, within chunks and across them.
+fn repetitive(dir: &Path) -> std::path::PathBuf {
+    let input = dir.canonicalize().unwrap().join("in");
+    generate(&input, &GenSpec { files: 3, size: 60_000, dup: 0.6, seed: 11, ..GenSpec::default() }).unwrap();
+    input
+}
+
+#[test]
+fn each_batch_carries_the_merge_repeats_of_its_records_across_a_stop_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = repetitive(dir.path());
+    let want = oracle(&input, 65536).unwrap();
+    let temp = dir.path().join("tmp");
+    fs::create_dir(&temp).unwrap();
+    // Small chunks: many runs, and a last chunk merged from memory; batches of 40.
+    let cfg = Config {
+        chunk_bytes: Some(16 << 10),
+        fan_in: 64,
+        read_buffer: 4096,
+        batch: super::config::BatchLimits { min: 40, max: 40, ..Default::default() },
+        ..tiny(&temp)
+    };
+    let full = run_exact(&cfg, &input, None).unwrap();
+    assert!(full.report.runs > 4, "{} runs", full.report.runs);
+    let scanned = full.duplicates_scanned.unwrap();
+    let merged = full.got.duplicates;
+    assert!(scanned > 0 && merged > 0, "repeats within chunks ({scanned}) and across them ({merged})");
+    assert_eq!(scanned + merged, full.progress.duplicates, "the batches carry what the merge counted");
+    assert_eq!(full.progress.duplicates, want.records - want.rejected - want.distinct);
+
+    for stop in [1, 3, full.got.batches - 1] {
+        let a = run_with(&cfg, &input, None, Probe { stop_at_batch: Some(stop), ..Probe::default() }).unwrap();
+        assert!(a.report.stopped);
+        let key = a.got.resume_key.clone().unwrap();
+        let b = run_exact(&cfg, &input, Some(key.as_bytes())).unwrap();
+        assert_eq!([a.records, b.records].concat(), full.records, "stopped after {stop} batches");
+        assert_eq!(a.got.duplicates + b.got.duplicates, merged, "stopped after {stop} batches");
+    }
+}
+
+#[test]
+fn each_range_of_a_kept_sort_resumes_with_the_exact_repeats_of_what_is_left() {
+    use super::merge::KeyRange;
+    use super::sorted::{Keep, Sorted};
+    use super::stream::{drain, prepare};
+    let dir = tempfile::tempdir().unwrap();
+    let input = repetitive(dir.path());
+    let want = oracle(&input, 65536).unwrap();
+    let total = want.records - want.rejected - want.distinct;
+    let (tree, listing) = walk(&input).unwrap();
+    // A fan-in of 64 merges every run at once; one of 4 merges them in levels first,
+    // whose repeats are the scan's.
+    for (i, fan_in) in [64, 4].into_iter().enumerate() {
+        let keep = Keep { dir: dir.path().join(format!("job-{i}")), spec: "s".into() };
+        let cfg = Config {
+            chunk_bytes: Some(16 << 10),
+            fan_in,
+            read_buffer: 4096,
+            batch: super::config::BatchLimits { min: 25, max: 25, ..Default::default() },
+            ..tiny(dir.path())
+        };
+        let scan = Arc::new(Progress::default());
+        let mut sorted = prepare(&cfg, &tree, &listing.files, &keep, &scan, &mut Collect::default()).unwrap();
+        let scanned = scan.snapshot().duplicates;
+
+        let drained = |sorted: &mut Sorted, range: &KeyRange, after: Option<&str>, stop: Option<usize>| {
+            let live = Arc::new(Progress::default());
+            let mut sink = Probe { stop_at_batch: stop, ..Probe::default() };
+            let report = drain(&cfg, sorted, range, after.map(str::as_bytes), &live, &mut sink).unwrap();
+            assert_eq!(report.stopped, stop.is_some());
+            if !report.stopped {
+                assert_eq!(sink.got.duplicates, live.snapshot().duplicates, "a whole drain carries what it counted");
+            }
+            sink.got
+        };
+        let whole = drained(&mut sorted, &KeyRange::all(), None, None);
+        assert!(whole.duplicates > 0);
+        assert_eq!(scanned + whole.duplicates, total, "fan-in {fan_in}");
+
+        let ranges = sorted.ranges(3);
+        assert!(ranges.len() >= 2, "{ranges:?}");
+        let mut sum = 0;
+        for r in &ranges {
+            let full = drained(&mut sorted, r, None, None);
+            sum += full.duplicates;
+            // Stopped after the first batch, halfway, and after the last.
+            for stop in [1, full.batches.div_ceil(2), full.batches] {
+                let a = drained(&mut sorted, r, None, Some(stop));
+                let key = a.resume_key.clone().unwrap();
+                let b = drained(&mut sorted, r, Some(&key), None);
+                assert_eq!([a.records, b.records].concat(), full.records, "{r:?} stopped after {stop}");
+                assert_eq!(a.duplicates + b.duplicates, full.duplicates, "{r:?} stopped after {stop}");
+            }
+        }
+        assert_eq!(sum, whole.duplicates, "the ranges' repeats add up to the whole stream's");
     }
 }
 

@@ -20,7 +20,7 @@ use store_engine::filter::Filter;
 use store_engine::normalize::LineLimit;
 use store_engine::scan::{FileCounts, FileOutcome, Reject};
 use store_engine::walk::{walk, FileEntry};
-use store_engine::{distinct, limits, Error, Flow, Progress, Sink};
+use store_engine::{distinct, limits, BatchInfo, Error, Flow, Progress, Sink};
 
 /// Deduplicate line files like `LC_ALL=C sort -u`, in bounded memory, with pg_store's
 /// normalisation: a BOM and one trailing CR dropped, empty lines skipped, invalid UTF-8,
@@ -91,7 +91,7 @@ fn write_error(path: &str, e: io::Error) -> Error {
 impl<W: Write> Sink for Cli<W> {
     type Error = Error;
 
-    fn batch(&mut self, batch: &Texts, _: Option<&str>) -> Result<Flow, Error> {
+    fn batch(&mut self, batch: &Texts, _: &BatchInfo<'_>) -> Result<Flow, Error> {
         for rec in batch.iter() {
             match self.out.write_all(rec.as_bytes()).and_then(|_| self.out.write_all(b"\n")) {
                 Ok(()) => {}
