@@ -26,6 +26,13 @@ pub enum Error {
     /// UTF-8, a NUL byte or a cut record): a disk error or a bug, never the input's fault.
     #[error("corrupt temporary data: {0}")]
     Corrupt(String),
+    /// A temporary directory or file is not one the engine may trust: a name it was
+    /// about to create exists already, or a directory is a link, belongs to another
+    /// user or lets others in, or the directory holding job directories lets others
+    /// rename them (see [`private_dir`](crate::private_dir)). Another user may be after
+    /// a job's data: the extension reports it as insufficient privilege (SQLSTATE 42501).
+    #[error("unsafe temporary directory {path}: {reason}")]
+    Insecure { path: PathBuf, reason: String },
     /// A thread of the engine died (a panic) or could not be started.
     #[error("internal error: {0}")]
     Internal(String),

@@ -23,6 +23,7 @@ pub mod limits;
 pub mod merge;
 pub mod normalize;
 pub mod paths;
+pub mod private_dir;
 pub mod progress;
 pub mod read;
 pub mod scan;

@@ -10,7 +10,6 @@
 //! the last record durably consumed before a crash — and skips everything up to and
 //! including it, which is what makes the extension's checkpoints resumable.
 
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -21,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
 
 use super::error::{Error, IoContext, Result};
+use super::private_dir;
 use super::progress::Progress;
 use super::sort::{prefix_of, Chunk, Run, RunWriter};
 
@@ -119,7 +119,7 @@ impl Source {
     /// Open a run positioned at or before its first record after `after` (a plain run
     /// seeks to the last mark of its sparse index at or below `after`).
     fn open(run: &Run, buffer: usize, after: Option<&[u8]>) -> Result<Source> {
-        let mut file = File::open(&run.path).ctx("could not open temporary run", &run.path)?;
+        let mut file = private_dir::open_file(&run.path).ctx("could not open temporary run", &run.path)?;
         if let Some(key) = after.filter(|_| !run.compressed) {
             let at = run.seek_offset(key);
             file.seek(SeekFrom::Start(at)).ctx("could not seek in temporary run", &run.path)?;

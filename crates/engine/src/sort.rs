@@ -17,6 +17,7 @@ use rayon::slice::ParallelSliceMut;
 use serde::{Deserialize, Serialize};
 
 use super::error::{IoContext, Result};
+use super::private_dir;
 
 /// Index bytes per record, counted against the chunk budget.
 pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
@@ -215,8 +216,10 @@ const RUN_ZSTD_LEVEL: i32 = 1;
 const RUN_WRITE_BUFFER: usize = 1 << 20;
 
 impl RunWriter {
+    /// Start a run at `path`, a name that must not exist yet (created mode 0600, never
+    /// through a link: see [`private_dir`](crate::private_dir)).
     pub fn create(path: PathBuf, compress: bool) -> Result<RunWriter> {
-        let file = File::create(&path).ctx("could not create temporary run", &path)?;
+        let file = private_dir::create_file(&path).ctx("could not create temporary run", &path)?;
         let buf = BufWriter::with_capacity(RUN_WRITE_BUFFER, file);
         let out = if compress {
             RunSink::Zstd(

@@ -8,7 +8,8 @@
 //! scan's counters. A later attempt of the same job loads them ([`Sorted::load`]) instead
 //! of reading and sorting its files again — after a crash, only the batch in flight and
 //! reopening the runs are lost — and parallel inserters each merge their own key range
-//! of them.
+//! of them. A kept directory is trusted only once [`private_dir::verify`] has passed:
+//! anyone who could write in it could hand a later attempt runs of their choosing.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -22,6 +23,7 @@ use super::config::{Config, Fault};
 use super::error::{Error, IoContext, Result};
 use super::limits;
 use super::merge::{reduce_runs, KeyRange, Merger};
+use super::private_dir;
 use super::progress::{Phase, Progress};
 use super::scan::scan;
 use super::sort::{self, Chunk, Run};
@@ -36,7 +38,9 @@ pub const MANIFEST: &str = "manifest.json";
 const MANIFEST_VERSION: u32 = 1;
 
 /// Where and under which spec a sort is kept across attempts. The caller owns the
-/// directory (creates it, removes it when the job ends).
+/// directory: it creates it ([`private_dir::create`], or the sort does), and removes it
+/// when the job ends ([`private_dir::remove`]). It must pass [`private_dir::verify`]
+/// (ours, mode 0700, not a link) before anything in it is read or written.
 #[derive(Debug, Clone)]
 pub struct Keep {
     pub dir: PathBuf,
@@ -179,9 +183,18 @@ impl Sorted {
 
     /// The sort kept in `keep.dir`, if it is there, complete, and made under the same
     /// spec (and from these very files, when given); its counters go into `progress`.
+    /// A directory that is there but fails [`private_dir::verify`] is an error
+    /// ([`Error::Insecure`]), never a sort to load.
     pub fn load(keep: &Keep, files: Option<&[FileEntry]>, cfg: &Config, progress: &Progress) -> Result<Option<Sorted>> {
+        match private_dir::verify(&keep.dir) {
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            res => res?,
+        }
         let path = keep.dir.join(MANIFEST);
-        let text = match std::fs::read(&path) {
+        let text = match private_dir::open_file(&path).and_then(|mut f| {
+            let mut t = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut t).map(|_| t)
+        }) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io("could not read", &path, e)),
@@ -192,9 +205,15 @@ impl Sorted {
         }
         let mut runs = m.runs;
         for r in &mut runs {
+            // A run is a plain file beside the manifest: a name of one component, not a
+            // path that leads out of the directory, and not a link.
+            let mut parts = r.path.components();
+            if !matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None)) {
+                return Ok(None);
+            }
             r.path = keep.dir.join(&r.path);
-            match std::fs::metadata(&r.path) {
-                Ok(meta) if meta.len() == r.bytes => {}
+            match std::fs::symlink_metadata(&r.path) {
+                Ok(meta) if meta.is_file() && meta.len() == r.bytes => {}
                 _ => return Ok(None),
             }
         }
@@ -229,7 +248,7 @@ pub(crate) fn sort_distinct<S: Sink>(
     let pool = limits::thread_pool(cfg.threads)?;
     let mut store = match keep {
         Some(k) => {
-            std::fs::create_dir_all(&k.dir).ctx("could not create", &k.dir)?;
+            private_dir::ensure(&k.dir)?;
             // A manifest left by an earlier sort no longer describes what is written now.
             remove_kept(&k.dir)?;
             Store::Kept(k.dir.clone())
@@ -324,7 +343,8 @@ fn run_dir(store: &mut Store, parent: &Path) -> Result<PathBuf> {
     })
 }
 
-/// Write the manifest beside the runs, atomically (rename) and durably.
+/// Write the manifest beside the runs, atomically (rename) and durably. It is written
+/// to a new file of its own first, so a name left there is never written through.
 fn write_manifest(keep: &Keep, files: &[FileEntry], runs: &[Run], counts: &Counts) -> Result<()> {
     let rel: Vec<Run> = runs
         .iter()
@@ -337,19 +357,30 @@ fn write_manifest(keep: &Keep, files: &[FileEntry], runs: &[Run], counts: &Count
         runs: rel,
         counts: counts.clone(),
     };
-    let tmp = keep.dir.join(format!("{MANIFEST}.tmp"));
     let body = serde_json::to_vec(&m).map_err(|e| Error::Internal(format!("manifest: {e}")))?;
-    let f = std::fs::File::create(&tmp).ctx("could not create", &tmp)?;
-    std::io::Write::write_all(&mut &f, &body).ctx("could not write", &tmp)?;
-    f.sync_all().ctx("could not flush", &tmp)?;
+    let (f, tmp) = private_dir::create_temp_file(&keep.dir, MANIFEST)?;
     let path = keep.dir.join(MANIFEST);
-    std::fs::rename(&tmp, &path).ctx("could not rename into", &path)?;
+    let written = std::io::Write::write_all(&mut &f, &body)
+        .ctx("could not write", &tmp)
+        .and_then(|()| f.sync_all().ctx("could not flush", &tmp))
+        // rename replaces the name, never what a link there points to.
+        .and_then(|()| std::fs::rename(&tmp, &path).ctx("could not rename into", &path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     std::fs::File::open(&keep.dir).and_then(|d| d.sync_all()).ctx("could not flush", &keep.dir)
 }
 
 /// Empty a kept sort's directory (the manifest first, so a crash halfway leaves nothing
-/// that looks complete).
+/// that looks complete); a subdirectory (a temporary sort's, left by a crash) goes with
+/// its contents, links are removed and never followed. Nothing there is fine; a
+/// directory that fails [`private_dir::verify`] is an error, and is left alone.
 pub fn remove_kept(dir: &Path) -> Result<()> {
+    match private_dir::verify(dir) {
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        res => res?,
+    }
     match std::fs::remove_file(dir.join(MANIFEST)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             return Err(Error::io("could not remove", &dir.join(MANIFEST), e))
@@ -362,7 +393,13 @@ pub fn remove_kept(dir: &Path) -> Result<()> {
         Err(e) => return Err(Error::io("could not list", dir, e)),
     };
     for e in entries.flatten() {
-        std::fs::remove_file(e.path()).ctx("could not remove", &e.path())?;
+        let path = e.path();
+        // The entry's own type: a link to a directory is a link.
+        let res = match e.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+            _ => std::fs::remove_file(&path),
+        };
+        res.ctx("could not remove", &path)?;
     }
     Ok(())
 }
@@ -415,19 +452,30 @@ fn spill_loop(
 /// [`Fault::CorruptRuns`]: overwrite a run's first byte, the first byte of a record.
 fn corrupt_first_byte(path: &Path) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path).ctx("could not open temporary run", path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ctx("could not open temporary run", path)?;
     f.write_all_at(&[0xFF], 0).ctx("could not write temporary run", path)
 }
 
+/// A new directory for a sort that is not kept: a fresh random name made by `mkdir`,
+/// mode 0700.
 fn make_temp_dir(parent: &Path) -> Result<TempDir> {
+    use std::os::unix::fs::PermissionsExt;
     tempfile::Builder::new()
         .prefix(TEMP_PREFIX)
+        .permissions(std::fs::Permissions::from_mode(private_dir::DIR_MODE))
         .tempdir_in(parent)
         .ctx("could not create temporary directory in", parent)
 }
 
 /// Remove temporary directories left in `dir` by runs that died (`kill -9`, power
 /// loss) — only call this where no live run can be using `dir`. Returns how many.
+/// Only directories that pass [`private_dir::verify`] are removed: one of the same
+/// name made by another user, or a link, is not ours and stays.
 pub fn remove_orphans(dir: &Path) -> Result<usize> {
     let mut n = 0;
     let entries = match std::fs::read_dir(dir) {
@@ -437,11 +485,127 @@ pub fn remove_orphans(dir: &Path) -> Result<usize> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        if name.to_string_lossy().starts_with(TEMP_PREFIX) && entry.file_type().is_ok_and(|t| t.is_dir()) {
-            std::fs::remove_dir_all(entry.path())
-                .ctx("could not remove orphaned temporary directory", &entry.path())?;
+        if name.to_string_lossy().starts_with(TEMP_PREFIX) && private_dir::remove(&entry.path())? {
             n += 1;
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::{prepare, Collect};
+    use crate::walk::walk;
+    use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+
+    fn mode_of(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    /// A kept sort of a small input under `dir/job`.
+    fn kept(dir: &Path) -> (Keep, Config, Vec<FileEntry>) {
+        let input = dir.canonicalize().unwrap().join("in");
+        std::fs::create_dir(&input).unwrap();
+        let text: String = (0..2000).map(|i| format!("line {}\n", i % 700)).collect();
+        std::fs::write(input.join("a.txt"), text).unwrap();
+        let keep = Keep { dir: dir.join("job"), spec: "s".into() };
+        let cfg = Config { temp_dir: dir.to_path_buf(), chunk_bytes: Some(4096), ..Config::default() };
+        let (tree, listing) = walk(&input).unwrap();
+        prepare(&cfg, &tree, &listing.files, &keep, &Arc::default(), &mut Collect::default()).unwrap();
+        (keep, cfg, listing.files)
+    }
+
+    #[test]
+    fn a_kept_sort_is_private_and_loaded_only_from_a_private_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let (keep, cfg, files) = kept(d.path());
+        assert_eq!(mode_of(&keep.dir), 0o700);
+        let names: Vec<_> = std::fs::read_dir(&keep.dir).unwrap().flatten().map(|e| e.path()).collect();
+        assert!(names.len() > 2 && names.iter().any(|p| p.ends_with(MANIFEST)), "{names:?}");
+        for p in &names {
+            assert_eq!(mode_of(p), 0o600, "{}", p.display());
+        }
+        assert!(Sorted::load(&keep, Some(&files), &cfg, &Progress::default()).unwrap().is_some());
+
+        // Opened up to others: refused, not loaded, not emptied.
+        std::fs::set_permissions(&keep.dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Sorted::load(&keep, Some(&files), &cfg, &Progress::default()).err().unwrap();
+        assert!(matches!(err, Error::Insecure { .. }), "{err}");
+        assert!(matches!(remove_kept(&keep.dir), Err(Error::Insecure { .. })));
+        assert!(keep.dir.join(MANIFEST).exists());
+
+        // A link in place of the directory: refused too, even to a private one.
+        std::fs::set_permissions(&keep.dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let moved = d.path().join("moved");
+        std::fs::rename(&keep.dir, &moved).unwrap();
+        symlink(&moved, &keep.dir).unwrap();
+        let err = Sorted::load(&keep, Some(&files), &cfg, &Progress::default()).err().unwrap();
+        assert!(matches!(err, Error::Insecure { .. }) && err.to_string().contains("symbolic link"), "{err}");
+        let input = d.path().canonicalize().unwrap().join("in");
+        let (tree, listing) = walk(&input).unwrap();
+        let r = prepare(&cfg, &tree, &listing.files, &keep, &Arc::default(), &mut Collect::default());
+        assert!(matches!(r, Err(Error::Insecure { .. })), "a sort is not written through a link");
+
+        // Gone: nothing to load, nothing to empty.
+        std::fs::remove_file(&keep.dir).unwrap();
+        assert!(Sorted::load(&keep, Some(&files), &cfg, &Progress::default()).unwrap().is_none());
+        remove_kept(&keep.dir).unwrap();
+    }
+
+    #[test]
+    fn a_manifest_naming_a_run_outside_its_directory_or_a_link_is_not_loaded() {
+        let d = tempfile::tempdir().unwrap();
+        let (keep, cfg, files) = kept(d.path());
+        let path = keep.dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut m: Manifest = serde_json::from_str(&text).unwrap();
+        let first = m.runs[0].path.clone();
+        let outside = d.path().join("outside.run");
+        std::fs::copy(keep.dir.join(&first), &outside).unwrap();
+        for bad in [outside.clone(), PathBuf::from("../outside.run")] {
+            m.runs[0].path = bad;
+            std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+            assert!(Sorted::load(&keep, Some(&files), &cfg, &Progress::default()).unwrap().is_none());
+        }
+        // The run's own name, but a link there.
+        m.runs[0].path = first.clone();
+        std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+        std::fs::remove_file(keep.dir.join(&first)).unwrap();
+        symlink(&outside, keep.dir.join(&first)).unwrap();
+        assert!(Sorted::load(&keep, Some(&files), &cfg, &Progress::default()).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_manifest_is_replaced_never_written_through_a_link() {
+        let d = tempfile::tempdir().unwrap();
+        let (keep, _, files) = kept(d.path());
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, "keep me").unwrap();
+        let path = keep.dir.join(MANIFEST);
+        std::fs::remove_file(&path).unwrap();
+        symlink(&victim, &path).unwrap();
+        write_manifest(&keep, &files, &[], &Counts::default()).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(mode_of(&path), 0o600);
+    }
+
+    #[test]
+    fn orphans_are_removed_only_when_they_are_ours() {
+        let d = tempfile::tempdir().unwrap();
+        let ours = make_temp_dir(d.path()).unwrap().keep();
+        assert_eq!(mode_of(&ours), 0o700);
+        std::fs::write(ours.join("run-000000.run"), "x\n").unwrap();
+        let open = d.path().join(format!("{TEMP_PREFIX}open"));
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let target = d.path().join("target");
+        private_dir::create(&target).unwrap();
+        let link = d.path().join(format!("{TEMP_PREFIX}link"));
+        symlink(&target, &link).unwrap();
+        assert_eq!(remove_orphans(d.path()).unwrap(), 1);
+        assert!(!ours.exists());
+        assert!(open.exists() && target.exists() && std::fs::symlink_metadata(&link).is_ok());
+    }
 }
