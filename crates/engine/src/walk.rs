@@ -9,7 +9,8 @@
 //! FIFO or a device is refused too (opened non-blocking, then checked).
 //!
 //! Inside a directory, names starting with `.` (a drop directory's half-written `.tmp`
-//! files), symbolic links, sockets, FIFOs and devices are skipped and counted. An entry
+//! files), symbolic links, sockets, FIFOs and devices are skipped, and listed in
+//! [`Listing::skipped`] with the reason, so a DBA can see why a file was not read. An entry
 //! that vanishes or cannot be read while it is listed (a log rotation, a subdirectory
 //! without permission) is recorded in [`Listing::failed`] with its OS error, and the
 //! rest of the tree is listed: one bad entry does not fail a hundred good files.
@@ -132,13 +133,30 @@ pub struct Failed {
     pub error: String,
 }
 
-/// The files under a path, the entries that failed, and how many were ignored.
+/// An entry passed over by design, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    pub path: PathBuf,
+    /// A few words for the DBA: one of the `SKIPPED_*` reasons.
+    pub reason: &'static str,
+}
+
+pub const SKIPPED_HIDDEN: &str = "hidden: its name starts with '.'";
+pub const SKIPPED_LINK: &str = "a symbolic link";
+pub const SKIPPED_SOCKET: &str = "a socket";
+pub const SKIPPED_FIFO: &str = "a FIFO";
+pub const SKIPPED_DEVICE: &str = "a device";
+/// A type the OS did not name: none of the above, nor a file or a directory.
+pub const SKIPPED_OTHER: &str = "not a regular file or directory";
+
+/// The files under a path, the entries that failed, and those skipped by design.
 #[derive(Debug, Default)]
 pub struct Listing {
     pub files: Vec<FileEntry>,
     pub failed: Vec<Failed>,
-    /// Entries passed over by design: hidden names, symbolic links, special files.
-    pub ignored: u64,
+    /// Entries passed over by design (hidden names, symbolic links, special files),
+    /// in listing order. A hidden directory is one entry: nothing under it is looked at.
+    pub skipped: Vec<Skipped>,
 }
 
 impl Listing {
@@ -297,7 +315,7 @@ fn list_dir(dir: OwnedFd, path: &Path, listing: &mut Listing) -> io::Result<()> 
         let name = OsStr::from_bytes(&name);
         let child = path.join(name);
         if name.as_bytes().starts_with(b".") {
-            listing.ignored += 1;
+            listing.skipped.push(Skipped { path: child, reason: SKIPPED_HIDDEN });
             continue;
         }
         let mut fail = |what: &str, e: io::Error| {
@@ -326,7 +344,16 @@ fn list_dir(dir: OwnedFd, path: &Path, listing: &mut Listing) -> io::Result<()> 
                 Ok(fe) => listing.files.push(fe),
                 Err(e) => fail("could not open", e),
             },
-            _ => listing.ignored += 1,
+            other => {
+                let reason = match other {
+                    FileType::Symlink => SKIPPED_LINK,
+                    FileType::Socket => SKIPPED_SOCKET,
+                    FileType::Fifo => SKIPPED_FIFO,
+                    FileType::CharacterDevice | FileType::BlockDevice => SKIPPED_DEVICE,
+                    _ => SKIPPED_OTHER,
+                };
+                listing.skipped.push(Skipped { path: child, reason });
+            }
         }
     }
     Ok(())
@@ -392,9 +419,27 @@ mod tests {
         let fifo = std::ffi::CString::new(p.join("fifo").as_os_str().as_bytes()).unwrap();
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
 
+        let sock = std::os::unix::net::UnixListener::bind(p.join("b/sock")).unwrap();
+        fs::write(p.join("b/.part.tmp"), b"half\n").unwrap();
+
         let (tree, l) = walk(p).unwrap();
+        drop(sock);
         assert_eq!(names(p, &l), ["a.txt", "b/c/x.gz", "b/y.txt", "z.txt"]);
-        assert_eq!(l.ignored, 5); // .dot, .hidden, fifo, link.txt, linkdir
+        let skipped: Vec<(String, &str)> = l
+            .skipped
+            .iter()
+            .map(|s| (s.path.strip_prefix(p).unwrap().to_str().unwrap().to_string(), s.reason))
+            .collect();
+        let want = [
+            (".dot", "hidden: its name starts with '.'"),
+            (".hidden", "hidden: its name starts with '.'"),
+            ("b/.part.tmp", "hidden: its name starts with '.'"),
+            ("b/sock", "a socket"),
+            ("fifo", "a FIFO"),
+            ("link.txt", "a symbolic link"),
+            ("linkdir", "a symbolic link"),
+        ];
+        assert_eq!(skipped, want.map(|(p, r)| (p.to_string(), r)), "in listing order, with the reason");
         assert!(l.failed.is_empty());
         assert_eq!(l.total_bytes(), 8);
         let (_, one) = walk(&p.join("a.txt")).unwrap();
@@ -405,6 +450,14 @@ mod tests {
         assert_eq!(s, "x\n");
         let err = walk(&p.join("missing")).unwrap_err().to_string();
         assert!(err.contains("missing") && err.contains("No such file"), "{err}");
+        // A device node can be made only as root.
+        if unsafe { libc::geteuid() } == 0 {
+            let dev = p.join("b/c/null");
+            let c = std::ffi::CString::new(dev.as_os_str().as_bytes()).unwrap();
+            assert_eq!(unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) }, 0);
+            let (_, l) = walk(&p.join("b/c")).unwrap();
+            assert_eq!(l.skipped, [Skipped { path: dev, reason: "a device" }]);
+        }
     }
 
     #[test]

@@ -144,7 +144,7 @@ fn run(args: Args) -> Result<ExitCode, Error> {
     let progress = Arc::new(Progress::default());
     Progress::add(&progress.files_total, (listing.files.len() + listing.failed.len()) as u64);
     Progress::add(&progress.bytes_total, listing.total_bytes());
-    Progress::add(&progress.entries_ignored, listing.ignored);
+    Progress::add(&progress.entries_ignored, listing.skipped.len() as u64);
     let rejects = match &args.rejects {
         Some(p) => Some((BufWriter::new(File::create(p).map_err(|e| Error::io("could not create", p, e))?), p.clone())),
         None => None,
