@@ -77,7 +77,7 @@ test-pg: deps
 
 # Integration tests: clusters the harness starts itself, with pg_store and pg_cron preloaded (needs `make install`): the extension, trust, and operations (databases, retention, dump and restore).
 test-integration:
-	$(CARGO) test --test extension --test trust --test operations -- --test-threads=2
+	$(CARGO) test --test extension --test trust --test security --test operations -- --test-threads=2
 
 # The Debian package (built from the staged release build): apt install, a cluster, CREATE EXTENSION, an ingest, apt remove; then the build under test is installed again.
 test-package: install

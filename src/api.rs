@@ -35,23 +35,44 @@ mod store {
     #[pg_extern(volatile)]
     #[search_path(pg_catalog, pg_temp)]
     fn enqueue(
-        path: &str,
-        target: pg_sys::Oid,
-        column_name: &str,
-        dedup: &str,
+        path: Option<&str>,
+        target: Option<pg_sys::Oid>,
+        column_name: Option<&str>,
+        dedup: Option<&str>,
         filter: Option<&str>,
         key_column: Option<&str>,
     ) -> i64 {
-        super::enqueue(path, target, column_name, dedup, filter, key_column).unwrap_or_else(|e| e.raise())
+        let f = "store_ingest";
+        (|| {
+            super::enqueue(
+                super::required(path, f, "path")?,
+                super::required(target, f, "target")?,
+                super::required(column_name, f, "column_name")?,
+                super::required(dedup, f, "dedup")?,
+                filter,
+                key_column,
+            )
+        })()
+        .unwrap_or_else(|e| e.raise())
     }
 
     /// Block until `job` ends (or `timeout` passes), with a progress NOTICE every few
     /// seconds. Returns the job's state.
     #[pg_extern(volatile)]
     #[search_path(pg_catalog, pg_temp)]
-    fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> String {
-        super::wait_job(job, timeout).unwrap_or_else(|e| e.raise())
+    fn wait_job(job: Option<i64>, timeout: Option<pgrx::datum::Interval>) -> String {
+        super::required(job, "store_wait", "job")
+            .and_then(|job| super::wait_job(job, timeout))
+            .unwrap_or_else(|e| e.raise())
     }
+}
+
+/// A NULL argument, refused with SQLSTATE 22004 naming it (rather than a NULL result, or
+/// an internal error from the argument's conversion).
+pub fn required<T>(value: Option<T>, function: &str, argument: &str) -> Result<T> {
+    value.ok_or_else(|| {
+        StoreError::refused(ERRCODE_NULL_VALUE_NOT_ALLOWED, format!("{argument} of {function} must not be NULL"))
+    })
 }
 
 /// This library's SQL objects must be of its own version. Between installing a new
@@ -75,9 +96,10 @@ pub fn require_current_version() -> Result<()> {
 
 /// pg_store's version as created in this database, if it is.
 pub fn installed_version() -> Result<Option<String>> {
-    Ok(Spi::get_one::<String>(
+    crate::read::one::<String>(
         "SELECT (SELECT extversion::text FROM pg_catalog.pg_extension WHERE extname = 'pg_store')",
-    )?)
+        &[],
+    )
 }
 
 fn enqueue(
@@ -89,6 +111,7 @@ fn enqueue(
     key_column: Option<&str>,
 ) -> Result<i64> {
     require_current_version()?;
+    crate::read::require_primary("queue a job")?;
     if !PRELOADED.load(Ordering::Relaxed) {
         return Err(StoreError::refused(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "pg_store is not loaded through shared_preload_libraries").with_hint(
             "Add pg_store to shared_preload_libraries in postgresql.conf and restart PostgreSQL: the background workers that run jobs start only then.",
@@ -158,9 +181,9 @@ fn wake() {
 
 /// The live pg_store processes, for the `store.workers` view: pid, kind (launcher,
 /// worker, inserter), database, whether it works on a job, the job, and since when
-/// (seconds since the epoch) it does what it does. The job is shown where the caller may see it: in this
-/// database if its row is visible to the caller, elsewhere with the privileges of
-/// pg_read_all_stats (as pg_stat_activity shows other roles' queries); else NULL.
+/// (seconds since the epoch) it does what it does. A role with the privileges of
+/// pg_read_all_stats sees every process; any other role the launcher, this database's
+/// idle workers and the processes working on jobs it may see (its own).
 #[pg_extern(volatile, schema = "store")]
 #[search_path(pg_catalog, pg_temp)]
 fn worker_list() -> TableIterator<
@@ -182,20 +205,29 @@ type WorkerRow = (i32, String, pg_sys::Oid, bool, Option<i64>, f64);
 fn worker_rows() -> Result<std::vec::IntoIter<WorkerRow>> {
     let procs = if PRELOADED.load(Ordering::Relaxed) { registry::procs() } else { Vec::new() };
     let here = registry::my_database();
-    let stats = Spi::get_one::<bool>("SELECT pg_catalog.pg_has_role('pg_read_all_stats', 'USAGE')")?.unwrap_or(false);
+    // SAFETY: a catalog look-up for the role running this function.
+    let stats = unsafe {
+        pg_sys::has_privs_of_role(security::executing_role(), pg_sys::Oid::from(pg_sys::ROLE_PG_READ_ALL_STATS))
+    };
     let mut rows = Vec::with_capacity(procs.len());
     for p in procs {
-        let job = match p.job {
-            0 => None,
-            j if p.database == here => Spi::get_one_with_args::<bool>(
+        let visible = match p.job {
+            0 => true,
+            j if p.database == here => crate::read::one::<bool>(
                 "SELECT EXISTS (SELECT FROM store.jobs WHERE id = $1 AND pg_catalog.pg_has_role(owner, 'USAGE'))",
                 &[j.into()],
             )?
-            .unwrap_or(false)
-            .then_some(j),
-            j => stats.then_some(j),
+            .unwrap_or(false),
+            _ => false,
         };
-        rows.push((p.pid, p.kind.as_str().to_string(), pg_sys::Oid::from(p.database), p.job != 0, job, p.since));
+        // As pg_stat_activity: other roles' work, and other databases', only to roles
+        // with the privileges of pg_read_all_stats. The launcher and idle workers of this
+        // database are no one's.
+        let shown = stats || p.kind == registry::Kind::Launcher || (p.database == here && visible);
+        if shown {
+            let job = (p.job != 0 && (stats || visible)).then_some(p.job);
+            rows.push((p.pid, p.kind.as_str().to_string(), pg_sys::Oid::from(p.database), p.job != 0, job, p.since));
+        }
     }
     Ok(rows.into_iter())
 }
@@ -205,15 +237,16 @@ fn worker_rows() -> Result<std::vec::IntoIter<WorkerRow>> {
 /// a role whose privileges it has); a superuser any.
 #[pg_extern(volatile)]
 #[search_path(pg_catalog, pg_temp)]
-fn store_cancel(job: i64) -> bool {
-    cancel(job).unwrap_or_else(|e| e.raise())
+fn store_cancel(job: Option<i64>) -> bool {
+    required(job, "store_cancel", "job").and_then(cancel).unwrap_or_else(|e| e.raise())
 }
 
 fn cancel(job: i64) -> Result<bool> {
     require_current_version()?;
+    crate::read::require_primary("cancel a job")?;
     // Read as the caller: row-level security hides other roles' jobs (and the role test
     // holds for a role that bypasses it).
-    let seen = Spi::get_one_with_args::<bool>(
+    let seen = crate::read::one::<bool>(
         "SELECT EXISTS (SELECT FROM store.jobs WHERE id = $1 AND pg_catalog.pg_has_role(owner, 'USAGE'))",
         &[job.into()],
     )?;
@@ -222,7 +255,7 @@ fn cancel(job: i64) -> Result<bool> {
     }
     let was = security::as_superuser(|| {
         Spi::get_one_with_args::<String>(
-            "WITH old AS (SELECT state FROM store.jobs WHERE id = $1 AND state IN ('queued', 'running') FOR UPDATE), \
+            "WITH old AS (SELECT state FROM store.jobs WHERE id = $1 AND state IN ('queued', 'running') FOR NO KEY UPDATE), \
                   c AS (UPDATE store.jobs j SET cancel_requested = true, \
                           state = CASE WHEN j.state = 'queued' THEN 'cancelled' ELSE j.state END, \
                           finished_at = CASE WHEN j.state = 'queued' THEN pg_catalog.now() ELSE j.finished_at END, \
@@ -237,12 +270,11 @@ fn cancel(job: i64) -> Result<bool> {
         // lock, or stuck in a trigger of the target, would not get there. Once this
         // transaction commits (so the worker can see why), interrupt it as
         // pg_cancel_backend would: the worker then ends the job as cancelled.
-        let pids = registry::pids_of(job);
+        // Which processes is decided then, not now: one that works on the job now may
+        // have exited by the commit, and its PID been given to an unrelated process.
+        let db = registry::my_database();
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || {
-            for pid in pids {
-                // SAFETY: a signal to a pg_store process of this server (same OS user).
-                unsafe { libc::kill(pid, libc::SIGINT) };
-            }
+            registry::signal_job(db, job, libc::SIGINT);
         });
     }
     Ok(was.is_some())
@@ -258,8 +290,7 @@ fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> Result<String> 
             "store_wait needs READ COMMITTED isolation: a snapshot would never see the job progress",
         ));
     }
-    let xmin =
-        Spi::get_one_with_args::<String>("SELECT (SELECT xmin::text FROM store.jobs WHERE id = $1)", &[job.into()])?;
+    let xmin = crate::read::one::<String>("SELECT (SELECT xmin::text FROM store.jobs WHERE id = $1)", &[job.into()])?;
     let Some(xmin) = xmin.and_then(|x| x.parse::<u32>().ok()) else {
         return Err(StoreError::refused(ERRCODE_UNDEFINED_OBJECT, format!("no pg_store job {job}")));
     };
@@ -272,8 +303,8 @@ fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> Result<String> 
     let started = Instant::now();
     let mut last_notice = Instant::now();
     loop {
-        let s = Spi::connect_mut(|c| {
-            let t = c.update(
+        let s = Spi::connect(|c| {
+            let t = c.select(
                 "SELECT state, coalesce(phase, ''), percent::float8, bytes_read, bytes_total, inserted + already_present, \
                         coalesce(rows_per_second, 0)::float8 \
                  FROM store.status WHERE id = $1",

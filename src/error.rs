@@ -124,6 +124,30 @@ impl StoreError {
         matches!(self, StoreError::Sql { code: ERRCODE_INTERNAL_ERROR, .. })
     }
 
+    /// An internal error (XX000) whose text says a connection to another node was lost
+    /// or refused — how Citus reports most node failures. Other XX000s (a feature an
+    /// access method lacks, say) are permanent and must not be retried as if a node were
+    /// restarting.
+    pub fn is_lost_connection(&self) -> bool {
+        const SIGNS: [&str; 8] = [
+            "connection",
+            "could not connect",
+            "server closed",
+            "terminating",
+            "remote node",
+            "not accepting",
+            "too many clients",
+            "the database system is",
+        ];
+        match self {
+            StoreError::Sql { code: ERRCODE_INTERNAL_ERROR, message, .. } => {
+                let m = message.to_ascii_lowercase();
+                SIGNS.iter().any(|s| m.contains(s))
+            }
+            _ => false,
+        }
+    }
+
     /// Citus's "failed to COPY to shard" when a node went away mid-batch (58030).
     pub fn is_io_error(&self) -> bool {
         matches!(self, StoreError::Sql { code: ERRCODE_IO_ERROR, .. })
@@ -159,6 +183,7 @@ fn engine_code(e: &store_engine::Error) -> PgSqlErrorCode {
         },
         E::NoTempSpace { .. } => ERRCODE_DISK_FULL,
         E::Config(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+        E::Insecure { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
         E::Corrupt(_) => ERRCODE_DATA_CORRUPTED,
         E::Internal(_) | E::Stopped => ERRCODE_INTERNAL_ERROR,
     }

@@ -1,6 +1,9 @@
 //! Every `store.*` setting, in one place. Values are read on the main thread only and
 //! handed to the engine as plain Rust values ([`Settings`], then a
-//! [`store_engine::Config`]).
+//! [`store_engine::Config`]). Numbers carry their bounds; every string setting has a
+//! check hook, so a value pg_store could not use is refused where it is set (`SET`,
+//! `ALTER SYSTEM`, a reload logs it and keeps the old one) rather than failing every
+//! later job.
 
 use std::ffi::{CStr, CString};
 use std::path::PathBuf;
@@ -61,14 +64,20 @@ fn define_reloadable_gucs() {
         GucContext::Sighup,
         GucFlags::UNIT_MIN,
     );
-    GucRegistry::define_string_guc(
-        c"store.memory_limit",
-        c"Memory budget of one job: bytes with a unit (256MB) or a share of RAM (20%).",
-        c"",
-        &MEMORY_LIMIT,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
+    // SAFETY: the hooks are `#[pg_guard]`ed and only read their argument.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"store.memory_limit",
+            c"Memory budget of one job: bytes with a unit (256MB) or a share of RAM (20%).",
+            c"At least 1MB; a share between 0 and 100%.",
+            &MEMORY_LIMIT,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_memory_limit),
+            None,
+            None,
+        );
+    }
     GucRegistry::define_int_guc(
         c"store.cpu_limit",
         c"Sort threads of one job; 0 means half the cores.",
@@ -79,14 +88,20 @@ fn define_reloadable_gucs() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    GucRegistry::define_string_guc(
-        c"store.temp_dir",
-        c"Directory for sorted runs; default pg_store_tmp inside the data directory.",
-        c"",
-        &TEMP_DIR,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
+    // SAFETY: as above.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"store.temp_dir",
+            c"Directory for sorted runs; default pgsql_tmp_pg_store inside the data directory.",
+            c"An absolute path. Each job makes a private directory in it; a directory others may write to needs the sticky bit.",
+            &TEMP_DIR,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_temp_dir),
+            None,
+            None,
+        );
+    }
     GucRegistry::define_int_guc(
         c"store.batch_min",
         c"Fewest rows per insert batch.",
@@ -137,14 +152,20 @@ fn define_reloadable_gucs() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    GucRegistry::define_string_guc(
-        c"store.allowed_dirs",
-        c"Comma-separated directories store_ingest may read; empty means any.",
-        c"Paths are canonicalised first, so symbolic links and .. cannot leave them.",
-        &ALLOWED_DIRS,
-        GucContext::Suset,
-        GucFlags::SUPERUSER_ONLY,
-    );
+    // SAFETY: as above.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"store.allowed_dirs",
+            c"Comma-separated directories store_ingest may read; empty means any.",
+            c"Absolute paths. Paths are canonicalised first, so symbolic links and .. cannot leave them.",
+            &ALLOWED_DIRS,
+            GucContext::Suset,
+            GucFlags::SUPERUSER_ONLY,
+            Some(check_allowed_dirs),
+            None,
+            None,
+        );
+    }
     GucRegistry::define_bool_guc(
         c"store.compress_runs",
         c"zstd-compress sorted runs: less temporary disk, more CPU.",
@@ -181,14 +202,97 @@ fn define_reloadable_gucs() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    GucRegistry::define_string_guc(
-        c"store.fault_injection",
-        c"For tests only: a fault the engine injects into the next jobs (merge_panic:N).",
-        c"",
-        &FAULT_INJECTION,
-        GucContext::Suset,
-        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
-    );
+    // SAFETY: as above.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"store.fault_injection",
+            c"For tests only: a fault the engine injects into the next jobs (merge_panic:N).",
+            c"",
+            &FAULT_INJECTION,
+            GucContext::Suset,
+            GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+            Some(check_fault),
+            None,
+            None,
+        );
+    }
+}
+
+/// The value a string check hook is asked about; `None` for NULL or blank (the default).
+///
+/// # Safety
+/// `newval` is the hook's argument: NULL or a pointer to NULL or a C string.
+unsafe fn proposed<'a>(newval: *mut *mut std::ffi::c_char) -> Option<&'a str> {
+    // SAFETY: as the caller promises.
+    let p = unsafe { newval.as_ref().copied().filter(|p| !p.is_null())? };
+    // SAFETY: a NUL-terminated string PostgreSQL owns for the duration of the hook.
+    let s = unsafe { CStr::from_ptr(p) }.to_str().ok()?;
+    (!s.trim().is_empty()).then_some(s)
+}
+
+/// Refuse a value: what is wrong with it goes into the error's detail.
+fn refuse(why: String) -> bool {
+    let why = CString::new(why.replace('\0', "")).unwrap_or_default();
+    // SAFETY: the detail string PostgreSQL reports after the hook returns false,
+    // allocated in the current memory context as `GUC_check_errdetail` does.
+    unsafe {
+        pgrx::pg_sys::GUC_check_errcode(pgrx::pg_sys::errcodes::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32);
+        pgrx::pg_sys::GUC_check_errdetail_string = pgrx::pg_sys::pstrdup(why.as_ptr());
+    }
+    false
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_memory_limit(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pgrx::pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: the hook's own argument.
+    match unsafe { proposed(newval) }.map(limits::parse_memory) {
+        None | Some(Ok(_)) => true,
+        Some(Err(e)) => refuse(e.to_string()),
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_temp_dir(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pgrx::pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: the hook's own argument.
+    match unsafe { proposed(newval) } {
+        Some(d) if !d.trim().starts_with('/') => refuse(format!("{d:?} is not an absolute path")),
+        _ => true,
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_allowed_dirs(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pgrx::pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: the hook's own argument.
+    let Some(dirs) = (unsafe { proposed(newval) }) else { return true };
+    match dirs.split(',').map(str::trim).find(|d| !d.is_empty() && !d.starts_with('/')) {
+        Some(d) => refuse(format!("{d:?} is not an absolute path")),
+        None => true,
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_fault(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pgrx::pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: the hook's own argument.
+    match unsafe { proposed(newval) }.map(str::parse::<Fault>) {
+        None | Some(Ok(_)) => true,
+        Some(Err(e)) => refuse(e.to_string()),
+    }
 }
 
 fn string(s: &GucSetting<Option<CString>>) -> Option<String> {
@@ -230,7 +334,7 @@ impl Settings {
             0 => limits::default_threads(),
             n => n as usize,
         };
-        let temp_dir = string(&TEMP_DIR).map(PathBuf::from).unwrap_or_else(|| data_directory().join("pg_store_tmp"));
+        let temp_dir = string(&TEMP_DIR).map(PathBuf::from).unwrap_or_else(default_temp_dir);
         let (batch_min, batch_max) = (BATCH_MIN.get() as usize, BATCH_MAX.get() as usize);
         Ok(Settings {
             memory_limit,
@@ -254,6 +358,21 @@ impl Settings {
     pub fn batch_limits(&self) -> BatchLimits {
         BatchLimits { min: self.batch_min, max: self.batch_max, target: self.batch_target, ..BatchLimits::default() }
     }
+}
+
+/// `store.temp_dir` when it is not set: inside the data directory, under a name that
+/// begins with `pgsql_tmp`, which `pg_basebackup` (and `pg_rewind`) leave out, as they
+/// leave out PostgreSQL's own temporary files — sorted runs are no part of a backup —
+/// while a restart keeps it (PostgreSQL clears only its own `base/pgsql_tmp`), so a
+/// job resumes from its kept runs.
+pub fn default_temp_dir() -> PathBuf {
+    data_directory().join("pgsql_tmp_pg_store")
+}
+
+/// Where `store.temp_dir` pointed by default before 0.3.0 (its job directories are
+/// removed, not resumed from).
+pub fn legacy_temp_dir() -> PathBuf {
+    data_directory().join("pg_store_tmp")
 }
 
 /// The server's data directory.

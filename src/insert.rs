@@ -10,16 +10,24 @@
 //! present — the steady state of a table growing by new files. A unique violation on the
 //! plain path redoes that batch on the safe path; an optimistic attempt that fails waits
 //! twice as many batches before the next (at most 64), a proven one never tries again.
-//! The plain path is a binary COPY of the batch from a file in the job's directory: a
-//! local table then takes the rows page by page (heap multi-insert, one WAL record a
-//! page instead of one a row: 1 GiB into an empty table took 0.8× the time of the
-//! INSERT), and Citus routes COPY rows straight to their shards, where it collects the
-//! rows of `INSERT … SELECT` on the coordinator first. A target with rules (which COPY
-//! would not apply) or row-level security (which COPY FROM refuses) keeps the INSERT.
-//! Both statements are prepared and run as the job's owner in a security-restricted
-//! operation. Transient errors are retried with exponential backoff. The checkpoint
-//! update carries the claim number: a process whose claim was taken over finds no row
-//! to update, and stops.
+//! The plain path is a binary COPY of the batch: on a local table straight from this
+//! process's memory ([`crate::copy_in`]), which takes the rows page by page (heap
+//! multi-insert, one WAL record a page instead of one a row: 1 GiB into an empty table
+//! took 0.8× the time of the INSERT); on Citus from a file in the job's private
+//! directory, since Citus routes COPY rows straight to their shards, where it collects
+//! the rows of `INSERT … SELECT` on the coordinator first (and only where the target's
+//! owner is a superuser: Citus refuses COPY from a file to anyone else). A target with
+//! rules (which COPY would not apply) or row-level security that applies to its owner
+//! (which COPY cannot apply) keeps the INSERT.
+//!
+//! Every batch first locks the target by OID and checks it again ([`target::admit`]):
+//! the job's owner may still insert, and the name the statements use is still the
+//! table's (a rename makes them follow the table). Then everything that touches it —
+//! the statements, the look-up, the COPY — is prepared and run as the **target's owner**
+//! in a security-restricted operation, so the table's own code never runs with the job
+//! owner's privileges. Transient errors are retried with exponential backoff. The
+//! checkpoint update carries the claim number: a process whose claim was taken over
+//! finds no row to update, and stops.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,12 +37,12 @@ use pgrx::spi::OwnedPreparedStatement;
 use store_engine::batch::Texts;
 use store_engine::scan::{FileCounts, FileOutcome, Reject};
 use store_engine::walk::FileEntry;
-use store_engine::{limits, Flow, Phase, Progress, Sink};
+use store_engine::{limits, BatchInfo, Flow, Phase, Progress, Sink};
 
 use crate::error::{Result, StoreError};
 use crate::job::{reload_on_sighup, shutdown_requested, Job};
 use crate::security::as_role;
-use crate::target::Target;
+use crate::target::{self, Admission, Target};
 use crate::txn::transaction;
 
 /// Retries of a batch after a transient error (serialization failure, deadlock, lock
@@ -54,12 +62,19 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// Most batches an optimistic plain INSERT waits after failures before it tries again.
 const MAX_BACKOFF: u32 = 64;
 
-/// The safe path where the target allows it: find which of `recs` the target holds (an
-/// index probe per line, in sorted order), COPY the others. Cheaper than ON CONFLICT DO
-/// NOTHING, which inserts row by row, each speculatively; a line another writer inserts
-/// in between fails the COPY with a unique violation, and the caller redoes the batch on
-/// ON CONFLICT. Returns the number of rows inserted.
-fn probe_and_copy(slot: &mut Option<OwnedPreparedStatement>, sql: &str, copy: &Copy, recs: &[&str]) -> Result<u64> {
+/// The safe path where the job's owner may read the target: find which of `recs` the
+/// target holds (an index probe per line, in sorted order), and insert the others — by
+/// `insert`, a COPY or, where COPY may not serve, the plain INSERT. Cheaper than ON
+/// CONFLICT DO NOTHING, which inserts row by row, each speculatively, and the only safe
+/// path for a target with rules, which ON CONFLICT refuses. A line another writer
+/// inserts in between fails the insert with a unique violation, and the caller redoes
+/// the batch. Returns the number of rows inserted.
+fn probe_then(
+    slot: &mut Option<OwnedPreparedStatement>,
+    sql: &str,
+    recs: &[&str],
+    insert: impl FnOnce(Vec<&str>) -> Result<u64>,
+) -> Result<u64> {
     let stmt = prepared(slot, sql)?;
     let found = Spi::connect(|c| c.select(stmt, None, &[recs.to_vec().into()])?.first().get_one::<Vec<i64>>())?;
     let mut present = vec![false; recs.len()];
@@ -68,14 +83,23 @@ fn probe_and_copy(slot: &mut Option<OwnedPreparedStatement>, sql: &str, copy: &C
             *p = true;
         }
     }
-    let new = recs.len() - present.iter().filter(|p| **p).count();
-    if new > 0 {
-        let lines = recs.iter().zip(&present).filter(|(_, p)| !**p).map(|(l, _)| *l);
-        crate::target::write_copy_file(&copy.file, lines, copy.key_column)
-            .map_err(|e| store_engine::Error::io("could not write", &copy.file, e))?;
-        return copied(&copy.sql);
+    if present.iter().all(|p| *p) {
+        return Ok(0);
     }
-    Ok(0)
+    insert(recs.iter().zip(&present).filter(|(_, p)| !**p).map(|(l, _)| *l).collect())
+}
+
+/// Run the prepared statement `stmt` on `recs`: the rows it inserted (or, `counted`, the
+/// count it returns).
+fn run_statement(stmt: &OwnedPreparedStatement, recs: Vec<&str>, counted: bool) -> Result<u64> {
+    Ok(Spi::connect_mut(|c| {
+        let t = c.update(stmt, None, &[recs.into()])?;
+        if counted {
+            Ok(t.first().get_one::<i64>()?.unwrap_or(0) as u64)
+        } else {
+            Ok::<_, pgrx::spi::SpiError>(t.len() as u64)
+        }
+    })?)
 }
 
 /// The statement in `slot`, prepared from `sql` (one `text[]` parameter) on first use
@@ -89,10 +113,20 @@ fn prepared<'a>(slot: &'a mut Option<OwnedPreparedStatement>, sql: &str) -> Resu
     Ok(slot.as_ref().expect("prepared above"))
 }
 
-/// Run a COPY; the rows it inserted. As for INSERT, a row a BEFORE trigger suppressed is
-/// not counted (the caller counts it as already present).
+/// Run a COPY statement (Citus); the rows it reported.
 fn copied(sql: &str) -> Result<u64> {
     Ok(Spi::connect_mut(|c| c.update(sql, None, &[]).map(|t| t.len() as u64))?)
+}
+
+/// How one attempt at a batch inserts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// A COPY of the whole batch (the plain path).
+    Copy,
+    /// A look-up of the batch's keys, then a COPY of the lines not found (the safe path).
+    Probe,
+    /// The prepared INSERT, plain or ON CONFLICT DO NOTHING.
+    Statement,
 }
 
 /// One reject, waiting to be stored.
@@ -134,31 +168,38 @@ pub struct Inserter {
     job: Job,
     role: Role,
     range: i32,
+    /// The target as the job checked it; its name follows a rename ([`Inserter::follow`]).
+    target: Target,
     /// A Citus target: its `ON CONFLICT` statement returns the count of rows it inserted,
     /// and shard errors may arrive without their SQLSTATE.
     citus: bool,
     fast_sql: String,
     safe_sql: String,
-    /// The plain path is a COPY of the batch written to this file, with this statement
-    /// (and the key column's values when the target has one); `None`: INSERT.
-    copy: Option<Copy>,
     fast: Option<OwnedPreparedStatement>,
     safe: Option<OwnedPreparedStatement>,
     /// The safe path as a probe of the batch's keys and a COPY of the lines not found
-    /// ([`Target::probe`]), where the target allows it.
+    /// ([`Target::probe_sql`]), where the target allows it.
     probe_sql: Option<String>,
     probe: Option<OwnedPreparedStatement>,
+    /// COPY may serve the target (each batch's [`Admission::copy`] decides too); cleared
+    /// for the rest of the job when PostgreSQL refused a COPY (0A000).
+    copy: bool,
+    /// Where a Citus target's COPY reads a batch from: in the job's private directory.
+    copy_file: std::path::PathBuf,
+    /// Whether the last attempt went by a local COPY (its 0A000 disables COPY).
+    tried_copy: bool,
+    /// The last batch found that COPY may not serve the target (logged when that starts).
+    copy_stopped: bool,
+    /// The target had rules at the last attempt: ON CONFLICT cannot serve it, so a look-up
+    /// that met a conflict is tried again rather than given up for ON CONFLICT.
+    rules: bool,
     /// Batches to go by ON CONFLICT before the next probe, after probes whose COPY met
     /// a conflict anyway (doubling, at most [`MAX_BACKOFF`]).
     probe_wait: u32,
     probe_backoff: u32,
-    /// The target whose catalog row is looked at after each local COPY.
-    target: pg_sys::Oid,
     path: Path,
     /// The scan's counters (the leader's).
     progress: Arc<Progress>,
-    /// The current range's merge counters.
-    merged: Arc<Progress>,
     rejects: Vec<RejectRow>,
     last_status: Instant,
     batch_size: i32,
@@ -168,43 +209,57 @@ pub struct Inserter {
     memory_peak: u64,
 }
 
-struct Copy {
-    file: std::path::PathBuf,
-    sql: String,
-    key_column: bool,
-}
-
 impl Inserter {
-    /// `dir`: the job's directory, where batches are written for COPY.
+    /// `dir`: the job's private directory, where a Citus target's batches are written for
+    /// COPY.
     pub fn new(job: &Job, target: &Target, role: Role, progress: Arc<Progress>, dir: &std::path::Path) -> Inserter {
-        let copy = target.copy.then(|| {
-            let file = dir.join(format!("batch-{}.copy", std::process::id()));
-            Copy { sql: target.copy_sql(&file), file, key_column: target.key_column.is_some() }
-        });
         Inserter {
             job: job.clone(),
             role,
             range: 0,
+            target: target.clone(),
             citus: target.citus,
             fast_sql: target.insert_sql(false),
             safe_sql: target.insert_sql(true),
-            copy,
             fast: None,
             safe: None,
-            probe_sql: target.probe.clone(),
+            probe_sql: target.probe_sql(),
             probe: None,
+            copy: target.copy,
+            copy_file: dir.join(format!("batch-{}.copy", std::process::id())),
+            tried_copy: false,
+            copy_stopped: false,
+            rules: false,
             probe_wait: 0,
             probe_backoff: 1,
-            target: target.oid,
             path: Path::Safe { wait: 0, backoff: 1 },
             progress,
-            merged: Arc::default(),
             rejects: Vec::new(),
             last_status: Instant::now(),
             batch_size: 0,
             insert_total: 0,
             memory_peak: 0,
         }
+    }
+
+    /// The target was renamed since the statements were made: make them again with the
+    /// name it has now (its OID is what the job was given; a table that took the old name
+    /// is not it).
+    fn follow(&mut self, admission: &Admission) {
+        if admission.name == self.target.name {
+            return;
+        }
+        log!(
+            "pg_store job {}: the target {} is now called {}; following it",
+            self.job.id,
+            self.target.name,
+            admission.name
+        );
+        self.target.name = admission.name.clone();
+        self.fast_sql = self.target.insert_sql(false);
+        self.safe_sql = self.target.insert_sql(true);
+        self.probe_sql = self.probe_sql.as_ref().and(self.target.probe_sql());
+        (self.fast, self.safe, self.probe) = (None, None, None);
     }
 
     /// Work on `range` from now on (in the caller's transaction): where it resumes.
@@ -221,28 +276,16 @@ impl Inserter {
         )?;
         self.range = range;
         self.path = if fast { Path::Proven } else { Path::Safe { wait: 0, backoff: 1 } };
-        self.merged = Arc::default();
         Ok(Resume { last_key: key })
-    }
-
-    /// The counters of the merge that feeds the current range.
-    pub fn merging(&mut self, merged: Arc<Progress>) {
-        self.merged = merged;
     }
 
     /// The current range is complete (in the caller's transaction).
     pub fn range_done(&mut self) -> Result<()> {
         let fenced = Spi::get_one_with_args::<bool>(
-            "WITH c AS (UPDATE store.checkpoints SET done = true, duplicates = $4, memory_peak = greatest(memory_peak, $5), \
+            "WITH c AS (UPDATE store.checkpoints SET done = true, memory_peak = greatest(memory_peak, $4), \
                  updated_at = pg_catalog.now() \
                WHERE job = $1 AND range = $2 AND attempt = $3 RETURNING 1) SELECT NOT EXISTS (SELECT FROM c)",
-            &[
-                self.job.id.into(),
-                self.range.into(),
-                self.job.claim.into(),
-                (self.merged.snapshot().duplicates as i64).into(),
-                (self.sample_memory() as i64).into(),
-            ],
+            &[self.job.id.into(), self.range.into(), self.job.claim.into(), (self.sample_memory() as i64).into()],
         )?;
         if fenced != Some(false) {
             return Err(StoreError::Fenced);
@@ -257,7 +300,7 @@ impl Inserter {
 
     /// Insert `batch` and move the checkpoint to `key`, in one transaction (with a status
     /// write when one is due, else a look at `cancel_requested`).
-    fn commit(&mut self, batch: &Texts, key: Option<&str>) -> Result<()> {
+    fn commit(&mut self, batch: &Texts, info: &BatchInfo<'_>) -> Result<()> {
         let mut attempt = 0;
         // Set when the plain path failed in a way that may or may not be a key already
         // present (a Citus shard's error, which arrives as XX000): the batch is redone on
@@ -280,8 +323,7 @@ impl Inserter {
                     Path::Safe { .. } => false,
                 };
             let probe = !plain && may_probe;
-            let by_copy = self.by_copy(plain, probe);
-            match self.try_commit(batch, key, plain, probe) {
+            match self.try_commit(batch, info, plain, probe) {
                 Ok(present) if unsure && present > 0 => {
                     self.plain_path_conflicted();
                     return Ok(());
@@ -301,14 +343,15 @@ impl Inserter {
                     return Ok(());
                 }
                 Err(e) if plain && e.is_conflict() => self.plain_path_conflicted(),
+                Err(e) if probe && e.is_conflict() && self.rules && attempt < RETRIES => attempt += 1,
                 Err(e) if probe && e.is_conflict() => {
                     may_probe = false;
                     self.probe_backoff = (self.probe_backoff * 2).min(MAX_BACKOFF);
                     self.probe_wait = self.probe_backoff;
                 }
-                Err(e) if by_copy && e.is_copy_refused() => {
+                Err(e) if self.tried_copy && e.is_copy_refused() => {
                     log!("pg_store job {}: {e}; inserting without COPY from now on", self.job.id);
-                    (self.copy, self.probe_sql) = (None, None);
+                    (self.copy, self.probe_sql) = (false, None);
                 }
                 Err(e) if plain && self.citus && e.is_internal() => unsure = true,
                 Err(e) if e.is_query_canceled() && crate::job::cancel_requested(self.job.id) => {
@@ -339,12 +382,6 @@ impl Inserter {
         }
     }
 
-    /// Whether an attempt on the plain path (`plain`) or by look-up (`probe`) goes by a
-    /// local COPY, which must be checked against rules and row-level security.
-    fn by_copy(&self, plain: bool, probe: bool) -> bool {
-        !self.citus && (probe || (plain && self.copy.is_some()))
-    }
-
     /// A key the plain path expected to be new was present: back off from it.
     fn plain_path_conflicted(&mut self) {
         self.path = match self.path {
@@ -363,74 +400,92 @@ impl Inserter {
 
     /// Whether `e` may come from a node that is restarting.
     fn node_may_be_down(&self, e: &StoreError) -> bool {
-        e.is_connection_failure() || (self.citus && (e.is_io_error() || e.is_internal()))
+        e.is_connection_failure() || (self.citus && (e.is_io_error() || e.is_lost_connection()))
     }
 
     /// One attempt at a batch (plain; else by probe and COPY, or ON CONFLICT DO NOTHING);
     /// the number of its lines that were already present.
-    fn try_commit(&mut self, batch: &Texts, key: Option<&str>, plain: bool, probe: bool) -> Result<u64> {
-        let (job, claim, owner, range) = (self.job.id, self.job.claim, self.job.owner, self.range);
+    fn try_commit(&mut self, batch: &Texts, info: &BatchInfo<'_>, plain: bool, probe: bool) -> Result<u64> {
+        let (job, claim, job_owner, range) = (self.job.id, self.job.claim, self.job.owner, self.range);
         let due = self.last_status.elapsed() >= STATUS_EVERY;
         let (proven, counted, citus) = (self.path == Path::Proven, self.citus && !plain, self.citus);
-        let by_copy = self.by_copy(plain, probe);
-        let copy = match self.copy.as_ref().filter(|_| plain) {
-            Some(c) => {
-                crate::target::write_copy_file(&c.file, batch.iter(), c.key_column)
-                    .map_err(|e| store_engine::Error::io("could not write", &c.file, e))?;
-                Some(c.sql.clone())
-            }
-            None => None,
-        };
+        self.tried_copy = false;
         transaction(|| {
-            let (sql, slot) = if plain { (&self.fast_sql, &mut self.fast) } else { (&self.safe_sql, &mut self.safe) };
+            let admission = target::admit(self.target.oid, &self.target.columns(), job_owner)?;
+            self.follow(&admission);
+            if self.copy && !admission.copy && !self.copy_stopped {
+                // Rules or row-level security came to the target during the job: COPY
+                // would ignore the one and cannot apply the other.
+                log!(
+                    "pg_store job {}: the target has rules or row-level security now; inserting without COPY",
+                    self.job.id
+                );
+            }
+            self.copy_stopped = !admission.copy;
+            let copy = self.copy && admission.copy;
+            let way = if plain && copy && (!citus || admission.owner_is_superuser) {
+                Way::Copy
+            } else if probe && !citus && self.probe_sql.is_some() && (copy || admission.rules) {
+                Way::Probe
+            } else {
+                Way::Statement
+            };
+            self.tried_copy = !citus && (way == Way::Copy || (way == Way::Probe && copy));
+            self.rules = admission.rules;
+            if way == Way::Copy && citus {
+                target::write_copy_file(&self.copy_file, batch.iter(), self.target.key_column.is_some())
+                    .map_err(|e| store_engine::Error::io("could not write", &self.copy_file, e))?;
+            }
             let recs: Vec<&str> = batch.iter().collect();
             // Prepared (so planned, with any of the owner's functions a plan folds) and
-            // run as the owner, in a security-restricted operation.
-            let inserted = as_role(owner, || -> Result<u64> {
-                if let Some(sql) = &copy {
-                    let rows = copied(sql)?;
-                    // Citus reports the rows it sent; a plain COPY there inserts them all or fails.
-                    return Ok(if citus { recs.len() as u64 } else { rows });
-                }
-                if probe {
-                    let (stmt, copy) = (&mut self.probe, self.copy.as_ref().expect("a probe only where COPY is"));
-                    return probe_and_copy(stmt, self.probe_sql.as_deref().unwrap_or_default(), copy, &recs);
-                }
-                let stmt = prepared(slot, sql)?;
-                Ok(Spi::connect_mut(|c| {
-                    let t = c.update(stmt, None, &[recs.into()])?;
-                    if counted {
-                        Ok(t.first().get_one::<i64>()?.unwrap_or(0) as u64)
-                    } else {
-                        Ok::<_, pgrx::spi::SpiError>(t.len() as u64)
+            // run as the target's owner, in a security-restricted operation.
+            let target = &self.target;
+            let inserted = as_role(admission.owner, || -> Result<u64> {
+                match way {
+                    Way::Copy if citus => {
+                        copied(&target.copy_sql(&self.copy_file))?;
+                        // Citus reports the rows it sent; a plain COPY there inserts them all or fails.
+                        Ok(recs.len() as u64)
                     }
-                })?)
+                    Way::Copy => crate::copy_in::copy(
+                        target.oid,
+                        &target.columns(),
+                        &crate::copy_in::encode(recs.iter().copied(), target.key_column.is_some()),
+                    ),
+                    Way::Probe => {
+                        let (fast, fast_sql) = (&mut self.fast, &self.fast_sql);
+                        probe_then(&mut self.probe, self.probe_sql.as_deref().unwrap_or_default(), &recs, |new| {
+                            if copy {
+                                let data = crate::copy_in::encode(new.into_iter(), target.key_column.is_some());
+                                crate::copy_in::copy(target.oid, &target.columns(), &data)
+                            } else {
+                                run_statement(prepared(fast, fast_sql)?, new, false)
+                            }
+                        })
+                    }
+                    Way::Statement => {
+                        let (sql, slot) =
+                            if plain { (&self.fast_sql, &mut self.fast) } else { (&self.safe_sql, &mut self.safe) };
+                        run_statement(prepared(slot, sql)?, recs.clone(), counted)
+                    }
+                }
             })?;
-            // COPY applies no rules and refuses row-level security: if either came to the
-            // target since the job checked it, this batch is redone by INSERT (the lock
-            // the COPY took keeps them from coming between this look and the commit).
-            if by_copy && !crate::target::copy_allowed(self.target)? {
-                return Err(StoreError::refused(
-                    pg_sys::errcodes::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                    "the target has rules or row-level security now",
-                ));
-            }
             let present = batch.len() as u64 - inserted;
             let fenced = Spi::get_one_with_args::<bool>(
                 "WITH c AS (UPDATE store.checkpoints SET last_key = coalesce($4, last_key), inserted = inserted + $5, \
                    already_present = already_present + $6, batches = batches + 1, batch_size = $7, fast_path = $8, \
-                   duplicates = $9, updated_at = pg_catalog.now() \
+                   duplicates = duplicates + $9, updated_at = pg_catalog.now() \
                    WHERE job = $1 AND range = $2 AND attempt = $3 RETURNING 1) SELECT NOT EXISTS (SELECT FROM c)",
                 &[
                     job.into(),
                     range.into(),
                     claim.into(),
-                    key.into(),
+                    info.resume_key.into(),
                     (inserted as i64).into(),
                     (present as i64).into(),
                     (batch.len() as i32).into(),
                     proven.into(),
-                    (self.merged.snapshot().duplicates as i64).into(),
+                    (info.duplicates as i64).into(),
                 ],
             )?;
             if fenced != Some(false) {
@@ -544,9 +599,9 @@ impl Inserter {
 impl Sink for Inserter {
     type Error = StoreError;
 
-    fn batch(&mut self, batch: &Texts, resume_key: Option<&str>) -> Result<Flow> {
+    fn batch(&mut self, batch: &Texts, info: &BatchInfo<'_>) -> Result<Flow> {
         Self::interrupted()?;
-        self.commit(batch, resume_key)?;
+        self.commit(batch, info)?;
         Ok(Flow::Continue)
     }
 

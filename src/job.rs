@@ -19,6 +19,7 @@
 //! except the short ones it opens itself; the engine's own threads never call PostgreSQL.
 
 use std::collections::HashSet;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +32,7 @@ use store_engine::merge::KeyRange;
 use store_engine::normalize::LineLimit;
 use store_engine::sorted::{Keep, Sorted};
 use store_engine::walk::{path_text, walk, FileEntry, Tree};
-use store_engine::{Dedup, Progress};
+use store_engine::{private_dir, Dedup, Progress};
 
 use crate::error::{Result, StoreError};
 use crate::gucs::{self, Settings};
@@ -137,6 +138,32 @@ pub fn job_dir(settings: &Settings, id: i64) -> PathBuf {
     settings.temp_dir.join(format!("job-{}-{id}", registry::my_database()))
 }
 
+/// Make the job's directory for this attempt, private to the server's OS user
+/// ([`private_dir`]): the first attempt creates it exclusively (whatever another OS
+/// user put at that name in a shared `store.temp_dir` is refused, never used); a later
+/// one takes the directory an earlier attempt kept only if it is still ours, 0700 and no
+/// link. `store.temp_dir` itself must not let others rename it away.
+fn make_job_dir(settings: &Settings, job: &Job) -> Result<PathBuf> {
+    let parent = &settings.temp_dir;
+    if !parent.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(private_dir::DIR_MODE)
+            .create(parent)
+            .map_err(|e| store_engine::Error::io("could not create", parent, e))?;
+    }
+    private_dir::check_parent(parent)?;
+    let dir = job_dir(settings, job.id);
+    if job.claim <= 1 {
+        // Ours, but older than the job (a job id used again after a restore): stale.
+        private_dir::remove(&dir)?;
+        private_dir::create(&dir)?;
+    } else {
+        private_dir::ensure(&dir)?;
+    }
+    Ok(dir)
+}
+
 /// Everything that decides which lines of a file end up in the target, besides the file
 /// itself: the column, the dedup mode, the filter, the length limits. The ledger skips a
 /// file only for the same spec (a file read through a filter has not been ingested
@@ -198,6 +225,7 @@ impl Plan {
             Ok((t, probe))
         })?;
         let cfg = config(job, settings, &target)?;
+        make_job_dir(settings, job)?;
         let spec = stream_spec(job, &cfg);
         let keep = Keep { dir: cfg.temp_dir.clone(), spec: spec.clone() };
         let (tree, listing) = walk(&canon)?;
@@ -215,7 +243,6 @@ impl Plan {
 fn config(job: &Job, settings: &Settings, target: &Target) -> Result<Config> {
     let filter = job.filter.as_deref().map(Filter::parse).transpose()?.unwrap_or_default();
     let temp_dir = job_dir(settings, job.id);
-    std::fs::create_dir_all(&temp_dir).map_err(|e| store_engine::Error::io("could not create", &temp_dir, e))?;
     Ok(Config {
         memory_limit: settings.memory_limit,
         threads: settings.threads,
@@ -295,25 +322,29 @@ fn record_files(
         files.clone().map(|f| Some(f.fingerprint.as_str())).chain(failed.clone().map(|_| None)).collect();
     let error: Vec<Option<&str>> =
         files.clone().map(|_| None).chain(failed.clone().map(|f| Some(f.error.as_str()))).collect();
-    // One statement: upsert every listed entry as pending, skipped (in the ledger for
-    // this target with the same identity; a row 0.1.0 wrote has no ctime or inode, and
-    // the rest must match) or failed; and say whether the listing differs from the one an
-    // earlier attempt of this job recorded.
+    // One statement: find the files the ledger skips (in it for this target with the same
+    // identity; a row 0.1.0 wrote has no ctime or inode, and the rest must match) — they
+    // get no row, only a count, so a scheduled run over an unchanged directory adds
+    // nothing per file —, upsert every other listed entry as pending or failed, and say
+    // whether the listing differs from the one an earlier attempt of this job recorded.
+    // Rows of entries the walk skipped (hidden names, links: state skipped, no
+    // fingerprint) are not part of that listing.
     let row = Spi::connect_mut(|c| {
         let t = c.update(
             "WITH l AS (SELECT DISTINCT ON (path) * \
                           FROM unnest($2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::text[], $8::text[]) \
                           AS l(path, size, mtime_ns, ctime_ns, inode, fingerprint, error) ORDER BY path), \
-                  prev AS (SELECT path, size, mtime_ns, ctime_ns, inode, fingerprint, state FROM store.files WHERE job = $1), \
+                  skip AS (SELECT l.path FROM l WHERE l.error IS NULL AND EXISTS (SELECT FROM store.ingested i \
+                             WHERE i.target = $9 AND i.path = l.path AND i.size = l.size AND i.mtime_ns = l.mtime_ns \
+                               AND coalesce(i.ctime_ns, l.ctime_ns) = l.ctime_ns AND coalesce(i.inode, l.inode) = l.inode \
+                               AND i.fingerprint = l.fingerprint AND i.spec = $10)), \
+                  todo AS (SELECT * FROM l WHERE path NOT IN (SELECT path FROM skip)), \
+                  prev AS (SELECT path, size, mtime_ns, ctime_ns, inode, fingerprint, state FROM store.files \
+                           WHERE job = $1 AND NOT (state = 'skipped' AND fingerprint IS NULL)), \
                   up AS (INSERT INTO store.files AS f (job, path, size, mtime, mtime_ns, ctime_ns, inode, fingerprint, state, error) \
                          SELECT $1, l.path, l.size, pg_catalog.to_timestamp(l.mtime_ns / 1e9), l.mtime_ns, l.ctime_ns, l.inode, l.fingerprint, \
-                                CASE WHEN l.error IS NOT NULL THEN 'failed' \
-                                     WHEN EXISTS (SELECT FROM store.ingested i WHERE i.target = $9 AND i.path = l.path AND i.size = l.size \
-                                                  AND i.mtime_ns = l.mtime_ns AND coalesce(i.ctime_ns, l.ctime_ns) = l.ctime_ns \
-                                                  AND coalesce(i.inode, l.inode) = l.inode \
-                                                  AND i.fingerprint = l.fingerprint AND i.spec = $10) THEN 'skipped' \
-                                     ELSE 'pending' END, l.error \
-                         FROM l \
+                                CASE WHEN l.error IS NOT NULL THEN 'failed' ELSE 'pending' END, l.error \
+                         FROM todo l \
                          ON CONFLICT (job, path) DO UPDATE SET size = excluded.size, mtime = excluded.mtime, mtime_ns = excluded.mtime_ns, \
                             ctime_ns = excluded.ctime_ns, inode = excluded.inode, fingerprint = excluded.fingerprint, \
                             state = excluded.state, error = excluded.error, records = NULL, empty = NULL, rejected = NULL, \
@@ -322,14 +353,16 @@ fn record_files(
                             OR (f.size, f.mtime_ns, f.ctime_ns, f.inode, f.fingerprint) \
                                IS DISTINCT FROM (excluded.size, excluded.mtime_ns, excluded.ctime_ns, excluded.inode, excluded.fingerprint) \
                          RETURNING path, state), \
+                  unlisted AS (DELETE FROM store.files WHERE job = $1 AND path IN (SELECT path FROM skip) RETURNING 1), \
                   gone AS (UPDATE store.files SET state = 'failed', error = 'vanished since an earlier attempt of this job' \
-                           WHERE job = $1 AND path <> ALL ($2) RETURNING path) \
-             SELECT (SELECT pg_catalog.array_agg(path) FROM up WHERE state = 'skipped'), \
+                           WHERE job = $1 AND path <> ALL ($2) AND NOT (state = 'skipped' AND fingerprint IS NULL) RETURNING path) \
+             SELECT (SELECT pg_catalog.array_agg(path) FROM skip), \
                     (SELECT pg_catalog.count(*) FROM up WHERE state = 'failed') + (SELECT pg_catalog.count(*) FROM gone), \
-                    EXISTS (SELECT FROM prev) AND EXISTS (SELECT FROM prev FULL JOIN l USING (path) \
+                    EXISTS (SELECT FROM prev) AND EXISTS (SELECT FROM prev FULL JOIN todo l USING (path) \
                             WHERE prev.path IS NULL OR l.path IS NULL OR prev.state IN ('failed', 'changed') \
                                OR (prev.size, prev.mtime_ns, prev.ctime_ns, prev.inode, prev.fingerprint) \
-                                  IS DISTINCT FROM (l.size, l.mtime_ns, l.ctime_ns, l.inode, l.fingerprint))",
+                                  IS DISTINCT FROM (l.size, l.mtime_ns, l.ctime_ns, l.inode, l.fingerprint)), \
+                    (SELECT pg_catalog.count(*) FROM unlisted)",
             None,
             &[
                 job.id.into(),
@@ -347,18 +380,32 @@ fn record_files(
         let r = t.first();
         Ok::<_, pgrx::spi::SpiError>((r.get::<Vec<String>>(1)?, r.get::<i64>(2)?, r.get::<bool>(3)?))
     })?;
+    // What the walk passed over inside the directory (hidden names, links, sockets, FIFOs,
+    // devices), recorded with the reason, so that nothing is left out silently.
+    let (hidden, why): (Vec<String>, Vec<&str>) =
+        listing.skipped.iter().map(|s| (path_text(&s.path), s.reason)).unzip();
+    if !hidden.is_empty() {
+        Spi::run_with_args(
+            "INSERT INTO store.files (job, path, state, error) SELECT $1, p, 'skipped', r FROM unnest($2::text[], $3::text[]) AS s(p, r) \
+             ON CONFLICT (job, path) DO UPDATE SET state = 'skipped', error = excluded.error",
+            &[job.id.into(), hidden.into(), why.into()],
+        )?;
+    }
     let skipped: HashSet<String> = row.0.unwrap_or_default().into_iter().collect();
     let (failed, differs) = (row.1.unwrap_or(0), row.2.unwrap_or(false));
     let first = job.claim <= 1;
-    // The target's emptiness decides the fast path, once per job; probed as the owner,
-    // inside a security-restricted operation, and only if the owner may read it. (`SELECT 1`:
-    // Citus deparses a shard query with an empty target list into one it cannot parse.)
+    // The target's emptiness decides the fast path, once per job; probed only if the
+    // job's owner may read it, and as the target's owner, inside a security-restricted
+    // operation (the table's code never runs as the job's owner). (`SELECT 1`: Citus
+    // deparses a shard query with an empty target list into one it cannot parse.)
     if first {
-        let empty = may_probe
-            && security::as_role(job.owner, || {
-                Spi::get_one::<bool>(&format!("SELECT NOT EXISTS (SELECT 1 FROM {})", target.name))
+        let empty = may_probe && {
+            let admission = target::admit(target.oid, &target.columns(), job.owner)?;
+            security::as_role(admission.owner, || {
+                Spi::get_one::<bool>(&format!("SELECT NOT EXISTS (SELECT 1 FROM {})", admission.name))
             })?
-            .unwrap_or(false);
+            .unwrap_or(false)
+        };
         Spi::run_with_args(
             "UPDATE store.checkpoints SET fast_path = $2 WHERE job = $1",
             &[job.id.into(), empty.into()],
@@ -500,7 +547,6 @@ fn run_exact(
 fn drain_range(cfg: &Config, job: &Job, sorted: &mut Sorted, r: &RangeRow, inserter: &mut Inserter) -> Result<()> {
     let resume = transaction(|| inserter.enter_range(r.range))?;
     let merged = Arc::new(Progress::default());
-    inserter.merging(merged.clone());
     let report = store_engine::stream::drain(
         cfg,
         sorted,

@@ -11,10 +11,12 @@
 //! once; [`txn`] runs the worker's transactions; [`gucs`] holds every setting.
 
 pub mod api;
+mod copy_in;
 pub mod error;
 pub mod gucs;
 pub mod insert;
 pub mod job;
+mod read;
 pub mod registry;
 pub mod retention;
 pub mod security;

@@ -123,10 +123,20 @@ pub fn range_is_live(job: i64, range: i32) -> bool {
     REGISTRY.share().entries.iter().any(|e| e.pid != 0 && e.job == job && e.range == range && e.database == db)
 }
 
-/// The processes working on `job` of this database.
-pub fn pids_of(job: i64) -> Vec<i32> {
-    let db = my_database();
-    REGISTRY.share().entries.iter().filter(|e| e.pid != 0 && e.job == job && e.database == db).map(|e| e.pid).collect()
+/// Send `signal` to every process working on `job` of `database` now, and to no other:
+/// the registry's lock is held while signalling, and a process leaves the registry (under
+/// the same lock, as it exits) before its PID can be reused — so a PID collected earlier,
+/// whose process has exited since, is never signalled. Returns how many were signalled.
+pub fn signal_job(database: u32, job: i64, signal: i32) -> usize {
+    let r = REGISTRY.share();
+    let mut n = 0;
+    for e in r.entries.iter().filter(|e| e.pid != 0 && e.job == job && e.database == database) {
+        // SAFETY: a signal to a live pg_store process of this server (same OS user).
+        if unsafe { libc::kill(e.pid, signal) } == 0 {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Record that this process works on `range` of `job` under `claim`; false if another

@@ -96,12 +96,13 @@ fn purge_job(id: i64) -> Result<()> {
 /// checkpoints and rejects; never an open job, never the ledger. Returns how many.
 #[pg_extern(volatile)]
 #[search_path(pg_catalog, pg_temp)]
-fn store_purge(older_than: Interval) -> i64 {
-    purge(older_than).unwrap_or_else(|e| e.raise())
+fn store_purge(older_than: Option<Interval>) -> i64 {
+    crate::api::required(older_than, "store_purge", "older_than").and_then(purge).unwrap_or_else(|e| e.raise())
 }
 
 fn purge(older_than: Interval) -> Result<i64> {
     crate::api::require_current_version()?;
+    crate::read::require_primary("purge jobs")?;
     let negative = Spi::get_one_with_args::<bool>("SELECT $1 < '0'::pg_catalog.interval", &[older_than.into()])?;
     if negative == Some(true) {
         return Err(StoreError::refused(ERRCODE_INVALID_PARAMETER_VALUE, "older_than must not be negative"));

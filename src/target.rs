@@ -12,6 +12,19 @@
 //! inserts are counted through `RETURNING`, since Citus reports rows sent, not rows
 //! inserted, and its batches are bigger: each is a distributed transaction).
 //!
+//! Whose privileges a target's code runs with ([`admit`], in every batch's transaction):
+//! the target's **owner**'s, in a security-restricted operation — the way PostgreSQL runs
+//! `ANALYZE`, `VACUUM` and `REINDEX` — never the job owner's. Triggers, rules, defaults,
+//! generated columns, domain and check constraints, index expressions and predicates,
+//! partition routing and row-level-security policies are code the table's owner (or
+//! roles it trusts) chose; run as the job's owner (a superuser's pg_cron schedule, a
+//! member of `pg_read_server_files`) they would lend it that role's privileges. The job
+//! owner's own rights are checked instead: INSERT on the columns pg_store fills (SELECT
+//! for the look-up of present keys), and a target whose row-level security would apply
+//! to the job's owner is refused — its policies are the table owner's code, and cannot
+//! be applied as anyone else. A partitioned target whose partitions have other owners is
+//! refused too: their triggers would run as the target's owner.
+//!
 //! Every catalog reference is schema-qualified: the callers pin `search_path` to
 //! `pg_catalog, pg_temp`, and a relation named `pg_class` in some schema must not stand
 //! in for the catalog.
@@ -36,17 +49,21 @@ pub struct Target {
     pub max_chars: Option<usize>,
     /// A Citus table (distributed, reference, or in a distributed schema).
     pub citus: bool,
-    /// The statement that returns the ordinals (an `int8[]`, NULL for none) of the lines
-    /// of a batch (`$1`, a `text[]`) that the target already holds, through its unique
-    /// index; for a local target that takes COPY and that the role may read.
+    /// How a row `t` of the target matches a line `x.l` through its unique index
+    /// ([`probe_condition`]), for [`Target::probe_sql`]: for a local target that takes
+    /// COPY and that the job's owner may read.
     pub probe: Option<String>,
-    /// Batches on the plain path may go by COPY: the table has no rules (which COPY would
-    /// not apply) and no row-level security (which COPY FROM refuses). Always on Citus,
-    /// where COPY is the way rows go straight to their shards.
+    /// Batches on the plain path may go by COPY when it started: see [`Admission::copy`],
+    /// which each batch decides again.
     pub copy: bool,
 }
 
 impl Target {
+    /// The columns pg_store fills: the line's, and the key column's.
+    pub fn columns(&self) -> Vec<&str> {
+        std::iter::once(self.column.as_str()).chain(self.key_column.as_deref()).collect()
+    }
+
     /// The insert of a batch (`$1` a `text[]`), plain or `ON CONFLICT DO NOTHING`; on a
     /// Citus table the latter returns the count of rows it inserted (a plain insert
     /// inserts every row it sends, or fails).
@@ -72,15 +89,19 @@ impl Target {
 }
 
 impl Target {
-    /// The statement behind [`Target::probe`], for a row condition from
-    /// [`probe_condition`]: an index probe per line, in the batch's (sorted) order.
-    /// `OFFSET 0` keeps the `EXISTS` a sub-plan run per line: never a hash join that
-    /// reads the whole target, whatever a cached generic plan guesses of the batch.
-    fn probe_sql(name: &str, cond: &str) -> String {
-        format!(
-            "SELECT pg_catalog.array_agg(x.i) FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS x(l, i) \
-             WHERE EXISTS (SELECT FROM {name} t WHERE {cond} OFFSET 0)"
-        )
+    /// The statement that returns the ordinals (an `int8[]`, NULL for none) of the lines
+    /// of a batch (`$1`, a `text[]`) that the target already holds, through its unique
+    /// index: a probe per line, in the batch's (sorted) order. `OFFSET 0` keeps the
+    /// `EXISTS` a sub-plan run per line: never a hash join that reads the whole target,
+    /// whatever a cached generic plan guesses of the batch.
+    pub fn probe_sql(&self) -> Option<String> {
+        self.probe.as_ref().map(|cond| {
+            format!(
+                "SELECT pg_catalog.array_agg(x.i) FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS x(l, i) \
+                 WHERE EXISTS (SELECT FROM {} t WHERE {cond} OFFSET 0)",
+                self.name
+            )
+        })
     }
 
     /// The COPY of a batch written to `file` in binary format ([`write_copy_file`]): the
@@ -95,31 +116,29 @@ impl Target {
     }
 }
 
-/// Write `lines` as a COPY file in binary format: one text field per row, and with a key
-/// column a second, bytea, field holding `store.line_key` of the line.
+/// Write `lines` as a COPY file in binary format ([`crate::copy_in::encode`]) for a
+/// Citus target, whose COPY must name a file: created exclusively (never a file or link
+/// that is there already), mode 0600, in the job's private directory.
 pub fn write_copy_file<'a>(
     file: &std::path::Path,
     lines: impl Iterator<Item = &'a str>,
     key_column: bool,
 ) -> std::io::Result<()> {
     use std::io::Write;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(file)?);
-    w.write_all(b"PGCOPY\n\xff\r\n\0")?;
-    w.write_all(&0i32.to_be_bytes())?; // flags
-    w.write_all(&0i32.to_be_bytes())?; // header extension
-    let fields: i16 = if key_column { 2 } else { 1 };
-    for line in lines {
-        w.write_all(&fields.to_be_bytes())?;
-        w.write_all(&(line.len() as i32).to_be_bytes())?;
-        w.write_all(line.as_bytes())?;
-        if key_column {
-            let key = store_engine::key::line_key(line.as_bytes());
-            w.write_all(&(key.len() as i32).to_be_bytes())?;
-            w.write_all(&key)?;
-        }
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(file) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
-    w.write_all(&(-1i16).to_be_bytes())?;
-    w.flush()
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(file)?;
+    f.write_all(&crate::copy_in::encode(lines, key_column))?;
+    f.flush()
 }
 
 /// One column of the target: number, type, type modifier.
@@ -199,7 +218,16 @@ pub fn check(oid: pg_sys::Oid, column: &str, key_column: Option<&str>, role: pg_
         }
     };
     if unique != Some(true) {
+        let partitioned = kind == "p";
         let hint = match key_column {
+            // A unique index on a partitioned table must hold its partition key, and
+            // cannot be on an expression: the line itself must be that key.
+            None if partitioned => format!(
+                "pg_store deduplicates through a unique index on the line alone, and on a partitioned table such an index \
+                 must contain the partition key: partition by the line (PARTITION BY HASH ({col}) or RANGE ({col})) and \
+                 CREATE UNIQUE INDEX ON {name} ({col}); or use a key column; or a table that is not partitioned.",
+                col = quote_identifier(column)
+            ),
             None => format!(
                 "pg_store deduplicates against what the table holds through a unique index: CREATE UNIQUE INDEX ON {name} ({col}), \
                  or, for lines longer than about 2,000 bytes, CREATE UNIQUE INDEX ON {name} (store.line_key({col})), or a key column.",
@@ -214,23 +242,13 @@ pub fn check(oid: pg_sys::Oid, column: &str, key_column: Option<&str>, role: pg_
         )
         .with_hint(hint));
     }
-    for c in std::iter::once(column).chain(key_column) {
-        let may_insert = Spi::get_one_with_args::<bool>(
-            "SELECT pg_catalog.has_column_privilege($1, $2, $3, 'INSERT')",
-            &[role.into(), oid.into(), c.into()],
-        )?;
-        if may_insert != Some(true) {
-            return Err(StoreError::refused(
-                ERRCODE_INSUFFICIENT_PRIVILEGE,
-                format!("permission denied to insert into \"{name}\".\"{c}\""),
-            ));
-        }
-    }
+    let columns: Vec<&str> = std::iter::once(column).chain(key_column).collect();
+    refuse_unworkable(oid, &name, &columns)?;
     let citus = is_citus_table(oid)?;
-    let copy = citus || copy_allowed(oid)?;
-    let probe = match copy && !citus && may_select(oid, role)? {
+    let copy = citus || rights(oid, &columns, role)?.copy;
+    let probe = match !citus && may_select(oid, role)? {
         false => None,
-        true => probe_condition(oid, column, attnum, key_column)?.map(|cond| Target::probe_sql(&name, &cond)),
+        true => probe_condition(oid, column, attnum, key_column)?,
     };
     Ok(Target {
         oid,
@@ -244,14 +262,158 @@ pub fn check(oid: pg_sys::Oid, column: &str, key_column: Option<&str>, role: pg_
     })
 }
 
-/// Whether COPY may fill `oid`: no rules (COPY would not apply them) and no row-level
-/// security (COPY FROM refuses it). Checked when a job starts and after each COPY.
-pub fn copy_allowed(oid: pg_sys::Oid) -> Result<bool> {
-    Ok(Spi::get_one_with_args::<bool>(
-        "SELECT NOT (relhasrules OR relrowsecurity) FROM pg_catalog.pg_class WHERE oid = $1",
-        &[oid.into()],
-    )?
-    .unwrap_or(false))
+/// Refuse, when the job is queued, a target every batch would fail on: a deferrable
+/// unique or exclusion constraint (ON CONFLICT, which skips the lines a table holds,
+/// does not support them), a trigger that fires deferred on insert (PostgreSQL refuses
+/// to fire one inside the security-restricted operation a batch runs in, and it would
+/// run at commit, outside it), a table access method other than heap (columnar cannot
+/// do the speculative insertion ON CONFLICT needs), and a NOT NULL column without a
+/// default besides the ones pg_store fills.
+fn refuse_unworkable(oid: pg_sys::Oid, name: &str, columns: &[&str]) -> Result<()> {
+    let row = Spi::connect(|c| {
+        let t = c.select(
+            "WITH tree AS (SELECT relid, isleaf FROM pg_catalog.pg_partition_tree($1::pg_catalog.regclass)) \
+             SELECT (SELECT pg_catalog.format('constraint %I of %s', n.conname, n.conrelid::pg_catalog.regclass) \
+                       FROM pg_catalog.pg_constraint n WHERE n.conrelid IN (SELECT relid FROM tree) \
+                        AND n.contype IN ('u', 'p', 'x') AND n.condeferrable LIMIT 1), \
+                    (SELECT pg_catalog.format('%s on %s', coalesce((SELECT pg_catalog.format('constraint %I', n.conname) \
+                              FROM pg_catalog.pg_constraint n WHERE n.oid = g.tgconstraint), pg_catalog.format('trigger %I', g.tgname)), \
+                              g.tgrelid::pg_catalog.regclass) \
+                       FROM pg_catalog.pg_trigger g WHERE g.tgrelid IN (SELECT relid FROM tree) AND g.tginitdeferred \
+                        AND (g.tgtype::pg_catalog.int4 & 4) <> 0 LIMIT 1), \
+                    (SELECT pg_catalog.format('%s uses the table access method %I', p.oid::pg_catalog.regclass, a.amname) \
+                       FROM tree JOIN pg_catalog.pg_class p ON p.oid = tree.relid JOIN pg_catalog.pg_am a ON a.oid = p.relam \
+                      WHERE tree.isleaf AND a.amname <> 'heap' LIMIT 1), \
+                    (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum) \
+                       FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+                        AND a.attnotnull AND NOT a.atthasdef AND a.attgenerated = '' AND a.attidentity = '' \
+                        AND a.attname::pg_catalog.text <> ALL ($2::pg_catalog.text[]))",
+            Some(1),
+            &[oid.into(), columns.to_vec().into()],
+        )?;
+        let r = t.first();
+        Ok::<_, pgrx::spi::SpiError>((
+            r.get::<String>(1)?,
+            r.get::<String>(2)?,
+            r.get::<String>(3)?,
+            r.get::<String>(4)?,
+        ))
+    })?;
+    if let (Some(what), _, _, _) = &row {
+        return Err(StoreError::refused(ERRCODE_FEATURE_NOT_SUPPORTED, format!("{what} is deferrable"))
+            .with_hint("pg_store skips the lines a table holds with ON CONFLICT DO NOTHING, which does not support deferrable unique or exclusion constraints: make it NOT DEFERRABLE (drop it and add it again)."));
+    }
+    if let (_, Some(what), _, _) = &row {
+        return Err(StoreError::refused(ERRCODE_FEATURE_NOT_SUPPORTED, format!("{what} is INITIALLY DEFERRED"))
+            .with_hint("pg_store inserts in a security-restricted operation, where PostgreSQL refuses to fire deferred triggers: make it INITIALLY IMMEDIATE."));
+    }
+    if let (_, _, Some(what), _) = &row {
+        return Err(StoreError::refused(ERRCODE_FEATURE_NOT_SUPPORTED, format!("target {what}"))
+            .with_hint("pg_store needs a heap table: ON CONFLICT DO NOTHING, which skips the lines a table holds, needs speculative insertion, which other access methods (columnar) do not implement."));
+    }
+    if let (_, _, _, Some(cols)) = &row {
+        return Err(StoreError::refused(
+            ERRCODE_NOT_NULL_VIOLATION,
+            format!(
+                "column(s) {cols} of \"{name}\" are NOT NULL without a default, and pg_store fills only {}",
+                columns.join(", ")
+            ),
+        )
+        .with_hint("Give them a default, or drop NOT NULL, or ingest into a table of the line (and key) alone."));
+    }
+    Ok(())
+}
+
+/// What a batch may do with the target, decided by [`admit`] in its own transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// The target's owner: the role its code runs as.
+    pub owner: pg_sys::Oid,
+    /// That owner is a superuser (Citus's COPY from a file requires one).
+    pub owner_is_superuser: bool,
+    /// The target's qualified name now: a rename during the job changes it, and the
+    /// statements that name the table must follow the table, not the name.
+    pub name: String,
+    /// COPY may fill it: it has no rules (which COPY does not apply) and no row-level
+    /// security that applies to its owner (which COPY cannot apply).
+    pub copy: bool,
+    /// It has rules, which `ON CONFLICT` refuses: the safe path is then a look-up and a
+    /// plain INSERT of the lines not found.
+    pub rules: bool,
+}
+
+/// Lock the target by OID with the lock an insert takes — held to the end of the
+/// transaction, so no rename, change of owner, rule or policy comes between this look
+/// and the batch — and decide [`Admission`] for a job of `job_owner`, checking again
+/// that it may insert into `columns`.
+pub fn admit(oid: pg_sys::Oid, columns: &[&str], job_owner: pg_sys::Oid) -> Result<Admission> {
+    // SAFETY: takes a lock in the current transaction; it accepts the invalidations
+    // that came before it, so the catalog rows read below are current.
+    unsafe { pg_sys::LockRelationOid(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
+    rights(oid, columns, job_owner)
+}
+
+/// The checks of [`admit`], without the lock (a caller queueing a job takes none).
+fn rights(oid: pg_sys::Oid, columns: &[&str], role: pg_sys::Oid) -> Result<Admission> {
+    let row = Spi::connect(|c| {
+        let t = c.select(
+            "SELECT c.relowner, c.oid::pg_catalog.regclass::pg_catalog.text, c.relhasrules, \
+                    (SELECT pg_catalog.array_agg(a) FROM pg_catalog.unnest($3::pg_catalog.text[]) a \
+                      WHERE NOT pg_catalog.has_column_privilege($2, c.oid, a, 'INSERT')), \
+                    (SELECT pg_catalog.format('%s (owned by %s)', p.oid::pg_catalog.regclass, p.relowner::pg_catalog.regrole) \
+                       FROM pg_catalog.pg_partition_tree(c.oid) t JOIN pg_catalog.pg_class p ON p.oid = t.relid \
+                      WHERE p.relowner <> c.relowner LIMIT 1) \
+             FROM pg_catalog.pg_class c WHERE c.oid = $1",
+            Some(1),
+            &[oid.into(), role.into(), columns.to_vec().into()],
+        )?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        let r = t.first();
+        Ok::<_, pgrx::spi::SpiError>(Some((
+            r.get::<pg_sys::Oid>(1)?,
+            r.get::<String>(2)?,
+            r.get::<bool>(3)?,
+            r.get::<Vec<String>>(4)?,
+            r.get::<String>(5)?,
+        )))
+    })?;
+    let Some((Some(owner), Some(name), rules, denied, foreign_partition)) = row else {
+        return Err(StoreError::refused(
+            ERRCODE_UNDEFINED_TABLE,
+            format!("the target (OID {}) no longer exists", oid.to_u32()),
+        )
+        .with_hint("It was dropped, or replaced by a table with a new OID (as Citus's alter_distributed_table and undistribute_table do): queue the job again."));
+    };
+    if let Some(c) = denied.unwrap_or_default().first() {
+        return Err(StoreError::refused(
+            ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied to insert into \"{name}\".\"{c}\""),
+        ));
+    }
+    if let Some(p) = foreign_partition {
+        return Err(StoreError::refused(
+            ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("partition {p} of \"{name}\" is not owned by the owner of \"{name}\""),
+        )
+        .with_hint("pg_store runs a target's code (its partitions' triggers too) as the target's owner: give every partition the same owner (ALTER TABLE … OWNER TO)."));
+    }
+    let rls = |r: pg_sys::Oid| {
+        // SAFETY: a catalog look-up in a transaction; `noError` returns instead of raising.
+        unsafe { pg_sys::check_enable_rls(oid, r, true) == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32 }
+    };
+    if role != owner && rls(role) {
+        return Err(StoreError::refused(
+            ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("row-level security on \"{name}\" applies to the role that queues the job"),
+        )
+        .with_hint("pg_store runs a target's code, its policies too, as the table's owner, never as the job's owner, so it cannot apply another role's policies: ingest as the table's owner or as a role with BYPASSRLS."));
+    }
+    // SAFETY: a catalog look-up.
+    let owner_is_superuser = unsafe { pg_sys::superuser_arg(owner) };
+    let rules = rules == Some(true);
+    Ok(Admission { owner, owner_is_superuser, name, copy: !rules && !rls(owner), rules })
 }
 
 /// How a row `t` of the target matches a line `x.l` through its unique index: the

@@ -169,16 +169,30 @@ fn databases() -> Vec<u32> {
     out
 }
 
-/// Remove the temporary directories of 0.1.0's layout (`job-<id>`, `jobs/`), which
-/// named no database: a job of that time resumes by sorting again.
+/// Remove the temporary directories older versions left: 0.1.0's layout (`job-<id>`,
+/// `jobs/`), which named no database, and every job directory under 0.2.0's default
+/// `store.temp_dir` (`pg_store_tmp` in the data directory, which base backups copied)
+/// when it is no longer the one in use. A job of that time resumes by sorting again.
+/// Only what pg_store made goes: a directory of the server's OS user, private, no link.
 fn remove_legacy_dirs() {
     let Ok(settings) = gucs::Settings::read() else { return };
-    let Ok(entries) = std::fs::read_dir(&settings.temp_dir) else { return };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let legacy = name == "jobs" || name.strip_prefix("job-").is_some_and(|n| n.parse::<i64>().is_ok());
-        if legacy && std::fs::remove_dir_all(e.path()).is_ok() {
-            log!("pg_store: removed {}, left by an older version", e.path().display());
+    let old_default = gucs::legacy_temp_dir();
+    let mut dirs = vec![(settings.temp_dir.clone(), false)];
+    if settings.temp_dir != old_default {
+        dirs.push((old_default.clone(), true));
+    }
+    for (dir, every_job) in dirs {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let legacy =
+                name == "jobs" || name.strip_prefix("job-").is_some_and(|n| every_job || n.parse::<i64>().is_ok());
+            if legacy && matches!(store_engine::private_dir::remove(&e.path()), Ok(true)) {
+                log!("pg_store: removed {}, left by an older version", e.path().display());
+            }
+        }
+        if every_job && std::fs::remove_dir(&dir).is_ok() {
+            log!("pg_store: removed {}, the temporary directory of an older version", dir.display());
         }
     }
 }
@@ -346,7 +360,7 @@ fn remove_orphans(db: u32) {
     let Ok(open) = open else { return };
     let open = open.unwrap_or_default();
     for (id, dir) in ids.into_iter().filter(|(id, _)| !open.contains(id)) {
-        if std::fs::remove_dir_all(&dir).is_ok() {
+        if matches!(store_engine::private_dir::remove(&dir), Ok(true)) {
             log!("pg_store: removed the temporary directory of job {id}, which no longer runs: {}", dir.display());
         }
     }
@@ -464,7 +478,7 @@ fn run_claimed(id: i64, claim: i32) {
     };
     // The job is over: its sorted runs are of no more use.
     if let Ok(settings) = gucs::Settings::read() {
-        let _ = std::fs::remove_dir_all(job::job_dir(&settings, id));
+        let _ = store_engine::private_dir::remove(&job::job_dir(&settings, id));
     }
     if state != "done" && state != "partial" {
         let res = transaction(|| {

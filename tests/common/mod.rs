@@ -119,6 +119,38 @@ impl Cluster {
         self.dir.join("data")
     }
 
+    /// A hot standby of this cluster (`pg_basebackup -R`: streaming replication), started,
+    /// with its own port and socket.
+    pub fn standby(&self, name: &str) -> Cluster {
+        let n = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        let port = 10000 + (std::process::id() % 700) as u16 * 32 + n;
+        let dir = Self::dir_of(name);
+        let _ = fs::remove_dir_all(&dir);
+        readable_dir(&dir);
+        run(Command::new("chown").args(["postgres", dir.to_str().unwrap()]));
+        let data = dir.join("data");
+        run(&mut as_postgres(&[
+            &format!("{BIN}/pg_basebackup"),
+            "-h",
+            self.dir.to_str().unwrap(),
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-D",
+            data.to_str().unwrap(),
+            "-R",
+            "-X",
+            "stream",
+        ]));
+        let conf = format!("port = {port}\nunix_socket_directories = '{}'\nhot_standby = on\n", dir.display());
+        let mut f = fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+        std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
+        let c = Cluster { dir, port };
+        c.pg_ctl_start();
+        c
+    }
+
     pub fn pg_ctl_start(&self) {
         run(&mut as_postgres(&[
             &format!("{BIN}/pg_ctl"),

@@ -1,0 +1,347 @@
+//! Who pg_store acts as, against roles that try to borrow someone else's privileges:
+//! the owner of a target table whose code would run when a superuser's or a
+//! `pg_read_server_files` member's job fills it, an OS user sharing the temporary
+//! directory, a role watching `store.workers`, a process that inherits a PID
+//! `store_cancel` collected. Needs `make install`.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::{num, q, readable_dir, Cluster};
+
+/// Every kind of code a table can carry, attached by its owner `plain` (a login with no
+/// privileges) to a table of its own that it lets everyone fill. Each calls
+/// `plain_s.spy(kind)`, which records who it runs as and, run as a superuser, makes
+/// `plain` one (with `pg_read_server_files`, it would read a server file). Returns
+/// (kind, table) pairs; the spy's trace is `public.trace`.
+fn plant(c: &Cluster) -> Vec<(&'static str, String)> {
+    q(
+        c,
+        "CREATE ROLE plain LOGIN; CREATE ROLE reader LOGIN IN ROLE pg_read_server_files; \
+         CREATE TABLE public.trace (kind text, who name, super boolean, reads_files boolean); \
+         GRANT INSERT, SELECT ON public.trace TO PUBLIC; \
+         CREATE SCHEMA plain_s AUTHORIZATION plain; GRANT USAGE ON SCHEMA plain_s TO PUBLIC",
+    );
+    c.psql_script(
+        "plain",
+        r#"
+        CREATE FUNCTION plain_s.spy(kind text) RETURNS boolean LANGUAGE plpgsql AS $$
+        DECLARE s boolean := (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user);
+        BEGIN
+            INSERT INTO public.trace VALUES (kind, current_user, s,
+                pg_catalog.pg_has_role(current_user, 'pg_read_server_files', 'USAGE'));
+            IF s THEN EXECUTE 'ALTER ROLE plain SUPERUSER'; END IF;
+            RETURN true;
+        END $$;
+        -- What an immutable context (an index, a generated column, a domain) may call: a
+        -- volatile function called from it runs with its own volatility.
+        CREATE FUNCTION plain_s.spy_imm(kind text, v text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+        BEGIN PERFORM plain_s.spy(kind); RETURN v; END $$;
+        CREATE FUNCTION plain_s.spy_trigger() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM plain_s.spy(TG_ARGV[0]); RETURN NEW; END $$;
+        CREATE DOMAIN plain_s.dline AS text CHECK (plain_s.spy_imm('domain', VALUE) IS NOT NULL);
+
+        CREATE TABLE plain_s.t_before (line text UNIQUE);
+        CREATE TRIGGER t BEFORE INSERT ON plain_s.t_before FOR EACH ROW EXECUTE FUNCTION plain_s.spy_trigger('before row trigger');
+        CREATE TABLE plain_s.t_after (line text UNIQUE);
+        CREATE TRIGGER t AFTER INSERT ON plain_s.t_after FOR EACH ROW EXECUTE FUNCTION plain_s.spy_trigger('after row trigger');
+        CREATE TABLE plain_s.t_statement (line text UNIQUE);
+        CREATE TRIGGER t AFTER INSERT ON plain_s.t_statement FOR EACH STATEMENT EXECUTE FUNCTION plain_s.spy_trigger('statement trigger');
+        CREATE TABLE plain_s.t_rule (line text UNIQUE);
+        CREATE RULE r AS ON INSERT TO plain_s.t_rule DO ALSO SELECT plain_s.spy('rule');
+        CREATE TABLE plain_s.t_default (line text UNIQUE, extra text DEFAULT plain_s.spy_imm('column default', 'x'));
+        CREATE TABLE plain_s.t_generated (line text UNIQUE, g text GENERATED ALWAYS AS (plain_s.spy_imm('generated column', line)) STORED);
+        CREATE TABLE plain_s.t_domain (line plain_s.dline UNIQUE);
+        CREATE TABLE plain_s.t_check (line text UNIQUE CHECK (plain_s.spy('check constraint')));
+        CREATE TABLE plain_s.t_index (line text UNIQUE);
+        CREATE INDEX ON plain_s.t_index (plain_s.spy_imm('index expression', line));
+        CREATE TABLE plain_s.t_predicate (line text UNIQUE);
+        CREATE INDEX ON plain_s.t_predicate (line) WHERE plain_s.spy_imm('index predicate', line) IS NOT NULL;
+        CREATE TABLE plain_s.t_partitioned (line text PRIMARY KEY) PARTITION BY HASH (line);
+        CREATE TABLE plain_s.t_part0 PARTITION OF plain_s.t_partitioned FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+        CREATE TABLE plain_s.t_part1 PARTITION OF plain_s.t_partitioned FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+        CREATE TRIGGER t BEFORE INSERT ON plain_s.t_part1 FOR EACH ROW EXECUTE FUNCTION plain_s.spy_trigger('partition trigger');
+        CREATE TABLE plain_s.t_policy (line text UNIQUE);
+        ALTER TABLE plain_s.t_policy ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+        CREATE POLICY r ON plain_s.t_policy FOR SELECT USING (true);
+        CREATE POLICY w ON plain_s.t_policy FOR INSERT WITH CHECK (plain_s.spy('row-level security policy'));
+        GRANT INSERT, SELECT ON ALL TABLES IN SCHEMA plain_s TO PUBLIC;
+        "#,
+    )
+    .unwrap();
+    [
+        "before row trigger",
+        "after row trigger",
+        "statement trigger",
+        "rule",
+        "column default",
+        "generated column",
+        "domain",
+        "check constraint",
+        "index expression",
+        "index predicate",
+        "partition trigger",
+        "row-level security policy",
+    ]
+    .iter()
+    .zip([
+        "t_before",
+        "t_after",
+        "t_statement",
+        "t_rule",
+        "t_default",
+        "t_generated",
+        "t_domain",
+        "t_check",
+        "t_index",
+        "t_predicate",
+        "t_partitioned",
+        "t_policy",
+    ])
+    .map(|(k, t)| (*k, format!("plain_s.{t}")))
+    .collect()
+}
+
+/// Issue 20, item 1: a target's code ran with the job owner's privileges — a trigger of
+/// a plain role's table made the plain role a superuser when a superuser's job filled it,
+/// and read server files under a `pg_read_server_files` member's job. Now every kind of
+/// code a table carries runs as the table's owner (in a security-restricted operation),
+/// for a superuser's job and for a reader's, on the COPY path (an empty table), the
+/// look-up path and the INSERT path (a table half filled, a table with a rule); and the
+/// target stays usable: every job ends done and exact.
+#[test]
+fn a_targets_code_never_runs_with_the_job_owners_privileges() {
+    let c = Cluster::start("owner_code", "store.workers = 4");
+    let kinds = plant(&c);
+    let dir = readable_dir(&c.dir.join("in"));
+    fs::write(dir.join("a.txt"), "one\ntwo\nthree\n").unwrap();
+    let more = readable_dir(&c.dir.join("more"));
+    fs::write(more.join("b.txt"), "three\nfour\nfive\n").unwrap();
+    for (who, dir) in [("postgres", &dir), ("reader", &more), ("postgres", &more), ("reader", &dir)] {
+        let mut jobs = Vec::new();
+        for (kind, t) in &kinds {
+            let id = c.psql_script(
+                who,
+                &format!("\\set VERBOSITY verbose\nSELECT store_ingest('{}', '{t}');", dir.display()),
+            );
+            if who == "reader" && *kind == "row-level security policy" {
+                // Its policies would apply to the reader, and they are the owner's code:
+                // refused, since they cannot be applied as anyone but the caller.
+                let e = id.expect_err("a reader's job into a table whose policies apply to it");
+                assert!(e.contains("row-level security") && e.contains("42501"), "{e}");
+                continue;
+            }
+            jobs.push((*kind, id.unwrap_or_else(|e| panic!("{who} into {t}: {e}")).parse::<i64>().unwrap()));
+        }
+        for (kind, job) in jobs {
+            let s = c.wait_state(job, &["done", "failed"], Duration::from_secs(120));
+            let error = q(&c, &format!("SELECT coalesce(error, '') FROM store.jobs WHERE id = {job}"));
+            assert_eq!(s, "done", "{who}'s job {job} into the table with a {kind}: {error}");
+        }
+    }
+    for (kind, t) in &kinds {
+        assert_eq!(
+            q(&c, &format!("SELECT string_agg(line::text, ',' ORDER BY line) FROM {t}")),
+            "five,four,one,three,two",
+            "{t}"
+        );
+        let ran_as = q(&c, &format!("SELECT string_agg(DISTINCT who, ',') FROM public.trace WHERE kind = '{kind}'"));
+        assert_eq!(ran_as, "plain", "the {kind} of {t} ran as {ran_as:?}, not only as the table's owner");
+    }
+    assert_eq!(num(&c, "SELECT count(*) FROM public.trace WHERE super OR reads_files"), 0);
+    assert_eq!(q(&c, "SELECT rolsuper FROM pg_roles WHERE rolname = 'plain'"), "f");
+}
+
+/// An unprivileged OS user of this host, created once: the one who shares `/tmp`.
+fn attacker() -> &'static str {
+    const NAME: &str = "pg_store_attacker";
+    let exists = std::process::Command::new("id").arg(NAME).output().is_ok_and(|o| o.status.success());
+    if !exists {
+        let out = std::process::Command::new("useradd")
+            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", NAME])
+            .output()
+            .expect("run useradd");
+        assert!(
+            out.status.success() || String::from_utf8_lossy(&out.stderr).contains("already exists"),
+            "useradd {NAME}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    NAME
+}
+
+/// Run a shell command as the attacker.
+fn as_attacker(script: &str) {
+    let out = std::process::Command::new("runuser")
+        .args(["-u", attacker(), "--", "sh", "-c", script])
+        .output()
+        .expect("runuser");
+    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Issue 20, item 3: with `store.temp_dir` in a world-writable sticky directory (a
+/// `/tmp`), another OS user pre-created the next job's directory with a link where a run
+/// file would go: the job wrote through it over a file of the server's user. Now a job's
+/// directory is created exclusively (the job fails with 42501 naming it, and nothing is
+/// written), a `store.temp_dir` others may rename things in is refused, and the server
+/// removes only directories it made.
+#[test]
+fn the_temporary_directory_trusts_nothing_another_os_user_put_there() {
+    let c = Cluster::start("temp_attack", "store.workers = 1");
+    let shared = c.dir.join("shared-tmp");
+    fs::create_dir_all(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    q(&c, &format!("ALTER SYSTEM SET store.temp_dir = '{}'", shared.display()));
+    q(&c, "SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(1500));
+    let input = readable_dir(&c.dir.join("in"));
+    fs::write(input.join("a.txt"), "secret line one\nsecret line two\n").unwrap();
+    // A file of the server's OS user that must not be touched.
+    let victim = c.dir.join("victim");
+    fs::write(&victim, "the server's own data\n").unwrap();
+    std::os::unix::fs::chown(&victim, Some(uid_of("postgres")), None).unwrap();
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+    let db: u32 = num(&c, "SELECT oid FROM pg_database WHERE datname = current_database()") as u32;
+    let first = c.ingest(&format!("'{}'", input.display()));
+    c.wait_done(first);
+    // The next job's directory, made by the attacker, with links where runs and a
+    // manifest go.
+    let next = first + 1;
+    let dir = shared.join(format!("job-{db}-{next}"));
+    as_attacker(&format!(
+        "mkdir -m 0777 {d} && for f in run-000000.run run-000001.run manifest.json; do ln -s {v} {d}/$f; done",
+        d = dir.display(),
+        v = victim.display()
+    ));
+    q(&c, "CREATE TABLE t (line text UNIQUE)");
+    let job = c.ingest(&format!("'{}', 't'", input.display()));
+    assert_eq!(job, next);
+    let s = c.wait_state(job, &["done", "failed"], Duration::from_secs(60));
+    let (sqlstate, error) = (
+        q(&c, &format!("SELECT coalesce(sqlstate, '') FROM store.jobs WHERE id = {job}")),
+        q(&c, &format!("SELECT coalesce(error, '') FROM store.jobs WHERE id = {job}")),
+    );
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "the server's own data\n", "written through the attacker's link");
+    assert_eq!((s.as_str(), sqlstate.as_str()), ("failed", "42501"), "{error}");
+    assert!(error.contains(&dir.display().to_string()) && error.contains("not created by this job"), "{error}");
+    assert_eq!(num(&c, "SELECT count(*) FROM t"), 0);
+    assert!(dir.exists(), "the attacker's directory is not pg_store's to remove");
+    // A temporary directory others may write to without the sticky bit: refused.
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
+    let job = c.ingest(&format!("'{}', 't'", input.display()));
+    assert_eq!(c.wait_state(job, &["done", "failed"], Duration::from_secs(60)), "failed");
+    let error = q(&c, &format!("SELECT sqlstate || ' ' || error FROM store.jobs WHERE id = {job}"));
+    assert!(error.starts_with("42501 ") && error.contains("sticky"), "{error}");
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    // Names the launcher and workers clean up (0.1.0's job-<id>, this database's
+    // job-<db>-<id> of a job no longer open), made by the attacker: left alone at a restart.
+    let legacy = shared.join("job-7");
+    let orphan = shared.join(format!("job-{db}-{first}"));
+    as_attacker(&format!(
+        "mkdir -m 0755 {l} {o} && echo mine > {l}/f && echo mine > {o}/f",
+        l = legacy.display(),
+        o = orphan.display()
+    ));
+    c.stop_fast();
+    c.pg_ctl_start();
+    let job = c.ingest(&format!("'{}', 't'", input.display()));
+    c.wait_done(job);
+    assert_eq!(num(&c, "SELECT count(*) FROM t"), 2);
+    assert!(legacy.join("f").exists() && orphan.join("f").exists(), "removed another user's directories");
+}
+
+fn uid_of(user: &str) -> u32 {
+    let out = std::process::Command::new("id").args(["-u", user]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Issue 20, item 4: `store.workers` showed every database's busy workers, with their
+/// timestamps, to any role. Now a role without the privileges of `pg_read_all_stats`
+/// sees the launcher, idle workers and the processes of its own jobs only; such a role
+/// sees them all.
+#[test]
+fn store_workers_shows_other_roles_work_only_to_pg_read_all_stats() {
+    let c = Cluster::start("workers_view", "store.workers = 2\nstore.insert_workers = 1\nstore.batch_max = 500");
+    let (dir, _) =
+        common::fixtures(&c, "big", &store_testkit::GenSpec { files: 2, size: 8 << 20, seed: 5, ..Default::default() });
+    q(&c, "CREATE ROLE nobody LOGIN; CREATE ROLE watcher LOGIN IN ROLE pg_read_all_stats; CREATE TABLE t (line text UNIQUE)");
+    let job = c.ingest(&format!("'{}', 't'", dir.display()));
+    c.wait_mid_insert(job);
+    let busy = |role: &str| c.psql_as(role, "SELECT count(*) FROM store.workers WHERE state = 'busy'").unwrap();
+    let seen = |role: &str| c.psql_as(role, &format!("SELECT count(*) FROM store.workers WHERE job = {job}")).unwrap();
+    assert_eq!((busy("nobody").as_str(), seen("nobody").as_str()), ("0", "0"), "another role's busy worker shown");
+    assert_eq!(c.psql_as("nobody", "SELECT count(*) FROM store.workers WHERE kind = 'launcher'").unwrap(), "1");
+    assert_eq!((busy("watcher").as_str(), seen("watcher").as_str()), ("1", "1"));
+    assert_eq!((busy("postgres").as_str(), seen("postgres").as_str()), ("1", "1"));
+    q(&c, &format!("SELECT store_cancel({job})"));
+    c.wait_state(job, &["cancelled"], Duration::from_secs(60));
+}
+
+/// Issue 20, item 5: `store_cancel` collected the PIDs of a job's processes before its
+/// transaction committed and signalled them after; a process that exited in between
+/// could have its PID reused by an unrelated process of the server's OS user, which got
+/// the SIGINT. The test makes that happen: an inserter of the job exits while the
+/// cancel is uncommitted, and a `sleep` of the postgres user is started with its PID,
+/// which must outlive the commit.
+#[test]
+fn store_cancel_never_signals_a_process_that_left_the_job() {
+    let c = Cluster::start("cancel_pid", "store.workers = 1\nstore.insert_workers = 2\nstore.batch_max = 500");
+    let (dir, _) =
+        common::fixtures(&c, "big", &store_testkit::GenSpec { files: 4, size: 8 << 20, seed: 6, ..Default::default() });
+    q(&c, "CREATE TABLE t (line text UNIQUE)");
+    let job = c.ingest(&format!("'{}', 't'", dir.display()));
+    c.wait_until(
+        &format!("SELECT EXISTS (SELECT FROM store.workers WHERE kind = 'inserter' AND job = {job}) AND (SELECT inserted > 1000 FROM store.status WHERE id = {job})"),
+        Duration::from_secs(120),
+    );
+    let inserter: i32 =
+        q(&c, &format!("SELECT pid FROM store.workers WHERE kind = 'inserter' AND job = {job}")).parse().unwrap();
+    // The cancel, left uncommitted: the PIDs are what old code collected here.
+    let mut session = c.session("postgres");
+    let stdin = session.stdin.as_mut().unwrap();
+    std::io::Write::write_all(stdin, format!("BEGIN;\nSELECT store_cancel({job});\n").as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    // The inserter leaves the job: its statements are cancelled until it gives up (its
+    // retries spent, it records the failure of its range and exits).
+    let t = std::time::Instant::now();
+    while unsafe { libc::kill(inserter, 0) } == 0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "the inserter {inserter} did not exit");
+        let _ = c.psql(&format!("SELECT pg_cancel_backend({inserter})"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut victim = spawn_with_pid(inserter, uid_of("postgres"));
+    std::io::Write::write_all(session.stdin.as_mut().unwrap(), b"COMMIT;\n").unwrap();
+    drop(session.stdin.take());
+    session.wait().unwrap();
+    // Cancelled, or failed for its range's failure: whichever the worker sees first.
+    c.wait_state(job, &["cancelled", "failed"], Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    let status = victim.try_wait().unwrap();
+    let _ = victim.kill();
+    let _ = victim.wait();
+    assert!(status.is_none(), "the process that took the inserter's PID {inserter} was signalled: {status:?}");
+}
+
+/// A `sleep` running as `uid` whose PID is `pid` (free now): the kernel's next PID is
+/// set through `/proc/sys/kernel/ns_last_pid` (root), or, where that cannot be written,
+/// reached by starting short-lived processes until the PIDs come round.
+fn spawn_with_pid(pid: i32, uid: u32) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let last = std::path::Path::new("/proc/sys/kernel/ns_last_pid");
+    let pid_max: i32 = fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+    for attempt in 0..2 * pid_max {
+        let settable = fs::write(last, (pid - 1).to_string()).is_ok();
+        let child = std::process::Command::new("sleep").arg("60").uid(uid).spawn().unwrap();
+        if child.id() as i32 == pid {
+            return child;
+        }
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(settable || attempt < pid_max, "could not start a process with PID {pid}");
+    }
+    panic!("could not start a process with PID {pid}");
+}
