@@ -10,9 +10,17 @@
 # Installs 0.1.0's files into the system PostgreSQL for the duration, so no other
 # cluster of this machine may run pg_store meanwhile (make test runs it alone); the
 # current build is installed again at the end (make install-staged), whatever happens.
+#
+# PG_PREFIX=/some/dir runs it against a copy of PostgreSQL there instead (cp -a
+# /usr/lib/postgresql/15 and /usr/share/postgresql/15 to $PG_PREFIX/usr/lib/postgresql/15
+# and $PG_PREFIX/usr/share/postgresql/15: PostgreSQL finds its lib/ and share/ beside
+# its bin/), installing 0.1.0 and the current build (STAGE, by default
+# target/release/pg_store-pg15, as `cargo pgrx package` stages it) there and not into
+# the system, so other clusters of the machine are left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=/usr/lib/postgresql/15/bin; PG_CONFIG=${PG_CONFIG:-$BIN/pg_config}
+PG_PREFIX=${PG_PREFIX:-}; STAGE=${STAGE:-target/release/pg_store-pg15}
+BIN=$PG_PREFIX/usr/lib/postgresql/15/bin; PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 OLD=fd2eb5c; U=$PWD/target/upgrade-0.1.0; PORT=5462
 NEW=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 fail() { echo "FAILED: $*"; [ -f "${W:-}/log" ] && tail -20 "$W/log"; exit 1; }
@@ -36,13 +44,17 @@ fi
 # Copy a staged tree into place, each file renamed over its old copy (as make install).
 install_tree() {
   (cd "$1" && find . -type f ! -name .done | while read -r f; do
-    dst=/${f#./}; mkdir -p "$(dirname "$dst")"; cp "$f" "$dst.new.$$" && chmod 644 "$dst.new.$$" && mv -f "$dst.new.$$" "$dst"
+    dst=$PG_PREFIX/${f#./}; mkdir -p "$(dirname "$dst")"; cp "$f" "$dst.new.$$" && chmod 644 "$dst.new.$$" && mv -f "$dst.new.$$" "$dst"
   done)
+}
+# The build under test, into the system (make install-staged) or into PG_PREFIX.
+install_current() {
+  if [ -z "$PG_PREFIX" ]; then make --no-print-directory install-staged >/dev/null; else install_tree "$STAGE"; fi
 }
 W=$(mktemp -d /tmp/pg_store_upgrade_test.XXXXXX); chmod 755 "$W"; chown postgres "$W"
 cleanup() {
   runuser -u postgres -- "$BIN/pg_ctl" -D "$W/data" -m immediate stop >/dev/null 2>&1 || true
-  make --no-print-directory install-staged >/dev/null
+  install_current
   [ -n "${KEEP:-}" ] || rm -rf "$W"
 }
 trap cleanup EXIT
@@ -82,7 +94,7 @@ echo "0.1.0: job $J1 ingested $W/a, job $J2 queued"
 pgctl stop
 
 echo "installing pg_store $NEW over 0.1.0"
-make --no-print-directory install-staged >/dev/null
+install_current
 sed -i 's/^store.workers = 0$/store.workers = 1/' "$W/data/postgresql.conf"
 pgctl start
 # The library is 0.2.0, the SQL objects still 0.1.0's: workers leave the database alone,
