@@ -83,7 +83,7 @@ test-integration:
 test-package: install
 	@bash tests/package.sh
 
-# ALTER EXTENSION pg_store UPDATE from 0.1.0 (built once from tests/fixtures/pg_store-0.1.0.tar.gz, commit fd2eb5c, into target/upgrade-0.1.0): a queued job runs, the ledger skips, the schema equals a fresh install's.
+# ALTER EXTENSION pg_store UPDATE from 0.1.0 (built once from tests/fixtures/pg_store-0.1.0.tar.gz, commit fd2eb5c, into target/upgrade-0.1.0): a queued job runs, the ledger skips, the schema equals a fresh install's; and where a database owner planted operators and functions in public (tests/planted.sh), no pg_store object captures one and none runs.
 test-upgrade: install
 	@bash tests/upgrade.sh
 

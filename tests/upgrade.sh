@@ -7,6 +7,13 @@
 # upgraded database's schema (pg_dump --schema-only --binary-upgrade, which lists an
 # extension's members, and \dx+) equals a fresh install's.
 #
+# And in databases whose owner (a role without superuser) planted operators and
+# functions in public for pg_store's install-time SQL to capture (tests/planted.sh):
+# one where 0.1.0 was created and is updated, one where this version is created, one
+# where 0.2.0 (tests/fixtures/pg_store--0.2.0.sql) was created and is updated. After
+# pg_store is used there by a superuser and another role, no object of pg_store
+# depends on anything in public, and nothing planted ever ran.
+#
 # Installs 0.1.0's files into the system PostgreSQL for the duration, so no other
 # cluster of this machine may run pg_store meanwhile (make test runs it alone); the
 # current build is installed again at the end (make install-staged), whatever happens.
@@ -23,6 +30,7 @@ PG_PREFIX=${PG_PREFIX:-}; STAGE=${STAGE:-target/release/pg_store-pg15}
 BIN=$PG_PREFIX/usr/lib/postgresql/15/bin; PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 OLD=fd2eb5c; U=$PWD/target/upgrade-0.1.0; PORT=5462
 NEW=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+EXT=$PG_PREFIX/usr/share/postgresql/15/extension
 fail() { echo "FAILED: $*"; [ -f "${W:-}/log" ] && tail -20 "$W/log"; exit 1; }
 
 # 0.1.0's sources, as `git archive --prefix=pg_store-0.1.0/ fd2eb5c` wrote them (kept in
@@ -54,11 +62,17 @@ install_current() {
 W=$(mktemp -d /tmp/pg_store_upgrade_test.XXXXXX); chmod 755 "$W"; chown postgres "$W"
 cleanup() {
   runuser -u postgres -- "$BIN/pg_ctl" -D "$W/data" -m immediate stop >/dev/null 2>&1 || true
+  # 0.2.0's install script, from the fixture, leaves with the test (or the one that was
+  # there before comes back).
+  if [ -f "$W/pg_store--0.2.0.sql.before" ]; then mv -f "$W/pg_store--0.2.0.sql.before" "$EXT/pg_store--0.2.0.sql"
+  elif [ -f "$W/pg_store--0.2.0.sql.ours" ]; then rm -f "$EXT/pg_store--0.2.0.sql"; fi
   install_current
   [ -n "${KEEP:-}" ] || rm -rf "$W"
 }
 trap cleanup EXIT
 sql() { "$BIN/psql" -XAtq -v ON_ERROR_STOP=1 -h "$W" -p "$PORT" -U postgres -d "${DB:-postgres}" -c "$1"; }
+# shellcheck source=tests/planted.sh
+. tests/planted.sh
 pgctl() { runuser -u postgres -- "$BIN/pg_ctl" -D "$W/data" -l "$W/log" -w "$@" >/dev/null; }
 wait_ended() {
   for _ in $(seq 1 300); do
@@ -83,6 +97,22 @@ printf 'one\ntwo\nthree\n' > "$W/a/1.txt"; printf 'three\nfour\n' > "$W/a/2.txt"
 chmod -R a+rX "$W/a" "$W/b"
 sql "CREATE EXTENSION pg_store"
 [ "$(sql "SELECT extversion FROM pg_extension WHERE extname = 'pg_store'")" = 0.1.0 ] || fail "not 0.1.0"
+# A database whose owner planted before 0.1.0 was created there, with finished jobs
+# (into store.lines, and into a varchar(n) column, whose length the upgrade reads),
+# their checkpoints and ledger rows, and a ledger row whose job is gone: the rows the
+# upgrade's UPDATEs compute from.
+planted_roles
+planted_db planted_up postgres
+DB=planted_up sql "CREATE EXTENSION pg_store"
+DB=planted_up pinned "
+  CREATE TABLE public.short (line varchar(10) UNIQUE);
+  WITH j AS (INSERT INTO store.jobs (path, target, column_name, dedup, owner, state, finished_at)
+             VALUES ('$W/gone', 'store.lines', 'line', 'exact', 10, 'done', now()),
+                    ('$W/gone', 'public.short', 'line', 'exact', 10, 'done', now()) RETURNING id, target),
+       c AS (INSERT INTO store.checkpoints (job) SELECT id FROM j)
+  INSERT INTO store.ingested (target, path, size, mtime_ns, fingerprint, job)
+  SELECT target, '$W/gone/1.txt', 1, 1, 'f', id FROM j UNION ALL
+  SELECT 'store.lines', '$W/gone/2.txt', 1, 1, 'f', 1000000"
 J1=$(sql "SELECT store_ingest('$W/a')")
 [ "$(wait_ended "$J1")" = done ] || fail "0.1.0 job $J1 did not end done"
 # A job queued under 0.1.0 that no worker takes before the upgrade: with store.workers = 0
@@ -115,6 +145,31 @@ J3=$(sql "SELECT store_ingest('$W/a')")
 [ "$(sql "SELECT files_skipped || ' ' || inserted FROM store.status WHERE id = $J3")" = "2 0" ] ||
   fail "the ledger of 0.1.0 no longer skips its files: $(sql "SELECT files_skipped || ' ' || inserted FROM store.status WHERE id = $J3")"
 echo "$NEW: job $J2 ran after ALTER EXTENSION UPDATE; job $J3 skipped the 2 files 0.1.0 ingested"
+
+# The planted databases: 0.1.0 updated, this version created, 0.2.0 created and updated.
+DB=planted_up sql "ALTER EXTENSION pg_store UPDATE"
+planted_db planted_fresh postgres
+DB=planted_fresh sql "CREATE EXTENSION pg_store"
+planted_db planted_020 postgres
+if [ "$NEW" != 0.2.0 ]; then
+  # 0.2.0's install script as released (no library of 0.2.0 is needed: this version's
+  # has the C functions it declares). 0.2.0 did capture: the check must see it.
+  if [ -f "$EXT/pg_store--0.2.0.sql" ]; then cp -p "$EXT/pg_store--0.2.0.sql" "$W/pg_store--0.2.0.sql.before"; else touch "$W/pg_store--0.2.0.sql.ours"; fi
+  cp tests/fixtures/pg_store--0.2.0.sql "$EXT/pg_store--0.2.0.sql"
+  DB=planted_020 sql "CREATE EXTENSION pg_store VERSION '0.2.0'"
+  c=$(planted_captured planted_020)
+  [ -n "$c" ] || fail "0.2.0 captured nothing the owner planted: the check would not see a capture"
+  echo "planted_020: 0.2.0 captured: $(echo "$c" | paste -sd';')"
+  DB=planted_020 sql "ALTER EXTENSION pg_store UPDATE"
+else
+  DB=planted_020 sql "CREATE EXTENSION pg_store"
+fi
+planted_ok=1
+for db in planted_up planted_fresh planted_020; do
+  planted_exercise "$db"
+  planted_check "$db" || planted_ok=
+done
+[ -n "$planted_ok" ] || fail "pg_store captured, or ran, what a database owner planted in public"
 
 # The upgraded database's schema against a fresh install's. Left out of the comparison:
 # what binary-upgrade mode says about OIDs, transaction ids and sequence positions,
