@@ -14,7 +14,12 @@ PLANTED_COMMON='int2,int4,int8,numeric,float4,float8,oid,regclass,regtype,regrol
 # operator and blame pg_store for it.
 pinned() { PGOPTIONS='-c search_path=pg_catalog,pg_temp' sql "$@"; }
 # A role's queries, with the default search_path, as users run them.
-as_role() { local role=$1; shift; "$BIN/psql" -XAtq -v ON_ERROR_STOP=1 -h "$W" -p "$PORT" -U "$role" -d "${DB:-postgres}" "$@"; }
+# (store_wait's progress NOTICEs are left out.)
+as_role() {
+  local role=$1; shift
+  PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning" \
+    "$BIN/psql" -XAtq -v ON_ERROR_STOP=1 -h "$W" -p "$PORT" -U "$role" -d "${DB:-postgres}" "$@"
+}
 
 planted_roles() {
   sql "CREATE ROLE planter LOGIN; CREATE ROLE reader LOGIN IN ROLE pg_read_server_files"

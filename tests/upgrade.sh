@@ -127,9 +127,9 @@ echo "installing pg_store $NEW over 0.1.0"
 install_current
 sed -i 's/^store.workers = 0$/store.workers = 1/' "$W/data/postgresql.conf"
 pgctl start
-# The library is 0.2.0, the SQL objects still 0.1.0's: workers leave the database alone,
-# and the functions refuse (0.1.0 declared some SECURITY DEFINER: run by 0.2.0's code they
-# would see their owner as the caller).
+# The library is this version's, the SQL objects still 0.1.0's: workers leave the
+# database alone, and the functions refuse (0.1.0 declared some SECURITY DEFINER: run by
+# the new code they would see their owner as the caller).
 for _ in $(seq 1 50); do grep -q "pg_store 0.1.0 is created in database postgres" "$W/log" && break; sleep 0.1; done
 grep -q "pg_store 0.1.0 is created in database postgres, the library is $NEW" "$W/log" || fail "no worker looked at the database"
 sleep 1
@@ -186,4 +186,10 @@ schema postgres > "$W/upgraded.sql"; schema fresh > "$W/fresh.sql"
 [ "$(wc -l < "$W/fresh.sql")" -gt 200 ] || fail "the schema dump of a fresh install is too short to compare ($(wc -l < "$W/fresh.sql") lines)"
 diff -u "$W/fresh.sql" "$W/upgraded.sql" > "$W/schema.diff" || { cat "$W/schema.diff"; fail "the upgraded schema differs from a fresh $NEW install"; }
 echo "schema after the upgrade = a fresh $NEW install ($(wc -l < "$W/fresh.sql") lines of pg_dump --schema-only --binary-upgrade and \\dx+)"
+if [ "$NEW" != 0.2.0 ]; then
+  # 0.2.0 as released, updated, equals a fresh install as well (both planted alike).
+  schema planted_fresh > "$W/planted_fresh.sql"; schema planted_020 > "$W/planted_020.sql"
+  diff -u "$W/planted_fresh.sql" "$W/planted_020.sql" > "$W/schema.diff" || { cat "$W/schema.diff"; fail "0.2.0 updated differs from a fresh $NEW install"; }
+  echo "schema of 0.2.0 after the update = a fresh $NEW install's"
+fi
 echo "upgrade test passed"
