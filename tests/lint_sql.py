@@ -5,60 +5,64 @@ While CREATE EXTENSION or ALTER EXTENSION UPDATE runs, search_path is the extens
 schema (public by default) with pg_catalog searched first. An operator or a function
 whose arguments need an implicit cast finds no exact match in pg_catalog, and an
 exact-match operator or function that the owner of the database created in public wins:
-it is stored in the view, constraint, default or policy being defined, and every reader,
-superusers too, then runs the owner's code. Everything parsed at install time must name
-pg_catalog's operators and functions itself. This lint has no type information, so it
-asks for that everywhere, and accepts only the syntax that is not an operator.
+it is stored in the view, constraint, default or policy being defined (or run, by an
+upgrade script's UPDATE), and every reader, superusers too, then runs the owner's code.
+So everything parsed at install time names pg_catalog's operators and functions. This
+lint has no type information: it asks for that everywhere, and accepts only the syntax
+that is not an operator or a call.
 
 It flags, outside comments, string literals, quoted identifiers and the bodies of
 functions that pin their search_path:
-* a bare symbolic operator between or before expressions (=, <>, !=, <, >, <=, >=, +, -,
-  *, /, %, ||, ~, !~, ~~, ^, &, |, #, @ … any operator token): write
-  `a OPERATOR(pg_catalog.=) b`, with both operands of the types pg_catalog's operator
-  takes (cast them where they are not). OPERATOR(...) must name pg_catalog.
-* the keyword operators, which look `=`, `<=`, `~~` … up by name: BETWEEN, LIKE, ILIKE,
-  SIMILAR TO, IS [NOT] DISTINCT FROM, OVERLAPS, NULLIF(a, b), a simple `CASE x WHEN v`,
-  JOIN … USING (…) and NATURAL JOIN; and IN / NOT IN, except as below. Write
-  `x OPERATOR(pg_catalog.=) ANY (SELECT …)` for an IN over a subquery.
+* a bare symbolic operator (=, <>, !=, <, >, <=, >=, +, -, *, /, %, ||, ~, !~, ~~, ^, &,
+  |, #, @ ... any operator token): write `a OPERATOR(pg_catalog.=) b`, the operands of
+  the types pg_catalog's operator takes (cast them where they are not).
+  OPERATOR(...) must name pg_catalog.
+* the keyword forms that look an operator up by name: BETWEEN, LIKE, ILIKE, SIMILAR TO,
+  IS [NOT] DISTINCT FROM, OVERLAPS, NULLIF(a, b), a simple `CASE x WHEN v`,
+  JOIN ... USING (...), NATURAL JOIN, and [NOT] IN except as below (over a subquery,
+  write `x OPERATOR(pg_catalog.=) ANY (SELECT ...)`).
 * a call of an unqualified function (`round(x, 1)`): write `pg_catalog.round(...)`.
-  SQL's keyword constructs (coalesce, greatest, least, extract, position, substring,
-  overlay, trim, cast, exists, array, row, ...) are not calls: extract, position and
-  the like name pg_catalog's function themselves; coalesce, greatest and least compare
-  through the type's default btree operator class, not an operator found by name.
+  SQL's keyword constructs are not calls (coalesce, greatest, least, extract, position,
+  substring, overlay, trim, cast, exists, array, row, ...: see NOT_A_CALL): extract,
+  position and the like name pg_catalog's function themselves, and coalesce, greatest
+  and least compare through the type's default btree operator class, found by type.
 * CREATE FUNCTION or PROCEDURE without `SET search_path = pg_catalog, pg_temp` (or TO),
-  unless its LANGUAGE is c or internal (its body is no SQL). With the setting, the body
-  (a string or dollar-quoted string after AS) is resolved when called, with that path,
-  and is not linted; without it, the body would resolve names through the caller's path.
-  A BEGIN ATOMIC body is parsed at creation, so it is linted like the rest.
-* DO blocks run at install time: their body is linted (as PL/pgSQL: `:=` is an
-  assignment, `<<label>>` a label, `FOR x IN` a loop).
+  unless its LANGUAGE is c or internal (no SQL in its body). With it, the body (a string
+  or dollar-quoted string after AS) is resolved when called, with that path, and is not
+  linted; without it, the body would resolve names through the caller's search_path.
+  The rest of the statement (argument defaults) is linted, and so is a BEGIN ATOMIC
+  body, which is parsed at creation.
+* inside DO blocks, which run at install time: their PL/pgSQL body is linted the same
+  way (`:=` is an assignment, `<<label>>` a label, `FOR x IN` a loop).
 
-It accepts (not operators):
+It accepts (not operators, not calls):
 * `::` casts; `=>` and `:=` (named arguments, assignments); `.` and `[ ]`.
-* `=` of a setting or an assignment: `SET name = value` (SET statements, the SET clause of
-  CREATE FUNCTION and ALTER …), `WITH (option = value)` and `SET (option = value)` option
-  lists, and the `column = expression` items of an UPDATE's (or ON CONFLICT DO UPDATE's)
-  SET clause.
+* `=` of a setting or an assignment: `SET [LOCAL|SESSION] name = value` (SET statements,
+  the SET clause of CREATE/ALTER FUNCTION, ALTER ROLE ...), `WITH (option = value)` and
+  `SET (option = value)` option lists, and the `column = expression` items of an
+  UPDATE's (or ON CONFLICT DO UPDATE's) SET clause. (`(a, b) = (...)` there is flagged.)
 * `*` that is not between two expressions: `SELECT *`, `t.*`, `count(*)`, `RETURNING *`.
 * a unary minus right before a numeric literal (`-1`): the parser folds it into a
-  negative constant, and looks no operator up. (A unary plus, or a minus before anything
-  else, is an operator.)
-* `x IN ('a', 'b')` and `x NOT IN (...)` over a list of string literals only: the
-  literals take x's type, and the comparison is x's type against itself. That is safe
-  where pg_catalog has `=` for that type with itself, as for text, which is what pg_store
-  compares this way (states, phases, modes); it is NOT for a type without its own `=`
-  (regrole, regclass, ...), which this lint cannot tell: tests/upgrade.sh plants an
-  operator for every such pair of types and checks that nothing captured one.
-* IN that is not an operator: `FOR x IN`, `IN SCHEMA`, LOCK's `IN … MODE`, an argument
-  mode (`(IN x int)`), `position(a IN b)`; LIKE in `CREATE TABLE t (LIKE u)`.
-* `name(` that is not a call: after FUNCTION, PROCEDURE, AGGREGATE, ROUTINE, TABLE,
-  VIEW, TYPE, REFERENCES, INTO, KEY, USING, AS, an identifier or `)` (a type's modifier,
-  a column definition list), `::`, and after ON in CREATE INDEX; a qualified name
-  (`store.line_key(`, `pg_catalog.round(`).
-* psql meta-commands (a line starting with a backslash, as the `\\echo … \\quit` guard).
+  negative constant and looks no operator up. `-1::bigint` is `-(1::bigint)`, an
+  operator, and flagged; so is a unary plus, and a minus before anything else.
+* `x [NOT] IN ('a', 'b')` over string literals only: the literals take x's type, so it
+  compares x's type with itself. That is safe where pg_catalog has `=` for the type with
+  itself, as for text, which is all pg_store compares this way (states, phases, modes).
+  For a type without one (regrole, regclass, ...) it is not, and this lint cannot tell:
+  tests/upgrade.sh plants an operator in public for every such pair of types and checks
+  that none is captured.
+* IN that is not an operator: `FOR x IN` (PL/pgSQL), `IN SCHEMA`, LOCK's `IN ... MODE`,
+  an argument mode (`(IN x int)`), `position(a IN b)`; LIKE in `CREATE TABLE t (LIKE u)`.
+* `name(` that is not a call: after FUNCTION, PROCEDURE, AGGREGATE, ROUTINE, TABLE, VIEW,
+  TYPE, REFERENCES, INTO, KEY, USING, AS, IF [NOT] EXISTS, `)` or `::`, after ON in
+  CREATE INDEX, and after a word that is not a keyword (a column's type modifier,
+  `c varchar(10)`; a column definition list, `AS x(a int)`); and a qualified name
+  (`store.line_key(`, `pg_catalog.round(`): the schema named is the one searched.
+* psql meta-commands (a line starting with a backslash, as the `\\echo ... \\quit`
+  guard of an upgrade script).
 
 Usage: tests/lint_sql.py FILE...      lint the files; exit 1 on any finding
-       tests/lint_sql.py --self-test  check the lint against snippets it must flag or pass
+       tests/lint_sql.py --self-test  check the lint on snippets it must flag or pass
 """
 
 import re
@@ -623,7 +627,7 @@ def main(argv):
     if argv == ["--self-test"]:
         return 0 if self_test() else 1
     if not argv:
-        print(__doc__.strip().splitlines()[-2].strip())
+        print("\n".join(__doc__.strip().splitlines()[-2:]))
         return 2
     total = 0
     for path in argv:
