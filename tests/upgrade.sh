@@ -49,6 +49,11 @@ if [ ! -f "$U/stage-0.1.0/.done" ]; then
   rm -rf "$U/stage-0.1.0"; cp -a "$U/target/release/pg_store-pg15" "$U/stage-0.1.0"; touch "$U/stage-0.1.0/.done"
 fi
 
+# make lint checks sql/; the install script pgrx wrote from it, with the CREATE FUNCTION
+# statements it generated between bootstrap.sql and finalize.sql, must pass as well.
+python3 tests/lint_sql.py "$STAGE/usr/share/postgresql/15/extension/pg_store--$NEW.sql" ||
+  fail "the generated install script leaves operators or functions to search_path"
+
 # Copy a staged tree into place, each file renamed over its old copy (as make install).
 install_tree() {
   (cd "$1" && find . -type f ! -name .done | while read -r f; do
