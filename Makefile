@@ -25,11 +25,13 @@ deps:
 		echo "installing cargo-pgrx $(PGRX) (about 4 minutes)"; $(CARGO) install cargo-pgrx --version $(PGRX) --locked --quiet; fi
 	@grep -qs 'pg15' $(HOME)/.pgrx/config.toml || $(CARGO) pgrx init --pg15 $(PG_CONFIG) >/dev/null
 
-# Formatting and lints, as CI checks them: rustfmt.toml, clippy with warnings as errors.
+# Formatting and lints, as CI checks them: rustfmt.toml, clippy with warnings as errors, and sql/'s install-time SQL naming pg_catalog's operators and functions (tests/lint_sql.py, after its self-test).
 lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) fmt --check --manifest-path fuzz/Cargo.toml
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	python3 tests/lint_sql.py --self-test
+	python3 tests/lint_sql.py sql/*.sql
 
 # Build (release) and install the extension into the system PostgreSQL 15, atomically:
 # each file is written beside its old copy and renamed over it, so servers running the
@@ -83,7 +85,7 @@ test-integration:
 test-package: install
 	@bash tests/package.sh
 
-# ALTER EXTENSION pg_store UPDATE from 0.1.0 (built once from tests/fixtures/pg_store-0.1.0.tar.gz, commit fd2eb5c, into target/upgrade-0.1.0): a queued job runs, the ledger skips, the schema equals a fresh install's.
+# ALTER EXTENSION pg_store UPDATE from 0.1.0 (built once from tests/fixtures/pg_store-0.1.0.tar.gz, commit fd2eb5c, into target/upgrade-0.1.0): a queued job runs, the ledger skips, the schema equals a fresh install's; and where a database owner planted operators and functions in public (tests/planted.sh), no pg_store object captures one and none runs.
 test-upgrade: install
 	@bash tests/upgrade.sh
 

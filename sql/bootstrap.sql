@@ -9,6 +9,16 @@
 -- Columns added since 0.1.0 come last in each table, in the order
 -- sql/pg_store--0.1.0--0.2.0.sql adds them: an upgraded and a fresh install are the
 -- same (tests/upgrade.sh compares them).
+--
+-- What is parsed here, and stored (a default, a CHECK constraint, an index predicate, a
+-- policy), names pg_catalog's operators and functions itself. While CREATE EXTENSION
+-- runs, search_path is the extension's schema (public by default), with pg_catalog
+-- searched first: an operator whose operands need a cast to match pg_catalog's, or a
+-- function whose arguments do, would resolve to an exact match that the database's owner
+-- created in public, and every reader would run it. Hence OPERATOR(pg_catalog.=) and
+-- pg_catalog.now(); `x IN ('a', 'b')` stays, since it compares text with text, which
+-- pg_catalog has an exact operator for. Function bodies pin search_path instead: they
+-- are resolved when called. tests/lint_sql.py (make lint) checks this file.
 
 CREATE SCHEMA IF NOT EXISTS store;
 COMMENT ON SCHEMA store IS 'pg_store: ingest jobs, their files, rejects and checkpoints';
@@ -53,7 +63,7 @@ CREATE TABLE store.jobs (
     memory_peak     bigint,
     temp_bytes      bigint,
     estimated_false_drops double precision,
-    created_at      timestamptz NOT NULL DEFAULT now(),
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
     started_at      timestamptz,
     insert_started_at timestamptz,
     updated_at      timestamptz,
@@ -117,7 +127,7 @@ CREATE TABLE store.checkpoints (
     already_present bigint      NOT NULL DEFAULT 0,
     batches         bigint      NOT NULL DEFAULT 0,
     fast_path       boolean     NOT NULL DEFAULT false,
-    updated_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
     -- since 0.2.0
     range           integer     NOT NULL DEFAULT 0,
     attempt         integer     NOT NULL,
@@ -198,7 +208,7 @@ CREATE TABLE store.ingested (
     mtime_ns        bigint      NOT NULL,
     fingerprint     text        NOT NULL,
     job             bigint      NOT NULL,
-    ingested_at     timestamptz NOT NULL DEFAULT now(),
+    ingested_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
     -- since 0.2.0
     spec            text        NOT NULL,
     ctime_ns        bigint,
@@ -241,11 +251,11 @@ COMMENT ON COLUMN store.rejects.raw IS 'The record''s raw bytes, at most the fir
 ALTER TABLE store.jobs ENABLE ROW LEVEL SECURITY;
 CREATE POLICY jobs_of_the_role ON store.jobs FOR SELECT USING (pg_catalog.pg_has_role(owner, 'USAGE'));
 ALTER TABLE store.files ENABLE ROW LEVEL SECURITY;
-CREATE POLICY files_of_the_role ON store.files FOR SELECT USING (job IN (SELECT j.id FROM store.jobs j));
+CREATE POLICY files_of_the_role ON store.files FOR SELECT USING (job OPERATOR(pg_catalog.=) ANY (SELECT j.id FROM store.jobs j));
 ALTER TABLE store.rejects ENABLE ROW LEVEL SECURITY;
-CREATE POLICY rejects_of_the_role ON store.rejects FOR SELECT USING (job IN (SELECT j.id FROM store.jobs j));
+CREATE POLICY rejects_of_the_role ON store.rejects FOR SELECT USING (job OPERATOR(pg_catalog.=) ANY (SELECT j.id FROM store.jobs j));
 ALTER TABLE store.checkpoints ENABLE ROW LEVEL SECURITY;
-CREATE POLICY checkpoints_of_the_role ON store.checkpoints FOR SELECT USING (job IN (SELECT j.id FROM store.jobs j));
+CREATE POLICY checkpoints_of_the_role ON store.checkpoints FOR SELECT USING (job OPERATOR(pg_catalog.=) ANY (SELECT j.id FROM store.jobs j));
 ALTER TABLE store.ingested ENABLE ROW LEVEL SECURITY;
 CREATE POLICY ingested_of_the_role ON store.ingested FOR SELECT USING (pg_catalog.pg_has_role(owner, 'USAGE'));
 

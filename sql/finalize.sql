@@ -1,5 +1,10 @@
 -- Objects that need the extension's functions: the default target, the status view,
 -- store_ingest, store_wait, and the grants.
+--
+-- As in bootstrap.sql, what is parsed here and stored (the views, an index) names
+-- pg_catalog's operators and functions itself, with operands of the types they take:
+-- an unqualified bigint / numeric would resolve to an operator the database's owner
+-- created in public, and store.status would run it for every reader.
 
 CREATE TABLE store.lines (
     line text NOT NULL
@@ -29,20 +34,22 @@ SELECT j.id,
        j.files_failed,
        j.bytes_read,
        j.bytes_total,
-       CASE WHEN j.state IN ('done', 'partial') THEN 100.0 ELSE round(j.percent::numeric, 1) END AS percent,
+       CASE WHEN j.state IN ('done', 'partial') THEN 100.0 ELSE pg_catalog.round(j.percent::numeric, 1) END AS percent,
        j.records,
        j.empty,
        j.rejected,
        j.filtered,
-       j.duplicates + coalesce(c.duplicates, 0) AS duplicates,
+       j.duplicates OPERATOR(pg_catalog.+) coalesce(c.duplicates, 0) AS duplicates,
        coalesce(c.inserted, 0) AS inserted,
        coalesce(c.already_present, 0) AS already_present,
        j.ranges,
        coalesce(c.ranges_done, 0) AS ranges_done,
        coalesce(c.batch_size, j.batch_size) AS batch_size,
-       CASE WHEN j.insert_started_at IS NOT NULL AND coalesce(j.finished_at, j.updated_at) > j.insert_started_at
-            THEN round(((coalesce(c.inserted, 0) + coalesce(c.already_present, 0))
-                 / extract(epoch FROM coalesce(j.finished_at, j.updated_at) - j.insert_started_at))::numeric, 1)
+       CASE WHEN j.insert_started_at IS NOT NULL
+             AND coalesce(j.finished_at, j.updated_at) OPERATOR(pg_catalog.>) j.insert_started_at
+            THEN pg_catalog.round((coalesce(c.inserted, 0) OPERATOR(pg_catalog.+) coalesce(c.already_present, 0))::numeric
+                                  OPERATOR(pg_catalog./) extract(epoch FROM coalesce(j.finished_at, j.updated_at)
+                                                                           OPERATOR(pg_catalog.-) j.insert_started_at), 1)
        END AS rows_per_second,
        greatest(j.memory_peak, c.memory_peak) AS memory_peak,
        j.temp_bytes,
@@ -57,10 +64,10 @@ SELECT j.id,
        j.error,
        j.sqlstate
   FROM store.jobs j
-  LEFT JOIN (SELECT job, sum(inserted)::bigint AS inserted, sum(already_present)::bigint AS already_present,
-                    sum(duplicates)::bigint AS duplicates, max(memory_peak) AS memory_peak, sum(batch_size)::integer AS batch_size,
-                    count(*) FILTER (WHERE done)::integer AS ranges_done
-               FROM store.checkpoints GROUP BY job) c ON c.job = j.id;
+  LEFT JOIN (SELECT job, pg_catalog.sum(inserted)::bigint AS inserted, pg_catalog.sum(already_present)::bigint AS already_present,
+                    pg_catalog.sum(duplicates)::bigint AS duplicates, pg_catalog.max(memory_peak) AS memory_peak,
+                    pg_catalog.sum(batch_size)::integer AS batch_size, pg_catalog.count(*) FILTER (WHERE done)::integer AS ranges_done
+               FROM store.checkpoints GROUP BY job) c ON c.job OPERATOR(pg_catalog.=) j.id;
 COMMENT ON VIEW store.status IS 'One row per job the caller may see: state, phase and live progress';
 COMMENT ON COLUMN store.status.id IS 'Job id';
 COMMENT ON COLUMN store.status.path IS 'Canonical path ingested';
@@ -102,7 +109,8 @@ COMMENT ON COLUMN store.status.sqlstate IS 'SQLSTATE of that error';
 CREATE VIEW store.ranges WITH (security_invoker = true) AS
 SELECT c.job,
        c.range,
-       CASE WHEN c.done THEN 'done' WHEN c.error IS NOT NULL THEN 'failed' WHEN j.state = 'running' THEN 'running' ELSE j.state END AS state,
+       CASE WHEN c.done THEN 'done' WHEN c.error IS NOT NULL THEN 'failed' WHEN j.state OPERATOR(pg_catalog.=) 'running' THEN 'running'
+            ELSE j.state END AS state,
        c.key_after,
        c.key_upto,
        c.inserted,
@@ -113,7 +121,7 @@ SELECT c.job,
        c.memory_peak,
        c.updated_at,
        c.error
-  FROM store.checkpoints c JOIN store.jobs j ON j.id = c.job;
+  FROM store.checkpoints c JOIN store.jobs j ON j.id OPERATOR(pg_catalog.=) c.job;
 COMMENT ON VIEW store.ranges IS 'Per key range of a job: who inserts it and how far it got';
 COMMENT ON COLUMN store.ranges.job IS 'Job id';
 COMMENT ON COLUMN store.ranges.range IS 'Range number, 0 first';
@@ -137,11 +145,11 @@ CREATE VIEW store.workers WITH (security_invoker = true) AS
 SELECT w.pid,
        w.kind,
        d.datname AS database,
-       CASE WHEN w.kind = 'launcher' THEN NULL WHEN w.busy THEN 'busy' ELSE 'idle' END AS state,
+       CASE WHEN w.kind OPERATOR(pg_catalog.=) 'launcher' THEN NULL WHEN w.busy THEN 'busy' ELSE 'idle' END AS state,
        w.job,
        pg_catalog.to_timestamp(w.since) AS since
   FROM store.worker_list() w
-  LEFT JOIN pg_catalog.pg_database d ON d.oid = w.database;
+  LEFT JOIN pg_catalog.pg_database d ON d.oid OPERATOR(pg_catalog.=) w.database;
 COMMENT ON VIEW store.workers IS 'pg_store''s processes in the whole server: the launcher, a worker per busy database, inserters';
 COMMENT ON COLUMN store.workers.pid IS 'Process id (as in pg_stat_activity)';
 COMMENT ON COLUMN store.workers.kind IS 'launcher (starts workers), worker (runs jobs of one database), or inserter (one key range of a job)';

@@ -15,6 +15,13 @@
 --   that job's owner: re-runs keep skipping these files. ctime and inode are unknown
 --   (NULL) and not compared for these rows.
 -- * store.lines, store.jobs_id_seq: unchanged.
+--
+-- Every operator and function this script parses is pg_catalog's, named so (see
+-- sql/bootstrap.sql): search_path is public while it runs, and an operator or function
+-- that the database's owner created there must not stand in for pg_catalog's, neither in
+-- the UPDATEs (which run as the superuser updating) nor in the views and policies. They
+-- are the operators and functions that 0.2.0's install script resolves to where public
+-- holds none of its own: an updated database is a fresh 0.2.0 install's twin.
 
 \echo Use "ALTER EXTENSION pg_store UPDATE" to load this file. \quit
 
@@ -72,7 +79,7 @@ ALTER TABLE store.checkpoints
     ADD COLUMN memory_peak     bigint,
     ADD COLUMN error           text,
     ADD COLUMN sqlstate        text;
-UPDATE store.checkpoints c SET attempt = j.attempts FROM store.jobs j WHERE j.id = c.job;
+UPDATE store.checkpoints c SET attempt = j.attempts FROM store.jobs j WHERE j.id OPERATOR(pg_catalog.=) c.job;
 ALTER TABLE store.checkpoints ALTER COLUMN attempt DROP DEFAULT;
 ALTER TABLE store.checkpoints ADD PRIMARY KEY (job, range);
 
@@ -93,20 +100,24 @@ UPDATE store.ingested i
    SET spec = pg_catalog.format('column=%s;key=;dedup=%s;max_bytes=%s;max_chars=%s;filter=%s',
                                 j.column_name, j.dedup,
                                 coalesce(pg_catalog.current_setting('store.max_line_bytes', true), '65536'),
-                                coalesce((SELECT (CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END) - 4
-                                            FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-                                           WHERE a.attrelid = i.target AND a.attname = j.column_name
-                                             AND coalesce(nullif(t.typbasetype, 0), t.oid) = 'pg_catalog.varchar'::pg_catalog.regtype
-                                             AND (CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END) >= 4)::text, ''),
+                                coalesce((SELECT (CASE WHEN t.typtype OPERATOR(pg_catalog.=) 'd' THEN t.typtypmod ELSE a.atttypmod END)
+                                                 OPERATOR(pg_catalog.-) 4
+                                            FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) a.atttypid
+                                           WHERE a.attrelid OPERATOR(pg_catalog.=) i.target::pg_catalog.oid
+                                             AND a.attname OPERATOR(pg_catalog.=) j.column_name
+                                             AND (CASE WHEN t.typtype OPERATOR(pg_catalog.=) 'd' THEN t.typbasetype ELSE t.oid END)
+                                                 OPERATOR(pg_catalog.=) 'pg_catalog.varchar'::pg_catalog.regtype::pg_catalog.oid
+                                             AND (CASE WHEN t.typtype OPERATOR(pg_catalog.=) 'd' THEN t.typtypmod ELSE a.atttypmod END)
+                                                 OPERATOR(pg_catalog.>=) 4)::text, ''),
                                 coalesce(j.filter, '')),
        owner = j.owner
   FROM store.jobs j
- WHERE j.id = i.job;
+ WHERE j.id OPERATOR(pg_catalog.=) i.job;
 -- A ledger row whose job is gone: the default spec, and the extension's owner.
 UPDATE store.ingested
    SET spec = coalesce(spec, pg_catalog.format('column=line;key=;dedup=exact;max_bytes=%s;max_chars=;filter=',
                                                coalesce(pg_catalog.current_setting('store.max_line_bytes', true), '65536'))),
-       owner = coalesce(owner, (SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_store')::pg_catalog.regrole)
+       owner = coalesce(owner, (SELECT extowner FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pg_store')::pg_catalog.regrole)
  WHERE spec IS NULL OR owner IS NULL;
 ALTER TABLE store.ingested ALTER COLUMN spec SET NOT NULL, ALTER COLUMN owner SET NOT NULL;
 ALTER TABLE store.ingested DROP CONSTRAINT ingested_pkey;
@@ -215,11 +226,11 @@ COMMENT ON COLUMN store.rejects.raw IS 'The record''s raw bytes, at most the fir
 ALTER TABLE store.jobs ENABLE ROW LEVEL SECURITY;
 CREATE POLICY jobs_of_the_role ON store.jobs FOR SELECT USING (pg_catalog.pg_has_role(owner, 'USAGE'));
 ALTER TABLE store.files ENABLE ROW LEVEL SECURITY;
-CREATE POLICY files_of_the_role ON store.files FOR SELECT USING (job IN (SELECT j.id FROM store.jobs j));
+CREATE POLICY files_of_the_role ON store.files FOR SELECT USING (job OPERATOR(pg_catalog.=) ANY (SELECT j.id FROM store.jobs j));
 ALTER TABLE store.rejects ENABLE ROW LEVEL SECURITY;
-CREATE POLICY rejects_of_the_role ON store.rejects FOR SELECT USING (job IN (SELECT j.id FROM store.jobs j));
+CREATE POLICY rejects_of_the_role ON store.rejects FOR SELECT USING (job OPERATOR(pg_catalog.=) ANY (SELECT j.id FROM store.jobs j));
 ALTER TABLE store.checkpoints ENABLE ROW LEVEL SECURITY;
-CREATE POLICY checkpoints_of_the_role ON store.checkpoints FOR SELECT USING (job IN (SELECT j.id FROM store.jobs j));
+CREATE POLICY checkpoints_of_the_role ON store.checkpoints FOR SELECT USING (job OPERATOR(pg_catalog.=) ANY (SELECT j.id FROM store.jobs j));
 ALTER TABLE store.ingested ENABLE ROW LEVEL SECURITY;
 CREATE POLICY ingested_of_the_role ON store.ingested FOR SELECT USING (pg_catalog.pg_has_role(owner, 'USAGE'));
 
@@ -355,20 +366,20 @@ SELECT j.id,
        j.files_failed,
        j.bytes_read,
        j.bytes_total,
-       CASE WHEN j.state IN ('done', 'partial') THEN 100.0 ELSE round(j.percent::numeric, 1) END AS percent,
+       CASE WHEN j.state IN ('done', 'partial') THEN 100.0 ELSE pg_catalog.round(j.percent::numeric, 1) END AS percent,
        j.records,
        j.empty,
        j.rejected,
        j.filtered,
-       j.duplicates + coalesce(c.duplicates, 0) AS duplicates,
+       j.duplicates OPERATOR(pg_catalog.+) coalesce(c.duplicates, 0) AS duplicates,
        coalesce(c.inserted, 0) AS inserted,
        coalesce(c.already_present, 0) AS already_present,
        j.ranges,
        coalesce(c.ranges_done, 0) AS ranges_done,
        coalesce(c.batch_size, j.batch_size) AS batch_size,
-       CASE WHEN j.insert_started_at IS NOT NULL AND coalesce(j.finished_at, j.updated_at) > j.insert_started_at
-            THEN round(((coalesce(c.inserted, 0) + coalesce(c.already_present, 0))
-                 / extract(epoch FROM coalesce(j.finished_at, j.updated_at) - j.insert_started_at))::numeric, 1)
+       CASE WHEN j.insert_started_at IS NOT NULL AND coalesce(j.finished_at, j.updated_at) OPERATOR(pg_catalog.>) j.insert_started_at
+            THEN pg_catalog.round(((coalesce(c.inserted, 0) OPERATOR(pg_catalog.+) coalesce(c.already_present, 0))
+                 OPERATOR(pg_catalog./) extract(epoch FROM coalesce(j.finished_at, j.updated_at) OPERATOR(pg_catalog.-) j.insert_started_at))::numeric, 1)
        END AS rows_per_second,
        greatest(j.memory_peak, c.memory_peak) AS memory_peak,
        j.temp_bytes,
@@ -383,10 +394,10 @@ SELECT j.id,
        j.error,
        j.sqlstate
   FROM store.jobs j
-  LEFT JOIN (SELECT job, sum(inserted)::bigint AS inserted, sum(already_present)::bigint AS already_present,
-                    sum(duplicates)::bigint AS duplicates, max(memory_peak) AS memory_peak, sum(batch_size)::integer AS batch_size,
-                    count(*) FILTER (WHERE done)::integer AS ranges_done
-               FROM store.checkpoints GROUP BY job) c ON c.job = j.id;
+  LEFT JOIN (SELECT job, pg_catalog.sum(inserted)::bigint AS inserted, pg_catalog.sum(already_present)::bigint AS already_present,
+                    pg_catalog.sum(duplicates)::bigint AS duplicates, pg_catalog.max(memory_peak) AS memory_peak,
+                    pg_catalog.sum(batch_size)::integer AS batch_size, pg_catalog.count(*) FILTER (WHERE done)::integer AS ranges_done
+               FROM store.checkpoints GROUP BY job) c ON c.job OPERATOR(pg_catalog.=) j.id;
 COMMENT ON VIEW store.status IS 'One row per job the caller may see: state, phase and live progress';
 COMMENT ON COLUMN store.status.id IS 'Job id';
 COMMENT ON COLUMN store.status.path IS 'Canonical path ingested';
@@ -428,7 +439,8 @@ COMMENT ON COLUMN store.status.sqlstate IS 'SQLSTATE of that error';
 CREATE VIEW store.ranges WITH (security_invoker = true) AS
 SELECT c.job,
        c.range,
-       CASE WHEN c.done THEN 'done' WHEN c.error IS NOT NULL THEN 'failed' WHEN j.state = 'running' THEN 'running' ELSE j.state END AS state,
+       CASE WHEN c.done THEN 'done' WHEN c.error IS NOT NULL THEN 'failed' WHEN j.state OPERATOR(pg_catalog.=) 'running' THEN 'running'
+            ELSE j.state END AS state,
        c.key_after,
        c.key_upto,
        c.inserted,
@@ -439,7 +451,7 @@ SELECT c.job,
        c.memory_peak,
        c.updated_at,
        c.error
-  FROM store.checkpoints c JOIN store.jobs j ON j.id = c.job;
+  FROM store.checkpoints c JOIN store.jobs j ON j.id OPERATOR(pg_catalog.=) c.job;
 COMMENT ON VIEW store.ranges IS 'Per key range of a job: who inserts it and how far it got';
 COMMENT ON COLUMN store.ranges.job IS 'Job id';
 COMMENT ON COLUMN store.ranges.range IS 'Range number, 0 first';
@@ -463,11 +475,11 @@ CREATE VIEW store.workers WITH (security_invoker = true) AS
 SELECT w.pid,
        w.kind,
        d.datname AS database,
-       CASE WHEN w.kind = 'launcher' THEN NULL WHEN w.busy THEN 'busy' ELSE 'idle' END AS state,
+       CASE WHEN w.kind OPERATOR(pg_catalog.=) 'launcher' THEN NULL WHEN w.busy THEN 'busy' ELSE 'idle' END AS state,
        w.job,
        pg_catalog.to_timestamp(w.since) AS since
   FROM store.worker_list() w
-  LEFT JOIN pg_catalog.pg_database d ON d.oid = w.database;
+  LEFT JOIN pg_catalog.pg_database d ON d.oid OPERATOR(pg_catalog.=) w.database;
 COMMENT ON VIEW store.workers IS 'pg_store''s processes in the whole server: the launcher, a worker per busy database, inserters';
 COMMENT ON COLUMN store.workers.pid IS 'Process id (as in pg_stat_activity)';
 COMMENT ON COLUMN store.workers.kind IS 'launcher (starts workers), worker (runs jobs of one database), or inserter (one key range of a job)';
