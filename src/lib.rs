@@ -12,6 +12,7 @@
 
 pub mod api;
 mod copy_in;
+mod ddl;
 pub mod error;
 pub mod gucs;
 pub mod insert;
@@ -43,6 +44,7 @@ pub extern "C-unwind" fn _PG_init() {
         PRELOADED.store(true, Ordering::Relaxed);
         registry::init();
         worker::register();
+        ddl::init();
     }
 }
 
