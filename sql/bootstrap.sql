@@ -75,7 +75,9 @@ CREATE TABLE store.jobs (
     ranges          integer     NOT NULL DEFAULT 0,
     sqlstate        text,
     key_column      name,
-    origin          text        NOT NULL DEFAULT store.origin()
+    origin          text        NOT NULL DEFAULT store.origin(),
+    -- since 0.3.0
+    target_storage  text[]
 );
 COMMENT ON TABLE store.jobs IS 'One row per store_ingest call: the queue the background workers claim from, and each job''s live counters';
 COMMENT ON COLUMN store.jobs.id IS 'Job id, as returned by store_ingest';
@@ -117,6 +119,7 @@ COMMENT ON COLUMN store.jobs.finished_at IS 'When the job reached done, partial,
 COMMENT ON COLUMN store.jobs.error IS 'Why the job failed, with the SQL error text where there is one';
 COMMENT ON COLUMN store.jobs.origin IS 'store.origin() where the job was queued: a restored open job (another cluster or database) fails with SQLSTATE 55000 instead of running';
 COMMENT ON COLUMN store.jobs.sqlstate IS 'SQLSTATE of the error that failed the job, for programs (e.g. 42501 permission denied, 53100 disk full)';
+COMMENT ON COLUMN store.jobs.target_storage IS 'The target''s storage when the job began (leaf-oid/relfilenode of the table or of each partition): if some of it is gone when the job ends (TRUNCATE, a rewrite, a partition dropped), its files stay out of the ledger';
 
 CREATE INDEX jobs_open ON store.jobs (id) WHERE state IN ('queued', 'running');
 
@@ -199,7 +202,7 @@ COMMENT ON COLUMN store.files.empty IS 'Empty records';
 COMMENT ON COLUMN store.files.rejected IS 'Invalid records (see store.rejects)';
 COMMENT ON COLUMN store.files.filtered IS 'Records dropped by the filter';
 COMMENT ON COLUMN store.files.accepted IS 'Valid records passed on to deduplication';
-COMMENT ON COLUMN store.files.error IS 'Why the file failed, with the OS error';
+COMMENT ON COLUMN store.files.error IS 'Why the file failed, with the OS error; for an entry skipped by the listing (hidden name, symbolic link, socket, FIFO, device), why';
 
 CREATE TABLE store.ingested (
     target          regclass    NOT NULL,
@@ -228,6 +231,19 @@ COMMENT ON COLUMN store.ingested.fingerprint IS 'Fingerprint when ingested';
 COMMENT ON COLUMN store.ingested.job IS 'Job that ingested it';
 COMMENT ON COLUMN store.ingested.owner IS 'Role that queued that job';
 COMMENT ON COLUMN store.ingested.ingested_at IS 'When that job finished';
+
+-- since 0.3.0: what makes the ledger follow the table. Not dumped: OIDs and
+-- relfilenodes mean nothing in another cluster, and a restored table holds what the
+-- restored ledger says it holds.
+CREATE TABLE store.target_storage (
+    target          regclass    PRIMARY KEY,
+    storage         text[]      NOT NULL,
+    recorded_at     timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE store.target_storage IS 'The storage of each target when a job last began (leaf-oid/relfilenode of the table or of each partition): when some of it is gone at the next job (TRUNCATE, VACUUM FULL, a partition dropped or re-created), the ledger forgets that target''s files and they are read again';
+COMMENT ON COLUMN store.target_storage.target IS 'Target table';
+COMMENT ON COLUMN store.target_storage.storage IS 'leaf-oid/relfilenode of the table, or of each of its partitions';
+COMMENT ON COLUMN store.target_storage.recorded_at IS 'When a job recorded it';
 
 CREATE TABLE store.rejects (
     job             bigint      NOT NULL REFERENCES store.jobs ON DELETE CASCADE,

@@ -62,7 +62,8 @@ SELECT j.id,
        j.updated_at,
        j.finished_at,
        j.error,
-       j.sqlstate
+       j.sqlstate,
+       CASE WHEN j.state OPERATOR(pg_catalog.=) 'queued' THEN store.queue_note() END AS waiting_for
   FROM store.jobs j
   LEFT JOIN (SELECT job, pg_catalog.sum(inserted)::bigint AS inserted, pg_catalog.sum(already_present)::bigint AS already_present,
                     pg_catalog.sum(duplicates)::bigint AS duplicates, pg_catalog.max(memory_peak) AS memory_peak,
@@ -105,6 +106,7 @@ COMMENT ON COLUMN store.status.updated_at IS 'Last progress update';
 COMMENT ON COLUMN store.status.finished_at IS 'When it ended';
 COMMENT ON COLUMN store.status.error IS 'Why it failed';
 COMMENT ON COLUMN store.status.sqlstate IS 'SQLSTATE of that error';
+COMMENT ON COLUMN store.status.waiting_for IS 'Why a queued job does not run yet, when pg_store knows: no background worker slot free (max_worker_processes), or every store.workers worker busy in other databases';
 
 CREATE VIEW store.ranges WITH (security_invoker = true) AS
 SELECT c.job,
@@ -137,10 +139,10 @@ COMMENT ON COLUMN store.ranges.memory_peak IS 'Largest private memory of that pr
 COMMENT ON COLUMN store.ranges.updated_at IS 'Commit time of the last batch';
 COMMENT ON COLUMN store.ranges.error IS 'Why the range failed';
 
--- The live pg_store processes of the whole server. store.worker_list() shows a job
--- number only where the caller could see the job: in this database under row-level
--- security, or anywhere with the privileges of pg_read_all_stats (as pg_stat_activity
--- shows other roles' queries). Whether a process is busy shows either way.
+-- The live pg_store processes of the whole server, as pg_stat_activity shows backends:
+-- store.worker_list() shows a role with the privileges of pg_read_all_stats every
+-- process, and any other role the launcher, this database's idle workers and the
+-- processes of the jobs it may see (under row-level security).
 CREATE VIEW store.workers WITH (security_invoker = true) AS
 SELECT w.pid,
        w.kind,
@@ -150,12 +152,12 @@ SELECT w.pid,
        pg_catalog.to_timestamp(w.since) AS since
   FROM store.worker_list() w
   LEFT JOIN pg_catalog.pg_database d ON d.oid OPERATOR(pg_catalog.=) w.database;
-COMMENT ON VIEW store.workers IS 'pg_store''s processes in the whole server: the launcher, a worker per busy database, inserters';
+COMMENT ON VIEW store.workers IS 'pg_store''s processes: the launcher, a worker per busy database, inserters; other roles'' work and other databases'' only to roles with the privileges of pg_read_all_stats';
 COMMENT ON COLUMN store.workers.pid IS 'Process id (as in pg_stat_activity)';
 COMMENT ON COLUMN store.workers.kind IS 'launcher (starts workers), worker (runs jobs of one database), or inserter (one key range of a job)';
 COMMENT ON COLUMN store.workers.database IS 'The database it serves; NULL for the launcher';
 COMMENT ON COLUMN store.workers.state IS 'idle or busy';
-COMMENT ON COLUMN store.workers.job IS 'The job it works on, if the caller may see it';
+COMMENT ON COLUMN store.workers.job IS 'The job it works on';
 COMMENT ON COLUMN store.workers.since IS 'When it became idle or took its job';
 
 -- Every node's jobs, for a Citus cluster where store_ingest runs on several nodes (each
@@ -224,6 +226,9 @@ BEGIN
     DELETE FROM store.ingested
      WHERE target::oid IN (SELECT objid FROM pg_event_trigger_dropped_objects()
                             WHERE classid = 'pg_class'::regclass AND objsubid = 0);
+    DELETE FROM store.target_storage
+     WHERE target::oid IN (SELECT objid FROM pg_event_trigger_dropped_objects()
+                            WHERE classid = 'pg_class'::regclass AND objsubid = 0);
 END
 $$;
 REVOKE ALL ON FUNCTION store.forget_dropped_tables() FROM PUBLIC;
@@ -237,3 +242,10 @@ LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT store.enqueue(path, target::oid, column_name::text, dedup, filter, key_column::text) $$;
 COMMENT ON FUNCTION store_ingest(text, regclass, name, text, text, name) IS 'Queue an ingest of a file or directory on the server into target(column_name); returns the job id at once. The job starts when the calling transaction commits.';
+
+CREATE FUNCTION store_forget(target regclass, path text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT store.forget(target::oid, path) $$;
+COMMENT ON FUNCTION store_forget(regclass, text) IS 'Make the ledger forget files ingested into target (all, or path: a file or a directory and what is under it) that the caller sees, so that the next store_ingest reads them again; returns how many';

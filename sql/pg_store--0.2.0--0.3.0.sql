@@ -11,7 +11,42 @@
 
 \echo Use "ALTER EXTENSION pg_store UPDATE" to load this file. \quit
 
--- 1. What 0.2.0 could have captured from public.
+-- 1. New in 0.3.0: what the status view below and the ledger need.
+--
+-- store.jobs.target_storage and store.target_storage make the ledger follow the table
+-- (a TRUNCATE, a rewrite or a partition dropped makes the next run read the files
+-- again); store.queue_note() says in store.status why a queued job waits;
+-- store.forget() is behind store_forget(). The function definitions are those pgrx
+-- generates for a fresh install.
+ALTER TABLE store.jobs ADD COLUMN target_storage text[];
+COMMENT ON COLUMN store.jobs.target_storage IS 'The target''s storage when the job began (leaf-oid/relfilenode of the table or of each partition): if some of it is gone when the job ends (TRUNCATE, a rewrite, a partition dropped), its files stay out of the ledger';
+
+CREATE TABLE store.target_storage (
+    target          regclass    PRIMARY KEY,
+    storage         text[]      NOT NULL,
+    recorded_at     timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE store.target_storage IS 'The storage of each target when a job last began (leaf-oid/relfilenode of the table or of each partition): when some of it is gone at the next job (TRUNCATE, VACUUM FULL, a partition dropped or re-created), the ledger forgets that target''s files and they are read again';
+COMMENT ON COLUMN store.target_storage.target IS 'Target table';
+COMMENT ON COLUMN store.target_storage.storage IS 'leaf-oid/relfilenode of the table, or of each of its partitions';
+COMMENT ON COLUMN store.target_storage.recorded_at IS 'When a job recorded it';
+
+CREATE  FUNCTION store."queue_note"() RETURNS TEXT /* Option < String > */
+STRICT STABLE PARALLEL SAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'queue_note_wrapper';
+
+CREATE  FUNCTION store."forget"(
+	"target" oid, /* Option < pg_sys :: Oid > */
+	"path" TEXT /* Option < & str > */
+) RETURNS bigint /* i64 */
+VOLATILE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'forget_wrapper';
+
+-- 2. What 0.2.0 could have captured from public.
 --
 -- 0.2.0 resolved some operators of store.status through search_path when it was
 -- created: the view divides a bigint by a numeric, for which pg_catalog has no operator
@@ -71,12 +106,50 @@ SELECT j.id,
        j.updated_at,
        j.finished_at,
        j.error,
-       j.sqlstate
+       j.sqlstate,
+       CASE WHEN j.state OPERATOR(pg_catalog.=) 'queued' THEN store.queue_note() END AS waiting_for
   FROM store.jobs j
   LEFT JOIN (SELECT job, pg_catalog.sum(inserted)::bigint AS inserted, pg_catalog.sum(already_present)::bigint AS already_present,
                     pg_catalog.sum(duplicates)::bigint AS duplicates, pg_catalog.max(memory_peak) AS memory_peak,
                     pg_catalog.sum(batch_size)::integer AS batch_size, pg_catalog.count(*) FILTER (WHERE done)::integer AS ranges_done
                FROM store.checkpoints GROUP BY job) c ON c.job OPERATOR(pg_catalog.=) j.id;
+
+-- 3. The rest of 0.3.0.
+--
+-- store.status gained waiting_for (above; CREATE OR REPLACE VIEW may add a last
+-- column). store_cancel, store_purge and store.wait_job refuse a NULL argument with
+-- 22004 instead of returning NULL: no longer STRICT. store.files.error also says why
+-- the listing skipped an entry; store.workers shows other roles' work only to
+-- pg_read_all_stats; a dropped table takes its recorded storage with it; and
+-- store_forget() is new.
+COMMENT ON COLUMN store.status.waiting_for IS 'Why a queued job does not run yet, when pg_store knows: no background worker slot free (max_worker_processes), or every store.workers worker busy in other databases';
+ALTER FUNCTION store_cancel(bigint) CALLED ON NULL INPUT;
+ALTER FUNCTION store_purge(interval) CALLED ON NULL INPUT;
+COMMENT ON COLUMN store.files.error IS 'Why the file failed, with the OS error; for an entry skipped by the listing (hidden name, symbolic link, socket, FIFO, device), why';
+COMMENT ON VIEW store.workers IS 'pg_store''s processes: the launcher, a worker per busy database, inserters; other roles'' work and other databases'' only to roles with the privileges of pg_read_all_stats';
+COMMENT ON COLUMN store.workers.job IS 'The job it works on';
+
+CREATE OR REPLACE FUNCTION store.forget_dropped_tables() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM store.ingested
+     WHERE target::oid IN (SELECT objid FROM pg_event_trigger_dropped_objects()
+                            WHERE classid = 'pg_class'::regclass AND objsubid = 0);
+    DELETE FROM store.target_storage
+     WHERE target::oid IN (SELECT objid FROM pg_event_trigger_dropped_objects()
+                            WHERE classid = 'pg_class'::regclass AND objsubid = 0);
+END
+$$;
+
+CREATE FUNCTION store_forget(target regclass, path text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT store.forget(target::oid, path) $$;
+COMMENT ON FUNCTION store_forget(regclass, text) IS 'Make the ledger forget files ingested into target (all, or path: a file or a directory and what is under it) that the caller sees, so that the next store_ingest reads them again; returns how many';
+
 
 -- Last: jobs queued while the library was 0.3.0 but the objects still 0.2.0's (its
 -- functions refused, its workers left this database alone) run now, not at the next

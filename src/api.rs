@@ -167,6 +167,51 @@ fn enqueue(
     id.ok_or_else(|| StoreError::internal("INSERT … RETURNING id returned nothing"))
 }
 
+/// Why a queued job of this database waits, for `store.status`: no background worker slot
+/// free, or every `store.workers` worker busy elsewhere; NULL when a worker is about to
+/// take it (and on a standby, where jobs do not run).
+#[pg_extern(stable, parallel_safe, schema = "store")]
+#[search_path(pg_catalog, pg_temp)]
+fn queue_note() -> Option<String> {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return Some("pg_store is not in shared_preload_libraries: no worker runs jobs".into());
+    }
+    registry::queue_note(gucs::WORKERS.get().max(0) as usize)
+}
+
+/// `store_forget`: make the ledger forget files ingested into `target` — every one, or
+/// `path` (a file, or a directory and everything under it) — so that the next run reads
+/// them again: after rows were deleted from the target, say. Only the ledger rows the
+/// caller sees (of its own jobs, or of roles whose privileges it has; a superuser's: all).
+/// Returns how many it forgot.
+#[pg_extern(volatile, schema = "store")]
+#[search_path(pg_catalog, pg_temp)]
+fn forget(target: Option<pg_sys::Oid>, path: Option<&str>) -> i64 {
+    required(target, "store_forget", "target").and_then(|t| forget_files(t, path)).unwrap_or_else(|e| e.raise())
+}
+
+fn forget_files(target: pg_sys::Oid, path: Option<&str>) -> Result<i64> {
+    require_current_version()?;
+    crate::read::require_primary("forget ingested files")?;
+    // Read as the caller: row-level security shows it its own ledger rows.
+    let mine = crate::read::one::<Vec<String>>(
+        "SELECT pg_catalog.array_agg(pg_catalog.json_build_array(path, spec)::pg_catalog.text) FROM store.ingested \
+          WHERE target = $1 AND pg_catalog.pg_has_role(owner, 'USAGE') \
+            AND ($2::pg_catalog.text IS NULL OR path = $2 OR pg_catalog.starts_with(path, pg_catalog.rtrim($2, '/') || '/'))",
+        &[target.into(), path.into()],
+    )?
+    .unwrap_or_default();
+    let n = security::as_superuser(|| {
+        Spi::get_one_with_args::<i64>(
+            "WITH d AS (DELETE FROM store.ingested WHERE target = $1 \
+                          AND pg_catalog.json_build_array(path, spec)::pg_catalog.text = ANY ($2) RETURNING 1) \
+             SELECT pg_catalog.count(*) FROM d",
+            &[target.into(), mine.into()],
+        )
+    })?;
+    Ok(n.unwrap_or(0))
+}
+
 /// Ask the launcher for a worker in this database once the transaction commits: the
 /// last statement of an extension upgrade, so jobs queued under the old version run
 /// without waiting for the next `store_ingest`.
@@ -303,23 +348,25 @@ fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> Result<String> 
     let started = Instant::now();
     let mut last_notice = Instant::now();
     loop {
-        let s = Spi::connect(|c| {
-            let t = c.select(
+        let s = crate::read::fresh(|| {
+            Spi::connect(|c| {
+                let t = c.select(
                 "SELECT state, coalesce(phase, ''), percent::float8, bytes_read, bytes_total, inserted + already_present, \
                         coalesce(rows_per_second, 0)::float8 \
                  FROM store.status WHERE id = $1",
                 Some(1),
                 &[job.into()],
             )?;
-            let r = t.first();
-            Ok::<_, pgrx::spi::SpiError>(Progress {
-                state: r.get::<String>(1)?.unwrap_or_default(),
-                phase: r.get::<String>(2)?.unwrap_or_default(),
-                percent: r.get::<f64>(3)?.unwrap_or(0.0),
-                read: r.get::<i64>(4)?.unwrap_or(0),
-                total: r.get::<i64>(5)?.unwrap_or(0),
-                rows: r.get::<i64>(6)?.unwrap_or(0),
-                rate: r.get::<f64>(7)?.unwrap_or(0.0),
+                let r = t.first();
+                Ok::<_, pgrx::spi::SpiError>(Progress {
+                    state: r.get::<String>(1)?.unwrap_or_default(),
+                    phase: r.get::<String>(2)?.unwrap_or_default(),
+                    percent: r.get::<f64>(3)?.unwrap_or(0.0),
+                    read: r.get::<i64>(4)?.unwrap_or(0),
+                    total: r.get::<i64>(5)?.unwrap_or(0),
+                    rows: r.get::<i64>(6)?.unwrap_or(0),
+                    rate: r.get::<f64>(7)?.unwrap_or(0.0),
+                })
             })
         })?;
         if matches!(s.state.as_str(), "done" | "partial" | "failed" | "cancelled") {

@@ -290,6 +290,49 @@ fn cache_citus_connections(n: u32) -> Result<()> {
     })
 }
 
+/// The storage of `target` now, as `leaf-oid/relfilenode` of each of its leaves (the
+/// table itself, or every partition): what a `TRUNCATE`, a rewrite (`VACUUM FULL`,
+/// `CLUSTER`, a column type change) or a partition dropped, detached or re-created
+/// changes, and an insert or a partition added does not remove from.
+const STORAGE: &str = "(SELECT coalesce(pg_catalog.array_agg(t.relid::pg_catalog.oid::pg_catalog.text || '/' || c.relfilenode::pg_catalog.text \
+                        ORDER BY t.relid), '{}') \
+                  FROM (SELECT relid FROM pg_catalog.pg_partition_tree($1::pg_catalog.regclass) WHERE isleaf \
+                        UNION ALL SELECT $1::pg_catalog.regclass \
+                         WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_partition_tree($1::pg_catalog.regclass))) t \
+                  JOIN pg_catalog.pg_class c ON c.oid = t.relid)";
+
+/// The ledger follows the table: if some storage `target` had when files were last
+/// ingested into it is gone (truncated, rewritten, a partition dropped or re-created),
+/// what those files put there may be gone too, and the ledger forgets every file of the
+/// target — the next run reads them again (their lines still in the table count as
+/// already present). Then the storage now is recorded for the target, and, on a job's
+/// first attempt, for the job: [`finish`] keeps its files out of the ledger if that
+/// changes before it ends.
+fn forget_if_storage_changed(job: &Job, target: &Target) -> Result<()> {
+    let forgotten = Spi::get_one_with_args::<i64>(
+        &format!(
+            "WITH now AS (SELECT {STORAGE} AS s), \
+                  stale AS (SELECT EXISTS (SELECT FROM store.target_storage w, now \
+                                            WHERE w.target = $1 AND NOT w.storage OPERATOR(pg_catalog.<@) now.s) AS yes), \
+                  forget AS (DELETE FROM store.ingested WHERE target = $1 AND (SELECT yes FROM stale) RETURNING 1), \
+                  rec AS (INSERT INTO store.target_storage AS r (target, storage) SELECT $1, s FROM now \
+                          ON CONFLICT (target) DO UPDATE SET storage = excluded.storage, recorded_at = pg_catalog.now()), \
+                  mine AS (UPDATE store.jobs SET target_storage = coalesce(target_storage, (SELECT s FROM now)) WHERE id = $2) \
+             SELECT CASE WHEN (SELECT yes FROM stale) THEN (SELECT pg_catalog.count(*) FROM forget) END"
+        ),
+        &[target.oid.into(), job.id.into()],
+    )?;
+    if let Some(n) = forgotten {
+        log!(
+            "pg_store job {}: {} was truncated, rewritten or lost a partition since files were ingested into it: \
+             the ledger forgot its {n} files, which are read again",
+            job.id,
+            target.name
+        );
+    }
+    Ok(())
+}
+
 /// What [`record_files`] decided.
 struct Recorded {
     /// Paths (as [`path_text`]) skipped as already ingested.
@@ -329,6 +372,7 @@ fn record_files(
     // whether the listing differs from the one an earlier attempt of this job recorded.
     // Rows of entries the walk skipped (hidden names, links: state skipped, no
     // fingerprint) are not part of that listing.
+    forget_if_storage_changed(job, target)?;
     let row = Spi::connect_mut(|c| {
         let t = c.update(
             "WITH l AS (SELECT DISTINCT ON (path) * \
@@ -713,13 +757,30 @@ fn finish(job: &Job, spec: &str, inserter: &mut Inserter, estimated_false_drops:
             "UPDATE store.files SET state = 'done' WHERE job = $1 AND state = 'read'",
             &[job.id.into()],
         )?;
-        Spi::run_with_args(
-            "INSERT INTO store.ingested (target, path, spec, size, mtime_ns, ctime_ns, inode, fingerprint, job, owner) \
-             SELECT $2, path, $4, size, mtime_ns, ctime_ns, inode, fingerprint, job, $3 FROM store.files WHERE job = $1 AND state = 'done' \
-             ON CONFLICT (target, path, spec) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, ctime_ns = excluded.ctime_ns, \
-               inode = excluded.inode, fingerprint = excluded.fingerprint, job = excluded.job, owner = excluded.owner, ingested_at = pg_catalog.now()",
-            &[job.id.into(), job.target.into(), job.owner.into(), spec.into()],
+        // The storage the target had when the job began must still be there: a TRUNCATE
+        // (or a rewrite, a partition dropped) during the job may have taken some of its
+        // lines, and its files must then be read again by the next run.
+        let kept = Spi::get_one_with_args::<bool>(
+            &format!(
+                "SELECT coalesce((SELECT target_storage FROM store.jobs WHERE id = $2) OPERATOR(pg_catalog.<@) {STORAGE}, true)"
+            ),
+            &[job.target.into(), job.id.into()],
         )?;
+        if kept != Some(true) {
+            log!(
+                "pg_store job {}: the target was truncated, rewritten or lost a partition while the job ran: \
+                 its files stay out of the ledger, and the next run reads them again",
+                job.id
+            );
+        } else {
+            Spi::run_with_args(
+                "INSERT INTO store.ingested (target, path, spec, size, mtime_ns, ctime_ns, inode, fingerprint, job, owner) \
+                 SELECT $2, path, $4, size, mtime_ns, ctime_ns, inode, fingerprint, job, $3 FROM store.files WHERE job = $1 AND state = 'done' \
+                 ON CONFLICT (target, path, spec) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, ctime_ns = excluded.ctime_ns, \
+                   inode = excluded.inode, fingerprint = excluded.fingerprint, job = excluded.job, owner = excluded.owner, ingested_at = pg_catalog.now()",
+                &[job.id.into(), job.target.into(), job.owner.into(), spec.into()],
+            )?;
+        }
         let state = Spi::get_one_with_args::<String>(
             "UPDATE store.jobs SET state = CASE WHEN EXISTS (SELECT FROM store.files WHERE job = $1 AND state = 'failed') THEN 'partial' ELSE 'done' END, \
                phase = 'done', percent = 100, finished_at = pg_catalog.now(), updated_at = pg_catalog.now(), estimated_false_drops = $3, \

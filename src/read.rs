@@ -21,6 +21,19 @@ pub fn one<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid<'_>]) -> Re
     })?)
 }
 
+/// Run `f` with a snapshot taken now pushed: a read-only SPI query runs on the snapshot
+/// of the statement that called it, so a loop that polls (`store_wait`) would never see
+/// what committed since; in READ COMMITTED each call here sees it.
+pub fn fresh<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: pushes a snapshot of the current transaction; popped below, or by the
+    // abort of the transaction if `f` raises an ERROR.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+    let r = f();
+    // SAFETY: pops the snapshot pushed above.
+    unsafe { pg_sys::PopActiveSnapshot() };
+    r
+}
+
 /// Refuse, with SQLSTATE 25006, what would write on a hot standby: a standby's
 /// `store.status` shows the primary's jobs, and its workers do not run.
 pub fn require_primary(what: &str) -> Result<()> {

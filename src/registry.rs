@@ -71,6 +71,8 @@ pub struct Proc {
 pub struct Want {
     pub database: u32,
     pub seq: u64,
+    /// The launcher found no background worker slot free for it (max_worker_processes).
+    pub refused: bool,
 }
 
 const WANTS: usize = 256;
@@ -137,6 +139,34 @@ pub fn signal_job(database: u32, job: i64, signal: i32) -> usize {
         }
     }
     n
+}
+
+/// Ask every pg_store process serving `database` (workers, inserters) to leave: SIGTERM,
+/// which they look at between batches, and SIGINT, which ends a statement they wait in.
+/// Returns how many there were.
+pub fn stop_database(database: u32) -> usize {
+    let r = REGISTRY.share();
+    let mut n = 0;
+    for p in r.procs.iter().filter(|p| p.database == database && matches!(p.kind, Kind::Worker | Kind::Inserter)) {
+        // SAFETY: signals to live pg_store processes of this server; the lock held keeps
+        // them in the table (a process leaves it under the lock, before its PID is free).
+        unsafe {
+            libc::kill(p.pid, libc::SIGTERM);
+            libc::kill(p.pid, libc::SIGINT);
+        }
+        n += 1;
+    }
+    n
+}
+
+/// pg_store processes (workers, inserters) still serving `database`.
+pub fn busy_in(database: u32) -> usize {
+    REGISTRY
+        .share()
+        .procs
+        .iter()
+        .filter(|p| p.database == database && matches!(p.kind, Kind::Worker | Kind::Inserter))
+        .count()
 }
 
 /// Record that this process works on `range` of `job` under `claim`; false if another
@@ -254,7 +284,7 @@ impl Registry {
                 w.seq = seq;
             }
         } else if let Some(w) = self.wants.iter_mut().find(|w| w.database == 0) {
-            *w = Want { database, seq };
+            *w = Want { database, seq, refused: false };
         } else {
             self.overflow = true;
         }
@@ -301,6 +331,28 @@ pub fn wants() -> Vec<Want> {
     let mut w: Vec<Want> = REGISTRY.share().wants.iter().filter(|w| w.database != 0).copied().collect();
     w.sort_by_key(|w| w.seq);
     w
+}
+
+/// The launcher could not start a worker for `database`: no background worker slot.
+pub fn refused(database: u32) {
+    for w in REGISTRY.exclusive().wants.iter_mut().filter(|w| w.database == database) {
+        w.refused = true;
+    }
+}
+
+/// Why a job queued in this database is not running yet, if the launcher knows: for
+/// `store.status`. `None` when a worker is about to take it.
+pub fn queue_note(cap: usize) -> Option<String> {
+    let db = my_database();
+    let r = REGISTRY.share();
+    let want = r.wants.iter().find(|w| w.database == db)?;
+    if want.refused {
+        return Some(
+            "no background worker slot is free (max_worker_processes): the launcher tries again every second".into(),
+        );
+    }
+    let busy = r.procs.iter().filter(|p| p.kind == Kind::Worker).count();
+    (busy >= cap).then(|| format!("all store.workers ({cap}) are busy; this database is next in line"))
 }
 
 /// A worker of `database` is about to look at its queue, or the launcher started one.

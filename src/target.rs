@@ -272,7 +272,9 @@ pub fn check(oid: pg_sys::Oid, column: &str, key_column: Option<&str>, role: pg_
 fn refuse_unworkable(oid: pg_sys::Oid, name: &str, columns: &[&str]) -> Result<()> {
     let row = Spi::connect(|c| {
         let t = c.select(
-            "WITH tree AS (SELECT relid, isleaf FROM pg_catalog.pg_partition_tree($1::pg_catalog.regclass)) \
+            "WITH tree AS (SELECT relid, isleaf FROM pg_catalog.pg_partition_tree($1::pg_catalog.regclass) \
+                           UNION ALL SELECT $1::pg_catalog.regclass, true \
+                            WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_partition_tree($1::pg_catalog.regclass))) \
              SELECT (SELECT pg_catalog.format('constraint %I of %s', n.conname, n.conrelid::pg_catalog.regclass) \
                        FROM pg_catalog.pg_constraint n WHERE n.conrelid IN (SELECT relid FROM tree) \
                         AND n.contype IN ('u', 'p', 'x') AND n.condeferrable LIMIT 1), \
@@ -283,7 +285,7 @@ fn refuse_unworkable(oid: pg_sys::Oid, name: &str, columns: &[&str]) -> Result<(
                         AND (g.tgtype::pg_catalog.int4 & 4) <> 0 LIMIT 1), \
                     (SELECT pg_catalog.format('%s uses the table access method %I', p.oid::pg_catalog.regclass, a.amname) \
                        FROM tree JOIN pg_catalog.pg_class p ON p.oid = tree.relid JOIN pg_catalog.pg_am a ON a.oid = p.relam \
-                      WHERE tree.isleaf AND a.amname <> 'heap' LIMIT 1), \
+                      WHERE tree.isleaf AND a.amhandler <> 'pg_catalog.heap_tableam_handler'::pg_catalog.regproc LIMIT 1), \
                     (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum) \
                        FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
                         AND a.attnotnull AND NOT a.atthasdef AND a.attgenerated = '' AND a.attidentity = '' \

@@ -94,6 +94,7 @@ pub extern "C-unwind" fn pg_store_launcher_main(_arg: pg_sys::Datum) {
                 break;
             }
             if !start_worker(w.database, &mut started) {
+                registry::refused(w.database);
                 break;
             }
             registry::granted(w.database);

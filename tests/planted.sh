@@ -8,7 +8,7 @@
 # privileges of pg_read_server_files, which uses pg_store as any user may.
 
 # Common types, besides those pg_store's objects use (planted_types adds those).
-PLANTED_COMMON='int2,int4,int8,numeric,float4,float8,oid,regclass,regtype,regrole,regnamespace,regproc,regprocedure,name,text,varchar,bpchar,"char",bool,timestamptz,timestamp,date,interval,bytea,json,jsonb'
+PLANTED_COMMON='int2,int4,int8,numeric,float4,float8,oid,regclass,regtype,regrole,regnamespace,regproc,regprocedure,name,text,varchar,bpchar,"char",bool,timestamptz,timestamp,date,interval,bytea,json,jsonb,text[],int8[],oid[]'
 
 # Queries of the test itself: with search_path pinned, so that they cannot run a planted
 # operator and blame pg_store for it.
