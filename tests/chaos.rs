@@ -327,6 +327,28 @@ impl Ctx {
                     want.e.distinct
                 ));
             }
+            // The main data set goes into a fresh table in every round that checks a job:
+            // then each counter is what an undisturbed run reports, whatever happened to
+            // this one (kills, stops, a claim taken over).
+            if want.e.sha256 == self.want.e.sha256 {
+                let e = &want.e;
+                let undisturbed = format!(
+                    "records {} empty {} rejected {} filtered 0 duplicates {} inserted {} already_present 0",
+                    e.records,
+                    e.empty,
+                    e.rejected,
+                    e.records - e.rejected - e.distinct,
+                    e.distinct
+                );
+                let have = self.q(&format!(
+                    "SELECT concat_ws(' ', 'records', records, 'empty', empty, 'rejected', rejected, 'filtered', filtered, \
+                            'duplicates', duplicates, 'inserted', inserted, 'already_present', already_present) \
+                     FROM store.status WHERE id = {job}"
+                ));
+                if have != undisturbed {
+                    return Err(format!("job {job}: counters {have}, an undisturbed run: {undisturbed}"));
+                }
+            }
         }
         Ok(())
     }
@@ -484,7 +506,7 @@ fn kill9_rounds(x: &mut Ctx) {
     x.fault("kill -9: no orphaned temporary runs", |x| {
         // The temporary directory is there (the jobs kept their runs in it) and empty:
         // each job's own directory went when the job ended.
-        let temp = x.c.data().join("pg_store_tmp");
+        let temp = x.c.data().join("pgsql_tmp_pg_store");
         let left: Vec<_> =
             fs::read_dir(&temp).map_err(|e| format!("{}: {e}", temp.display()))?.flatten().map(|e| e.path()).collect();
         if left.is_empty() {

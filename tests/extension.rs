@@ -138,7 +138,7 @@ fn kill_9_of_the_worker_mid_insert_resumes_with_no_loss_and_no_duplicate() {
     assert_eq!(num(&c, "SELECT count(*) FROM store.rejects"), want.rejected as i64, "rejects stored once");
     // The temporary directory exists (the job kept its runs there) and holds nothing any
     // more: the job's own directory went when the job ended.
-    let temp = c.data().join("pg_store_tmp");
+    let temp = c.data().join("pgsql_tmp_pg_store");
     let left: Vec<_> =
         fs::read_dir(&temp).unwrap_or_else(|e| panic!("{}: {e}", temp.display())).flatten().map(|e| e.path()).collect();
     assert!(left.is_empty(), "left behind in the temporary directory: {left:?}");

@@ -229,3 +229,97 @@ fn a_dump_restored_into_a_fresh_cluster_keeps_lines_ledger_and_history() {
     );
     assert!(rerun > queued, "the job sequence came along: {rerun} after {queued}");
 }
+
+/// Issue 23, item 2: on a hot standby `store_ingest`, `store.workers`, `store_wait`,
+/// `store_cancel` and `store_purge` all failed with XX000 "cannot assign TransactionIds
+/// during recovery" (pgrx's SPI helpers made every read a writer). Now the standby shows
+/// the jobs (`store.status`, `store.workers`, `store_wait`), and what would write is
+/// refused with 25006 and a hint to use the primary.
+#[test]
+fn a_hot_standby_shows_jobs_and_refuses_writes_with_25006() {
+    let c = Cluster::start("standby_primary", "");
+    let (dir, _) = fixtures(&c, "in", &GenSpec { files: 1, size: 100_000, seed: 9, ..GenSpec::default() });
+    q(&c, "CREATE TABLE t (line text UNIQUE)");
+    let job: i64 = q(&c, &format!("SELECT store_ingest('{}', 't')", dir.display())).parse().unwrap();
+    c.wait_done(job);
+    let s = c.standby("standby_replica");
+    let t = Instant::now();
+    while s.psql(&format!("SELECT state FROM store.status WHERE id = {job}")).as_deref() != Ok("done") {
+        assert!(t.elapsed() < Duration::from_secs(60), "the standby never showed job {job}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let on_standby = |sql: &str| s.psql_script("postgres", &format!("\\set VERBOSITY verbose\n{sql};\n"));
+    assert_eq!(on_standby(&format!("SELECT state FROM store_wait({job})")).unwrap(), "done");
+    on_standby("SELECT * FROM store.workers").unwrap();
+    on_standby("SELECT * FROM store.ranges").unwrap();
+    for sql in [
+        format!("SELECT store_ingest('{}', 't')", dir.display()),
+        format!("SELECT store_cancel({job})"),
+        "SELECT store_purge('1 day')".to_string(),
+        "SELECT store_forget('t')".to_string(),
+    ] {
+        let e = on_standby(&sql).expect_err(&sql);
+        assert!(e.contains("ERROR:  25006:") && e.contains("on a hot standby") && e.contains("primary"), "{sql}: {e}");
+    }
+}
+
+/// Issue 23, item 9: `DROP EXTENSION pg_store CASCADE` during a job failed for the DBA
+/// with 40P01 (deadlock detected), and the job went on. Now the DROP stops the
+/// database's pg_store processes first and succeeds; pg_store can be created again and
+/// used at once.
+#[test]
+fn drop_extension_during_a_job_stops_it_and_succeeds() {
+    let c = Cluster::start("drop_mid_job", "store.batch_max = 1000\nstore.insert_workers = 2");
+    let (dir, _) = fixtures(&c, "big", &GenSpec { files: 2, size: 8 << 20, seed: 10, ..GenSpec::default() });
+    q(&c, "CREATE TABLE t (line text UNIQUE)");
+    let job: i64 = q(&c, &format!("SELECT store_ingest('{}', 't')", dir.display())).parse().unwrap();
+    c.wait_mid_insert(job);
+    let out = c.psql_script("postgres", "\\set VERBOSITY verbose\nDROP EXTENSION pg_store CASCADE;\n");
+    assert!(out.is_ok(), "DROP EXTENSION during a job: {out:?}");
+    assert_eq!(q(&c, "SELECT count(*) FROM pg_extension WHERE extname = 'pg_store'"), "0");
+    let log = std::fs::read_to_string(c.dir.join("log")).unwrap();
+    assert!(!log.contains("deadlock detected"), "a deadlock in the log");
+    q(&c, "CREATE EXTENSION pg_store");
+    let small = common::readable_dir(&c.dir.join("small"));
+    std::fs::write(small.join("a.txt"), "x\ny\n").unwrap();
+    let again: i64 = q(&c, &format!("SELECT store_ingest('{}')", small.display())).parse().unwrap();
+    c.wait_done(again);
+}
+
+/// Issue 23, item 9: `pg_basebackup` during a job copied the job's sorted runs (964 MiB
+/// for 1 GiB of input): the default `store.temp_dir` was a plain directory of the data
+/// directory. It is now `pgsql_tmp_pg_store`, which base backups leave out as they leave
+/// out PostgreSQL's own temporary files, and which a restart keeps (the job resumes from
+/// its runs).
+#[test]
+fn a_base_backup_during_a_job_leaves_its_sorted_runs_out() {
+    let c = Cluster::start("basebackup_runs", "store.batch_max = 1000\nstore.insert_workers = 1");
+    let (dir, _) = fixtures(&c, "big", &GenSpec { files: 2, size: 8 << 20, seed: 12, ..GenSpec::default() });
+    // A statement trigger that takes its time: the job lasts long enough for a backup and
+    // a restart to meet it.
+    q(
+        &c,
+        "CREATE TABLE t (line text UNIQUE); \
+         CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.03); RETURN NULL; END $$; \
+         CREATE TRIGGER slow AFTER INSERT ON t FOR EACH STATEMENT EXECUTE FUNCTION slow()",
+    );
+    let job: i64 = q(&c, &format!("SELECT store_ingest('{}', 't')", dir.display())).parse().unwrap();
+    c.wait_mid_insert(job);
+    let runs = c.data().join("pgsql_tmp_pg_store");
+    let kept = std::fs::read_dir(&runs).map(|d| d.count()).unwrap_or(0);
+    assert!(kept > 0, "no job directory under {}", runs.display());
+    let backup = c.dir.join("backup");
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--", &format!("{BIN}/pg_basebackup"), "-h", c.dir.to_str().unwrap()])
+        .args(["-p", &c.port.to_string(), "-U", "postgres", "-c", "fast", "-D", backup.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!backup.join("pgsql_tmp_pg_store").exists(), "the backup holds the job's temporary directory");
+    assert_eq!(q(&c, &format!("SELECT state FROM store.jobs WHERE id = {job}")), "running", "the job ended too soon");
+    c.stop_immediate();
+    c.pg_ctl_start();
+    c.wait_done(job);
+    let log = std::fs::read_to_string(c.dir.join("log")).unwrap();
+    assert!(log.contains(&format!("pg_store job {job}: resuming from the")), "the job sorted again after the restart");
+}

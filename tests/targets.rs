@@ -1,0 +1,134 @@
+//! Refuse early, say why: targets every batch would fail on, arguments and settings
+//! pg_store could not use, and a queued job that waits for a worker — each refused or
+//! explained where the DBA acts, with a SQLSTATE, rather than failing later or never.
+//! Needs `make install`.
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::{q, readable_dir, Cluster};
+
+/// `sql` run as the superuser must fail with `sqlstate` and a message containing `says`.
+fn refused(c: &Cluster, sql: &str, sqlstate: &str, says: &str) -> String {
+    let e = c.psql_script("postgres", &format!("\\set VERBOSITY verbose\n{sql};\n")).expect_err(sql);
+    assert!(
+        e.contains(&format!("ERROR:  {sqlstate}:")) && e.contains(says),
+        "{sql}: expected {sqlstate} saying {says:?}, got {e}"
+    );
+    e
+}
+
+/// Issue 23, items 3 and 9: targets accepted at the call that failed at the first batch
+/// (a deferrable unique constraint: 42501 or 55000 mid-job; a NOT NULL column without a
+/// default: after seconds of reading and sorting) or that PostgreSQL itself would never
+/// accept (a partitioned table without the line as its partition key, whose hint proposed
+/// an index PostgreSQL refuses) are refused at the call, with a hint that works.
+#[test]
+fn targets_that_cannot_work_are_refused_at_the_call() {
+    let c = Cluster::start("targets_refused", "");
+    let dir = readable_dir(&c.dir.join("in"));
+    fs::write(dir.join("a.txt"), "one\ntwo\n").unwrap();
+    let ingest = |t: &str| format!("SELECT store_ingest('{}', '{t}')", dir.display());
+    q(
+        &c,
+        "CREATE TABLE deferred_u (line text, CONSTRAINT u UNIQUE (line) DEFERRABLE INITIALLY DEFERRED); \
+         CREATE TABLE deferrable_u (line text, CONSTRAINT u2 UNIQUE (line) DEFERRABLE INITIALLY IMMEDIATE); \
+         CREATE TABLE other_deferrable (line text UNIQUE, n int, CONSTRAINT n_u UNIQUE (n) DEFERRABLE); \
+         CREATE TABLE trig (line text UNIQUE); \
+         CREATE FUNCTION nothing() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER later AFTER INSERT ON trig DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION nothing(); \
+         CREATE TABLE parent (line text PRIMARY KEY); \
+         CREATE TABLE child (line text UNIQUE REFERENCES parent DEFERRABLE INITIALLY DEFERRED); \
+         CREATE TABLE nn (line text UNIQUE, source text NOT NULL); \
+         CREATE TABLE nn_ok (line text UNIQUE, source text NOT NULL DEFAULT 'files', id bigint GENERATED ALWAYS AS IDENTITY); \
+         CREATE TABLE byday (line text, day date NOT NULL DEFAULT current_date, UNIQUE (line, day)) PARTITION BY RANGE (day); \
+         CREATE TABLE byday_2026 PARTITION OF byday FOR VALUES FROM ('2026-01-01') TO ('2027-01-01'); \
+         CREATE ACCESS METHOD other_heap TYPE TABLE HANDLER heap_tableam_handler",
+    );
+    refused(&c, &ingest("deferred_u"), "0A000", "constraint u of public.deferred_u is deferrable");
+    refused(&c, &ingest("deferrable_u"), "0A000", "is deferrable");
+    refused(&c, &ingest("other_deferrable"), "0A000", "constraint n_u of public.other_deferrable is deferrable");
+    refused(&c, &ingest("trig"), "0A000", "constraint later on public.trig is INITIALLY DEFERRED");
+    refused(&c, &ingest("child"), "0A000", "is INITIALLY DEFERRED");
+    refused(&c, &ingest("nn"), "23502", "source");
+    let e = refused(&c, &ingest("byday"), "42P10", "has no unique index on column \"line\"");
+    assert!(
+        e.contains("PARTITION BY HASH (line)") && !e.contains("CREATE UNIQUE INDEX ON public.byday (line)."),
+        "{e}"
+    );
+    // A table access method that is not heap's: refused by what it is, not by its name.
+    q(&c, "CREATE TABLE heapish (line text UNIQUE) USING other_heap");
+    let job = q(&c, &ingest("heapish"));
+    c.wait_done(job.parse().unwrap());
+    let job = q(&c, &ingest("nn_ok"));
+    c.wait_done(job.parse().unwrap());
+    assert_eq!(q(&c, "SELECT string_agg(line || '/' || source, ',' ORDER BY line) FROM nn_ok"), "one/files,two/files");
+}
+
+/// Issue 23, item 9: `store_ingest(NULL)` failed with XX000 "argument 0 must not be null";
+/// others returned NULL. Every NULL argument that must not be is now 22004, naming it;
+/// a filter with an unknown key (a typo) is refused with the key it probably meant,
+/// instead of being taken as one regular expression that filters out everything.
+#[test]
+fn null_arguments_and_filter_typos_are_refused_naming_them() {
+    let c = Cluster::start("targets_args", "");
+    let dir = readable_dir(&c.dir.join("in"));
+    fs::write(dir.join("a.txt"), "one\n").unwrap();
+    let d = dir.display();
+    refused(&c, "SELECT store_ingest(NULL)", "22004", "path of store_ingest must not be NULL");
+    refused(&c, &format!("SELECT store_ingest('{d}', NULL)"), "22004", "target of store_ingest");
+    refused(&c, &format!("SELECT store_ingest('{d}', column_name => NULL)"), "22004", "column_name of store_ingest");
+    refused(&c, &format!("SELECT store_ingest('{d}', dedup => NULL)"), "22004", "dedup of store_ingest");
+    refused(&c, "SELECT store_cancel(NULL)", "22004", "job of store_cancel");
+    refused(&c, "SELECT * FROM store_wait(NULL)", "22004", "job of store_wait");
+    refused(&c, "SELECT store_purge(NULL)", "22004", "older_than of store_purge");
+    refused(&c, "SELECT store_forget(NULL)", "22004", "target of store_forget");
+    let e = refused(&c, &format!("SELECT store_ingest('{d}', filter => 'include=^a;minlen=3')"), "22023", "minlen");
+    assert!(e.contains("min_len"), "{e}");
+}
+
+/// Issue 23, item 9: `ALTER SYSTEM SET store.memory_limit = 'lots'` (also '0', '200%')
+/// was accepted, and every later job failed with 22023. Every string setting is checked
+/// where it is set.
+#[test]
+fn settings_pg_store_could_not_use_are_refused_where_they_are_set() {
+    let c = Cluster::start("targets_settings", "");
+    for bad in ["lots", "0", "200%", "-5MB"] {
+        refused(&c, &format!("ALTER SYSTEM SET store.memory_limit = '{bad}'"), "22023", "store.memory_limit");
+    }
+    refused(&c, "ALTER SYSTEM SET store.temp_dir = 'relative/dir'", "22023", "not an absolute path");
+    refused(
+        &c,
+        "ALTER SYSTEM SET store.allowed_dirs = '/data, incoming'",
+        "22023",
+        "\"incoming\" is not an absolute path",
+    );
+    refused(&c, "SET store.fault_injection = 'explode'", "22023", "unknown fault");
+    q(&c, "ALTER SYSTEM SET store.memory_limit = '128MB'");
+    q(&c, "ALTER SYSTEM RESET store.memory_limit");
+}
+
+/// Issue 23, item 9: with no background worker slot free, a job stayed `queued` for ever
+/// and `store.status` gave no reason (the launcher logged it every second). Now the
+/// status says why it waits, and the job runs once a slot is free.
+#[test]
+fn a_job_waiting_for_a_worker_slot_says_so() {
+    // The launcher and pg_cron's scheduler take both slots (the logical replication
+    // launcher finds none).
+    let c = Cluster::start("targets_noslot", "max_worker_processes = 2");
+    let dir = readable_dir(&c.dir.join("in"));
+    fs::write(dir.join("a.txt"), "one\n").unwrap();
+    let job = c.ingest(&format!("'{}'", dir.display()));
+    c.wait_until(
+        &format!("SELECT waiting_for LIKE '%max_worker_processes%' FROM store.status WHERE id = {job}"),
+        Duration::from_secs(30),
+    );
+    assert_eq!(q(&c, &format!("SELECT state FROM store.status WHERE id = {job}")), "queued");
+    q(&c, &format!("SELECT store_cancel({job})"));
+    assert_eq!(
+        q(&c, &format!("SELECT state || ' ' || (waiting_for IS NULL) FROM store.status WHERE id = {job}")),
+        "cancelled true"
+    );
+}
