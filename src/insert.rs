@@ -40,8 +40,9 @@ use store_engine::walk::FileEntry;
 use store_engine::{limits, BatchInfo, Flow, Phase, Progress, Sink};
 
 use crate::error::{Result, StoreError};
-use crate::job::{reload_on_sighup, shutdown_requested, Job};
 use crate::security::as_role;
+use crate::signals::{reload_on_sighup, shutdown_requested};
+use crate::tables::jobs::{self, Job};
 use crate::target::{self, Admission, Target};
 use crate::txn::transaction;
 
@@ -354,7 +355,7 @@ impl Inserter {
                     (self.copy, self.probe_sql) = (false, None);
                 }
                 Err(e) if plain && self.citus && e.is_internal() => unsure = true,
-                Err(e) if e.is_query_canceled() && crate::job::cancel_requested(self.job.id) => {
+                Err(e) if e.is_query_canceled() && jobs::cancel_requested(self.job.id) => {
                     return Err(StoreError::Cancelled)
                 }
                 // A node of a Citus cluster restarting (Citus reports most failures of
@@ -366,7 +367,7 @@ impl Inserter {
                     attempt += 1;
                     unsure = true;
                     if self.citus {
-                        crate::job::reconnect_citus()?;
+                        crate::citus::reconnect_citus()?;
                     }
                     log!("pg_store job {}: retrying a batch after {e} (attempt {attempt})", self.job.id);
                 }

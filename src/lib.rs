@@ -11,6 +11,7 @@
 //! once; [`txn`] runs the worker's transactions; [`gucs`] holds every setting.
 
 pub mod api;
+mod citus;
 mod copy_in;
 mod ddl;
 pub mod error;
@@ -21,6 +22,8 @@ mod read;
 pub mod registry;
 pub mod retention;
 pub mod security;
+mod signals;
+mod tables;
 pub mod target;
 pub mod txn;
 pub mod worker;

@@ -10,7 +10,7 @@ use pgrx::prelude::*;
 
 use crate::error::{Result, StoreError};
 use crate::txn::transaction;
-use crate::{gucs, job, registry, security};
+use crate::{gucs, registry, security};
 
 /// Rejects deleted per transaction.
 const REJECTS_PER_TRANSACTION: i64 = 10_000;
@@ -54,7 +54,7 @@ fn purge_older_than(minutes: i32) -> Result<usize> {
         }
         for id in ids {
             // Give way to a job here, or to a database waiting for a worker.
-            if job::shutdown_requested() || queued()? || registry::others_waiting(registry::my_database()) {
+            if crate::signals::shutdown_requested() || queued()? || registry::others_waiting(registry::my_database()) {
                 return Ok(purged);
             }
             purge_job(id)?;

@@ -30,8 +30,10 @@ use pgrx::prelude::*;
 use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
 
 use crate::error::{sqlstate_text, Result, StoreError};
-use crate::job::{self, shutdown_requested, Ended};
+use crate::job::{self, Ended};
 use crate::registry::{self, Kind};
+use crate::signals::{reload_on_sighup, shutdown_requested};
+use crate::tables::jobs::cancel_requested;
 use crate::txn::transaction;
 use crate::{gucs, retention};
 
@@ -74,7 +76,7 @@ pub extern "C-unwind" fn pg_store_launcher_main(_arg: pg_sys::Datum) {
             // SAFETY: ends the process the way PostgreSQL expects.
             unsafe { pg_sys::proc_exit(1) };
         }
-        job::reload_on_sighup();
+        reload_on_sighup();
         started.retain(|(_, h)| {
             !matches!(h.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied))
         });
@@ -233,7 +235,7 @@ pub extern "C-unwind" fn pg_store_worker_main(arg: pg_sys::Datum) {
         if shutdown_requested() {
             return;
         }
-        job::reload_on_sighup();
+        reload_on_sighup();
         registry::granted(db);
         match claim() {
             Ok(Some((id, claim))) => {
@@ -471,7 +473,7 @@ fn run_claimed(id: i64, claim: i32) {
         }
         Err(StoreError::Cancelled) => ("cancelled", None),
         // store_cancel signals the worker, which interrupts whatever statement it was in.
-        Err(e) if e.is_query_canceled() && job::cancel_requested(id) => ("cancelled", None),
+        Err(e) if e.is_query_canceled() && cancel_requested(id) => ("cancelled", None),
         Err(e) => {
             log!("pg_store job {id} failed: {e} (SQLSTATE {})", e.sqlstate());
             ("failed", Some(e))
@@ -551,7 +553,7 @@ pub extern "C-unwind" fn pg_store_inserter_main(arg: pg_sys::Datum) {
     }
     match outcome {
         Ok(()) | Err(StoreError::Shutdown | StoreError::Fenced | StoreError::Cancelled) => {}
-        Err(e) if e.is_query_canceled() && job::cancel_requested(id) => {}
+        Err(e) if e.is_query_canceled() && cancel_requested(id) => {}
         Err(e) => {
             log!("pg_store job {id}: the inserter of range {range} failed: {e} (SQLSTATE {})", e.sqlstate());
             let res = transaction(|| {

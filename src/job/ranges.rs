@@ -1,0 +1,247 @@
+//! Exact mode's insert phase: the sorted stream split into key ranges, each inserted by
+//! one process — the job's worker for the first, an inserter it starts for each other —
+//! from its checkpoint on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
+use pgrx::prelude::*;
+use store_engine::config::Config;
+use store_engine::merge::KeyRange;
+use store_engine::sorted::{Keep, Sorted};
+use store_engine::Progress;
+
+use super::{config, forget_rejects, job_dir, stream_spec, Plan};
+use crate::error::{Result, StoreError};
+use crate::gucs::Settings;
+use crate::insert::{Inserter, Role};
+use crate::registry;
+use crate::signals::{reload_on_sighup, shutdown_requested};
+use crate::tables::jobs::Job;
+use crate::target;
+use crate::txn::transaction;
+
+/// Exact mode: the sorted runs (kept from an earlier attempt, or made now), the key
+/// ranges, an inserter process for each range but the first, the first here, then any
+/// range no inserter finished.
+pub(super) fn run_exact(
+    job: &Job,
+    plan: &Plan,
+    settings: &Settings,
+    progress: &Arc<Progress>,
+    inserter: &mut Inserter,
+) -> Result<()> {
+    let mut sorted = match Sorted::load(&plan.keep, Some(&plan.files), &plan.cfg, progress)? {
+        Some(sorted) => {
+            log!("pg_store job {}: resuming from the {} sorted runs an earlier attempt kept", job.id, sorted.runs());
+            sorted
+        }
+        None => {
+            forget_rejects(job)?;
+            store_engine::stream::prepare(&plan.cfg, &plan.tree, &plan.files, &plan.keep, progress, inserter)?
+        }
+    };
+    let ranges = transaction(|| split(job, &sorted, settings.insert_workers))?;
+    let mut helpers = Vec::new();
+    for r in ranges.iter().filter(|r| r.range > 0 && !r.done) {
+        match start_inserter(job, r.range) {
+            Ok(h) => helpers.push(h),
+            Err(e) => {
+                log!("pg_store job {}: could not start an inserter for range {} ({e}); doing it here", job.id, r.range)
+            }
+        }
+    }
+    let mut first = true;
+    loop {
+        // This process's share: range 0 first, then whatever no inserter is (still) on.
+        let next = if first {
+            ranges.iter().find(|r| r.range == 0 && !r.done).cloned()
+        } else {
+            wait_for_inserters(job, inserter, &mut helpers)?;
+            transaction(|| open_ranges(job))?.into_iter().find(|r| !registry::range_is_live(job.id, r.range))
+        };
+        first = false;
+        let Some(r) = next else {
+            if helpers.is_empty() && transaction(|| open_ranges(job))?.is_empty() {
+                return Ok(());
+            }
+            continue;
+        };
+        if r.range != 0 && !registry::enter(job.id, job.claim, r.range) {
+            continue;
+        }
+        let res = drain_range(&plan.cfg, job, &mut sorted, &r, inserter);
+        if r.range != 0 {
+            registry::leave_range(job.id, r.range);
+        }
+        res?;
+    }
+}
+
+/// Insert range `r` of `sorted` in this process, from its checkpoint on.
+pub(super) fn drain_range(
+    cfg: &Config,
+    job: &Job,
+    sorted: &mut Sorted,
+    r: &RangeRow,
+    inserter: &mut Inserter,
+) -> Result<()> {
+    let resume = transaction(|| inserter.enter_range(r.range))?;
+    let merged = Arc::new(Progress::default());
+    let report = store_engine::stream::drain(
+        cfg,
+        sorted,
+        &r.keys,
+        resume.last_key.as_deref().map(str::as_bytes),
+        &merged,
+        inserter,
+    )?;
+    if report.stopped {
+        return Err(StoreError::internal(format!("the merge of range {} of job {} stopped early", r.range, job.id)));
+    }
+    transaction(|| inserter.range_done())
+}
+
+/// One key range of a job, as its checkpoint row has it.
+#[derive(Debug, Clone)]
+pub struct RangeRow {
+    pub range: i32,
+    pub keys: KeyRange,
+    pub done: bool,
+}
+
+fn ranges_of(job: &Job, only_open: bool) -> Result<Vec<RangeRow>> {
+    Spi::connect(|c| {
+        let t = c.select(
+            "SELECT range, key_after, key_upto, done FROM store.checkpoints WHERE job = $1 AND (NOT $2 OR NOT done) ORDER BY range",
+            None,
+            &[job.id.into(), only_open.into()],
+        )?;
+        t.map(|row| {
+            Ok(RangeRow {
+                range: row.get::<i32>(1)?.unwrap_or(0),
+                keys: KeyRange { after: row.get::<String>(2)?, upto: row.get::<String>(3)? },
+                done: row.get::<bool>(4)?.unwrap_or(false),
+            })
+        })
+        .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
+    })
+    .map_err(StoreError::from)
+}
+
+fn open_ranges(job: &Job) -> Result<Vec<RangeRow>> {
+    ranges_of(job, true)
+}
+
+/// The job's key ranges: those an earlier attempt of this stream decided, else a split
+/// of `sorted` into `workers` ranges of about equal size, recorded once.
+fn split(job: &Job, sorted: &Sorted, workers: usize) -> Result<Vec<RangeRow>> {
+    let decided =
+        Spi::get_one_with_args::<i32>("SELECT ranges FROM store.jobs WHERE id = $1", &[job.id.into()])?.unwrap_or(0);
+    if decided == 0 {
+        let ranges = sorted.ranges(workers);
+        let fenced = Spi::get_one_with_args::<bool>(
+            "WITH c AS (UPDATE store.checkpoints SET key_after = NULL, key_upto = $3 WHERE job = $1 AND range = 0 AND attempt = $2 RETURNING 1) \
+             SELECT NOT EXISTS (SELECT FROM c)",
+            &[job.id.into(), job.claim.into(), ranges[0].upto.clone().into()],
+        )?;
+        if fenced != Some(false) {
+            return Err(StoreError::Fenced);
+        }
+        for (i, r) in ranges.iter().enumerate().skip(1) {
+            Spi::run_with_args(
+                "INSERT INTO store.checkpoints (job, range, attempt, spec, key_after, key_upto, fast_path) \
+                 SELECT job, $2, attempt, spec, $3, $4, fast_path FROM store.checkpoints WHERE job = $1 AND range = 0",
+                &[job.id.into(), (i as i32).into(), r.after.clone().into(), r.upto.clone().into()],
+            )?;
+        }
+        Spi::run_with_args(
+            "UPDATE store.jobs SET ranges = $2 WHERE id = $1",
+            &[job.id.into(), (ranges.len() as i32).into()],
+        )?;
+    }
+    ranges_of(job, false)
+}
+
+/// Start an inserter process for `range` of `job`.
+fn start_inserter(job: &Job, range: i32) -> std::result::Result<pgrx::bgworkers::DynamicBackgroundWorker, String> {
+    // SAFETY: reads backend globals.
+    let (db, pid) = unsafe { (pg_sys::MyDatabaseId, pg_sys::MyProcPid) };
+    pgrx::bgworkers::BackgroundWorkerBuilder::new(&format!("pg_store inserter {} of job {}", range, job.id))
+        .set_type("pg_store inserter")
+        .set_library("pg_store")
+        .set_function("pg_store_inserter_main")
+        .set_argument(range.into_datum())
+        .set_extra(&format!("{} {} {}", job.id, job.claim, db.to_u32()))
+        .enable_spi_access()
+        .set_restart_time(None)
+        .set_notify_pid(pid)
+        .load_dynamic()
+        .map_err(|_| "no background worker slot free (max_worker_processes)".to_string())
+}
+
+/// Wait until every inserter this process started has exited, watching for a cancel,
+/// a shutdown, and keeping the job's status current.
+fn wait_for_inserters(
+    job: &Job,
+    inserter: &mut Inserter,
+    helpers: &mut Vec<pgrx::bgworkers::DynamicBackgroundWorker>,
+) -> Result<()> {
+    loop {
+        helpers.retain(|h| h.pid().is_ok());
+        if helpers.is_empty() {
+            return Ok(());
+        }
+        if shutdown_requested() {
+            return Err(StoreError::Shutdown);
+        }
+        reload_on_sighup();
+        if transaction(|| inserter.write_status())? {
+            return Err(StoreError::Cancelled);
+        }
+        if let Some(e) = transaction(|| failed_range(job))? {
+            return Err(e);
+        }
+        if !pgrx::bgworkers::BackgroundWorker::wait_latch(Some(Duration::from_millis(250))) {
+            return Err(StoreError::Shutdown); // the postmaster died
+        }
+    }
+}
+
+/// The error an inserter of `job` recorded, if one did.
+fn failed_range(job: &Job) -> Result<Option<StoreError>> {
+    let row = Spi::get_three_with_args::<i32, String, String>(
+        "SELECT (SELECT range FROM store.checkpoints WHERE job = $1 AND error IS NOT NULL ORDER BY range LIMIT 1), \
+                (SELECT error FROM store.checkpoints WHERE job = $1 AND error IS NOT NULL ORDER BY range LIMIT 1), \
+                (SELECT sqlstate FROM store.checkpoints WHERE job = $1 AND error IS NOT NULL ORDER BY range LIMIT 1)",
+        &[job.id.into()],
+    )?;
+    Ok(match row {
+        (Some(r), Some(message), code) => Some(StoreError::Sql {
+            code: code.as_deref().map_or(ERRCODE_INTERNAL_ERROR, crate::error::code_of_sqlstate),
+            message: format!("range {r}: {message}"),
+            detail: None,
+            hint: None,
+        }),
+        _ => None,
+    })
+}
+
+/// An inserter process's share of a job: one range, from its checkpoint to its end.
+pub fn run_range(id: i64, claim: i32, range: i32) -> Result<()> {
+    let job = Job::load(id, claim)?;
+    let settings = Settings::read()?;
+    let target = transaction(|| target::check(job.target, &job.column, job.key_column.as_deref(), job.owner))?;
+    let cfg = config(&job, &settings, &target)?;
+    let keep = Keep { dir: cfg.temp_dir.clone(), spec: stream_spec(&job, &cfg) };
+    let mut sorted = Sorted::load(&keep, None, &cfg, &Progress::default())?.ok_or_else(|| {
+        StoreError::internal(format!("the sorted runs of job {id} are gone from {}", keep.dir.display()))
+    })?;
+    let row = transaction(|| ranges_of(&job, false))?.into_iter().find(|r| r.range == range);
+    let Some(row) = row.filter(|r| !r.done) else { return Ok(()) };
+    crate::citus::prepare_session(&target)?;
+    let mut inserter =
+        Inserter::new(&job, &target, Role::Helper, Arc::new(Progress::default()), &job_dir(&settings, job.id));
+    drain_range(&cfg, &job, &mut sorted, &row, &mut inserter)
+}
