@@ -75,19 +75,27 @@ unsafe fn drops_pg_store(pstmt: *mut pg_sys::PlannedStmt) -> bool {
     }
 }
 
-/// Ask every pg_store process of this database to leave, and wait (interruptibly, at
-/// most [`STOP_WAIT`]) until they have. If the DROP then rolls back, the launcher is
-/// asked for a worker, which resumes the jobs.
+/// Keep workers from claiming jobs in this database until the DROP's transaction ends,
+/// ask every pg_store process of it to leave, and wait (interruptibly, at most
+/// [`STOP_WAIT`]) until they have. If the DROP then rolls back, the launcher is asked for
+/// a worker, which resumes the jobs.
 fn stop_this_database() {
     if !crate::PRELOADED.load(std::sync::atomic::Ordering::Relaxed) {
         return;
     }
     let db = registry::my_database();
+    // No worker claims a job here again (a worker that leaves mid-job asks for another)
+    // until the DROP's transaction ends.
+    registry::pause(db);
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || registry::unpause(db));
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, move || {
+        registry::unpause(db);
+        registry::want(db);
+    });
     let n = registry::stop_database(db);
     if n == 0 {
         return;
     }
-    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, move || registry::want(db));
     notice!("pg_store: stopping its {n} processes in this database before the extension is dropped");
     let started = Instant::now();
     while registry::busy_in(db) > 0 {

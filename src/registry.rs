@@ -88,7 +88,12 @@ pub struct Registry {
     /// Set when a want found the table full: the launcher looks at every database.
     overflow: bool,
     launcher: i32,
+    /// Databases where `DROP EXTENSION pg_store` is under way: no worker claims a job
+    /// there, and the launcher starts none, until its transaction ends.
+    paused: [u32; PAUSED],
 }
+
+const PAUSED: usize = 16;
 
 impl Default for Registry {
     fn default() -> Self {
@@ -99,6 +104,7 @@ impl Default for Registry {
             next_seq: 1,
             overflow: false,
             launcher: 0,
+            paused: [0; PAUSED],
         }
     }
 }
@@ -157,6 +163,34 @@ pub fn stop_database(database: u32) -> usize {
         n += 1;
     }
     n
+}
+
+/// No worker may claim a job in `database`, and the launcher starts none there, until
+/// [`unpause`]; false if too many databases are paused at once.
+pub fn pause(database: u32) -> bool {
+    let mut r = REGISTRY.exclusive();
+    if r.paused.contains(&database) {
+        return true;
+    }
+    match r.paused.iter_mut().find(|d| **d == 0) {
+        Some(slot) => {
+            *slot = database;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Undo [`pause`].
+pub fn unpause(database: u32) {
+    for d in REGISTRY.exclusive().paused.iter_mut().filter(|d| **d == database) {
+        *d = 0;
+    }
+}
+
+/// Whether `database` is paused (see [`pause`]).
+pub fn is_paused(database: u32) -> bool {
+    REGISTRY.share().paused.contains(&database)
 }
 
 /// pg_store processes (workers, inserters) still serving `database`.

@@ -88,6 +88,9 @@ pub extern "C-unwind" fn pg_store_launcher_main(_arg: pg_sys::Datum) {
         // Workers a launcher that restarted did not start count too.
         let running = |started: &Vec<(u32, DynamicBackgroundWorker)>| started.len().max(registry::workers());
         for w in registry::wants() {
+            if registry::is_paused(w.database) {
+                continue; // DROP EXTENSION pg_store is under way there
+            }
             let here = started.iter().filter(|(db, _)| *db == w.database).count();
             if here > 0 && registry::idle_workers(w.database) > 0 {
                 continue; // an idle worker there takes the job, and clears the want
@@ -103,7 +106,7 @@ pub extern "C-unwind" fn pg_store_launcher_main(_arg: pg_sys::Datum) {
         }
         while running(&started) < cap && registry::wants().is_empty() {
             let Some(db) = probe.pop_front() else { break };
-            if started.iter().any(|(d, _)| *d == db) {
+            if started.iter().any(|(d, _)| *d == db) || registry::is_paused(db) {
                 continue;
             }
             if !start_worker(db, &mut started) {
@@ -232,7 +235,7 @@ pub extern "C-unwind" fn pg_store_worker_main(arg: pg_sys::Datum) {
     let mut idle_since = Instant::now();
     let mut purged = false;
     loop {
-        if shutdown_requested() {
+        if shutdown_requested() || registry::is_paused(db) {
             return;
         }
         reload_on_sighup();

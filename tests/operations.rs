@@ -271,8 +271,15 @@ fn a_hot_standby_shows_jobs_and_refuses_writes_with_25006() {
 fn drop_extension_during_a_job_stops_it_and_succeeds() {
     let c = Cluster::start("drop_mid_job", "store.batch_max = 1000\nstore.insert_workers = 2");
     let (dir, _) = fixtures(&c, "big", &GenSpec { files: 2, size: 8 << 20, seed: 10, ..GenSpec::default() });
-    q(&c, "CREATE TABLE t (line text UNIQUE)");
-    let job: i64 = q(&c, &format!("SELECT store_ingest('{}', 't')", dir.display())).parse().unwrap();
+    // Into the default target, store.lines, which the DROP drops too; batches that take
+    // their time (a statement trigger sleeps), so the DROP comes while a batch's
+    // transaction holds its locks, as it would on a big table.
+    q(
+        &c,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$; \
+         CREATE TRIGGER slow AFTER INSERT ON store.lines FOR EACH STATEMENT EXECUTE FUNCTION slow()",
+    );
+    let job: i64 = q(&c, &format!("SELECT store_ingest('{}')", dir.display())).parse().unwrap();
     c.wait_mid_insert(job);
     let out = c.psql_script("postgres", "\\set VERBOSITY verbose\nDROP EXTENSION pg_store CASCADE;\n");
     assert!(out.is_ok(), "DROP EXTENSION during a job: {out:?}");

@@ -141,6 +141,12 @@ fn a_targets_code_never_runs_with_the_job_owners_privileges() {
             let error = q(&c, &format!("SELECT coalesce(error, '') FROM store.jobs WHERE id = {job}"));
             assert_eq!(s, "done", "{who}'s job {job} into the table with a {kind}: {error}");
         }
+        let borrowed = q(
+            &c,
+            "SELECT string_agg(DISTINCT kind || ' as ' || who || CASE WHEN super THEN ' (superuser)' ELSE '' END, '; ') \
+             FROM public.trace WHERE who <> 'plain'",
+        );
+        assert_eq!(borrowed, "", "after {who}'s jobs, the tables' code ran with other roles' privileges");
     }
     for (kind, t) in &kinds {
         assert_eq!(
