@@ -30,7 +30,7 @@
 //! finds no row to update, and stops.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
@@ -39,29 +39,20 @@ use store_engine::scan::{FileCounts, FileOutcome, Reject};
 use store_engine::walk::FileEntry;
 use store_engine::{limits, BatchInfo, Flow, Phase, Progress, Sink};
 
+mod mode;
+mod report;
+mod retry;
+
+use mode::{Mode, MAX_BACKOFF};
+use report::{RejectRow, STATUS_EVERY};
+use retry::Next;
+
 use crate::error::{Result, StoreError};
 use crate::security::as_role;
 use crate::signals::{reload_on_sighup, shutdown_requested};
 use crate::tables::jobs::{self, Job};
 use crate::target::{self, Admission, Target};
 use crate::txn::transaction;
-
-/// Retries of a batch after a transient error (serialization failure, deadlock, lock
-/// timeout), waiting 100 ms, 200 ms, 400 ms.
-const RETRIES: u32 = 3;
-
-/// Retries of a batch after a connection failure (a Citus node down), waiting 0.5, 1, 2,
-/// 4, 8 s and then 8 s each: about a minute in all.
-const CONNECTION_RETRIES: u32 = 10;
-
-/// Rejects are stored in batches of this many (and at every file's end).
-const REJECT_FLUSH: usize = 1000;
-
-/// How often the job's counters are written (and a cancel looked for while scanning).
-const STATUS_EVERY: Duration = Duration::from_secs(1);
-
-/// Most batches an optimistic plain INSERT waits after failures before it tries again.
-const MAX_BACKOFF: u32 = 64;
 
 /// The safe path where the job's owner may read the target: find which of `recs` the
 /// target holds (an index probe per line, in sorted order), and insert the others — by
@@ -130,15 +121,6 @@ enum Way {
     Statement,
 }
 
-/// One reject, waiting to be stored.
-struct RejectRow {
-    file: String,
-    line: i64,
-    offset: i64,
-    reason: &'static str,
-    raw: Vec<u8>,
-}
-
 /// The job's worker, or an inserter it started for one range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -147,17 +129,6 @@ pub enum Role {
     Leader,
     /// Inserts one range; writes only that range's checkpoint.
     Helper,
-}
-
-/// How the next batch is inserted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Path {
-    /// Plain INSERT: keys proven new.
-    Proven,
-    /// ON CONFLICT DO NOTHING, trying a plain INSERT again after `wait` batches.
-    Safe { wait: u32, backoff: u32 },
-    /// A plain INSERT tried because the batches before found nothing present.
-    Optimistic { backoff: u32 },
 }
 
 /// Where a range resumes.
@@ -198,7 +169,8 @@ pub struct Inserter {
     /// a conflict anyway (doubling, at most [`MAX_BACKOFF`]).
     probe_wait: u32,
     probe_backoff: u32,
-    path: Path,
+    /// How the next batch goes in.
+    mode: Mode,
     /// The scan's counters (the leader's).
     progress: Arc<Progress>,
     rejects: Vec<RejectRow>,
@@ -233,7 +205,7 @@ impl Inserter {
             rules: false,
             probe_wait: 0,
             probe_backoff: 1,
-            path: Path::Safe { wait: 0, backoff: 1 },
+            mode: Mode::start(false),
             progress,
             rejects: Vec::new(),
             last_status: Instant::now(),
@@ -276,7 +248,7 @@ impl Inserter {
             &[self.job.id.into(), range.into()],
         )?;
         self.range = range;
-        self.path = if fast { Path::Proven } else { Path::Safe { wait: 0, backoff: 1 } };
+        self.mode = Mode::start(fast);
         Ok(Resume { last_key: key })
     }
 
@@ -299,109 +271,80 @@ impl Inserter {
         self.memory_peak
     }
 
-    /// Insert `batch` and move the checkpoint to `key`, in one transaction (with a status
-    /// write when one is due, else a look at `cancel_requested`).
+    /// Insert `batch` and move the checkpoint to its last key, in one transaction (with a
+    /// status write when one is due, else a look at `cancel_requested`); on failure, what
+    /// [`retry::classify`] says.
     fn commit(&mut self, batch: &Texts, info: &BatchInfo<'_>) -> Result<()> {
-        let mut attempt = 0;
+        let mut retries = 0;
         // Set when the plain path failed in a way that may or may not be a key already
         // present (a Citus shard's error, which arrives as XX000): the batch is redone on
         // the safe path, and what it finds decides.
         let mut unsure = false;
-        // Cleared when a line the probe did not find was there at the COPY (a concurrent
-        // writer, a trigger that rewrites lines, another unique index): the batch is
-        // redone with ON CONFLICT DO NOTHING.
+        // Cleared when a line the look-up did not find was there at the insert (a
+        // concurrent writer, a trigger that rewrites lines, another unique index): the
+        // batch is redone with ON CONFLICT DO NOTHING.
         let mut may_probe = self.probe_sql.is_some() && self.probe_wait == 0;
         self.probe_wait = self.probe_wait.saturating_sub(1);
         loop {
-            let plain = !unsure
-                && match self.path {
-                    Path::Proven | Path::Optimistic { .. } => true,
-                    Path::Safe { wait, backoff } if wait == 0 && backoff <= MAX_BACKOFF => {
-                        // The batches before found nothing present: try the plain path.
-                        self.path = Path::Optimistic { backoff };
-                        true
-                    }
-                    Path::Safe { .. } => false,
-                };
+            let plain = !unsure && self.mode.plain();
             let probe = !plain && may_probe;
-            match self.try_commit(batch, info, plain, probe) {
+            let e = match self.try_commit(batch, info, plain, probe) {
                 Ok(present) if unsure && present > 0 => {
-                    self.plain_path_conflicted();
+                    self.conflicted();
                     return Ok(());
                 }
                 Ok(present) => {
                     if probe {
                         self.probe_backoff = 1;
                     }
-                    self.path = match self.path {
-                        Path::Proven => Path::Proven,
-                        Path::Optimistic { .. } => Path::Optimistic { backoff: 1 },
-                        Path::Safe { wait, backoff } if present == 0 => {
-                            Path::Safe { wait: wait.saturating_sub(1), backoff }
-                        }
-                        Path::Safe { backoff, .. } => Path::Safe { wait: backoff, backoff },
-                    };
+                    self.mode.committed(present);
                     return Ok(());
                 }
-                Err(e) if plain && e.is_conflict() => self.plain_path_conflicted(),
-                Err(e) if probe && e.is_conflict() && self.rules && attempt < RETRIES => attempt += 1,
-                Err(e) if probe && e.is_conflict() => {
+                Err(e) => e,
+            };
+            let attempt =
+                retry::Attempt { plain, probe, copy: self.tried_copy, citus: self.citus, rules: self.rules, retries };
+            let id = self.job.id;
+            match retry::classify(&e, &attempt, shutdown_requested(), || jobs::cancel_requested(id)) {
+                Next::PlainConflict => self.conflicted(),
+                Next::ProbeAgain => retries += 1,
+                Next::ProbeConflict => {
                     may_probe = false;
                     self.probe_backoff = (self.probe_backoff * 2).min(MAX_BACKOFF);
                     self.probe_wait = self.probe_backoff;
                 }
-                Err(e) if self.tried_copy && e.is_copy_refused() => {
-                    log!("pg_store job {}: {e}; inserting without COPY from now on", self.job.id);
+                Next::CopyRefused => {
+                    log!("pg_store job {id}: {e}; inserting without COPY from now on");
                     (self.copy, self.probe_sql) = (false, None);
                 }
-                Err(e) if plain && self.citus && e.is_internal() => unsure = true,
-                Err(e) if e.is_query_canceled() && jobs::cancel_requested(self.job.id) => {
-                    return Err(StoreError::Cancelled)
-                }
-                // A node of a Citus cluster restarting (Citus reports most failures of
-                // its connections as XX000 or 58030): wait for it, up to about a minute.
-                // Every retry is on the safe path, which is idempotent.
-                Err(_) if shutdown_requested() => return Err(StoreError::Shutdown),
-                Err(e) if self.node_may_be_down(&e) && attempt < CONNECTION_RETRIES => {
-                    std::thread::sleep(Duration::from_millis(500 << attempt.min(4)));
-                    attempt += 1;
-                    unsure = true;
+                Next::Unsure => unsure = true,
+                Next::Cancelled => return Err(StoreError::Cancelled),
+                Next::Shutdown => return Err(StoreError::Shutdown),
+                // A node of a Citus cluster restarting: wait for it, with fresh
+                // connections; every retry is on the safe path, which is idempotent.
+                Next::NodeDown(wait) => {
+                    std::thread::sleep(wait);
+                    (retries, unsure) = (retries + 1, true);
                     if self.citus {
                         crate::citus::reconnect_citus()?;
                     }
-                    log!("pg_store job {}: retrying a batch after {e} (attempt {attempt})", self.job.id);
+                    log!("pg_store job {id}: retrying a batch after {e} (attempt {retries})");
                 }
-                // A deadlock, a lock timeout, or a cancel not meant for this job (someone's
-                // pg_cancel_backend): worth another try.
-                Err(e) if (e.is_transient() || e.is_query_canceled()) && attempt < RETRIES => {
-                    std::thread::sleep(Duration::from_millis(100 << attempt));
-                    attempt += 1;
-                    log!("pg_store job {}: retrying a batch after {e} (attempt {attempt})", self.job.id);
+                Next::Transient(wait) => {
+                    std::thread::sleep(wait);
+                    retries += 1;
+                    log!("pg_store job {id}: retrying a batch after {e} (attempt {retries})");
                 }
-                Err(e) => return Err(e),
+                Next::Fail => return Err(e),
             }
         }
     }
 
     /// A key the plain path expected to be new was present: back off from it.
-    fn plain_path_conflicted(&mut self) {
-        self.path = match self.path {
-            Path::Proven => {
-                log!("pg_store job {}: a key was already present; switching to ON CONFLICT DO NOTHING", self.job.id);
-                // Keys were to be new and are not (a concurrent writer): never again.
-                Path::Safe { wait: u32::MAX, backoff: u32::MAX }
-            }
-            Path::Optimistic { backoff } => {
-                let next = (backoff * 2).min(MAX_BACKOFF);
-                Path::Safe { wait: next, backoff: next }
-            }
-            safe => safe,
-        };
-    }
-
-    /// Whether `e` may come from a node that is restarting.
-    fn node_may_be_down(&self, e: &StoreError) -> bool {
-        e.is_connection_failure() || (self.citus && (e.is_io_error() || e.is_lost_connection()))
+    fn conflicted(&mut self) {
+        if self.mode.conflicted() {
+            log!("pg_store job {}: a key was already present; switching to ON CONFLICT DO NOTHING", self.job.id);
+        }
     }
 
     /// One attempt at a batch (plain; else by probe and COPY, or ON CONFLICT DO NOTHING);
@@ -409,7 +352,7 @@ impl Inserter {
     fn try_commit(&mut self, batch: &Texts, info: &BatchInfo<'_>, plain: bool, probe: bool) -> Result<u64> {
         let (job, claim, job_owner, range) = (self.job.id, self.job.claim, self.job.owner, self.range);
         let due = self.last_status.elapsed() >= STATUS_EVERY;
-        let (proven, counted, citus) = (self.path == Path::Proven, self.citus && !plain, self.citus);
+        let (proven, counted, citus) = (self.mode == Mode::Proven, self.citus && !plain, self.citus);
         self.tried_copy = false;
         transaction(|| {
             let admission = target::admit(self.target.oid, &self.target.columns(), job_owner)?;
@@ -501,93 +444,6 @@ impl Inserter {
         })
     }
 
-    /// Write the counters (inside the caller's transaction); returns `cancel_requested`.
-    /// The leader writes the job's row; an inserter its range's memory peak.
-    pub fn write_status(&mut self) -> Result<bool> {
-        self.last_status = Instant::now();
-        let mem = self.sample_memory() as i64;
-        if self.role == Role::Helper {
-            Spi::run_with_args(
-                "UPDATE store.checkpoints SET memory_peak = greatest(memory_peak, $3) WHERE job = $1 AND range = $2",
-                &[self.job.id.into(), self.range.into(), mem.into()],
-            )?;
-            return self.cancel_requested();
-        }
-        let p = self.progress.snapshot();
-        let scan_percent = 60.0 * p.bytes_read as f32 / p.bytes_total.max(1) as f32;
-        let n = |v: u64| v as i64;
-        // While inserting, the share done is what every range committed together.
-        let cancel = Spi::get_one_with_args::<bool>(
-            "UPDATE store.jobs SET phase = $2, files_done = $3, bytes_read = $4, records = $5, empty = $6, rejected = $7, \
-             filtered = $8, duplicates = $9, batch_size = $11, memory_peak = greatest(memory_peak, $12), \
-             percent = CASE WHEN $2 IN ('merging', 'inserting') THEN 60 + 40 * least(1, \
-                 (SELECT pg_catalog.sum(inserted + already_present) FROM store.checkpoints WHERE job = $1)::float8 / greatest($15, 1)) \
-               WHEN $2 = 'done' THEN 100 ELSE $10 END, \
-             temp_bytes = greatest(coalesce(temp_bytes, 0), $13), updated_at = pg_catalog.now() \
-             WHERE id = $1 AND attempts = $14 RETURNING cancel_requested",
-            &[
-                self.job.id.into(),
-                p.phase.as_str().into(),
-                n(p.files_done).into(),
-                n(p.bytes_read).into(),
-                n(p.records).into(),
-                n(p.empty).into(),
-                n(p.rejected).into(),
-                n(p.filtered).into(),
-                n(p.duplicates).into(),
-                scan_percent.into(),
-                self.batch_size.into(),
-                mem.into(),
-                n(p.temp_peak).into(),
-                self.job.claim.into(),
-                n(self.insert_total).into(),
-            ],
-        )?;
-        // No row: another worker holds the job now.
-        cancel.ok_or(StoreError::Fenced)
-    }
-
-    fn cancel_requested(&self) -> Result<bool> {
-        Ok(Spi::get_one_with_args::<bool>(
-            "SELECT cancel_requested FROM store.jobs WHERE id = $1",
-            &[self.job.id.into()],
-        )?
-        .unwrap_or(false))
-    }
-
-    /// Write the status now, in its own transaction (and any rejects held back); a
-    /// cancel request stops the job.
-    fn status_now(&mut self) -> Result<Flow> {
-        self.flush_rejects()?;
-        if transaction(|| self.write_status())? {
-            return Err(StoreError::Cancelled);
-        }
-        Ok(Flow::Continue)
-    }
-
-    /// Store the rejects held back. An attempt that reads its files again deleted the
-    /// job's earlier ones first, so each reject is stored once.
-    pub fn flush_rejects(&mut self) -> Result<()> {
-        if self.rejects.is_empty() {
-            return Ok(());
-        }
-        let rows = std::mem::take(&mut self.rejects);
-        let (job, claim) = (self.job.id, self.job.claim);
-        transaction(|| {
-            let files: Vec<&str> = rows.iter().map(|r| r.file.as_str()).collect();
-            let lines: Vec<i64> = rows.iter().map(|r| r.line).collect();
-            let offsets: Vec<i64> = rows.iter().map(|r| r.offset).collect();
-            let reasons: Vec<&str> = rows.iter().map(|r| r.reason).collect();
-            let raws: Vec<&[u8]> = rows.iter().map(|r| r.raw.as_slice()).collect();
-            Ok(Spi::run_with_args(
-                "INSERT INTO store.rejects (job, file, line, byte_offset, reason, raw) \
-                 SELECT $1, * FROM unnest($2::text[], $3::int8[], $4::int8[], $5::text[], $6::bytea[]) \
-                 WHERE EXISTS (SELECT FROM store.jobs WHERE id = $1 AND attempts = $7) ON CONFLICT DO NOTHING",
-                &[job.into(), files.into(), lines.into(), offsets.into(), reasons.into(), raws.into(), claim.into()],
-            )?)
-        })
-    }
-
     fn interrupted() -> Result<()> {
         if shutdown_requested() {
             return Err(StoreError::Shutdown);
@@ -607,74 +463,19 @@ impl Sink for Inserter {
     }
 
     fn reject(&mut self, r: &Reject<'_>) -> Result<Flow> {
-        self.rejects.push(RejectRow {
-            file: store_engine::walk::path_text(r.file),
-            line: r.line as i64,
-            offset: r.offset as i64,
-            reason: r.reason.as_str(),
-            raw: r.prefix.to_vec(),
-        });
-        if self.rejects.len() >= REJECT_FLUSH {
-            self.flush_rejects()?;
-        }
-        Ok(Flow::Continue)
+        self.record_reject(r)
     }
 
     fn file_done(&mut self, file: &FileEntry, c: &FileCounts, outcome: &FileOutcome) -> Result<Flow> {
-        self.flush_rejects()?;
-        let (state, error) = match outcome {
-            FileOutcome::Read => ("read", None),
-            FileOutcome::Changed => ("changed", None),
-            FileOutcome::Failed(why) => ("failed", Some(why.as_str())),
-        };
-        let path = store_engine::walk::path_text(&file.path);
-        let n = |v: u64| v as i64;
-        transaction(|| {
-            Ok(Spi::run_with_args(
-                "UPDATE store.files SET state = $3, records = $4, empty = $5, rejected = $6, filtered = $7, accepted = $8, error = $9 \
-                 WHERE job = $1 AND path = $2 AND EXISTS (SELECT FROM store.jobs WHERE id = $1 AND attempts = $10)",
-                &[
-                    self.job.id.into(),
-                    path.as_str().into(),
-                    state.into(),
-                    n(c.records).into(),
-                    n(c.empty).into(),
-                    n(c.rejected).into(),
-                    n(c.filtered).into(),
-                    n(c.accepted).into(),
-                    error.into(),
-                    self.job.claim.into(),
-                ],
-            )?)
-        })?;
-        Ok(Flow::Continue)
+        self.record_file(file, c, outcome)
     }
 
     fn phase(&mut self, phase: Phase, _: &Progress) -> Result<Flow> {
-        if self.role == Role::Helper {
-            return Ok(Flow::Continue);
-        }
-        // The merge announces its phases on its own counters; the job's status shows them.
-        self.progress.set_phase(phase);
-        if phase == Phase::Inserting && self.insert_total == 0 {
-            let p = self.progress.snapshot();
-            self.insert_total = p.records - p.rejected - p.filtered - p.duplicates;
-            let id = self.job.id;
-            transaction(|| {
-                Ok(Spi::run_with_args(
-                    "UPDATE store.jobs SET insert_started_at = pg_catalog.now() WHERE id = $1",
-                    &[id.into()],
-                )?)
-            })?;
-        }
-        self.status_now()
+        self.enter_phase(phase)
     }
 
     fn tick(&mut self, _: &Progress) -> Result<Flow> {
         Self::interrupted()?;
-        if self.last_status.elapsed() < STATUS_EVERY {
-            return Ok(Flow::Continue);
-        }
-        self.status_now()
+        self.status_if_due()
     }
 }
