@@ -16,6 +16,8 @@ use store_engine::filter::Filter;
 use store_engine::Dedup;
 
 use crate::error::{Result, StoreError};
+use crate::tables::ingested;
+use crate::tables::jobs::{self, Status};
 use crate::{gucs, registry, security, target, PRELOADED};
 
 extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
@@ -147,12 +149,7 @@ fn enqueue(
         })?;
     }
     let canon = store_engine::walk::path_text(&canon);
-    let id = security::as_superuser(|| {
-        Spi::get_one_with_args::<i64>(
-            "INSERT INTO store.jobs (path, target, column_name, dedup, filter, owner, key_column) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-            &[canon.as_str().into(), target.into(), column.into(), dedup.as_str().into(), filter.into(), who.into(), key_column.into()],
-        )
-    })?;
+    let id = security::as_superuser(|| jobs::queue(&canon, target, column, dedup.as_str(), filter, who, key_column))?;
     // Once the job is visible, ask the launcher for a worker in this database. A prepared
     // transaction would make it visible at a COMMIT PREPARED no one here sees: refused.
     let db = registry::my_database();
@@ -194,21 +191,8 @@ fn forget_files(target: pg_sys::Oid, path: Option<&str>) -> Result<i64> {
     require_current_version()?;
     crate::read::require_primary("forget ingested files")?;
     // Read as the caller: row-level security shows it its own ledger rows.
-    let mine = crate::read::one::<Vec<String>>(
-        "SELECT pg_catalog.array_agg(pg_catalog.json_build_array(path, spec)::pg_catalog.text) FROM store.ingested \
-          WHERE target = $1 AND pg_catalog.pg_has_role(owner, 'USAGE') \
-            AND ($2::pg_catalog.text IS NULL OR path = $2 OR pg_catalog.starts_with(path, pg_catalog.rtrim($2, '/') || '/'))",
-        &[target.into(), path.into()],
-    )?
-    .unwrap_or_default();
-    let n = security::as_superuser(|| {
-        Spi::get_one_with_args::<i64>(
-            "WITH d AS (DELETE FROM store.ingested WHERE target = $1 \
-                          AND pg_catalog.json_build_array(path, spec)::pg_catalog.text = ANY ($2) RETURNING 1) \
-             SELECT pg_catalog.count(*) FROM d",
-            &[target.into(), mine.into()],
-        )
-    })?;
+    let mine = ingested::visible(target, path)?;
+    let n = security::as_superuser(|| ingested::forget(target, mine))?;
     Ok(n.unwrap_or(0))
 }
 
@@ -258,11 +242,7 @@ fn worker_rows() -> Result<std::vec::IntoIter<WorkerRow>> {
     for p in procs {
         let visible = match p.job {
             0 => true,
-            j if p.database == here => crate::read::one::<bool>(
-                "SELECT EXISTS (SELECT FROM store.jobs WHERE id = $1 AND pg_catalog.pg_has_role(owner, 'USAGE'))",
-                &[j.into()],
-            )?
-            .unwrap_or(false),
+            j if p.database == here => jobs::visible(j)?,
             _ => false,
         };
         // As pg_stat_activity: other roles' work, and other databases', only to roles
@@ -291,25 +271,10 @@ fn cancel(job: i64) -> Result<bool> {
     crate::read::require_primary("cancel a job")?;
     // Read as the caller: row-level security hides other roles' jobs (and the role test
     // holds for a role that bypasses it).
-    let seen = crate::read::one::<bool>(
-        "SELECT EXISTS (SELECT FROM store.jobs WHERE id = $1 AND pg_catalog.pg_has_role(owner, 'USAGE'))",
-        &[job.into()],
-    )?;
-    if seen != Some(true) {
+    if !jobs::visible(job)? {
         return Err(StoreError::refused(ERRCODE_UNDEFINED_OBJECT, format!("no pg_store job {job}")));
     }
-    let was = security::as_superuser(|| {
-        Spi::get_one_with_args::<String>(
-            "WITH old AS (SELECT state FROM store.jobs WHERE id = $1 AND state IN ('queued', 'running') FOR NO KEY UPDATE), \
-                  c AS (UPDATE store.jobs j SET cancel_requested = true, \
-                          state = CASE WHEN j.state = 'queued' THEN 'cancelled' ELSE j.state END, \
-                          finished_at = CASE WHEN j.state = 'queued' THEN pg_catalog.now() ELSE j.finished_at END, \
-                          updated_at = pg_catalog.now() \
-                        FROM old WHERE j.id = $1 RETURNING old.state) \
-             SELECT (SELECT state FROM c)",
-            &[job.into()],
-        )
-    })?;
+    let was = security::as_superuser(|| jobs::request_cancel(job))?;
     if was.as_deref() == Some("running") && PRELOADED.load(Ordering::Relaxed) {
         // The worker looks at cancel_requested between batches; a batch waiting on a
         // lock, or stuck in a trigger of the target, would not get there. Once this
@@ -335,7 +300,7 @@ fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> Result<String> 
             "store_wait needs READ COMMITTED isolation: a snapshot would never see the job progress",
         ));
     }
-    let xmin = crate::read::one::<String>("SELECT (SELECT xmin::text FROM store.jobs WHERE id = $1)", &[job.into()])?;
+    let xmin = jobs::xmin(job)?;
     let Some(xmin) = xmin.and_then(|x| x.parse::<u32>().ok()) else {
         return Err(StoreError::refused(ERRCODE_UNDEFINED_OBJECT, format!("no pg_store job {job}")));
     };
@@ -348,27 +313,7 @@ fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> Result<String> 
     let started = Instant::now();
     let mut last_notice = Instant::now();
     loop {
-        let s = crate::read::fresh(|| {
-            Spi::connect(|c| {
-                let t = c.select(
-                "SELECT state, coalesce(phase, ''), percent::float8, bytes_read, bytes_total, inserted + already_present, \
-                        coalesce(rows_per_second, 0)::float8 \
-                 FROM store.status WHERE id = $1",
-                Some(1),
-                &[job.into()],
-            )?;
-                let r = t.first();
-                Ok::<_, pgrx::spi::SpiError>(Progress {
-                    state: r.get::<String>(1)?.unwrap_or_default(),
-                    phase: r.get::<String>(2)?.unwrap_or_default(),
-                    percent: r.get::<f64>(3)?.unwrap_or(0.0),
-                    read: r.get::<i64>(4)?.unwrap_or(0),
-                    total: r.get::<i64>(5)?.unwrap_or(0),
-                    rows: r.get::<i64>(6)?.unwrap_or(0),
-                    rate: r.get::<f64>(7)?.unwrap_or(0.0),
-                })
-            })
-        })?;
+        let s = crate::read::fresh(|| jobs::status(job))?;
         if matches!(s.state.as_str(), "done" | "partial" | "failed" | "cancelled") {
             return Ok(s.state);
         }
@@ -378,7 +323,7 @@ fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> Result<String> 
         }
         if last_notice.elapsed() >= Duration::from_secs(3) {
             last_notice = Instant::now();
-            pgrx::notice!("{}", s.line(job, started.elapsed()));
+            pgrx::notice!("{}", progress_line(&s, job, started.elapsed()));
         }
         // SAFETY: the backend's own latch; WL_EXIT_ON_PM_DEATH ends the wait with the server.
         unsafe {
@@ -394,37 +339,24 @@ fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> Result<String> 
     }
 }
 
-/// One `store.status` row as `store_wait` reports it.
-pub struct Progress {
-    pub state: String,
-    pub phase: String,
-    pub percent: f64,
-    pub read: i64,
-    pub total: i64,
-    pub rows: i64,
-    pub rate: f64,
-}
-
-impl Progress {
-    /// `job 7 [#########-----------]  45.0%  inserting  1.20 GB/2.60 GB  310000 rows  310000 rows/s  ETA 0:42`
-    pub fn line(&self, job: i64, waited: Duration) -> String {
-        let pct = self.percent;
-        let filled = ((pct / 5.0).round() as usize).min(20);
-        let bar: String = "#".repeat(filled) + &"-".repeat(20 - filled);
-        let eta = if pct > 1.0 && pct < 100.0 {
-            let secs = waited.as_secs_f64() * (100.0 - pct) / pct;
-            format!("ETA {}:{:02}", (secs / 60.0) as u64, secs as u64 % 60)
-        } else {
-            "ETA ?".into()
-        };
-        let gb = |b: i64| format!("{:.2} GB", b as f64 / 1e9);
-        let phase = if self.phase.is_empty() { &self.state } else { &self.phase };
-        format!(
-            "job {job} [{bar}] {pct:5.1}%  {phase}  {}/{}  {} rows  {:.0} rows/s  {eta}",
-            gb(self.read),
-            gb(self.total),
-            self.rows,
-            self.rate
-        )
-    }
+/// `job 7 [#########-----------]  45.0%  inserting  1.20 GB/2.60 GB  310000 rows  310000 rows/s  ETA 0:42`
+fn progress_line(s: &Status, job: i64, waited: Duration) -> String {
+    let pct = s.percent;
+    let filled = ((pct / 5.0).round() as usize).min(20);
+    let bar: String = "#".repeat(filled) + &"-".repeat(20 - filled);
+    let eta = if pct > 1.0 && pct < 100.0 {
+        let secs = waited.as_secs_f64() * (100.0 - pct) / pct;
+        format!("ETA {}:{:02}", (secs / 60.0) as u64, secs as u64 % 60)
+    } else {
+        "ETA ?".into()
+    };
+    let gb = |b: i64| format!("{:.2} GB", b as f64 / 1e9);
+    let phase = if s.phase.is_empty() { &s.state } else { &s.phase };
+    format!(
+        "job {job} [{bar}] {pct:5.1}%  {phase}  {}/{}  {} rows  {:.0} rows/s  {eta}",
+        gb(s.read),
+        gb(s.total),
+        s.rows,
+        s.rate
+    )
 }

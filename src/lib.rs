@@ -8,7 +8,8 @@
 //! [`target`] and queues a row in `store.jobs`; a [`worker`] claims it and runs [`job`]:
 //! plan (re-check, list files), then [`store_engine::distinct`] streams batches into
 //! the [`insert::Inserter`], then finish. [`error`] maps every failure to a SQLSTATE
-//! once; [`txn`] runs the worker's transactions; [`gucs`] holds every setting.
+//! once; [`txn`] runs the worker's transactions; [`gucs`] holds every setting; every
+//! statement on pg_store's own tables (`store.*`) is in [`tables`], one module a table.
 
 pub mod api;
 mod citus;

@@ -9,6 +9,7 @@ use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
 use pgrx::prelude::*;
 
 use crate::error::{Result, StoreError};
+use crate::tables::{jobs, rejects};
 use crate::txn::transaction;
 use crate::{gucs, registry, security};
 
@@ -16,9 +17,6 @@ use crate::{gucs, registry, security};
 const REJECTS_PER_TRANSACTION: i64 = 10_000;
 /// Jobs looked up per statement.
 const JOBS_PER_LOOK: i64 = 100;
-
-/// The states a job can be purged in.
-const ENDED: &str = "('done', 'partial', 'failed', 'cancelled')";
 
 /// Delete the jobs of this database that ended more than `store.retention` ago (in the
 /// worker, between jobs). Stops early at a shutdown, when a job is queued here, or when
@@ -38,17 +36,7 @@ pub fn purge_expired() {
 fn purge_older_than(minutes: i32) -> Result<usize> {
     let mut purged = 0;
     loop {
-        let ids = transaction(|| {
-            Ok(Spi::get_one_with_args::<Vec<i64>>(
-                &format!(
-                    "SELECT coalesce(pg_catalog.array_agg(id ORDER BY id), '{{}}') FROM (SELECT id FROM store.jobs \
-                     WHERE state IN {ENDED} AND finished_at < pg_catalog.now() - pg_catalog.make_interval(mins => $1) \
-                     ORDER BY id LIMIT $2) j"
-                ),
-                &[minutes.into(), JOBS_PER_LOOK.into()],
-            )?
-            .unwrap_or_default())
-        })?;
+        let ids = transaction(|| jobs::ended_before(minutes, JOBS_PER_LOOK))?;
         if ids.is_empty() {
             return Ok(purged);
         }
@@ -64,31 +52,19 @@ fn purge_older_than(minutes: i32) -> Result<usize> {
 }
 
 fn queued() -> Result<bool> {
-    transaction(|| {
-        Ok(Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM store.jobs WHERE state = 'queued')")?.unwrap_or(false))
-    })
+    transaction(jobs::any_queued)
 }
 
 /// One job: its rejects a chunk per transaction, then the row (files and checkpoints
 /// go with it, `ON DELETE CASCADE`), if it is still ended.
 fn purge_job(id: i64) -> Result<()> {
     loop {
-        let n = transaction(|| {
-            Ok(Spi::get_one_with_args::<i64>(
-                "WITH d AS (DELETE FROM store.rejects WHERE (job, file, line) IN \
-                   (SELECT job, file, line FROM store.rejects WHERE job = $1 LIMIT $2) RETURNING 1) \
-                 SELECT pg_catalog.count(*) FROM d",
-                &[id.into(), REJECTS_PER_TRANSACTION.into()],
-            )?
-            .unwrap_or(0))
-        })?;
+        let n = transaction(|| rejects::delete_some(id, REJECTS_PER_TRANSACTION))?;
         if n < REJECTS_PER_TRANSACTION {
             break;
         }
     }
-    transaction(|| {
-        Ok(Spi::run_with_args(&format!("DELETE FROM store.jobs WHERE id = $1 AND state IN {ENDED}"), &[id.into()])?)
-    })
+    transaction(|| jobs::delete_if_ended(id))
 }
 
 /// Delete the jobs the caller sees (its own, and those of roles whose privileges it
@@ -109,23 +85,7 @@ fn purge(older_than: Interval) -> Result<i64> {
     }
     // Read as the caller: row-level security hides other roles' jobs, and the role test
     // holds for a role that bypasses it.
-    let ids = Spi::get_one_with_args::<Vec<i64>>(
-        &format!(
-            "SELECT coalesce(pg_catalog.array_agg(id), '{{}}') FROM store.jobs \
-             WHERE state IN {ENDED} AND finished_at < pg_catalog.now() - $1 \
-               AND pg_catalog.pg_has_role(owner, 'USAGE')"
-        ),
-        &[older_than.into()],
-    )?
-    .unwrap_or_default();
-    let n = security::as_superuser(|| {
-        Spi::get_one_with_args::<i64>(
-            &format!(
-                "WITH d AS (DELETE FROM store.jobs WHERE id = ANY($1) AND state IN {ENDED} RETURNING 1) \
-                 SELECT pg_catalog.count(*) FROM d"
-            ),
-            &[ids.into()],
-        )
-    })?;
+    let ids = jobs::visible_ended_before(older_than)?;
+    let n = security::as_superuser(|| jobs::delete_ended(ids))?;
     Ok(n.unwrap_or(0))
 }

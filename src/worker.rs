@@ -33,7 +33,8 @@ use crate::error::{sqlstate_text, Result, StoreError};
 use crate::job::{self, Ended};
 use crate::registry::{self, Kind};
 use crate::signals::{reload_on_sighup, shutdown_requested};
-use crate::tables::jobs::cancel_requested;
+use crate::tables::checkpoints;
+use crate::tables::jobs::{self, cancel_requested};
 use crate::txn::transaction;
 use crate::{gucs, retention};
 
@@ -278,27 +279,14 @@ fn database_name() -> String {
 
 /// Whether jobs besides `id` wait in this database.
 fn more_queued(id: i64) -> Result<bool> {
-    Ok(Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT FROM store.jobs WHERE state = 'queued' AND id <> $1)",
-        &[id.into()],
-    )?
-    .unwrap_or(false))
+    jobs::more_queued(id)
 }
 
 /// Jobs that were queued or running where a dump was taken, or in a database this one
 /// was copied from, must not run here (their files, table and ledger were another
 /// cluster's): they fail with SQLSTATE 55000, and store_ingest queues them again.
 fn fail_restored_jobs() {
-    let res = transaction(|| {
-        Ok(Spi::get_one_with_args::<i64>(
-            "WITH f AS (UPDATE store.jobs SET state = 'failed', sqlstate = $1, \
-                 error = 'queued in another cluster or database (' || origin || '), restored or copied here: run store_ingest again', \
-                 finished_at = pg_catalog.now(), updated_at = pg_catalog.now() \
-               WHERE state IN ('queued', 'running') AND origin <> store.origin() RETURNING 1) \
-             SELECT pg_catalog.count(*) FROM f",
-            &[sqlstate_text(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE).into()],
-        )?)
-    });
+    let res = transaction(|| jobs::fail_restored(sqlstate_text(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE)));
     match res {
         Ok(Some(n)) if n > 0 => log!("pg_store: {n} open jobs came from another cluster or database and failed"),
         Ok(_) => {}
@@ -357,12 +345,7 @@ fn remove_orphans(db: u32) {
         return;
     }
     let all: Vec<i64> = ids.iter().map(|(id, _)| *id).collect();
-    let open = transaction(|| {
-        Ok(Spi::get_one_with_args::<Vec<i64>>(
-            "SELECT coalesce(pg_catalog.array_agg(id), '{}') FROM store.jobs WHERE id = ANY($1) AND state IN ('queued', 'running')",
-            &[all.into()],
-        )?)
-    });
+    let open = transaction(|| jobs::open_among(all));
     let Ok(open) = open else { return };
     let open = open.unwrap_or_default();
     for (id, dir) in ids.into_iter().filter(|(id, _)| !open.contains(id)) {
@@ -380,25 +363,12 @@ const CANDIDATES: i64 = 64;
 fn claim() -> Result<Option<(i64, i32)>> {
     let mut entered: Option<i64> = None;
     let res = transaction(|| {
-        let ids: Vec<i64> = Spi::connect(|c| {
-            let t = c.select(
-                "SELECT j.id FROM store.jobs j WHERE j.state IN ('queued', 'running') \
-                 ORDER BY (SELECT pg_catalog.count(*) FROM store.jobs r WHERE r.state = 'running' AND r.owner = j.owner), j.id \
-                 LIMIT $1",
-                None,
-                &[CANDIDATES.into()],
-            )?;
-            t.map(|r| r.get::<i64>(1).map(Option::unwrap_or_default)).collect::<Result<Vec<_>, _>>()
-        })?;
+        let ids = jobs::claim_candidates(CANDIDATES)?;
         for id in ids {
             if registry::is_live(id) {
                 continue;
             }
-            let row = Spi::get_two_with_args::<i64, i32>(
-                "SELECT (SELECT id FROM store.jobs WHERE id = $1 AND state IN ('queued', 'running') FOR UPDATE SKIP LOCKED), \
-                        (SELECT attempts FROM store.jobs WHERE id = $1)",
-                &[id.into()],
-            )?;
+            let row = jobs::lock_open(id)?;
             let (Some(_), Some(attempts)) = row else { continue };
             // Under the row lock: a worker that claimed it meanwhile has committed, and
             // is in the registry.
@@ -411,29 +381,15 @@ fn claim() -> Result<Option<(i64, i32)>> {
                     ERRCODE_PROGRAM_LIMIT_EXCEEDED,
                     format!("gave up after {attempts} attempts: each one ended with its worker gone (store.max_attempts = {max})"),
                 );
-                Spi::run_with_args(
-                    "UPDATE store.jobs SET state = 'failed', error = $2, sqlstate = $3, finished_at = pg_catalog.now(), \
-                     updated_at = pg_catalog.now() WHERE id = $1",
-                    &[id.into(), e.to_string().into(), e.sqlstate().into()],
-                )?;
+                jobs::fail(id, e.to_string(), e.sqlstate())?;
                 log!("pg_store job {id}: {e}");
                 continue;
             }
-            let claim = Spi::get_one_with_args::<i32>(
-                "UPDATE store.jobs SET state = 'running', attempts = attempts + 1, worker_pid = pg_catalog.pg_backend_pid(), \
-                 started_at = coalesce(started_at, pg_catalog.now()), updated_at = pg_catalog.now(), error = NULL, sqlstate = NULL \
-                 WHERE id = $1 RETURNING attempts",
-                &[id.into()],
-            )?
-            .ok_or_else(|| StoreError::internal(format!("job {id} vanished while being claimed")))?;
+            let claim = jobs::start_attempt(id)?
+                .ok_or_else(|| StoreError::internal(format!("job {id} vanished while being claimed")))?;
             // The fence: a worker still running an older claim of this job finds its claim
             // number gone at its next batch, and stops.
-            Spi::run_with_args(
-                "INSERT INTO store.checkpoints (job, range, attempt) VALUES ($1, 0, $2) \
-                 ON CONFLICT (job, range) DO UPDATE SET attempt = excluded.attempt",
-                &[id.into(), claim.into()],
-            )?;
-            Spi::run_with_args("UPDATE store.checkpoints SET attempt = $2 WHERE job = $1", &[id.into(), claim.into()])?;
+            checkpoints::fence(id, claim)?;
             if !registry::enter(id, claim, 0) {
                 return Err(StoreError::internal("the pg_store registry of running jobs is full"));
             }
@@ -488,11 +444,7 @@ fn run_claimed(id: i64, claim: i32) {
     }
     if state != "done" && state != "partial" {
         let res = transaction(|| {
-            Ok(Spi::run_with_args(
-                "UPDATE store.jobs SET state = $3, error = $4, sqlstate = $5, finished_at = pg_catalog.now(), updated_at = pg_catalog.now() \
-                 WHERE id = $1 AND attempts = $2",
-                &[id.into(), claim.into(), state.into(), error.as_ref().map(|e| e.to_string()).into(), error.as_ref().map(|e| e.sqlstate()).into()],
-            )?)
+            jobs::end(id, claim, state, error.as_ref().map(|e| e.to_string()), error.as_ref().map(|e| e.sqlstate()))
         });
         if let Err(e) = res {
             log!("pg_store job {id}: could not record its end: {e}");
@@ -505,17 +457,7 @@ fn run_claimed(id: i64, claim: i32) {
 
 /// One LOG line per job that ended, with its counts and duration, for log shippers.
 fn log_end(id: i64) {
-    let line = transaction(|| {
-        Ok(Spi::get_one_with_args::<String>(
-            "SELECT (SELECT pg_catalog.format('pg_store job %s %s: %s files read, %s skipped, %s failed; %s records, %s inserted, \
-                    %s already present, %s duplicates, %s rejected, %s filtered; %s s, %s attempts%s', \
-                    id, state, files_done, files_skipped, files_failed, records, inserted, already_present, duplicates, \
-                    rejected, filtered, round(extract(epoch FROM finished_at - coalesce(started_at, created_at)), 1), \
-                    attempts, ', SQLSTATE ' || sqlstate) \
-             FROM store.status WHERE id = $1 AND state NOT IN ('queued', 'running'))",
-            &[id.into()],
-        )?)
-    });
+    let line = transaction(|| jobs::end_line(id));
     if let Ok(Some(line)) = line {
         log!("{line}");
     }
@@ -559,12 +501,7 @@ pub extern "C-unwind" fn pg_store_inserter_main(arg: pg_sys::Datum) {
         Err(e) if e.is_query_canceled() && cancel_requested(id) => {}
         Err(e) => {
             log!("pg_store job {id}: the inserter of range {range} failed: {e} (SQLSTATE {})", e.sqlstate());
-            let res = transaction(|| {
-                Ok(Spi::run_with_args(
-                    "UPDATE store.checkpoints SET error = $4, sqlstate = $5 WHERE job = $1 AND range = $2 AND attempt = $3",
-                    &[id.into(), range.into(), claim.into(), e.to_string().into(), e.sqlstate().into()],
-                )?)
-            });
+            let res = transaction(|| checkpoints::record_error(id, range, claim, e.to_string(), e.sqlstate()));
             if let Err(e) = res {
                 log!("pg_store job {id}: could not record the failure of range {range}: {e}");
             }

@@ -50,6 +50,7 @@ use retry::Next;
 use crate::error::{Result, StoreError};
 use crate::security::as_role;
 use crate::signals::{reload_on_sighup, shutdown_requested};
+use crate::tables::checkpoints;
 use crate::tables::jobs::{self, Job};
 use crate::target::{self, Admission, Target};
 use crate::txn::transaction;
@@ -237,16 +238,7 @@ impl Inserter {
 
     /// Work on `range` from now on (in the caller's transaction): where it resumes.
     pub fn enter_range(&mut self, range: i32) -> Result<Resume> {
-        let (key, fast) = Spi::get_two_with_args::<String, bool>(
-            "SELECT last_key, fast_path FROM store.checkpoints WHERE job = $1 AND range = $2 AND attempt = $3",
-            &[self.job.id.into(), range.into(), self.job.claim.into()],
-        )?;
-        let Some(fast) = fast else { return Err(StoreError::Fenced) };
-        Spi::run_with_args(
-            "UPDATE store.checkpoints SET worker_pid = pg_catalog.pg_backend_pid(), error = NULL, sqlstate = NULL \
-             WHERE job = $1 AND range = $2",
-            &[self.job.id.into(), range.into()],
-        )?;
+        let (key, fast) = checkpoints::enter(self.job.id, range, self.job.claim)?;
         self.range = range;
         self.mode = Mode::start(fast);
         Ok(Resume { last_key: key })
@@ -254,16 +246,8 @@ impl Inserter {
 
     /// The current range is complete (in the caller's transaction).
     pub fn range_done(&mut self) -> Result<()> {
-        let fenced = Spi::get_one_with_args::<bool>(
-            "WITH c AS (UPDATE store.checkpoints SET done = true, memory_peak = greatest(memory_peak, $4), \
-                 updated_at = pg_catalog.now() \
-               WHERE job = $1 AND range = $2 AND attempt = $3 RETURNING 1) SELECT NOT EXISTS (SELECT FROM c)",
-            &[self.job.id.into(), self.range.into(), self.job.claim.into(), (self.sample_memory() as i64).into()],
-        )?;
-        if fenced != Some(false) {
-            return Err(StoreError::Fenced);
-        }
-        Ok(())
+        let memory_peak = self.sample_memory() as i64;
+        checkpoints::range_done(self.job.id, self.range, self.job.claim, memory_peak)
     }
 
     fn sample_memory(&mut self) -> u64 {
@@ -415,26 +399,15 @@ impl Inserter {
                 }
             })?;
             let present = batch.len() as u64 - inserted;
-            let fenced = Spi::get_one_with_args::<bool>(
-                "WITH c AS (UPDATE store.checkpoints SET last_key = coalesce($4, last_key), inserted = inserted + $5, \
-                   already_present = already_present + $6, batches = batches + 1, batch_size = $7, fast_path = $8, \
-                   duplicates = duplicates + $9, updated_at = pg_catalog.now() \
-                   WHERE job = $1 AND range = $2 AND attempt = $3 RETURNING 1) SELECT NOT EXISTS (SELECT FROM c)",
-                &[
-                    job.into(),
-                    range.into(),
-                    claim.into(),
-                    info.resume_key.into(),
-                    (inserted as i64).into(),
-                    (present as i64).into(),
-                    (batch.len() as i32).into(),
-                    proven.into(),
-                    (info.duplicates as i64).into(),
-                ],
-            )?;
-            if fenced != Some(false) {
-                return Err(StoreError::Fenced);
-            }
+            let counts = checkpoints::Batch {
+                resume_key: info.resume_key,
+                inserted: inserted as i64,
+                present: present as i64,
+                size: batch.len() as i32,
+                proven,
+                duplicates: info.duplicates as i64,
+            };
+            checkpoints::commit_batch(job, range, claim, &counts)?;
             self.batch_size = batch.len() as i32;
             let cancel = if due { self.write_status()? } else { self.cancel_requested()? };
             if cancel {

@@ -4,13 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use pgrx::prelude::*;
 use store_engine::scan::{FileCounts, FileOutcome, Reject};
 use store_engine::walk::FileEntry;
 use store_engine::{Flow, Phase};
 
 use super::{Inserter, Role};
 use crate::error::{Result, StoreError};
+use crate::tables::{checkpoints, files, jobs, rejects};
 use crate::txn::transaction;
 
 /// Rejects are stored in batches of this many (and at every file's end).
@@ -35,52 +35,32 @@ impl Inserter {
         self.last_status = Instant::now();
         let mem = self.sample_memory() as i64;
         if self.role == Role::Helper {
-            Spi::run_with_args(
-                "UPDATE store.checkpoints SET memory_peak = greatest(memory_peak, $3) WHERE job = $1 AND range = $2",
-                &[self.job.id.into(), self.range.into(), mem.into()],
-            )?;
+            checkpoints::note_memory(self.job.id, self.range, mem)?;
             return self.cancel_requested();
         }
         let p = self.progress.snapshot();
         let scan_percent = 60.0 * p.bytes_read as f32 / p.bytes_total.max(1) as f32;
         let n = |v: u64| v as i64;
-        // While inserting, the share done is what every range committed together.
-        let cancel = Spi::get_one_with_args::<bool>(
-            "UPDATE store.jobs SET phase = $2, files_done = $3, bytes_read = $4, records = $5, empty = $6, rejected = $7, \
-             filtered = $8, duplicates = $9, batch_size = $11, memory_peak = greatest(memory_peak, $12), \
-             percent = CASE WHEN $2 IN ('merging', 'inserting') THEN 60 + 40 * least(1, \
-                 (SELECT pg_catalog.sum(inserted + already_present) FROM store.checkpoints WHERE job = $1)::float8 / greatest($15, 1)) \
-               WHEN $2 = 'done' THEN 100 ELSE $10 END, \
-             temp_bytes = greatest(coalesce(temp_bytes, 0), $13), updated_at = pg_catalog.now() \
-             WHERE id = $1 AND attempts = $14 RETURNING cancel_requested",
-            &[
-                self.job.id.into(),
-                p.phase.as_str().into(),
-                n(p.files_done).into(),
-                n(p.bytes_read).into(),
-                n(p.records).into(),
-                n(p.empty).into(),
-                n(p.rejected).into(),
-                n(p.filtered).into(),
-                n(p.duplicates).into(),
-                scan_percent.into(),
-                self.batch_size.into(),
-                mem.into(),
-                n(p.temp_peak).into(),
-                self.job.claim.into(),
-                n(self.insert_total).into(),
-            ],
-        )?;
-        // No row: another worker holds the job now.
-        cancel.ok_or(StoreError::Fenced)
+        let counters = jobs::Counters {
+            phase: p.phase.as_str(),
+            files_done: n(p.files_done),
+            bytes_read: n(p.bytes_read),
+            records: n(p.records),
+            empty: n(p.empty),
+            rejected: n(p.rejected),
+            filtered: n(p.filtered),
+            duplicates: n(p.duplicates),
+            scan_percent,
+            batch_size: self.batch_size,
+            memory_peak: mem,
+            temp_bytes: n(p.temp_peak),
+            insert_total: n(self.insert_total),
+        };
+        jobs::write_status(self.job.id, self.job.claim, &counters)
     }
 
     pub(super) fn cancel_requested(&self) -> Result<bool> {
-        Ok(Spi::get_one_with_args::<bool>(
-            "SELECT cancel_requested FROM store.jobs WHERE id = $1",
-            &[self.job.id.into()],
-        )?
-        .unwrap_or(false))
+        jobs::cancel_flag(self.job.id)
     }
 
     /// Write the status now, in its own transaction (and any rejects held back); a
@@ -107,12 +87,7 @@ impl Inserter {
             let offsets: Vec<i64> = rows.iter().map(|r| r.offset).collect();
             let reasons: Vec<&str> = rows.iter().map(|r| r.reason).collect();
             let raws: Vec<&[u8]> = rows.iter().map(|r| r.raw.as_slice()).collect();
-            Ok(Spi::run_with_args(
-                "INSERT INTO store.rejects (job, file, line, byte_offset, reason, raw) \
-                 SELECT $1, * FROM unnest($2::text[], $3::int8[], $4::int8[], $5::text[], $6::bytea[]) \
-                 WHERE EXISTS (SELECT FROM store.jobs WHERE id = $1 AND attempts = $7) ON CONFLICT DO NOTHING",
-                &[job.into(), files.into(), lines.into(), offsets.into(), reasons.into(), raws.into(), claim.into()],
-            )?)
+            rejects::insert(job, claim, files, lines, offsets, reasons, raws)
         })
     }
 
@@ -141,24 +116,16 @@ impl Inserter {
         };
         let path = store_engine::walk::path_text(&file.path);
         let n = |v: u64| v as i64;
-        transaction(|| {
-            Ok(Spi::run_with_args(
-                "UPDATE store.files SET state = $3, records = $4, empty = $5, rejected = $6, filtered = $7, accepted = $8, error = $9 \
-                 WHERE job = $1 AND path = $2 AND EXISTS (SELECT FROM store.jobs WHERE id = $1 AND attempts = $10)",
-                &[
-                    self.job.id.into(),
-                    path.as_str().into(),
-                    state.into(),
-                    n(c.records).into(),
-                    n(c.empty).into(),
-                    n(c.rejected).into(),
-                    n(c.filtered).into(),
-                    n(c.accepted).into(),
-                    error.into(),
-                    self.job.claim.into(),
-                ],
-            )?)
-        })?;
+        let o = files::Outcome {
+            state,
+            records: n(c.records),
+            empty: n(c.empty),
+            rejected: n(c.rejected),
+            filtered: n(c.filtered),
+            accepted: n(c.accepted),
+            error,
+        };
+        transaction(|| files::record_outcome(self.job.id, self.job.claim, &path, &o))?;
         Ok(Flow::Continue)
     }
 
@@ -173,12 +140,7 @@ impl Inserter {
             let p = self.progress.snapshot();
             self.insert_total = p.records - p.rejected - p.filtered - p.duplicates;
             let id = self.job.id;
-            transaction(|| {
-                Ok(Spi::run_with_args(
-                    "UPDATE store.jobs SET insert_started_at = pg_catalog.now() WHERE id = $1",
-                    &[id.into()],
-                )?)
-            })?;
+            transaction(|| jobs::mark_insert_started(id))?;
         }
         self.status_now()
     }

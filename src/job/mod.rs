@@ -36,11 +36,12 @@ use crate::error::{Result, StoreError};
 use crate::gucs::Settings;
 use crate::insert::{Inserter, Role};
 use crate::registry;
-use crate::tables::jobs::Job;
+use crate::tables::jobs::{self, Job};
+use crate::tables::{files, ingested, rejects, target_storage};
 use crate::target::Target;
 use crate::txn::transaction;
 
-use plan::{Plan, STORAGE};
+use plan::Plan;
 use ranges::run_exact;
 pub use ranges::run_range;
 
@@ -137,7 +138,7 @@ pub(super) fn config(job: &Job, settings: &Settings, target: &Target) -> Result<
 
 /// Every attempt that reads its files again reports every reject again.
 pub(super) fn forget_rejects(job: &Job) -> Result<()> {
-    transaction(|| Ok(Spi::run_with_args("DELETE FROM store.rejects WHERE job = $1", &[job.id.into()])?))
+    transaction(|| rejects::forget(job.id))
 }
 
 /// Run job `id` under claim `claim` to its end.
@@ -182,19 +183,11 @@ pub(super) fn finish(
     inserter.flush_rejects()?;
     transaction(|| {
         inserter.write_status()?;
-        Spi::run_with_args(
-            "UPDATE store.files SET state = 'done' WHERE job = $1 AND state = 'read'",
-            &[job.id.into()],
-        )?;
+        files::mark_done(job.id)?;
         // The storage the target had when the job began must still be there: a TRUNCATE
         // (or a rewrite, a partition dropped) during the job may have taken some of its
         // lines, and its files must then be read again by the next run.
-        let kept = Spi::get_one_with_args::<bool>(
-            &format!(
-                "SELECT coalesce((SELECT target_storage FROM store.jobs WHERE id = $2) OPERATOR(pg_catalog.<@) {STORAGE}, true)"
-            ),
-            &[job.target.into(), job.id.into()],
-        )?;
+        let kept = target_storage::kept_since(job.target, job.id)?;
         if kept != Some(true) {
             log!(
                 "pg_store job {}: the target was truncated, rewritten or lost a partition while the job ran: \
@@ -202,25 +195,11 @@ pub(super) fn finish(
                 job.id
             );
         } else {
-            Spi::run_with_args(
-                "INSERT INTO store.ingested (target, path, spec, size, mtime_ns, ctime_ns, inode, fingerprint, job, owner) \
-                 SELECT $2, path, $4, size, mtime_ns, ctime_ns, inode, fingerprint, job, $3 FROM store.files WHERE job = $1 AND state = 'done' \
-                 ON CONFLICT (target, path, spec) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, ctime_ns = excluded.ctime_ns, \
-                   inode = excluded.inode, fingerprint = excluded.fingerprint, job = excluded.job, owner = excluded.owner, ingested_at = pg_catalog.now()",
-                &[job.id.into(), job.target.into(), job.owner.into(), spec.into()],
-            )?;
+            ingested::record_job(job.id, job.target, job.owner, spec)?;
         }
-        let state = Spi::get_one_with_args::<String>(
-            "UPDATE store.jobs SET state = CASE WHEN EXISTS (SELECT FROM store.files WHERE job = $1 AND state = 'failed') THEN 'partial' ELSE 'done' END, \
-               phase = 'done', percent = 100, finished_at = pg_catalog.now(), updated_at = pg_catalog.now(), estimated_false_drops = $3, \
-               files_done = files_total, files_failed = (SELECT pg_catalog.count(*) FROM store.files WHERE job = $1 AND state = 'failed') \
-             WHERE id = $1 AND attempts = $2 RETURNING state",
-            &[job.id.into(), job.claim.into(), estimated_false_drops.into()],
-        )?;
-        match state.as_deref() {
-            Some("done") => Ok(Ended::Done),
-            Some(_) => Ok(Ended::Partial),
-            None => Err(StoreError::Fenced),
+        match jobs::finish(job.id, job.claim, estimated_false_drops)?.as_str() {
+            "done" => Ok(Ended::Done),
+            _ => Ok(Ended::Partial),
         }
     })
 }

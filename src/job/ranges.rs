@@ -8,7 +8,6 @@ use std::time::Duration;
 use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
 use pgrx::prelude::*;
 use store_engine::config::Config;
-use store_engine::merge::KeyRange;
 use store_engine::sorted::{Keep, Sorted};
 use store_engine::Progress;
 
@@ -18,7 +17,8 @@ use crate::gucs::Settings;
 use crate::insert::{Inserter, Role};
 use crate::registry;
 use crate::signals::{reload_on_sighup, shutdown_requested};
-use crate::tables::jobs::Job;
+use crate::tables::checkpoints::{self, RangeRow};
+use crate::tables::jobs::{self, Job};
 use crate::target;
 use crate::txn::transaction;
 
@@ -103,65 +103,23 @@ pub(super) fn drain_range(
     transaction(|| inserter.range_done())
 }
 
-/// One key range of a job, as its checkpoint row has it.
-#[derive(Debug, Clone)]
-pub struct RangeRow {
-    pub range: i32,
-    pub keys: KeyRange,
-    pub done: bool,
-}
-
-fn ranges_of(job: &Job, only_open: bool) -> Result<Vec<RangeRow>> {
-    Spi::connect(|c| {
-        let t = c.select(
-            "SELECT range, key_after, key_upto, done FROM store.checkpoints WHERE job = $1 AND (NOT $2 OR NOT done) ORDER BY range",
-            None,
-            &[job.id.into(), only_open.into()],
-        )?;
-        t.map(|row| {
-            Ok(RangeRow {
-                range: row.get::<i32>(1)?.unwrap_or(0),
-                keys: KeyRange { after: row.get::<String>(2)?, upto: row.get::<String>(3)? },
-                done: row.get::<bool>(4)?.unwrap_or(false),
-            })
-        })
-        .collect::<Result<Vec<_>, pgrx::spi::SpiError>>()
-    })
-    .map_err(StoreError::from)
-}
-
 fn open_ranges(job: &Job) -> Result<Vec<RangeRow>> {
-    ranges_of(job, true)
+    checkpoints::ranges(job.id, true)
 }
 
 /// The job's key ranges: those an earlier attempt of this stream decided, else a split
 /// of `sorted` into `workers` ranges of about equal size, recorded once.
 fn split(job: &Job, sorted: &Sorted, workers: usize) -> Result<Vec<RangeRow>> {
-    let decided =
-        Spi::get_one_with_args::<i32>("SELECT ranges FROM store.jobs WHERE id = $1", &[job.id.into()])?.unwrap_or(0);
+    let decided = jobs::ranges(job.id)?;
     if decided == 0 {
         let ranges = sorted.ranges(workers);
-        let fenced = Spi::get_one_with_args::<bool>(
-            "WITH c AS (UPDATE store.checkpoints SET key_after = NULL, key_upto = $3 WHERE job = $1 AND range = 0 AND attempt = $2 RETURNING 1) \
-             SELECT NOT EXISTS (SELECT FROM c)",
-            &[job.id.into(), job.claim.into(), ranges[0].upto.clone().into()],
-        )?;
-        if fenced != Some(false) {
-            return Err(StoreError::Fenced);
-        }
+        checkpoints::split_first(job.id, job.claim, ranges[0].upto.clone())?;
         for (i, r) in ranges.iter().enumerate().skip(1) {
-            Spi::run_with_args(
-                "INSERT INTO store.checkpoints (job, range, attempt, spec, key_after, key_upto, fast_path) \
-                 SELECT job, $2, attempt, spec, $3, $4, fast_path FROM store.checkpoints WHERE job = $1 AND range = 0",
-                &[job.id.into(), (i as i32).into(), r.after.clone().into(), r.upto.clone().into()],
-            )?;
+            checkpoints::add_range(job.id, i as i32, r.after.clone(), r.upto.clone())?;
         }
-        Spi::run_with_args(
-            "UPDATE store.jobs SET ranges = $2 WHERE id = $1",
-            &[job.id.into(), (ranges.len() as i32).into()],
-        )?;
+        jobs::set_ranges(job.id, ranges.len() as i32)?;
     }
-    ranges_of(job, false)
+    checkpoints::ranges(job.id, false)
 }
 
 /// Start an inserter process for `range` of `job`.
@@ -211,12 +169,7 @@ fn wait_for_inserters(
 
 /// The error an inserter of `job` recorded, if one did.
 fn failed_range(job: &Job) -> Result<Option<StoreError>> {
-    let row = Spi::get_three_with_args::<i32, String, String>(
-        "SELECT (SELECT range FROM store.checkpoints WHERE job = $1 AND error IS NOT NULL ORDER BY range LIMIT 1), \
-                (SELECT error FROM store.checkpoints WHERE job = $1 AND error IS NOT NULL ORDER BY range LIMIT 1), \
-                (SELECT sqlstate FROM store.checkpoints WHERE job = $1 AND error IS NOT NULL ORDER BY range LIMIT 1)",
-        &[job.id.into()],
-    )?;
+    let row = checkpoints::first_error(job.id)?;
     Ok(match row {
         (Some(r), Some(message), code) => Some(StoreError::Sql {
             code: code.as_deref().map_or(ERRCODE_INTERNAL_ERROR, crate::error::code_of_sqlstate),
@@ -238,7 +191,7 @@ pub fn run_range(id: i64, claim: i32, range: i32) -> Result<()> {
     let mut sorted = Sorted::load(&keep, None, &cfg, &Progress::default())?.ok_or_else(|| {
         StoreError::internal(format!("the sorted runs of job {id} are gone from {}", keep.dir.display()))
     })?;
-    let row = transaction(|| ranges_of(&job, false))?.into_iter().find(|r| r.range == range);
+    let row = transaction(|| checkpoints::ranges(job.id, false))?.into_iter().find(|r| r.range == range);
     let Some(row) = row.filter(|r| !r.done) else { return Ok(()) };
     crate::citus::prepare_session(&target)?;
     let mut inserter =
