@@ -15,10 +15,11 @@ use pgrx::prelude::*;
 use store_engine::filter::Filter;
 use store_engine::Dedup;
 
+use crate::admission::{self, Asker};
 use crate::error::{Result, StoreError};
 use crate::tables::ingested;
 use crate::tables::jobs::{self, Status};
-use crate::{gucs, registry, security, target, PRELOADED};
+use crate::{gucs, registry, security, PRELOADED};
 
 extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
@@ -130,15 +131,9 @@ fn enqueue(
             "Maintenance commands (ANALYZE, VACUUM, REINDEX, CREATE INDEX, REFRESH MATERIALIZED VIEW) run a table owner's index and view code this way; reading server files does not belong there.",
         ));
     }
-    crate::job::require_utf8_database()?;
     let who = security::executing_role();
-    if !security::may_read_server_files(who) {
-        return Err(StoreError::refused(ERRCODE_INSUFFICIENT_PRIVILEGE, "permission denied to ingest server files").with_hint(
-            "As for COPY FROM a file: only superusers and roles with the privileges of pg_read_server_files may call store_ingest.",
-        ));
-    }
-    let canon = store_engine::paths::check(path, &gucs::allowed_dirs())?;
-    target::check(target, column, key_column, who)?;
+    let admitted = admission::check(Asker::Caller(who), path, target, column, key_column)?;
+    // The arguments only a caller gives, parsed as the job will parse them.
     let dedup: Dedup = dedup
         .parse()
         .map_err(|e: store_engine::Error| StoreError::refused(ERRCODE_INVALID_PARAMETER_VALUE, e.to_string()))?;
@@ -148,7 +143,7 @@ fn enqueue(
                 .with_hint("A filter is a regular expression, or include=RE;exclude=RE;min_len=N;max_len=N.")
         })?;
     }
-    let canon = store_engine::walk::path_text(&canon);
+    let canon = store_engine::walk::path_text(&admitted.path);
     let id = security::as_superuser(|| jobs::queue(&canon, target, column, dedup.as_str(), filter, who, key_column))?;
     // Once the job is visible, ask the launcher for a worker in this database. A prepared
     // transaction would make it visible at a COMMIT PREPARED no one here sees: refused.

@@ -4,13 +4,15 @@
 //! inserts, settings — over the [`store_engine`] crate, which does the heavy work and
 //! cannot reach PostgreSQL (it does not depend on pgrx).
 //!
-//! Who calls whom: [`api`] (the SQL functions) checks a call with [`security`] and
-//! [`target`] and queues a row in `store.jobs`; a [`worker`] claims it and runs [`job`]:
-//! plan (re-check, list files), then [`store_engine::distinct`] streams batches into
-//! the [`insert::Inserter`], then finish. [`error`] maps every failure to a SQLSTATE
-//! once; [`txn`] runs the worker's transactions; [`gucs`] holds every setting; every
-//! statement on pg_store's own tables (`store.*`) is in [`tables`], one module a table.
+//! Who calls whom: [`api`] (the SQL functions) checks a call with [`admission`] (which
+//! asks [`security`] and [`target`]) and queues a row in `store.jobs`; a [`worker`]
+//! claims it and runs [`job`]: plan (the same admission check again, list files), then
+//! [`store_engine::distinct`] streams batches into the [`insert::Inserter`], then
+//! finish. [`error`] maps every failure to a SQLSTATE once; [`txn`] runs the worker's
+//! transactions; [`gucs`] holds every setting; every statement on pg_store's own tables
+//! (`store.*`) is in [`tables`], one module a table.
 
+mod admission;
 pub mod api;
 mod citus;
 mod copy_in;

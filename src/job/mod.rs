@@ -1,10 +1,10 @@
 //! One job, start to end, in three steps:
 //!
-//! 1. **plan** ([`Plan::make`]): re-check what was checked when the job was queued (the
-//!    path against `store.allowed_dirs`, the target, the owner's privileges), open and
-//!    list the files, and record them against the ledger and any earlier attempt in one
-//!    set-based statement: which to read, which to skip, whether the stream an earlier
-//!    attempt checkpointed still holds.
+//! 1. **plan** ([`Plan::make`]): the admission check again, for the job's owner
+//!    ([`crate::admission`]: its privileges, the path against `store.allowed_dirs`, the
+//!    target), open and list the files, and record them against the ledger and any
+//!    earlier attempt in one set-based statement: which to read, which to skip, whether
+//!    the stream an earlier attempt checkpointed still holds.
 //! 2. **consume**: in exact mode, the sort an earlier attempt kept is loaded, or the
 //!    files are read and sorted into runs kept in the job's own directory
 //!    ([`store_engine::stream::prepare`]); the key space is split into ranges once, and
@@ -25,14 +25,13 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
 use pgrx::prelude::*;
 use store_engine::config::Config;
 use store_engine::filter::Filter;
 use store_engine::normalize::LineLimit;
 use store_engine::{private_dir, Dedup, Progress};
 
-use crate::error::{Result, StoreError};
+use crate::error::Result;
 use crate::gucs::Settings;
 use crate::insert::{Inserter, Role};
 use crate::registry;
@@ -100,16 +99,6 @@ pub fn stream_spec(job: &Job, cfg: &Config) -> String {
         cfg.limit.bytes,
         job.filter.as_deref().unwrap_or("")
     )
-}
-
-/// pg_store hands PostgreSQL UTF-8 text; another server encoding would store it garbled.
-pub fn require_utf8_database() -> Result<()> {
-    // SAFETY: reads the database's encoding.
-    if unsafe { pg_sys::GetDatabaseEncoding() } != pg_sys::pg_enc::PG_UTF8 as i32 {
-        return Err(StoreError::refused(ERRCODE_FEATURE_NOT_SUPPORTED, "pg_store needs a database with UTF8 encoding")
-            .with_hint("Lines are checked as UTF-8 and stored as such; create the database with ENCODING 'UTF8'."));
-    }
-    Ok(())
 }
 
 /// The engine's settings for `job`: its budget, limits, filter, mode, and its directory.

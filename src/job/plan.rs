@@ -3,16 +3,16 @@
 
 use std::collections::HashSet;
 
-use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
 use pgrx::prelude::*;
 use store_engine::config::Config;
 use store_engine::sorted::Keep;
 use store_engine::walk::{path_text, walk, FileEntry, Tree};
 use store_engine::Dedup;
 
-use super::{config, make_job_dir, require_utf8_database, stream_spec};
-use crate::error::{Result, StoreError};
-use crate::gucs::{self, Settings};
+use super::{config, make_job_dir, stream_spec};
+use crate::admission::{self, Asker};
+use crate::error::Result;
+use crate::gucs::Settings;
 use crate::security;
 use crate::tables::jobs::{self, Job};
 use crate::tables::{checkpoints, files, target_storage};
@@ -35,36 +35,16 @@ pub struct Plan {
 impl Plan {
     /// Check the job again, list its files, and record this attempt's plan.
     pub(super) fn make(job: &Job, settings: &Settings) -> Result<Plan> {
-        // The path was checked when the job was queued; settings or the file system may
-        // have changed since. The tree is then opened link by link from the checked path.
-        require_utf8_database()?;
-        let canon = store_engine::paths::check(&job.path, &gucs::allowed_dirs())?;
-        if path_text(&canon) != job.path {
-            return Err(StoreError::refused(ERRCODE_INSUFFICIENT_PRIVILEGE, format!("path \"{}\" now resolves to \"{}\"", job.path, canon.display()))
-                .with_hint("A component of the path became a symbolic link after the job was queued; queue it again with the path you mean."));
-        }
-        let (target, fast_probe) = transaction(|| {
-            let exists = Spi::get_one_with_args::<bool>(
-                "SELECT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE oid = $1)",
-                &[job.owner.into()],
-            )?;
-            if exists != Some(true) {
-                return Err(StoreError::refused(
-                    ERRCODE_UNDEFINED_OBJECT,
-                    format!("the role that queued job {} no longer exists", job.id),
-                ));
-            }
-            if !security::may_read_server_files(job.owner) {
-                return Err(StoreError::refused(
-                    ERRCODE_INSUFFICIENT_PRIVILEGE,
-                    "the job's owner may no longer read server files",
-                )
-                .with_hint("It lost superuser or the privileges of pg_read_server_files after queueing the job."));
-            }
-            let t = target::check(job.target, &job.column, job.key_column.as_deref(), job.owner)?;
+        // Everything was checked when the job was queued; settings, the file system, the
+        // table or the owner's privileges may have changed since. The tree is then opened
+        // link by link from the checked path.
+        let asker = Asker::Owner { role: job.owner, job: job.id };
+        let (admitted, fast_probe) = transaction(|| {
+            let a = admission::check(asker, &job.path, job.target, &job.column, job.key_column.as_deref())?;
             let probe = target::may_select(job.target, job.owner)?;
-            Ok((t, probe))
+            Ok((a, probe))
         })?;
+        let (canon, target) = (admitted.path, admitted.target);
         let cfg = config(job, settings, &target)?;
         make_job_dir(settings, job)?;
         let spec = stream_spec(job, &cfg);
