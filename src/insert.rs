@@ -425,7 +425,7 @@ impl Inserter {
             let copy = self.copy && admission.copy;
             let way = if plain && copy && (!citus || admission.owner_is_superuser) {
                 Way::Copy
-            } else if probe && !citus && self.probe_sql.is_some() && (copy || admission.rules) {
+            } else if probe && !citus && self.probe_sql.is_some() && admission.may_select && (copy || admission.rules) {
                 Way::Probe
             } else {
                 Way::Statement
@@ -440,6 +440,7 @@ impl Inserter {
             // Prepared (so planned, with any of the owner's functions a plan folds) and
             // run as the target's owner, in a security-restricted operation.
             let target = &self.target;
+            let may_read = admission.may_select;
             let inserted = as_role(admission.owner, || -> Result<u64> {
                 match way {
                     Way::Copy if citus => {
@@ -469,7 +470,8 @@ impl Inserter {
                         run_statement(prepared(slot, sql)?, recs.clone(), counted)
                     }
                 }
-            })?;
+            })
+            .map_err(|e| if may_read { e } else { e.without_detail() })?;
             let present = batch.len() as u64 - inserted;
             let fenced = Spi::get_one_with_args::<bool>(
                 "WITH c AS (UPDATE store.checkpoints SET last_key = coalesce($4, last_key), inserted = inserted + $5, \
