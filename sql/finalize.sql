@@ -1,5 +1,5 @@
 -- Objects that need the extension's functions: the default target, the status view,
--- store_ingest, store_wait, and the grants.
+-- store.ingest, store.wait, store.forget (and their 0.2.0 names), and the grants.
 --
 -- As in bootstrap.sql, what is parsed here and stored (the views, an index) names
 -- pg_catalog's operators and functions itself, with operands of the types they take:
@@ -199,7 +199,20 @@ END
 $$;
 COMMENT ON FUNCTION store.cluster_status() IS 'The jobs of every node of a Citus cluster (store.status of each, by node id); this node''s alone without Citus';
 
-CREATE FUNCTION store_wait(job bigint, timeout interval DEFAULT NULL)
+-- The functions a user calls live in schema store, which only the extension's owner
+-- may create objects in: a call store.ingest(...) cannot be caught by an overload that
+-- someone with CREATE on another schema (the database's owner owns public) planted for
+-- argument types that match a call better (store_wait(1) against a planted
+-- public.store_wait(integer)). store.cancel and store.purge are the library's.
+CREATE FUNCTION store.ingest(path text, target regclass DEFAULT 'store.lines', column_name name DEFAULT 'line',
+                             dedup text DEFAULT 'exact', filter text DEFAULT NULL, key_column name DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT store.enqueue(path, target::oid, column_name::text, dedup, filter, key_column::text) $$;
+COMMENT ON FUNCTION store.ingest(text, regclass, name, text, text, name) IS 'Queue an ingest of a file or directory on the server into target(column_name); returns the job id at once. The job starts when the calling transaction commits.';
+
+CREATE FUNCTION store.wait(job bigint, timeout interval DEFAULT NULL)
 RETURNS SETOF store.status
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -207,13 +220,20 @@ AS $$
     SELECT store.wait_job(job, timeout);
     SELECT * FROM store.status WHERE id = job;
 $$;
-COMMENT ON FUNCTION store_wait(bigint, interval) IS 'Wait (interruptibly) for a job to end, with a progress NOTICE every few seconds; returns its final status row';
+COMMENT ON FUNCTION store.wait(bigint, interval) IS 'Wait (interruptibly) for a job to end, with a progress NOTICE every few seconds; returns its final status row';
+
+CREATE FUNCTION store.forget(target regclass, path text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT store.forget_files(target::oid, path) $$;
+COMMENT ON FUNCTION store.forget(regclass, text) IS 'Make the ledger forget files ingested into target (all, or path: a file or a directory and what is under it) that the caller sees, so that the next store.ingest reads them again; returns how many';
 
 GRANT USAGE ON SCHEMA store TO PUBLIC;
 -- Row-level security limits every role to its own jobs.
 GRANT SELECT ON store.status, store.ranges, store.workers, store.jobs, store.files, store.rejects, store.checkpoints, store.ingested TO PUBLIC;
 -- Reading server files takes what COPY FROM a file takes: those roles may use the
--- default target. store_ingest and store_cancel check privileges themselves.
+-- default target. store.ingest and store.cancel check privileges themselves.
 GRANT SELECT, INSERT ON store.lines TO pg_read_server_files;
 
 -- A dropped table takes its ledger rows with it: an OID left behind would name another
@@ -235,17 +255,42 @@ REVOKE ALL ON FUNCTION store.forget_dropped_tables() FROM PUBLIC;
 REVOKE ALL ON FUNCTION store.wake() FROM PUBLIC;
 CREATE EVENT TRIGGER store_forget_dropped_tables ON sql_drop EXECUTE FUNCTION store.forget_dropped_tables();
 
+-- 0.2.0's names, in the extension's schema (public by default), kept for the calls and
+-- schedules written for it: each calls its store.* function. Where the database's owner
+-- is not trusted, call the store.* functions: an unqualified store_wait(1) resolves among
+-- whatever that schema holds.
 CREATE FUNCTION store_ingest(path text, target regclass DEFAULT 'store.lines', column_name name DEFAULT 'line',
                              dedup text DEFAULT 'exact', filter text DEFAULT NULL, key_column name DEFAULT NULL)
 RETURNS bigint
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT store.enqueue(path, target::oid, column_name::text, dedup, filter, key_column::text) $$;
-COMMENT ON FUNCTION store_ingest(text, regclass, name, text, text, name) IS 'Queue an ingest of a file or directory on the server into target(column_name); returns the job id at once. The job starts when the calling transaction commits.';
+AS $$ SELECT store.ingest(path, target, column_name, dedup, filter, key_column) $$;
+COMMENT ON FUNCTION store_ingest(text, regclass, name, text, text, name) IS 'store.ingest, by its 0.2.0 name';
+
+CREATE FUNCTION store_wait(job bigint, timeout interval DEFAULT NULL)
+RETURNS SETOF store.status
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM store.wait(job, timeout) $$;
+COMMENT ON FUNCTION store_wait(bigint, interval) IS 'store.wait, by its 0.2.0 name';
+
+CREATE FUNCTION store_cancel(job bigint)
+RETURNS boolean
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT store.cancel(job) $$;
+COMMENT ON FUNCTION store_cancel(bigint) IS 'store.cancel, by its 0.2.0 name';
+
+CREATE FUNCTION store_purge(older_than interval)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT store.purge(older_than) $$;
+COMMENT ON FUNCTION store_purge(interval) IS 'store.purge, by its 0.2.0 name';
 
 CREATE FUNCTION store_forget(target regclass, path text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT store.forget(target::oid, path) $$;
-COMMENT ON FUNCTION store_forget(regclass, text) IS 'Make the ledger forget files ingested into target (all, or path: a file or a directory and what is under it) that the caller sees, so that the next store_ingest reads them again; returns how many';
+AS $$ SELECT store.forget(target, path) $$;
+COMMENT ON FUNCTION store_forget(regclass, text) IS 'store.forget, by the name of 0.2.0''s other functions';

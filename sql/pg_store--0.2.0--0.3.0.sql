@@ -16,7 +16,7 @@
 -- store.jobs.target_storage and store.target_storage make the ledger follow the table
 -- (a TRUNCATE, a rewrite or a partition dropped makes the next run read the files
 -- again); store.queue_note() says in store.status why a queued job waits;
--- store.forget() is behind store_forget(). The function definitions are those pgrx
+-- store.forget_files() is behind store.forget(). The function definitions are those pgrx
 -- generates for a fresh install.
 ALTER TABLE store.jobs ADD COLUMN target_storage text[];
 COMMENT ON COLUMN store.jobs.target_storage IS 'The target''s storage when the job began (leaf-oid/relfilenode of the table or of each partition): if some of it is gone when the job ends (TRUNCATE, a rewrite, a partition dropped), its files stay out of the ledger';
@@ -37,11 +37,11 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'queue_note_wrapper';
 
-CREATE  FUNCTION store."forget"(
+CREATE  FUNCTION store."forget_files"(
 	"target" oid, /* Option < pg_sys :: Oid > */
 	"path" TEXT /* Option < & str > */
 ) RETURNS bigint /* i64 */
-VOLATILE 
+VOLATILE  
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'forget_wrapper';
@@ -121,10 +121,8 @@ SELECT j.id,
 -- 22004 instead of returning NULL: no longer STRICT. store.files.error also says why
 -- the listing skipped an entry; store.workers shows other roles' work only to
 -- pg_read_all_stats; a dropped table takes its recorded storage with it; and
--- store_forget() is new.
+-- store.forget() is new (section 4).
 COMMENT ON COLUMN store.status.waiting_for IS 'Why a queued job does not run yet, when pg_store knows: no background worker slot free (max_worker_processes), or every store.workers worker busy in other databases';
-ALTER FUNCTION store_cancel(bigint) CALLED ON NULL INPUT;
-ALTER FUNCTION store_purge(interval) CALLED ON NULL INPUT;
 COMMENT ON COLUMN store.files.error IS 'Why the file failed, with the OS error; for an entry skipped by the listing (hidden name, symbolic link, socket, FIFO, device), why';
 COMMENT ON VIEW store.workers IS 'pg_store''s processes: the launcher, a worker per busy database, inserters; other roles'' work and other databases'' only to roles with the privileges of pg_read_all_stats';
 COMMENT ON COLUMN store.workers.job IS 'The job it works on';
@@ -143,13 +141,91 @@ BEGIN
 END
 $$;
 
+-- 4. The functions a user calls move to schema store, which only the extension's owner
+-- may create objects in: a call store.wait(1) cannot be caught by an overload the
+-- database's owner planted in public (public.store_wait(integer) matched store_wait(1)
+-- better than 0.2.0's store_wait(bigint)). 0.2.0's names stay, in the extension's
+-- schema, each calling its store.* function; store_cancel and store_purge, which were
+-- the library's, become SQL functions (not STRICT: a NULL is refused with 22004).
+DROP FUNCTION store_cancel(bigint);
+DROP FUNCTION store_purge(interval);
+
+CREATE  FUNCTION store."cancel"(
+	"job" bigint /* Option < i64 > */
+) RETURNS bool /* bool */
+VOLATILE  
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'store_cancel_wrapper';
+
+CREATE  FUNCTION store."purge"(
+	"older_than" interval /* Option < Interval > */
+) RETURNS bigint /* i64 */
+VOLATILE  
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'store_purge_wrapper';
+
+CREATE FUNCTION store.ingest(path text, target regclass DEFAULT 'store.lines', column_name name DEFAULT 'line',
+                             dedup text DEFAULT 'exact', filter text DEFAULT NULL, key_column name DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT store.enqueue(path, target::oid, column_name::text, dedup, filter, key_column::text) $$;
+COMMENT ON FUNCTION store.ingest(text, regclass, name, text, text, name) IS 'Queue an ingest of a file or directory on the server into target(column_name); returns the job id at once. The job starts when the calling transaction commits.';
+
+CREATE FUNCTION store.wait(job bigint, timeout interval DEFAULT NULL)
+RETURNS SETOF store.status
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT store.wait_job(job, timeout);
+    SELECT * FROM store.status WHERE id = job;
+$$;
+COMMENT ON FUNCTION store.wait(bigint, interval) IS 'Wait (interruptibly) for a job to end, with a progress NOTICE every few seconds; returns its final status row';
+
+CREATE FUNCTION store.forget(target regclass, path text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT store.forget_files(target::oid, path) $$;
+COMMENT ON FUNCTION store.forget(regclass, text) IS 'Make the ledger forget files ingested into target (all, or path: a file or a directory and what is under it) that the caller sees, so that the next store.ingest reads them again; returns how many';
+
+CREATE OR REPLACE FUNCTION store_ingest(path text, target regclass DEFAULT 'store.lines', column_name name DEFAULT 'line',
+                             dedup text DEFAULT 'exact', filter text DEFAULT NULL, key_column name DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT store.ingest(path, target, column_name, dedup, filter, key_column) $$;
+COMMENT ON FUNCTION store_ingest(text, regclass, name, text, text, name) IS 'store.ingest, by its 0.2.0 name';
+
+CREATE OR REPLACE FUNCTION store_wait(job bigint, timeout interval DEFAULT NULL)
+RETURNS SETOF store.status
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM store.wait(job, timeout) $$;
+COMMENT ON FUNCTION store_wait(bigint, interval) IS 'store.wait, by its 0.2.0 name';
+
+CREATE FUNCTION store_cancel(job bigint)
+RETURNS boolean
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT store.cancel(job) $$;
+COMMENT ON FUNCTION store_cancel(bigint) IS 'store.cancel, by its 0.2.0 name';
+
+CREATE FUNCTION store_purge(older_than interval)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT store.purge(older_than) $$;
+COMMENT ON FUNCTION store_purge(interval) IS 'store.purge, by its 0.2.0 name';
+
 CREATE FUNCTION store_forget(target regclass, path text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT store.forget(target::oid, path) $$;
-COMMENT ON FUNCTION store_forget(regclass, text) IS 'Make the ledger forget files ingested into target (all, or path: a file or a directory and what is under it) that the caller sees, so that the next store_ingest reads them again; returns how many';
-
+AS $$ SELECT store.forget(target, path) $$;
+COMMENT ON FUNCTION store_forget(regclass, text) IS 'store.forget, by the name of 0.2.0''s other functions';
 
 -- Last: jobs queued while the library was 0.3.0 but the objects still 0.2.0's (its
 -- functions refused, its workers left this database alone) run now, not at the next

@@ -45,7 +45,7 @@ mod store {
         filter: Option<&str>,
         key_column: Option<&str>,
     ) -> i64 {
-        let f = "store_ingest";
+        let f = "store.ingest";
         (|| {
             super::enqueue(
                 super::required(path, f, "path")?,
@@ -64,7 +64,7 @@ mod store {
     #[pg_extern(volatile)]
     #[search_path(pg_catalog, pg_temp)]
     fn wait_job(job: Option<i64>, timeout: Option<pgrx::datum::Interval>) -> String {
-        super::required(job, "store_wait", "job")
+        super::required(job, "store.wait", "job")
             .and_then(|job| super::wait_job(job, timeout))
             .unwrap_or_else(|e| e.raise())
     }
@@ -171,15 +171,15 @@ fn queue_note() -> Option<String> {
     registry::queue_note(gucs::WORKERS.get().max(0) as usize)
 }
 
-/// `store_forget`: make the ledger forget files ingested into `target` — every one, or
-/// `path` (a file, or a directory and everything under it) — so that the next run reads
-/// them again: after rows were deleted from the target, say. Only the ledger rows the
-/// caller sees (of its own jobs, or of roles whose privileges it has; a superuser's: all).
-/// Returns how many it forgot.
-#[pg_extern(volatile, schema = "store")]
+/// Behind `store.forget`: make the ledger forget files ingested into `target` — every
+/// one, or `path` (a file, or a directory and everything under it) — so that the next
+/// run reads them again: after rows were deleted from the target, say. Only the ledger
+/// rows the caller sees (of its own jobs, or of roles whose privileges it has; a
+/// superuser's: all). Returns how many it forgot.
+#[pg_extern(volatile, schema = "store", name = "forget_files")]
 #[search_path(pg_catalog, pg_temp)]
 fn forget(target: Option<pg_sys::Oid>, path: Option<&str>) -> i64 {
-    required(target, "store_forget", "target").and_then(|t| forget_files(t, path)).unwrap_or_else(|e| e.raise())
+    required(target, "store.forget", "target").and_then(|t| forget_files(t, path)).unwrap_or_else(|e| e.raise())
 }
 
 fn forget_files(target: pg_sys::Oid, path: Option<&str>) -> Result<i64> {
@@ -252,13 +252,13 @@ fn worker_rows() -> Result<std::vec::IntoIter<WorkerRow>> {
     Ok(rows.into_iter())
 }
 
-/// `store_cancel`: ask a job to stop. A queued job is cancelled at once; a running one
+/// `store.cancel`: ask a job to stop. A queued job is cancelled at once; a running one
 /// within a second or a batch. A role may cancel the jobs it sees: its own (or those of
 /// a role whose privileges it has); a superuser any.
-#[pg_extern(volatile)]
+#[pg_extern(volatile, schema = "store", name = "cancel")]
 #[search_path(pg_catalog, pg_temp)]
 fn store_cancel(job: Option<i64>) -> bool {
-    required(job, "store_cancel", "job").and_then(cancel).unwrap_or_else(|e| e.raise())
+    required(job, "store.cancel", "job").and_then(cancel).unwrap_or_else(|e| e.raise())
 }
 
 fn cancel(job: i64) -> Result<bool> {

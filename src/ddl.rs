@@ -27,7 +27,30 @@ pub fn init() {
     }
 }
 
-#[pg_guard]
+/// PostgreSQL's own `standard_ProcessUtility`, called directly: pgrx's binding would
+/// catch every ERROR of every utility statement and raise it again, through Rust.
+mod raw {
+    use pgrx::pg_sys;
+    unsafe extern "C-unwind" {
+        #[allow(clippy::too_many_arguments)]
+        pub fn standard_ProcessUtility(
+            pstmt: *mut pg_sys::PlannedStmt,
+            query: *const std::ffi::c_char,
+            read_only_tree: bool,
+            context: pg_sys::ProcessUtilityContext::Type,
+            params: pg_sys::ParamListInfo,
+            env: *mut pg_sys::QueryEnvironment,
+            dest: *mut pg_sys::DestReceiver,
+            qc: *mut pg_sys::QueryCompletion,
+        );
+    }
+}
+
+/// The hook. It is not `#[pg_guard]`ed on purpose: what it does before the statement runs
+/// is ([`before`]), and then it hands the statement on as its last act, holding nothing
+/// that needs dropping — an ERROR the statement raises goes back to PostgreSQL as from C,
+/// never caught and raised again through Rust (pgrx would add a backtrace to every DDL
+/// error's detail when the server runs with `RUST_BACKTRACE` set).
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn process_utility(
     pstmt: *mut pg_sys::PlannedStmt,
@@ -40,15 +63,23 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     // SAFETY: the statement PostgreSQL is about to run.
-    if unsafe { drops_pg_store(pstmt) } {
-        stop_this_database();
-    }
+    unsafe { before(pstmt) };
     // SAFETY: hands the statement on, unchanged, as PostgreSQL would have run it.
     unsafe {
         match PREVIOUS {
             Some(previous) => previous(pstmt, query, read_only_tree, context, params, env, dest, qc),
-            None => pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, env, dest, qc),
+            None => raw::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, env, dest, qc),
         }
+    }
+}
+
+/// What pg_store does before a utility statement runs: for its owner's `DROP EXTENSION
+/// pg_store`, stop the database's pg_store processes.
+#[pg_guard]
+unsafe extern "C-unwind" fn before(pstmt: *mut pg_sys::PlannedStmt) {
+    // SAFETY: the statement PostgreSQL is about to run.
+    if unsafe { drops_pg_store(pstmt) } && may_drop_pg_store() {
+        stop_this_database();
     }
 }
 
@@ -72,6 +103,17 @@ unsafe fn drops_pg_store(pstmt: *mut pg_sys::PlannedStmt) -> bool {
             let name = (*objects.elements.add(i)).ptr_value.cast::<pg_sys::String>();
             !name.is_null() && std::ffi::CStr::from_ptr((*name).sval).to_bytes() == b"pg_store"
         })
+    }
+}
+
+/// Whether the role running the statement owns pg_store here (so the DROP will not be
+/// refused for want of privilege): anyone else's `DROP EXTENSION pg_store` must not stop
+/// anything, or a login could fail other roles' jobs by trying it again and again.
+fn may_drop_pg_store() -> bool {
+    // SAFETY: catalog look-ups in the statement's transaction.
+    unsafe {
+        let ext = pg_sys::get_extension_oid(c"pg_store".as_ptr(), true);
+        ext != pg_sys::InvalidOid && pg_sys::pg_extension_ownercheck(ext, pg_sys::GetUserId())
     }
 }
 

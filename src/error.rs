@@ -124,6 +124,16 @@ impl StoreError {
         matches!(self, StoreError::Sql { code: ERRCODE_INTERNAL_ERROR, .. })
     }
 
+    /// The error without its DETAIL: for an error raised while the target's owner ran a
+    /// batch, whose detail may show values of columns (a failing row) the job's owner may
+    /// not read; the job's owner sees the message and the SQLSTATE.
+    pub fn without_detail(self) -> StoreError {
+        match self {
+            StoreError::Sql { code, message, hint, .. } => StoreError::Sql { code, message, detail: None, hint },
+            other => other,
+        }
+    }
+
     /// An internal error (XX000) whose text says a connection to another node was lost
     /// or refused — how Citus reports most node failures. Other XX000s (a feature an
     /// access method lacks, say) are permanent and must not be retried as if a node were

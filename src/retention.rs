@@ -70,10 +70,10 @@ fn purge_job(id: i64) -> Result<()> {
 /// Delete the jobs the caller sees (its own, and those of roles whose privileges it
 /// has; a superuser's: all) that ended more than `older_than` ago, with their files,
 /// checkpoints and rejects; never an open job, never the ledger. Returns how many.
-#[pg_extern(volatile)]
+#[pg_extern(volatile, schema = "store", name = "purge")]
 #[search_path(pg_catalog, pg_temp)]
 fn store_purge(older_than: Option<Interval>) -> i64 {
-    crate::api::required(older_than, "store_purge", "older_than").and_then(purge).unwrap_or_else(|e| e.raise())
+    crate::api::required(older_than, "store.purge", "older_than").and_then(purge).unwrap_or_else(|e| e.raise())
 }
 
 fn purge(older_than: Interval) -> Result<i64> {

@@ -342,6 +342,10 @@ pub struct Admission {
     /// It has rules, which `ON CONFLICT` refuses: the safe path is then a look-up and a
     /// plain INSERT of the lines not found.
     pub rules: bool,
+    /// The job's owner may read the whole table: the look-up of a batch's keys is allowed
+    /// (it tells which lines the table holds), and an error's detail (a failing row's
+    /// values) may be kept for it.
+    pub may_select: bool,
 }
 
 /// Lock the target by OID with the lock an insert takes — held to the end of the
@@ -364,7 +368,10 @@ fn rights(oid: pg_sys::Oid, columns: &[&str], role: pg_sys::Oid) -> Result<Admis
                       WHERE NOT pg_catalog.has_column_privilege($2, c.oid, a, 'INSERT')), \
                     (SELECT pg_catalog.format('%s (owned by %s)', p.oid::pg_catalog.regclass, p.relowner::pg_catalog.regrole) \
                        FROM pg_catalog.pg_partition_tree(c.oid) t JOIN pg_catalog.pg_class p ON p.oid = t.relid \
-                      WHERE p.relowner <> c.relowner LIMIT 1) \
+                      WHERE p.relowner <> c.relowner LIMIT 1), \
+                    pg_catalog.has_schema_privilege($2, c.relnamespace, 'USAGE'), \
+                    c.relnamespace::pg_catalog.regnamespace::pg_catalog.text, \
+                    pg_catalog.has_table_privilege($2, c.oid, 'SELECT') \
              FROM pg_catalog.pg_class c WHERE c.oid = $1",
             Some(1),
             &[oid.into(), role.into(), columns.to_vec().into()],
@@ -379,15 +386,26 @@ fn rights(oid: pg_sys::Oid, columns: &[&str], role: pg_sys::Oid) -> Result<Admis
             r.get::<bool>(3)?,
             r.get::<Vec<String>>(4)?,
             r.get::<String>(5)?,
+            r.get::<bool>(6)?,
+            r.get::<String>(7)?,
+            r.get::<bool>(8)?,
         )))
     })?;
-    let Some((Some(owner), Some(name), rules, denied, foreign_partition)) = row else {
+    let Some((Some(owner), Some(name), rules, denied, foreign_partition, usage, schema, may_select)) = row else {
         return Err(StoreError::refused(
             ERRCODE_UNDEFINED_TABLE,
             format!("the target (OID {}) no longer exists", oid.to_u32()),
         )
         .with_hint("It was dropped, or replaced by a table with a new OID (as Citus's alter_distributed_table and undistribute_table do): queue the job again."));
     };
+    // What INSERT by name would check first: USAGE on the table's schema (a job queued
+    // with the table's OID never names it).
+    if usage != Some(true) {
+        return Err(StoreError::refused(
+            ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied for schema {}", schema.unwrap_or_default()),
+        ));
+    }
     if let Some(c) = denied.unwrap_or_default().first() {
         return Err(StoreError::refused(
             ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -415,7 +433,14 @@ fn rights(oid: pg_sys::Oid, columns: &[&str], role: pg_sys::Oid) -> Result<Admis
     // SAFETY: a catalog look-up.
     let owner_is_superuser = unsafe { pg_sys::superuser_arg(owner) };
     let rules = rules == Some(true);
-    Ok(Admission { owner, owner_is_superuser, name, copy: !rules && !rls(owner), rules })
+    Ok(Admission {
+        owner,
+        owner_is_superuser,
+        name,
+        copy: !rules && !rls(owner),
+        rules,
+        may_select: may_select == Some(true),
+    })
 }
 
 /// How a row `t` of the target matches a line `x.l` through its unique index: the

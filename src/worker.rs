@@ -337,7 +337,9 @@ fn remove_orphans(db: u32) {
     let ids: Vec<(i64, std::path::PathBuf)> = entries
         .flatten()
         .filter_map(|e| {
-            let id = e.file_name().to_str()?.strip_prefix(&prefix)?.parse().ok()?;
+            // job-<db>-<id>-<random> (or 0.2.0's job-<db>-<id>).
+            let rest = e.file_name().to_str()?.strip_prefix(&prefix)?.to_string();
+            let id = rest.split('-').next()?.parse().ok()?;
             Some((id, e.path()))
         })
         .collect();
@@ -440,7 +442,9 @@ fn run_claimed(id: i64, claim: i32) {
     };
     // The job is over: its sorted runs are of no more use.
     if let Ok(settings) = gucs::Settings::read() {
-        let _ = store_engine::private_dir::remove(&job::job_dir(&settings, id));
+        for dir in job::job_dirs(&settings, id) {
+            let _ = store_engine::private_dir::remove(&dir);
+        }
     }
     if state != "done" && state != "partial" {
         let res = transaction(|| {

@@ -264,9 +264,10 @@ fn a_hot_standby_shows_jobs_and_refuses_writes_with_25006() {
 }
 
 /// Issue 23, item 9: `DROP EXTENSION pg_store CASCADE` during a job failed for the DBA
-/// with 40P01 (deadlock detected), and the job went on. Now the DROP stops the
-/// database's pg_store processes first and succeeds; pg_store can be created again and
-/// used at once.
+/// with 40P01 (deadlock detected), and the job went on. Now the DROP of the extension's
+/// owner stops the database's pg_store processes first and succeeds (anyone else's is
+/// refused by PostgreSQL and stops nothing); pg_store can be created again and used at
+/// once.
 #[test]
 fn drop_extension_during_a_job_stops_it_and_succeeds() {
     let c = Cluster::start("drop_mid_job", "store.batch_max = 1000\nstore.insert_workers = 2");
@@ -281,6 +282,17 @@ fn drop_extension_during_a_job_stops_it_and_succeeds() {
     );
     let job: i64 = q(&c, &format!("SELECT store_ingest('{}')", dir.display())).parse().unwrap();
     c.wait_mid_insert(job);
+    // A role that does not own pg_store: its DROP is refused, and stops nothing.
+    q(&c, "CREATE ROLE nobody LOGIN");
+    for _ in 0..3 {
+        let e = c.psql_as("nobody", "DROP EXTENSION pg_store").unwrap_err();
+        assert!(e.contains("must be owner of extension pg_store"), "{e}");
+    }
+    assert_eq!(
+        q(&c, &format!("SELECT attempts FROM store.jobs WHERE id = {job}")),
+        "1",
+        "another role's DROP stopped the job"
+    );
     let out = c.psql_script("postgres", "\\set VERBOSITY verbose\nDROP EXTENSION pg_store CASCADE;\n");
     assert!(out.is_ok(), "DROP EXTENSION during a job: {out:?}");
     assert_eq!(q(&c, "SELECT count(*) FROM pg_extension WHERE extname = 'pg_store'"), "0");

@@ -191,8 +191,9 @@ fn as_attacker(script: &str) {
 /// Issue 20, item 3: with `store.temp_dir` in a world-writable sticky directory (a
 /// `/tmp`), another OS user pre-created the next job's directory with a link where a run
 /// file would go: the job wrote through it over a file of the server's user. Now a job's
-/// directory is created exclusively (the job fails with 42501 naming it, and nothing is
-/// written), a `store.temp_dir` others may rename things in is refused, and the server
+/// directory is created exclusively under a name with a random part (what the attacker
+/// made is neither used nor able to keep the job from running), a `store.temp_dir` with
+/// a directory above it that others may rename things in is refused, and the server
 /// removes only directories it made.
 #[test]
 fn the_temporary_directory_trusts_nothing_another_os_user_put_there() {
@@ -226,15 +227,35 @@ fn the_temporary_directory_trusts_nothing_another_os_user_put_there() {
     let job = c.ingest(&format!("'{}', 't'", input.display()));
     assert_eq!(job, next);
     let s = c.wait_state(job, &["done", "failed"], Duration::from_secs(60));
-    let (sqlstate, error) = (
-        q(&c, &format!("SELECT coalesce(sqlstate, '') FROM store.jobs WHERE id = {job}")),
-        q(&c, &format!("SELECT coalesce(error, '') FROM store.jobs WHERE id = {job}")),
-    );
+    let error = q(&c, &format!("SELECT coalesce(sqlstate || ' ' || error, '') FROM store.jobs WHERE id = {job}"));
     assert_eq!(fs::read_to_string(&victim).unwrap(), "the server's own data\n", "written through the attacker's link");
-    assert_eq!((s.as_str(), sqlstate.as_str()), ("failed", "42501"), "{error}");
-    assert!(error.contains(&dir.display().to_string()) && error.contains("not created by this job"), "{error}");
-    assert_eq!(num(&c, "SELECT count(*) FROM t"), 0);
+    // The job's directory has a name nobody could guess: the attacker's is not used, and
+    // cannot keep the job from running either.
+    assert_eq!(s, "done", "{error}");
+    assert_eq!(num(&c, "SELECT count(*) FROM t"), 2);
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 3, "the job wrote into the attacker's directory");
     assert!(dir.exists(), "the attacker's directory is not pg_store's to remove");
+    // A temporary directory inside one the attacker owns: the attacker could swap it (or
+    // the job's) between two opens. Refused, naming the directory.
+    let theirs = shared.join("theirs");
+    as_attacker(&format!("mkdir -m 0755 {}", theirs.display()));
+    let inside = theirs.join("runs");
+    fs::create_dir(&inside).unwrap();
+    std::os::unix::fs::chown(&inside, Some(uid_of("postgres")), None).unwrap();
+    fs::set_permissions(&inside, fs::Permissions::from_mode(0o700)).unwrap();
+    q(&c, &format!("ALTER SYSTEM SET store.temp_dir = '{}'", inside.display()));
+    q(&c, "SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(1500));
+    let job = c.ingest(&format!("'{}', 't'", input.display()));
+    assert_eq!(c.wait_state(job, &["done", "failed"], Duration::from_secs(60)), "failed");
+    let error = q(&c, &format!("SELECT sqlstate || ' ' || error FROM store.jobs WHERE id = {job}"));
+    assert!(
+        error.starts_with("42501 ") && error.contains(&theirs.display().to_string()) && error.contains("owned by uid"),
+        "{error}"
+    );
+    q(&c, &format!("ALTER SYSTEM SET store.temp_dir = '{}'", shared.display()));
+    q(&c, "SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(1500));
     // A temporary directory others may write to without the sticky bit: refused.
     fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
     let job = c.ingest(&format!("'{}', 't'", input.display()));
@@ -350,4 +371,57 @@ fn spawn_with_pid(pid: i32, uid: u32) -> std::process::Child {
         assert!(settable || attempt < pid_max, "could not start a process with PID {pid}");
     }
     panic!("could not start a process with PID {pid}");
+}
+
+/// Found in review: the functions a user calls lived in the extension's schema, `public`,
+/// where the database's owner may plant overloads that match a call better —
+/// `store_wait(1)` resolved to a planted `public.store_wait(integer)`, run by whoever
+/// called it, a superuser following the README included. They are in schema `store` now,
+/// which only the extension's owner may create objects in: overloads planted anywhere
+/// never catch a call of `store.ingest`, `store.wait`, `store.cancel`, `store.purge`,
+/// `store.forget`.
+#[test]
+fn overloads_the_database_owner_plants_never_catch_calls_of_the_store_functions() {
+    let c = Cluster::start("api_overloads", "");
+    q(&c, "CREATE ROLE dbowner LOGIN");
+    q(&c, "CREATE DATABASE app OWNER dbowner");
+    c.psql_in("app", "postgres", "CREATE EXTENSION pg_store").unwrap();
+    let dir = readable_dir(&c.dir.join("in"));
+    fs::write(dir.join("a.txt"), "one\ntwo\n").unwrap();
+    let planted = r#"
+        CREATE TABLE public.hits (what text, who name DEFAULT current_user);
+        GRANT INSERT, SELECT ON public.hits TO PUBLIC;
+        CREATE FUNCTION public.store_wait(job integer) RETURNS SETOF store.status LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO public.hits (what) VALUES ('store_wait(integer)');
+              RETURN QUERY SELECT * FROM store.wait(job); END $$;
+        CREATE FUNCTION public.store_cancel(job integer) RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO public.hits (what) VALUES ('store_cancel(integer)'); RETURN false; END $$;
+        CREATE FUNCTION public.store_ingest(path text) RETURNS bigint LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO public.hits (what) VALUES ('store_ingest(text)'); RETURN 0; END $$;
+        CREATE FUNCTION public.wait(job integer) RETURNS integer LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO public.hits (what) VALUES ('wait(integer)'); RETURN 0; END $$;
+        CREATE FUNCTION public.forget(target text) RETURNS bigint LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO public.hits (what) VALUES ('forget(text)'); RETURN 0; END $$;
+    "#;
+    c.psql_in("app", "dbowner", planted).unwrap();
+    // Schema store takes nothing from the database's owner.
+    let e = c.psql_in(
+        "app",
+        "dbowner",
+        "CREATE FUNCTION store.wait(job integer) RETURNS integer LANGUAGE sql AS 'SELECT 1'",
+    );
+    assert!(e.as_ref().is_err_and(|e| e.contains("permission denied for schema store")), "{e:?}");
+    let run = |sql: &str| c.psql_in("app", "postgres", sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let job: i64 = run(&format!("SELECT store.ingest('{}')", dir.display())).parse().unwrap();
+    assert_eq!(run(&format!("SELECT state FROM store.wait({job})")), "done");
+    run("SELECT store.cancel(1)");
+    run("SELECT store.purge('100 years')");
+    run("SELECT store.forget('store.lines')");
+    assert_eq!(
+        run("SELECT count(*) FROM public.hits"),
+        "0",
+        "a planted overload ran: {}",
+        run("SELECT string_agg(what, ', ') FROM public.hits")
+    );
+    assert_eq!(run("SELECT count(*) FROM store.lines"), "2");
 }

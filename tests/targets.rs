@@ -77,14 +77,20 @@ fn null_arguments_and_filter_typos_are_refused_naming_them() {
     let dir = readable_dir(&c.dir.join("in"));
     fs::write(dir.join("a.txt"), "one\n").unwrap();
     let d = dir.display();
-    refused(&c, "SELECT store_ingest(NULL)", "22004", "path of store_ingest must not be NULL");
-    refused(&c, &format!("SELECT store_ingest('{d}', NULL)"), "22004", "target of store_ingest");
-    refused(&c, &format!("SELECT store_ingest('{d}', column_name => NULL)"), "22004", "column_name of store_ingest");
-    refused(&c, &format!("SELECT store_ingest('{d}', dedup => NULL)"), "22004", "dedup of store_ingest");
-    refused(&c, "SELECT store_cancel(NULL)", "22004", "job of store_cancel");
-    refused(&c, "SELECT * FROM store_wait(NULL)", "22004", "job of store_wait");
-    refused(&c, "SELECT store_purge(NULL)", "22004", "older_than of store_purge");
-    refused(&c, "SELECT store_forget(NULL)", "22004", "target of store_forget");
+    refused(&c, "SELECT store.ingest(NULL)", "22004", "path of store.ingest must not be NULL");
+    refused(&c, &format!("SELECT store.ingest('{d}', NULL)"), "22004", "target of store.ingest");
+    refused(&c, &format!("SELECT store.ingest('{d}', column_name => NULL)"), "22004", "column_name of store.ingest");
+    refused(&c, &format!("SELECT store.ingest('{d}', dedup => NULL)"), "22004", "dedup of store.ingest");
+    refused(&c, "SELECT store.cancel(NULL)", "22004", "job of store.cancel");
+    refused(&c, "SELECT * FROM store.wait(NULL)", "22004", "job of store.wait");
+    refused(&c, "SELECT store.purge(NULL)", "22004", "older_than of store.purge");
+    refused(&c, "SELECT store.forget(NULL)", "22004", "target of store.forget");
+    // The same through 0.2.0's names.
+    refused(&c, "SELECT store_ingest(NULL)", "22004", "path of store.ingest must not be NULL");
+    refused(&c, "SELECT store_cancel(NULL)", "22004", "job of store.cancel");
+    refused(&c, "SELECT * FROM store_wait(NULL)", "22004", "job of store.wait");
+    refused(&c, "SELECT store_purge(NULL)", "22004", "older_than of store.purge");
+    refused(&c, "SELECT store_forget(NULL)", "22004", "target of store.forget");
     let e = refused(&c, &format!("SELECT store_ingest('{d}', filter => 'include=^a;minlen=3')"), "22023", "minlen");
     assert!(e.contains("min_len"), "{e}");
 }

@@ -353,7 +353,7 @@ impl Inserter {
             let copy = self.copy && admission.copy;
             let way = if plain && copy && (!citus || admission.owner_is_superuser) {
                 Way::Copy
-            } else if probe && !citus && self.probe_sql.is_some() && (copy || admission.rules) {
+            } else if probe && !citus && self.probe_sql.is_some() && admission.may_select && (copy || admission.rules) {
                 Way::Probe
             } else {
                 Way::Statement
@@ -368,6 +368,7 @@ impl Inserter {
             // Prepared (so planned, with any of the owner's functions a plan folds) and
             // run as the target's owner, in a security-restricted operation.
             let target = &self.target;
+            let may_read = admission.may_select;
             let inserted = as_role(admission.owner, || -> Result<u64> {
                 match way {
                     Way::Copy if citus => {
@@ -397,7 +398,8 @@ impl Inserter {
                         run_statement(prepared(slot, sql)?, recs.clone(), counted)
                     }
                 }
-            })?;
+            })
+            .map_err(|e| if may_read { e } else { e.without_detail() })?;
             let present = batch.len() as u64 - inserted;
             let counts = checkpoints::Batch {
                 resume_key: info.resume_key,

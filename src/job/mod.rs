@@ -31,7 +31,7 @@ use store_engine::filter::Filter;
 use store_engine::normalize::LineLimit;
 use store_engine::{private_dir, Dedup, Progress};
 
-use crate::error::Result;
+use crate::error::{Result, StoreError};
 use crate::gucs::Settings;
 use crate::insert::{Inserter, Role};
 use crate::registry;
@@ -52,10 +52,42 @@ pub enum Ended {
     Partial,
 }
 
-/// The job's own directory under `store.temp_dir`: its sorted runs and their manifest,
-/// kept across attempts and removed when the job ends.
-pub fn job_dir(settings: &Settings, id: i64) -> PathBuf {
-    settings.temp_dir.join(format!("job-{}-{id}", registry::my_database()))
+/// The directories of job `id` under `store.temp_dir` that are pg_store's (the server's
+/// OS user's, private, no link): `job-<database oid>-<id>-<random>` (and 0.2.0's
+/// `job-<database oid>-<id>`). The random part is chosen when the job's first attempt
+/// makes its directory, so another OS user sharing `store.temp_dir` cannot take the name
+/// first and keep the job from running; what such a user put there is never ours.
+pub fn job_dirs(settings: &Settings, id: i64) -> Vec<PathBuf> {
+    let name = format!("job-{}-{id}", registry::my_database());
+    let Ok(entries) = std::fs::read_dir(&settings.temp_dir) else { return Vec::new() };
+    let mut dirs: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n == name || n.strip_prefix(&name).is_some_and(|r| r.starts_with('-')))
+        })
+        .map(|e| e.path())
+        .filter(|p| private_dir::verify(p).is_ok())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// The directory an earlier attempt of job `id` made, if one is there and ours.
+pub fn job_dir(settings: &Settings, id: i64) -> Option<PathBuf> {
+    job_dirs(settings, id).into_iter().next()
+}
+
+/// 64 random bits, as hex: the part of a job directory's name nobody can guess.
+fn random_suffix() -> Result<String> {
+    let mut b = [0u8; 8];
+    // SAFETY: fills the buffer it is given, at most its length.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        return Err(StoreError::internal("getrandom gave no random bytes for a job directory's name"));
+    }
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// Make the job's directory for this attempt, private to the server's OS user
@@ -73,14 +105,18 @@ pub(super) fn make_job_dir(settings: &Settings, job: &Job) -> Result<PathBuf> {
             .map_err(|e| store_engine::Error::io("could not create", parent, e))?;
     }
     private_dir::check_parent(parent)?;
-    let dir = job_dir(settings, job.id);
-    if job.claim <= 1 {
-        // Ours, but older than the job (a job id used again after a restore): stale.
-        private_dir::remove(&dir)?;
-        private_dir::create(&dir)?;
+    if job.claim > 1 {
+        if let Some(dir) = job_dir(settings, job.id) {
+            return Ok(dir);
+        }
     } else {
-        private_dir::ensure(&dir)?;
+        // Ours, but older than the job (a job id used again after a restore): stale.
+        for dir in job_dirs(settings, job.id) {
+            private_dir::remove(&dir)?;
+        }
     }
+    let dir = parent.join(format!("job-{}-{}-{}", registry::my_database(), job.id, random_suffix()?));
+    private_dir::create(&dir)?;
     Ok(dir)
 }
 
@@ -102,9 +138,8 @@ pub fn stream_spec(job: &Job, cfg: &Config) -> String {
 }
 
 /// The engine's settings for `job`: its budget, limits, filter, mode, and its directory.
-pub(super) fn config(job: &Job, settings: &Settings, target: &Target) -> Result<Config> {
+pub(super) fn config(job: &Job, settings: &Settings, target: &Target, temp_dir: PathBuf) -> Result<Config> {
     let filter = job.filter.as_deref().map(Filter::parse).transpose()?.unwrap_or_default();
-    let temp_dir = job_dir(settings, job.id);
     Ok(Config {
         memory_limit: settings.memory_limit,
         threads: settings.threads,
@@ -138,7 +173,7 @@ pub fn run(id: i64, claim: i32) -> Result<Ended> {
     let progress = Arc::new(Progress::default());
     Progress::add(&progress.bytes_total, plan.files.iter().map(|f| f.size).sum());
     crate::citus::prepare_session(&plan.target)?;
-    let mut inserter = Inserter::new(&job, &plan.target, Role::Leader, progress.clone(), &job_dir(&settings, job.id));
+    let mut inserter = Inserter::new(&job, &plan.target, Role::Leader, progress.clone(), &plan.cfg.temp_dir);
     let estimated_false_drops = match job.dedup {
         Dedup::Bloom => {
             forget_rejects(&job)?;

@@ -45,8 +45,7 @@ impl Plan {
             Ok((a, probe))
         })?;
         let (canon, target) = (admitted.path, admitted.target);
-        let cfg = config(job, settings, &target)?;
-        make_job_dir(settings, job)?;
+        let cfg = config(job, settings, &target, make_job_dir(settings, job)?)?;
         let spec = stream_spec(job, &cfg);
         let keep = Keep { dir: cfg.temp_dir.clone(), spec: spec.clone() };
         let (tree, listing) = walk(&canon)?;

@@ -186,7 +186,9 @@ pub fn run_range(id: i64, claim: i32, range: i32) -> Result<()> {
     let job = Job::load(id, claim)?;
     let settings = Settings::read()?;
     let target = transaction(|| target::check(job.target, &job.column, job.key_column.as_deref(), job.owner))?;
-    let cfg = config(&job, &settings, &target)?;
+    let dir = job_dir(&settings, id)
+        .ok_or_else(|| StoreError::internal(format!("job {id} has no temporary directory of its own")))?;
+    let cfg = config(&job, &settings, &target, dir)?;
     let keep = Keep { dir: cfg.temp_dir.clone(), spec: stream_spec(&job, &cfg) };
     let mut sorted = Sorted::load(&keep, None, &cfg, &Progress::default())?.ok_or_else(|| {
         StoreError::internal(format!("the sorted runs of job {id} are gone from {}", keep.dir.display()))
@@ -194,7 +196,6 @@ pub fn run_range(id: i64, claim: i32, range: i32) -> Result<()> {
     let row = transaction(|| checkpoints::ranges(job.id, false))?.into_iter().find(|r| r.range == range);
     let Some(row) = row.filter(|r| !r.done) else { return Ok(()) };
     crate::citus::prepare_session(&target)?;
-    let mut inserter =
-        Inserter::new(&job, &target, Role::Helper, Arc::new(Progress::default()), &job_dir(&settings, job.id));
+    let mut inserter = Inserter::new(&job, &target, Role::Helper, Arc::new(Progress::default()), &cfg.temp_dir);
     drain_range(&cfg, &job, &mut sorted, &row, &mut inserter)
 }

@@ -86,30 +86,38 @@ fn check_private(path: &Path, meta: &Metadata) -> Result<()> {
     Ok(())
 }
 
-/// Check the directory that holds job directories (`store.temp_dir`). It must be a
-/// directory (a link to one is fine: this is the administrator's setting, not a name
-/// another user could have made). If group or others may write to it, it must have the
-/// sticky bit, or they could rename a job's directory away and put their own in its
-/// place. And it must belong to root or to this process's user: a directory's owner
-/// may rename anything in it, sticky bit or not.
+/// Check the directory that holds job directories (`store.temp_dir`), and every
+/// directory above it: each must belong to root or to this process's user, and one that
+/// others may write to must have the sticky bit. Whoever may rename entries of any of
+/// them could swap the job's directory, or the temporary directory itself, for one of
+/// their own between two of the job's opens (the owner of a directory may rename in it,
+/// sticky bit or not). Links on the way are followed: they are the administrator's
+/// choice, and the directories they lead to are the ones checked.
 pub fn check_parent(dir: &Path) -> Result<()> {
     let meta = fs::metadata(dir).ctx("could not stat", dir)?;
     if !meta.is_dir() {
         return Err(insecure(dir, "not a directory"));
     }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o022 != 0 && mode & libc::S_ISVTX == 0 {
-        return Err(insecure(
-            dir,
-            format!("mode {mode:04o}: writable by group or others without the sticky bit (chmod +t), so they could rename job directories away"),
-        ));
-    }
+    let real = fs::canonicalize(dir).ctx("could not resolve", dir)?;
     let me = euid();
-    if meta.uid() != 0 && meta.uid() != me {
-        return Err(insecure(
-            dir,
-            format!("owned by uid {}, neither root nor this process's uid {me}: its owner could rename job directories away", meta.uid()),
-        ));
+    for d in real.ancestors() {
+        let meta = fs::metadata(d).ctx("could not stat", d)?;
+        let what = |why: String| {
+            let of = if d == real { String::new() } else { format!(" (above {})", dir.display()) };
+            insecure(d, format!("{why}{of}"))
+        };
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o022 != 0 && mode & libc::S_ISVTX == 0 {
+            return Err(what(format!(
+                "mode {mode:04o}: writable by group or others without the sticky bit (chmod +t), so they could rename job directories away"
+            )));
+        }
+        if meta.uid() != 0 && meta.uid() != me {
+            return Err(what(format!(
+                "owned by uid {}, neither root nor this process's uid {me}: its owner could rename job directories away",
+                meta.uid()
+            )));
+        }
     }
     Ok(())
 }
@@ -268,7 +276,22 @@ mod tests {
             refused(check_parent(&p), &p, "owned by uid 65534");
             chown(&p, Some(0), Some(0)).unwrap();
             check_parent(&p).unwrap();
+            // A directory of ours inside one another user owns: they could swap it.
+            let theirs = d.path().join("theirs");
+            fs::create_dir(&theirs).unwrap();
+            chown(&theirs, Some(NOBODY), Some(NOBODY)).unwrap();
+            let runs = theirs.join("runs");
+            fs::create_dir(&runs).unwrap();
+            fs::set_permissions(&runs, fs::Permissions::from_mode(0o700)).unwrap();
+            refused(check_parent(&runs), &theirs, "owned by uid 65534");
         }
+        // A parent others may write to without the sticky bit, above a good directory.
+        let open = d.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        let inner = open.join("runs");
+        fs::create_dir(&inner).unwrap();
+        refused(check_parent(&inner), &open, "without the sticky bit");
     }
 
     #[test]
