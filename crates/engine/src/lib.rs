@@ -11,13 +11,15 @@
 //!      └→ bloom (approximate mode, one pass) ────────────┘
 //! ```
 //!
-//! [`stream::distinct`] runs it for either mode and hands batches to a [`Sink`].
+//! [`stream::distinct`] runs it for either mode and hands batches to a [`Sink`];
+//! [`KeptSort`] runs exact mode in two phases, resumable between them.
 
 pub mod batch;
 pub mod bloom;
 pub mod config;
 pub mod error;
 pub mod filter;
+mod kept;
 pub mod key;
 pub mod limits;
 pub mod merge;
@@ -37,5 +39,6 @@ mod tests;
 
 pub use config::{Config, Dedup};
 pub use error::{Error, Result};
+pub use kept::KeptSort;
 pub use progress::{Phase, Progress, Snapshot};
 pub use stream::{distinct, BatchInfo, Flow, Sink};

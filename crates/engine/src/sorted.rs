@@ -130,6 +130,11 @@ impl Sorted {
         self.runs.len()
     }
 
+    /// The settings it was made (or loaded) with.
+    pub(crate) fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+
     /// Runs the scan spilled.
     pub fn spilled(&self) -> usize {
         self.spilled
@@ -495,7 +500,8 @@ pub fn remove_orphans(dir: &Path) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::{prepare, Collect};
+    use crate::kept::KeptSort;
+    use crate::stream::Collect;
     use crate::walk::walk;
     use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 
@@ -512,7 +518,8 @@ mod tests {
         let keep = Keep { dir: dir.join("job"), spec: "s".into() };
         let cfg = Config { temp_dir: dir.to_path_buf(), chunk_bytes: Some(4096), ..Config::default() };
         let (tree, listing) = walk(&input).unwrap();
-        prepare(&cfg, &tree, &listing.files, &keep, &Arc::default(), &mut Collect::default()).unwrap();
+        KeptSort::sort(&keep.dir, &keep.spec, &cfg, &tree, &listing.files, &Arc::default(), &mut Collect::default())
+            .unwrap();
         (keep, cfg, listing.files)
     }
 
@@ -544,7 +551,15 @@ mod tests {
         assert!(matches!(err, Error::Insecure { .. }) && err.to_string().contains("symbolic link"), "{err}");
         let input = d.path().canonicalize().unwrap().join("in");
         let (tree, listing) = walk(&input).unwrap();
-        let r = prepare(&cfg, &tree, &listing.files, &keep, &Arc::default(), &mut Collect::default());
+        let r = KeptSort::sort(
+            &keep.dir,
+            &keep.spec,
+            &cfg,
+            &tree,
+            &listing.files,
+            &Arc::default(),
+            &mut Collect::default(),
+        );
         assert!(matches!(r, Err(Error::Insecure { .. })), "a sort is not written through a link");
 
         // Gone: nothing to load, nothing to empty.

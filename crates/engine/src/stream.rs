@@ -24,7 +24,7 @@ use super::limits;
 use super::merge::{KeyRange, Merger};
 use super::progress::{Phase, Progress};
 use super::scan::{scan, FileCounts, FileOutcome, Reject};
-use super::sorted::{announce, sort_distinct, Keep, Sorted};
+use super::sorted::{announce, sort_distinct, Sorted};
 use super::walk::{FileEntry, Tree};
 
 /// What the sink wants after a call: more, or nothing more (the run stops early and
@@ -155,45 +155,9 @@ pub fn distinct<S: Sink>(
     finish(res, report)
 }
 
-/// Exact mode, first phase, for a caller that drains in parts or resumes later: read
-/// every file, sort, spill everything (the last chunk too), flush, and describe the runs
-/// in a manifest under `keep`, so that [`Sorted::load`] finds them again (unless a file
-/// failed or changed while it was read: such a sort is not worth resuming from).
-pub fn prepare<S: Sink>(
-    cfg: &Config,
-    tree: &Tree,
-    files: &[FileEntry],
-    keep: &Keep,
-    progress: &Arc<Progress>,
-    sink: &mut S,
-) -> Result<Sorted, S::Error> {
-    let res = announce(progress, Phase::Scanning, sink)
-        .and_then(|()| sort_distinct(cfg, tree, files, Some(keep), progress, sink));
-    match res {
-        Ok(sorted) => Ok(sorted),
-        Err(Halt::Stop) => Err(Error::Stopped.into()),
-        Err(Halt::Engine(e)) => Err(e.into()),
-        Err(Halt::Sink(e)) => Err(e),
-    }
-}
-
-/// Exact mode, second phase: stream the distinct records of `range` of a kept sort into
-/// `sink`, after `resume_after`. The merge's own counters (distinct records, repeats met
-/// across runs) go into `progress` as the merge finds them, ahead of the batches the
-/// sink has taken: what belongs to a committed batch is in its [`BatchInfo`].
-pub fn drain<S: Sink>(
-    cfg: &Config,
-    sorted: &mut Sorted,
-    range: &KeyRange,
-    resume_after: Option<&[u8]>,
-    progress: &Arc<Progress>,
-    sink: &mut S,
-) -> Result<Report, S::Error> {
-    let report = Report { runs: sorted.spilled(), ..Report::default() };
-    finish(stream_range(cfg, sorted, range, resume_after, progress, sink), report)
-}
-
-fn finish<E: From<Error>>(res: Result<(), Halt<E>>, report: Report) -> Result<Report, E> {
+/// A run's outcome as its caller sees it: a stop the sink asked for is a report marked
+/// `stopped`; an error is the sink's own type.
+pub(crate) fn finish<E: From<Error>>(res: Result<(), Halt<E>>, report: Report) -> Result<Report, E> {
     match res {
         Ok(()) => Ok(report),
         Err(Halt::Stop) => Ok(Report { stopped: true, ..report }),
@@ -203,7 +167,7 @@ fn finish<E: From<Error>>(res: Result<(), Halt<E>>, report: Report) -> Result<Re
 }
 
 /// Merge `range` of `sorted` and hand it over in batches.
-fn stream_range<S: Sink>(
+pub(crate) fn stream_range<S: Sink>(
     cfg: &Config,
     sorted: &mut Sorted,
     range: &KeyRange,
