@@ -11,20 +11,19 @@ use std::time::Duration;
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 
-use store_engine::batch::{DEFAULT_BATCH_MAX, DEFAULT_BATCH_MIN, DEFAULT_BATCH_TARGET};
 use store_engine::config::{BatchLimits, Fault};
 use store_engine::limits;
-use store_engine::normalize::DEFAULT_MAX_LINE_BYTES;
+use store_engine::normalize::LineLimit;
 
 pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static MEMORY_LIMIT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"20%"));
 pub static CPU_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static TEMP_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-pub static BATCH_MIN: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_BATCH_MIN as i32);
-pub static BATCH_MAX: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_BATCH_MAX as i32);
-pub static BATCH_TARGET_MS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_BATCH_TARGET.as_millis() as i32);
+pub static BATCH_MIN: GucSetting<i32> = GucSetting::<i32>::new(BatchLimits::DEFAULT.min as i32);
+pub static BATCH_MAX: GucSetting<i32> = GucSetting::<i32>::new(BatchLimits::DEFAULT.max as i32);
+pub static BATCH_TARGET_MS: GucSetting<i32> = GucSetting::<i32>::new(BatchLimits::DEFAULT.target.as_millis() as i32);
 pub static BLOOM_FPR: GucSetting<f64> = GucSetting::<f64>::new(0.01);
-pub static MAX_LINE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_LINE_BYTES as i32);
+pub static MAX_LINE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(LineLimit::DEFAULT.bytes as i32);
 pub static ALLOWED_DIRS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static COMPRESS_RUNS: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static CHECK_TEMP_SPACE: GucSetting<bool> = GucSetting::<bool>::new(true);

@@ -12,7 +12,7 @@ use super::batch::{
 use super::error::{Error, Result};
 use super::filter::Filter;
 use super::limits::{self, Budget};
-use super::normalize::{LineLimit, DEFAULT_MAX_LINE_BYTES};
+use super::normalize::LineLimit;
 use super::read::{Codec, READ_BUFFER};
 use super::walk::FileEntry;
 
@@ -91,6 +91,16 @@ pub struct BatchLimits {
 }
 
 impl BatchLimits {
+    /// The defaults, as a constant (for settings whose defaults must be known at compile
+    /// time): 100 to 50,000 records, 250 ms, 16 MiB, starting at 100.
+    pub const DEFAULT: BatchLimits = BatchLimits {
+        min: DEFAULT_BATCH_MIN,
+        max: DEFAULT_BATCH_MAX,
+        target: DEFAULT_BATCH_TARGET,
+        max_bytes: DEFAULT_BATCH_MAX_BYTES,
+        start: DEFAULT_BATCH_MIN,
+    };
+
     /// The batcher that sizes batches within these limits.
     pub fn batcher(&self) -> AdaptiveBatcher {
         AdaptiveBatcher::starting_at(self.start, self.min, self.max, self.target)
@@ -112,17 +122,13 @@ impl BatchLimits {
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        BatchLimits {
-            min: DEFAULT_BATCH_MIN,
-            max: DEFAULT_BATCH_MAX,
-            target: DEFAULT_BATCH_TARGET,
-            max_bytes: DEFAULT_BATCH_MAX_BYTES,
-            start: DEFAULT_BATCH_MIN,
-        }
+        BatchLimits::DEFAULT
     }
 }
 
-/// Settings of one run.
+/// Settings of one run. [`Config::default`] is every documented default: a fifth of
+/// physical memory, half the cores, the system's temporary directory, 64 KiB records,
+/// exact mode, no filter, [`BatchLimits::DEFAULT`].
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Memory budget of the whole pipeline, in bytes.
@@ -160,7 +166,7 @@ impl Default for Config {
             memory_limit: memory_limit.max(limits::MIN_MEMORY),
             threads: limits::default_threads(),
             temp_dir: std::env::temp_dir(),
-            limit: LineLimit::bytes(DEFAULT_MAX_LINE_BYTES),
+            limit: LineLimit::DEFAULT,
             compress_runs: false,
             fan_in: DEFAULT_FAN_IN,
             filter: Filter::default(),

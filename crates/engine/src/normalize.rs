@@ -10,8 +10,6 @@
 use serde::Serialize;
 
 pub const BOM: &[u8] = b"\xEF\xBB\xBF";
-/// Default limit on an accepted record, in bytes (64 KiB), as `store.max_line_bytes`.
-pub const DEFAULT_MAX_LINE_BYTES: usize = 65536;
 
 /// Why a record was rejected; the names are the ones stored in `store.rejects.reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -42,6 +40,9 @@ pub struct LineLimit {
 }
 
 impl LineLimit {
+    /// The default: 64 KiB, characters not counted (`store.max_line_bytes`).
+    pub const DEFAULT: LineLimit = LineLimit { bytes: 64 << 10, chars: None };
+
     pub fn bytes(bytes: usize) -> LineLimit {
         LineLimit { bytes, chars: None }
     }

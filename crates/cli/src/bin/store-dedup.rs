@@ -41,7 +41,7 @@ struct Args {
     #[arg(long)]
     temp_dir: Option<PathBuf>,
     /// Longest record accepted, in bytes; longer ones are rejected as too_long.
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = LineLimit::DEFAULT.bytes)]
     max_line_bytes: usize,
     /// zstd-compress the sorted runs: less temporary disk, more CPU.
     #[arg(long)]
