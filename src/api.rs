@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
 use pgrx::prelude::*;
-use store_engine::filter::Filter;
-use store_engine::Dedup;
+use store_engine::{Dedup, Filter};
 
 use crate::error::{Result, StoreError};
 use crate::{gucs, registry, security, target, PRELOADED};
@@ -28,7 +27,7 @@ mod store {
     /// The unique key of a line: its bytes up to 2,000 bytes, else 0xFF + SHA-256.
     #[pg_extern(immutable, strict, parallel_safe)]
     fn line_key(line: &str) -> Vec<u8> {
-        store_engine::key::line_key(line.as_bytes())
+        store_engine::line_key(line.as_bytes())
     }
 
     /// Validate and queue an ingest job; `store_ingest` is the SQL face of this.
@@ -135,7 +134,7 @@ fn enqueue(
             "As for COPY FROM a file: only superusers and roles with the privileges of pg_read_server_files may call store_ingest.",
         ));
     }
-    let canon = store_engine::paths::check(path, &gucs::allowed_dirs())?;
+    let canon = store_engine::check_path(path, &gucs::allowed_dirs())?;
     target::check(target, column, key_column, who)?;
     let dedup: Dedup = dedup
         .parse()
@@ -146,7 +145,7 @@ fn enqueue(
                 .with_hint("A filter is a regular expression, or include=RE;exclude=RE;min_len=N;max_len=N.")
         })?;
     }
-    let canon = store_engine::walk::path_text(&canon);
+    let canon = store_engine::path_text(&canon);
     let id = security::as_superuser(|| {
         Spi::get_one_with_args::<i64>(
             "INSERT INTO store.jobs (path, target, column_name, dedup, filter, owner, key_column) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",

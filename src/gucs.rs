@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 
-use store_engine::config::{BatchLimits, Fault};
-use store_engine::limits;
-use store_engine::normalize::LineLimit;
+use store_engine::{default_threads, parse_memory, BatchLimits, Fault, LineLimit};
 
 pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static MEMORY_LIMIT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"20%"));
@@ -248,7 +246,7 @@ unsafe extern "C-unwind" fn check_memory_limit(
     _source: pgrx::pg_sys::GucSource::Type,
 ) -> bool {
     // SAFETY: the hook's own argument.
-    match unsafe { proposed(newval) }.map(limits::parse_memory) {
+    match unsafe { proposed(newval) }.map(parse_memory) {
         None | Some(Ok(_)) => true,
         Some(Err(e)) => refuse(e.to_string()),
     }
@@ -327,10 +325,10 @@ impl Settings {
     pub fn read() -> Result<Settings, store_engine::Error> {
         let mem = string(&MEMORY_LIMIT).unwrap_or_else(|| "20%".into());
         let memory_limit =
-            limits::parse_memory(&mem).map_err(|e| store_engine::Error::Config(format!("store.memory_limit: {e}")))?;
+            parse_memory(&mem).map_err(|e| store_engine::Error::Config(format!("store.memory_limit: {e}")))?;
         let fault = string(&FAULT_INJECTION).map(|f| f.parse()).transpose()?;
         let threads = match CPU_LIMIT.get() {
-            0 => limits::default_threads(),
+            0 => default_threads(),
             n => n as usize,
         };
         let temp_dir = string(&TEMP_DIR).map(PathBuf::from).unwrap_or_else(default_temp_dir);

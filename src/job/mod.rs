@@ -27,10 +27,7 @@ use std::sync::Arc;
 
 use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
 use pgrx::prelude::*;
-use store_engine::config::Config;
-use store_engine::filter::Filter;
-use store_engine::normalize::LineLimit;
-use store_engine::{private_dir, Dedup, Progress};
+use store_engine::{private_dir, Config, Dedup, Filter, LineLimit, Progress};
 
 use crate::error::{Result, StoreError};
 use crate::gucs::Settings;

@@ -5,9 +5,7 @@ use std::collections::HashSet;
 
 use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
 use pgrx::prelude::*;
-use store_engine::config::Config;
-use store_engine::walk::{path_text, walk, FileEntry, Tree};
-use store_engine::{Dedup, KeptSort};
+use store_engine::{check_path, path_text, walk, Config, Dedup, FileEntry, KeptSort, Listing, Tree};
 
 use super::{config, make_job_dir, require_utf8_database, stream_spec};
 use crate::error::{Result, StoreError};
@@ -37,7 +35,7 @@ impl Plan {
         // The path was checked when the job was queued; settings or the file system may
         // have changed since. The tree is then opened link by link from the checked path.
         require_utf8_database()?;
-        let canon = store_engine::paths::check(&job.path, &gucs::allowed_dirs())?;
+        let canon = check_path(&job.path, &gucs::allowed_dirs())?;
         if path_text(&canon) != job.path {
             return Err(StoreError::refused(ERRCODE_INSUFFICIENT_PRIVILEGE, format!("path \"{}\" now resolves to \"{}\"", job.path, canon.display()))
                 .with_hint("A component of the path became a symbolic link after the job was queued; queue it again with the path you mean."));
@@ -131,13 +129,7 @@ struct Recorded {
 
 /// Record the listing in `store.files` (one statement for every file), compare it with
 /// the ledger and with an earlier attempt of this job, and set up the checkpoint.
-fn record_files(
-    job: &Job,
-    target: &Target,
-    spec: &str,
-    listing: &store_engine::walk::Listing,
-    may_probe: bool,
-) -> Result<Recorded> {
+fn record_files(job: &Job, target: &Target, spec: &str, listing: &Listing, may_probe: bool) -> Result<Recorded> {
     let n = listing.files.len() + listing.failed.len();
     // Column arrays for unnest: listed files first, then the entries that failed.
     let files = listing.files.iter();

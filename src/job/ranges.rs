@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
 use pgrx::prelude::*;
-use store_engine::merge::KeyRange;
-use store_engine::{KeptSort, Progress};
+use store_engine::{KeptSort, KeyRange, Progress};
 
 use super::{config, forget_rejects, job_dir, stream_spec, Plan};
 use crate::error::{Result, StoreError};

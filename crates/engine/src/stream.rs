@@ -31,7 +31,9 @@ use super::walk::{FileEntry, Tree};
 /// cleanly, and [`distinct`] returns a report marked `stopped`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
+    /// Go on.
     Continue,
+    /// Stop here, cleanly.
     Stop,
 }
 
@@ -127,7 +129,9 @@ pub struct Report {
 pub struct BloomReport {
     /// Expected number of new records wrongly dropped as repeats.
     pub estimated_false_drops: f64,
+    /// Size of the filter.
     pub filter_bytes: u64,
+    /// Distinct records it was sized for.
     pub expected_items: u64,
 }
 
@@ -336,9 +340,10 @@ fn bloom<S: Sink>(
     Ok(())
 }
 
-/// A sink that keeps everything it is given, for tests and small tools.
+/// A sink that keeps everything it is given, for tests.
+#[cfg(test)]
 #[derive(Debug, Default)]
-pub struct Collect {
+pub(crate) struct Collect {
     pub records: Vec<String>,
     /// (file, line, offset, reason, prefix) of each reject.
     pub rejects: Vec<(std::path::PathBuf, u64, u64, &'static str, Vec<u8>)>,
@@ -352,6 +357,7 @@ pub struct Collect {
     pub resume_key: Option<String>,
 }
 
+#[cfg(test)]
 impl Sink for Collect {
     type Error = Error;
 

@@ -366,8 +366,7 @@ fn each_batch_carries_the_merge_repeats_of_its_records_across_a_stop_and_resume(
 
 #[test]
 fn each_range_of_a_kept_sort_resumes_with_the_exact_repeats_of_what_is_left() {
-    use super::merge::KeyRange;
-    use super::KeptSort;
+    use super::{KeptSort, KeyRange};
     let dir = tempfile::tempdir().unwrap();
     let input = repetitive(dir.path());
     let want = oracle(&input, 65536).unwrap();
