@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
 use pgrx::prelude::*;
-use store_engine::walk::path_text;
+use store_engine::path_text;
 
 use crate::error::{Result, StoreError};
 use crate::target::{self, Target};
@@ -89,7 +89,7 @@ pub fn check(
             .with_hint("It lost superuser or the privileges of pg_read_server_files after queueing the job."),
         });
     }
-    let canon = store_engine::paths::check(path, &gucs::allowed_dirs())?;
+    let canon = store_engine::check_path(path, &gucs::allowed_dirs())?;
     if matches!(asker, Asker::Owner { .. }) && path_text(&canon) != path {
         return Err(StoreError::refused(ERRCODE_INSUFFICIENT_PRIVILEGE, format!("path \"{}\" now resolves to \"{}\"", path, canon.display()))
             .with_hint("A component of the path became a symbolic link after the job was queued; queue it again with the path you mean."));

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
 use pgrx::prelude::*;
-use store_engine::filter::Filter;
-use store_engine::Dedup;
+use store_engine::{Dedup, Filter};
 
 use crate::admission::{self, Asker};
 use crate::error::{Result, StoreError};
@@ -31,7 +30,7 @@ mod store {
     /// The unique key of a line: its bytes up to 2,000 bytes, else 0xFF + SHA-256.
     #[pg_extern(immutable, strict, parallel_safe)]
     fn line_key(line: &str) -> Vec<u8> {
-        store_engine::key::line_key(line.as_bytes())
+        store_engine::line_key(line.as_bytes())
     }
 
     /// Validate and queue an ingest job; `store_ingest` is the SQL face of this.
@@ -143,7 +142,7 @@ fn enqueue(
                 .with_hint("A filter is a regular expression, or include=RE;exclude=RE;min_len=N;max_len=N.")
         })?;
     }
-    let canon = store_engine::walk::path_text(&admitted.path);
+    let canon = store_engine::path_text(&admitted.path);
     let id = security::as_superuser(|| jobs::queue(&canon, target, column, dedup.as_str(), filter, who, key_column))?;
     // Once the job is visible, ask the launcher for a worker in this database. A prepared
     // transaction would make it visible at a COMMIT PREPARED no one here sees: refused.

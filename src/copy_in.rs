@@ -134,7 +134,7 @@ pub fn encode<'a>(lines: impl Iterator<Item = &'a str>, key_column: bool) -> Vec
         w.extend_from_slice(&(line.len() as i32).to_be_bytes());
         w.extend_from_slice(line.as_bytes());
         if key_column {
-            let key = store_engine::key::line_key(line.as_bytes());
+            let key = store_engine::line_key(line.as_bytes());
             w.extend_from_slice(&(key.len() as i32).to_be_bytes());
             w.extend_from_slice(&key);
         }

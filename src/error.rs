@@ -8,7 +8,7 @@ use std::io::ErrorKind;
 use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::pg_sys::panic::{CaughtError, ErrorReport};
 use pgrx::PgLogLevel;
-use store_engine::paths::Refusal;
+use store_engine::PathRefusal;
 
 use PgSqlErrorCode::*;
 
@@ -260,16 +260,16 @@ impl From<pgrx::spi::SpiError> for StoreError {
     }
 }
 
-impl From<Refusal> for StoreError {
-    fn from(r: Refusal) -> Self {
+impl From<PathRefusal> for StoreError {
+    fn from(r: PathRefusal) -> Self {
         let code = match &r {
-            Refusal::NotAbsolute(_) | Refusal::NotFileOrDirectory(_) => ERRCODE_INVALID_PARAMETER_VALUE,
-            Refusal::Inaccessible { error, .. } => match error.kind() {
+            PathRefusal::NotAbsolute(_) | PathRefusal::NotFileOrDirectory(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            PathRefusal::Inaccessible { error, .. } => match error.kind() {
                 ErrorKind::NotFound => ERRCODE_UNDEFINED_FILE,
                 ErrorKind::PermissionDenied => ERRCODE_INSUFFICIENT_PRIVILEGE,
                 _ => ERRCODE_IO_ERROR,
             },
-            Refusal::PseudoFileSystem(_) | Refusal::OutsideAllowed { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            PathRefusal::PseudoFileSystem(_) | PathRefusal::OutsideAllowed { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
         };
         StoreError::Refused { code, message: r.to_string(), hint: r.hint() }
     }

@@ -11,20 +11,17 @@ use std::time::Duration;
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 
-use store_engine::batch::{DEFAULT_BATCH_MAX, DEFAULT_BATCH_MIN, DEFAULT_BATCH_TARGET};
-use store_engine::config::{BatchLimits, Fault};
-use store_engine::limits;
-use store_engine::normalize::DEFAULT_MAX_LINE_BYTES;
+use store_engine::{default_threads, parse_memory, BatchLimits, Fault, LineLimit};
 
 pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static MEMORY_LIMIT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"20%"));
 pub static CPU_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static TEMP_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-pub static BATCH_MIN: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_BATCH_MIN as i32);
-pub static BATCH_MAX: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_BATCH_MAX as i32);
-pub static BATCH_TARGET_MS: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_BATCH_TARGET.as_millis() as i32);
+pub static BATCH_MIN: GucSetting<i32> = GucSetting::<i32>::new(BatchLimits::DEFAULT.min as i32);
+pub static BATCH_MAX: GucSetting<i32> = GucSetting::<i32>::new(BatchLimits::DEFAULT.max as i32);
+pub static BATCH_TARGET_MS: GucSetting<i32> = GucSetting::<i32>::new(BatchLimits::DEFAULT.target.as_millis() as i32);
 pub static BLOOM_FPR: GucSetting<f64> = GucSetting::<f64>::new(0.01);
-pub static MAX_LINE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_LINE_BYTES as i32);
+pub static MAX_LINE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(LineLimit::DEFAULT.bytes as i32);
 pub static ALLOWED_DIRS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static COMPRESS_RUNS: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static CHECK_TEMP_SPACE: GucSetting<bool> = GucSetting::<bool>::new(true);
@@ -249,7 +246,7 @@ unsafe extern "C-unwind" fn check_memory_limit(
     _source: pgrx::pg_sys::GucSource::Type,
 ) -> bool {
     // SAFETY: the hook's own argument.
-    match unsafe { proposed(newval) }.map(limits::parse_memory) {
+    match unsafe { proposed(newval) }.map(parse_memory) {
         None | Some(Ok(_)) => true,
         Some(Err(e)) => refuse(e.to_string()),
     }
@@ -328,10 +325,10 @@ impl Settings {
     pub fn read() -> Result<Settings, store_engine::Error> {
         let mem = string(&MEMORY_LIMIT).unwrap_or_else(|| "20%".into());
         let memory_limit =
-            limits::parse_memory(&mem).map_err(|e| store_engine::Error::Config(format!("store.memory_limit: {e}")))?;
+            parse_memory(&mem).map_err(|e| store_engine::Error::Config(format!("store.memory_limit: {e}")))?;
         let fault = string(&FAULT_INJECTION).map(|f| f.parse()).transpose()?;
         let threads = match CPU_LIMIT.get() {
-            0 => limits::default_threads(),
+            0 => default_threads(),
             n => n as usize,
         };
         let temp_dir = string(&TEMP_DIR).map(PathBuf::from).unwrap_or_else(default_temp_dir);

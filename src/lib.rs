@@ -17,19 +17,19 @@ pub mod api;
 mod citus;
 mod copy_in;
 mod ddl;
-pub mod error;
-pub mod gucs;
-pub mod insert;
-pub mod job;
+mod error;
+mod gucs;
+mod insert;
+mod job;
 mod read;
-pub mod registry;
-pub mod retention;
-pub mod security;
+mod registry;
+mod retention;
+mod security;
 mod signals;
 mod tables;
-pub mod target;
-pub mod txn;
-pub mod worker;
+mod target;
+mod txn;
+mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -39,7 +39,7 @@ use pgrx::prelude::*;
 
 /// Set when the library was loaded by shared_preload_libraries (inherited by every
 /// backend forked afterwards): only then do the workers exist.
-pub static PRELOADED: AtomicBool = AtomicBool::new(false);
+pub(crate) static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

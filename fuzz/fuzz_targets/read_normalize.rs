@@ -13,8 +13,8 @@ use std::io::Read;
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use store_engine::normalize::{verdict, LineLimit, Verdict};
-use store_engine::read::{split_lines, REJECT_PREFIX};
+use store_engine::lines::{split_lines, verdict, Verdict, REJECT_PREFIX};
+use store_engine::LineLimit;
 use store_testkit::{oracle_of, oracle_rejects, OracleReject};
 
 /// A reader that returns at most `step` bytes per call, cycling through `steps`.

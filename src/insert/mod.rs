@@ -34,10 +34,9 @@ use std::time::Instant;
 
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
-use store_engine::batch::Texts;
-use store_engine::scan::{FileCounts, FileOutcome, Reject};
-use store_engine::walk::FileEntry;
-use store_engine::{limits, BatchInfo, Flow, Phase, Progress, Sink};
+use store_engine::{
+    private_rss, BatchInfo, FileCounts, FileEntry, FileOutcome, Flow, Phase, Progress, Reject, Sink, Texts,
+};
 
 mod mode;
 mod report;
@@ -251,7 +250,7 @@ impl Inserter {
     }
 
     fn sample_memory(&mut self) -> u64 {
-        self.memory_peak = self.memory_peak.max(limits::private_rss().unwrap_or(0));
+        self.memory_peak = self.memory_peak.max(private_rss().unwrap_or(0));
         self.memory_peak
     }
 

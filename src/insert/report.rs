@@ -4,9 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use store_engine::scan::{FileCounts, FileOutcome, Reject};
-use store_engine::walk::FileEntry;
-use store_engine::{Flow, Phase};
+use store_engine::{path_text, FileCounts, FileEntry, FileOutcome, Flow, Phase, Reject};
 
 use super::{Inserter, Role};
 use crate::error::{Result, StoreError};
@@ -94,7 +92,7 @@ impl Inserter {
     /// Keep a reject, storing them a thousand at a time.
     pub(super) fn record_reject(&mut self, r: &Reject<'_>) -> Result<Flow> {
         self.rejects.push(RejectRow {
-            file: store_engine::walk::path_text(r.file),
+            file: path_text(r.file),
             line: r.line as i64,
             offset: r.offset as i64,
             reason: r.reason.as_str(),
@@ -114,7 +112,7 @@ impl Inserter {
             FileOutcome::Changed => ("changed", None),
             FileOutcome::Failed(why) => ("failed", Some(why.as_str())),
         };
-        let path = store_engine::walk::path_text(&file.path);
+        let path = path_text(&file.path);
         let n = |v: u64| v as i64;
         let o = files::Outcome {
             state,

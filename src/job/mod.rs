@@ -7,7 +7,7 @@
 //!    the stream an earlier attempt checkpointed still holds.
 //! 2. **consume**: in exact mode, the sort an earlier attempt kept is loaded, or the
 //!    files are read and sorted into runs kept in the job's own directory
-//!    ([`store_engine::stream::prepare`]); the key space is split into ranges once, and
+//!    ([`store_engine::KeptSort`]); the key space is split into ranges once, and
 //!    each range is merged and inserted by its own process — this worker for the first,
 //!    inserters it starts for the others ([`run_range`]) — each batch committed with its
 //!    range's checkpoint ([`Inserter`]). In Bloom mode one stream runs through
@@ -26,10 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use pgrx::prelude::*;
-use store_engine::config::Config;
-use store_engine::filter::Filter;
-use store_engine::normalize::LineLimit;
-use store_engine::{private_dir, Dedup, Progress};
+use store_engine::{private_dir, Config, Dedup, Filter, LineLimit, Progress};
 
 use crate::error::{Result, StoreError};
 use crate::gucs::Settings;

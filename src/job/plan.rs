@@ -4,10 +4,7 @@
 use std::collections::HashSet;
 
 use pgrx::prelude::*;
-use store_engine::config::Config;
-use store_engine::sorted::Keep;
-use store_engine::walk::{path_text, walk, FileEntry, Tree};
-use store_engine::Dedup;
+use store_engine::{path_text, walk, Config, Dedup, FileEntry, KeptSort, Listing, Tree};
 
 use super::{config, make_job_dir, stream_spec};
 use crate::admission::{self, Asker};
@@ -25,11 +22,12 @@ pub struct Plan {
     pub tree: Tree,
     /// Files to read (not skipped as already ingested).
     pub files: Vec<FileEntry>,
+    /// The engine's settings. Their `temp_dir` is the job's directory, where exact mode
+    /// keeps its sort across attempts.
     pub cfg: Config,
-    /// What decides which lines a file yields (see [`stream_spec`]).
+    /// What decides which lines a file yields (see [`stream_spec`]); a kept sort is
+    /// loaded only for the same.
     pub spec: String,
-    /// Exact mode: where the job's sort is kept across attempts.
-    pub keep: Keep,
 }
 
 impl Plan {
@@ -47,15 +45,14 @@ impl Plan {
         let (canon, target) = (admitted.path, admitted.target);
         let cfg = config(job, settings, &target, make_job_dir(settings, job)?)?;
         let spec = stream_spec(job, &cfg);
-        let keep = Keep { dir: cfg.temp_dir.clone(), spec: spec.clone() };
         let (tree, listing) = walk(&canon)?;
         let recorded = transaction(|| record_files(job, &target, &spec, &listing, fast_probe))?;
         if recorded.restart {
             // The sort an earlier attempt kept is not of this stream.
-            store_engine::sorted::remove_kept(&keep.dir)?;
+            KeptSort::remove(&cfg.temp_dir)?;
         }
         let files = listing.files.into_iter().filter(|f| !recorded.skipped.contains(&path_text(&f.path))).collect();
-        Ok(Plan { target, tree, files, spec, keep, cfg })
+        Ok(Plan { target, tree, files, spec, cfg })
     }
 }
 
@@ -89,13 +86,7 @@ struct Recorded {
 
 /// Record the listing in `store.files` (one statement for every file), compare it with
 /// the ledger and with an earlier attempt of this job, and set up the checkpoint.
-fn record_files(
-    job: &Job,
-    target: &Target,
-    spec: &str,
-    listing: &store_engine::walk::Listing,
-    may_probe: bool,
-) -> Result<Recorded> {
+fn record_files(job: &Job, target: &Target, spec: &str, listing: &Listing, may_probe: bool) -> Result<Recorded> {
     let n = listing.files.len() + listing.failed.len();
     // Column arrays for unnest: listed files first, then the entries that failed.
     let listed = listing.files.iter();

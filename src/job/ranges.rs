@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
 use pgrx::prelude::*;
-use store_engine::config::Config;
-use store_engine::sorted::{Keep, Sorted};
-use store_engine::Progress;
+use store_engine::{KeptSort, Progress};
 
 use super::{config, forget_rejects, job_dir, stream_spec, Plan};
 use crate::error::{Result, StoreError};
@@ -32,14 +30,15 @@ pub(super) fn run_exact(
     progress: &Arc<Progress>,
     inserter: &mut Inserter,
 ) -> Result<()> {
-    let mut sorted = match Sorted::load(&plan.keep, Some(&plan.files), &plan.cfg, progress)? {
+    let dir = &plan.cfg.temp_dir;
+    let mut sorted = match KeptSort::load(dir, &plan.spec, Some(&plan.files), &plan.cfg, progress)? {
         Some(sorted) => {
             log!("pg_store job {}: resuming from the {} sorted runs an earlier attempt kept", job.id, sorted.runs());
             sorted
         }
         None => {
             forget_rejects(job)?;
-            store_engine::stream::prepare(&plan.cfg, &plan.tree, &plan.files, &plan.keep, progress, inserter)?
+            KeptSort::sort(dir, &plan.spec, &plan.cfg, &plan.tree, &plan.files, progress, inserter)?
         }
     };
     let ranges = transaction(|| split(job, &sorted, settings.insert_workers))?;
@@ -71,7 +70,7 @@ pub(super) fn run_exact(
         if r.range != 0 && !registry::enter(job.id, job.claim, r.range) {
             continue;
         }
-        let res = drain_range(&plan.cfg, job, &mut sorted, &r, inserter);
+        let res = drain_range(job, &mut sorted, &r, inserter);
         if r.range != 0 {
             registry::leave_range(job.id, r.range);
         }
@@ -80,23 +79,10 @@ pub(super) fn run_exact(
 }
 
 /// Insert range `r` of `sorted` in this process, from its checkpoint on.
-pub(super) fn drain_range(
-    cfg: &Config,
-    job: &Job,
-    sorted: &mut Sorted,
-    r: &RangeRow,
-    inserter: &mut Inserter,
-) -> Result<()> {
+pub(super) fn drain_range(job: &Job, sorted: &mut KeptSort, r: &RangeRow, inserter: &mut Inserter) -> Result<()> {
     let resume = transaction(|| inserter.enter_range(r.range))?;
     let merged = Arc::new(Progress::default());
-    let report = store_engine::stream::drain(
-        cfg,
-        sorted,
-        &r.keys,
-        resume.last_key.as_deref().map(str::as_bytes),
-        &merged,
-        inserter,
-    )?;
+    let report = sorted.drain(&r.keys, resume.last_key.as_deref().map(str::as_bytes), &merged, inserter)?;
     if report.stopped {
         return Err(StoreError::internal(format!("the merge of range {} of job {} stopped early", r.range, job.id)));
     }
@@ -109,7 +95,7 @@ fn open_ranges(job: &Job) -> Result<Vec<RangeRow>> {
 
 /// The job's key ranges: those an earlier attempt of this stream decided, else a split
 /// of `sorted` into `workers` ranges of about equal size, recorded once.
-fn split(job: &Job, sorted: &Sorted, workers: usize) -> Result<Vec<RangeRow>> {
+fn split(job: &Job, sorted: &KeptSort, workers: usize) -> Result<Vec<RangeRow>> {
     let decided = jobs::ranges(job.id)?;
     if decided == 0 {
         let ranges = sorted.ranges(workers);
@@ -189,13 +175,13 @@ pub fn run_range(id: i64, claim: i32, range: i32) -> Result<()> {
     let dir = job_dir(&settings, id)
         .ok_or_else(|| StoreError::internal(format!("job {id} has no temporary directory of its own")))?;
     let cfg = config(&job, &settings, &target, dir)?;
-    let keep = Keep { dir: cfg.temp_dir.clone(), spec: stream_spec(&job, &cfg) };
-    let mut sorted = Sorted::load(&keep, None, &cfg, &Progress::default())?.ok_or_else(|| {
-        StoreError::internal(format!("the sorted runs of job {id} are gone from {}", keep.dir.display()))
+    let spec = stream_spec(&job, &cfg);
+    let mut sorted = KeptSort::load(&cfg.temp_dir, &spec, None, &cfg, &Progress::default())?.ok_or_else(|| {
+        StoreError::internal(format!("the sorted runs of job {id} are gone from {}", cfg.temp_dir.display()))
     })?;
     let row = transaction(|| checkpoints::ranges(job.id, false))?.into_iter().find(|r| r.range == range);
     let Some(row) = row.filter(|r| !r.done) else { return Ok(()) };
     crate::citus::prepare_session(&target)?;
     let mut inserter = Inserter::new(&job, &target, Role::Helper, Arc::new(Progress::default()), &cfg.temp_dir);
-    drain_range(&cfg, &job, &mut sorted, &row, &mut inserter)
+    drain_range(&job, &mut sorted, &row, &mut inserter)
 }

@@ -4,7 +4,7 @@
 //! matches `attempt` and fails with [`StoreError::Fenced`] when it finds no row.
 
 use pgrx::prelude::*;
-use store_engine::merge::KeyRange;
+use store_engine::KeyRange;
 
 use crate::error::{Result, StoreError};
 

@@ -16,23 +16,23 @@ use std::time::Duration;
 
 use super::error::{Error, Result};
 
-pub const DEFAULT_BATCH_MIN: usize = 100;
-pub const DEFAULT_BATCH_MAX: usize = 50_000;
-pub const DEFAULT_BATCH_TARGET: Duration = Duration::from_millis(250);
+pub(crate) const DEFAULT_BATCH_MIN: usize = 100;
+pub(crate) const DEFAULT_BATCH_MAX: usize = 50_000;
+pub(crate) const DEFAULT_BATCH_TARGET: Duration = Duration::from_millis(250);
 /// No batch is aimed at more than this, however high the fixed cost.
-pub const DEFAULT_BATCH_CEILING: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_BATCH_CEILING: Duration = Duration::from_secs(10);
 /// Bytes of records in one batch at most (16 MiB): long lines make smaller batches.
-pub const DEFAULT_BATCH_MAX_BYTES: usize = 16 << 20;
+pub(crate) const DEFAULT_BATCH_MAX_BYTES: usize = 16 << 20;
 /// The first batch on a distributed target, where even one row costs a distributed
 /// transaction (~0.4 s on a small Citus cluster).
-pub const DISTRIBUTED_BATCH_START: usize = 10_000;
+pub(crate) const DISTRIBUTED_BATCH_START: usize = 10_000;
 /// The most one step multiplies the batch size by.
 const GROWTH: usize = 4;
 /// How many recent batches the fit uses.
 const WINDOW: usize = 8;
 
 #[derive(Debug, Clone)]
-pub struct AdaptiveBatcher {
+pub(crate) struct AdaptiveBatcher {
     min: usize,
     max: usize,
     target: Duration,
@@ -45,13 +45,13 @@ pub struct AdaptiveBatcher {
 
 impl AdaptiveBatcher {
     /// Starts at `min`: the first batches probe the consumer cheaply.
-    pub fn new(min: usize, max: usize, target: Duration) -> AdaptiveBatcher {
+    pub(crate) fn new(min: usize, max: usize, target: Duration) -> AdaptiveBatcher {
         AdaptiveBatcher::starting_at(min, min, max, target)
     }
 
     /// Starts at `start` (within `[min, max]`): a consumer known to have a high fixed
     /// cost per batch skips the cheap probes.
-    pub fn starting_at(start: usize, min: usize, max: usize, target: Duration) -> AdaptiveBatcher {
+    pub(crate) fn starting_at(start: usize, min: usize, max: usize, target: Duration) -> AdaptiveBatcher {
         let min = min.max(1);
         let max = max.max(min);
         AdaptiveBatcher {
@@ -66,12 +66,13 @@ impl AdaptiveBatcher {
     }
 
     /// Records to put in the next batch.
-    pub fn size(&self) -> usize {
+    pub(crate) fn size(&self) -> usize {
         self.size
     }
 
     /// The fixed and per-row cost of a batch (seconds), as last fitted.
-    pub fn costs(&self) -> Option<(f64, f64)> {
+    #[cfg(test)]
+    pub(crate) fn costs(&self) -> Option<(f64, f64)> {
         self.model
     }
 
@@ -92,7 +93,7 @@ impl AdaptiveBatcher {
     }
 
     /// Report that a batch of `rows` records took `elapsed`; resizes the next batch.
-    pub fn observe(&mut self, rows: usize, elapsed: Duration) {
+    pub(crate) fn observe(&mut self, rows: usize, elapsed: Duration) {
         if rows == 0 {
             return;
         }
@@ -136,53 +137,48 @@ impl Default for AdaptiveBatcher {
 /// A batch of records in one buffer: cheap to fill, to hand to another thread, and to
 /// turn into a `text[]` parameter.
 #[derive(Debug, Default, Clone)]
-pub struct Batch {
+pub(crate) struct Batch {
     data: Vec<u8>,
     ends: Vec<usize>,
 }
 
 impl Batch {
-    pub fn push(&mut self, rec: &[u8]) {
+    pub(crate) fn push(&mut self, rec: &[u8]) {
         self.data.extend_from_slice(rec);
         self.ends.push(self.data.len());
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.ends.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.ends.is_empty()
     }
 
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.data.len()
     }
 
-    pub fn get(&self, i: usize) -> &[u8] {
+    pub(crate) fn get(&self, i: usize) -> &[u8] {
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
         &self.data[start..self.ends[i]]
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
         (0..self.len()).map(|i| self.get(i))
     }
 
-    /// The batch's greatest record (records arrive sorted): its checkpoint key.
-    pub fn last(&self) -> Option<&[u8]> {
-        self.len().checked_sub(1).map(|i| self.get(i))
-    }
-
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.data.clear();
         self.ends.clear();
     }
 }
 
 /// A batch whose records are proven to be valid UTF-8 without NUL bytes: what a
-/// consumer may hand to PostgreSQL as `text` without looking again. The only way to
-/// make one is [`Texts::new`], which checks; records re-read from temporary runs pass
-/// through it, so a damaged run is an error, never invalid text in the database.
+/// consumer may hand to PostgreSQL as `text` without looking again. Only the engine makes
+/// them, and only through a check that every batch passes, records re-read from
+/// temporary runs included: a damaged run is an error, never invalid text in the database.
 #[derive(Debug, Default)]
 pub struct Texts {
     batch: Batch,
@@ -192,7 +188,7 @@ impl Texts {
     /// Check every record of `batch`: one SIMD pass over its buffer, a NUL scan, and a
     /// look at each record boundary (valid UTF-8 cut in the middle of a character would
     /// still be valid as a whole).
-    pub fn new(batch: Batch) -> Result<Texts> {
+    pub(crate) fn new(batch: Batch) -> Result<Texts> {
         let data = &batch.data;
         if simdutf8::basic::from_utf8(data).is_err() {
             return Err(Error::Corrupt("a record is not valid UTF-8".into()));
@@ -208,8 +204,9 @@ impl Texts {
         Ok(Texts { batch })
     }
 
-    /// A batch of the given strings (for consumers' tests).
-    pub fn of<'a>(recs: impl IntoIterator<Item = &'a str>) -> Texts {
+    /// A batch of the given strings.
+    #[cfg(test)]
+    pub(crate) fn of<'a>(recs: impl IntoIterator<Item = &'a str>) -> Texts {
         let mut batch = Batch::default();
         for r in recs {
             batch.push(r.as_bytes());
@@ -217,10 +214,12 @@ impl Texts {
         Texts { batch }
     }
 
+    /// Records in the batch.
     pub fn len(&self) -> usize {
         self.batch.len()
     }
 
+    /// Whether it holds no record.
     pub fn is_empty(&self) -> bool {
         self.batch.is_empty()
     }
@@ -230,11 +229,13 @@ impl Texts {
         self.batch.bytes()
     }
 
+    /// Record `i` (panics past the end).
     pub fn get(&self, i: usize) -> &str {
         // SAFETY: `new` checked that every record is valid UTF-8.
         unsafe { std::str::from_utf8_unchecked(self.batch.get(i)) }
     }
 
+    /// The records, in order.
     pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
         (0..self.len()).map(|i| self.get(i))
     }
@@ -245,7 +246,7 @@ impl Texts {
     }
 
     /// Give the buffer back, emptied, for the next batch.
-    pub fn into_batch(mut self) -> Batch {
+    pub(crate) fn into_batch(mut self) -> Batch {
         self.batch.clear();
         self.batch
     }
@@ -327,12 +328,10 @@ mod tests {
     #[test]
     fn batch_holds_records_in_one_buffer() {
         let mut b = Batch::default();
-        assert_eq!(b.last(), None);
         for r in ["a", "", "ccc"] {
             b.push(r.as_bytes());
         }
         assert_eq!(b.iter().collect::<Vec<_>>(), [&b"a"[..], b"", b"ccc"]);
-        assert_eq!(b.last(), Some(&b"ccc"[..]));
         assert_eq!((b.len(), b.bytes()), (3, 4));
         b.clear();
         assert!(b.is_empty());

@@ -23,7 +23,7 @@ fn build(expected: u64, fpr: f64, max_bytes: Option<u64>) -> Result<Bloom<[u8]>>
 }
 
 /// One-pass approximate deduplication.
-pub struct ApproxDedup {
+pub(crate) struct ApproxDedup {
     bloom: Bloom<[u8]>,
     inserted: u64,
     /// Estimated share of the filter's bits that are set.
@@ -35,13 +35,13 @@ impl ApproxDedup {
     /// A filter for `expected` distinct records at false-positive rate `fpr`, using at
     /// most `max_bytes` (a smaller filter than asked raises the real rate, which the
     /// estimate then reflects).
-    pub fn new(expected: u64, fpr: f64, max_bytes: Option<u64>) -> Result<ApproxDedup> {
+    pub(crate) fn new(expected: u64, fpr: f64, max_bytes: Option<u64>) -> Result<ApproxDedup> {
         Ok(ApproxDedup { bloom: build(expected, fpr, max_bytes)?, inserted: 0, fill: 0.0, est_false_drops: 0.0 })
     }
 
     /// True if `rec` is (probably) new and should be kept; false if it is dropped.
     #[inline]
-    pub fn offer(&mut self, rec: &[u8]) -> bool {
+    pub(crate) fn offer(&mut self, rec: &[u8]) -> bool {
         if self.bloom.check(rec) {
             return false;
         }
@@ -62,11 +62,11 @@ impl ApproxDedup {
     }
 
     /// Expected number of new records wrongly dropped so far.
-    pub fn estimated_false_drops(&self) -> f64 {
+    pub(crate) fn estimated_false_drops(&self) -> f64 {
         self.est_false_drops
     }
 
-    pub fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         self.bloom.len() / 8
     }
 }

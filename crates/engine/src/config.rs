@@ -12,14 +12,14 @@ use super::batch::{
 use super::error::{Error, Result};
 use super::filter::Filter;
 use super::limits::{self, Budget};
-use super::normalize::{LineLimit, DEFAULT_MAX_LINE_BYTES};
+use super::normalize::LineLimit;
 use super::read::{Codec, READ_BUFFER};
 use super::walk::FileEntry;
 
 /// Default number of runs merged at once (open files during the merge).
-pub const DEFAULT_FAN_IN: usize = 128;
+pub(crate) const DEFAULT_FAN_IN: usize = 128;
 
-/// How repeats are found.
+/// How repeats are found (`store_ingest`'s `dedup`, `store-dedup --dedup`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dedup {
     /// External sort and merge: exact, output in bytewise order, resumable by key.
@@ -29,6 +29,7 @@ pub enum Dedup {
 }
 
 impl Dedup {
+    /// The mode's name, as [`Dedup::from_str`](std::str::FromStr) parses it.
     pub fn as_str(self) -> &'static str {
         match self {
             Dedup::Exact => "exact",
@@ -53,7 +54,10 @@ impl FromStr for Dedup {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// The merge thread panics after emitting this many records.
-    MergePanic { after: u64 },
+    MergePanic {
+        /// Records emitted before the panic.
+        after: u64,
+    },
     /// Every spilled run gets its first byte overwritten with 0xFF (a disk that
     /// returns garbage): the records read back must be refused, not passed on.
     CorruptRuns,
@@ -78,11 +82,18 @@ impl FromStr for Fault {
     }
 }
 
-/// How the consumer's batches are sized (see [`crate::batch::AdaptiveBatcher`]).
+/// How the consumer's batches are sized. The engine aims each batch at a latency: from
+/// the last batches' sizes and times it fits a fixed cost per batch and a cost per row,
+/// and sizes the next one to take the larger of `target` and ten times the fixed cost
+/// (so that the fixed cost stays under a tenth), within `[min, max]` records and
+/// `max_bytes`; a step at most quadruples or halves the size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchLimits {
+    /// Records in a batch at least (but for the last).
     pub min: usize,
+    /// Records in a batch at most.
     pub max: usize,
+    /// Time one batch should take the consumer.
     pub target: Duration,
     /// Bytes of records in one batch at most.
     pub max_bytes: usize,
@@ -91,8 +102,18 @@ pub struct BatchLimits {
 }
 
 impl BatchLimits {
+    /// The defaults, as a constant (for settings whose defaults must be known at compile
+    /// time): 100 to 50,000 records, 250 ms, 16 MiB, starting at 100.
+    pub const DEFAULT: BatchLimits = BatchLimits {
+        min: DEFAULT_BATCH_MIN,
+        max: DEFAULT_BATCH_MAX,
+        target: DEFAULT_BATCH_TARGET,
+        max_bytes: DEFAULT_BATCH_MAX_BYTES,
+        start: DEFAULT_BATCH_MIN,
+    };
+
     /// The batcher that sizes batches within these limits.
-    pub fn batcher(&self) -> AdaptiveBatcher {
+    pub(crate) fn batcher(&self) -> AdaptiveBatcher {
         AdaptiveBatcher::starting_at(self.start, self.min, self.max, self.target)
     }
 
@@ -112,17 +133,13 @@ impl BatchLimits {
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        BatchLimits {
-            min: DEFAULT_BATCH_MIN,
-            max: DEFAULT_BATCH_MAX,
-            target: DEFAULT_BATCH_TARGET,
-            max_bytes: DEFAULT_BATCH_MAX_BYTES,
-            start: DEFAULT_BATCH_MIN,
-        }
+        BatchLimits::DEFAULT
     }
 }
 
-/// Settings of one run.
+/// Settings of one run. [`Config::default`] is every documented default: a fifth of
+/// physical memory, half the cores, the system's temporary directory, 64 KiB records,
+/// exact mode, no filter, [`BatchLimits::DEFAULT`].
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Memory budget of the whole pipeline, in bytes.
@@ -137,19 +154,24 @@ pub struct Config {
     pub compress_runs: bool,
     /// Most runs merged at once.
     pub fan_in: usize,
+    /// Which valid records are kept.
     pub filter: Filter,
+    /// How repeats are found.
     pub dedup: Dedup,
     /// Bloom mode: the filter's false-positive rate.
     pub bloom_fpr: f64,
     /// Bloom mode: distinct records to size the filter for; default one per 32 bytes of input.
     pub bloom_expected: Option<u64>,
+    /// How the sink's batches are sized.
     pub batch: BatchLimits,
     /// Override of the chunk size derived from `memory_limit` (tests use it to force
     /// many runs).
     pub chunk_bytes: Option<usize>,
+    /// Bytes asked of the OS per read of an input file (4 MiB).
     pub read_buffer: usize,
     /// Refuse to start when the temporary directory looks too small for the spill.
     pub check_space: bool,
+    /// A fault to inject (tests only).
     pub fault: Option<Fault>,
 }
 
@@ -160,7 +182,7 @@ impl Default for Config {
             memory_limit: memory_limit.max(limits::MIN_MEMORY),
             threads: limits::default_threads(),
             temp_dir: std::env::temp_dir(),
-            limit: LineLimit::bytes(DEFAULT_MAX_LINE_BYTES),
+            limit: LineLimit::DEFAULT,
             compress_runs: false,
             fan_in: DEFAULT_FAN_IN,
             filter: Filter::default(),
@@ -177,7 +199,8 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn budget(&self) -> Budget {
+    /// How the memory limit is split between the stages.
+    pub(crate) fn budget(&self) -> Budget {
         let mut b = Budget::split(self.memory_limit, self.fan_in);
         if let Some(c) = self.chunk_bytes {
             b.chunk_bytes = c;
@@ -188,7 +211,7 @@ impl Config {
     /// Fail early if the temporary directory cannot hold the spill of `files`. The
     /// estimate is the decoded input size (compressed files count 4×, a typical ratio
     /// for text), halved for compressed runs; input that fits in memory needs none.
-    pub fn check_temp_space(&self, files: &[FileEntry]) -> Result<()> {
+    pub(crate) fn check_temp_space(&self, files: &[FileEntry]) -> Result<()> {
         let decoded: u64 = files
             .iter()
             .map(|f| if Codec::for_path(&f.path) == Codec::Plain { f.size } else { f.size.saturating_mul(4) })

@@ -4,15 +4,21 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+/// A result whose error is the engine's, unless said otherwise.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Everything that can go wrong in the engine. A consumer's own errors are its own type
+/// ([`Sink::Error`](crate::Sink::Error)), into which these convert.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Reading an input file, or writing/reading a temporary run, failed.
     #[error("{op} {path}: {source}")]
     Io {
+        /// What was being done: "could not open", "could not write", …
         op: &'static str,
+        /// The file or directory it was done to.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: io::Error,
     },
@@ -21,7 +27,14 @@ pub enum Error {
     Config(String),
     /// The temporary directory cannot hold the spill this run needs.
     #[error("not enough temporary space in {path}: need about {need} bytes, {free} bytes free")]
-    NoTempSpace { path: PathBuf, need: u64, free: u64 },
+    NoTempSpace {
+        /// The temporary directory.
+        path: PathBuf,
+        /// Bytes the spill is estimated to need.
+        need: u64,
+        /// Bytes free there.
+        free: u64,
+    },
     /// Data the engine wrote itself came back damaged (a temporary run with invalid
     /// UTF-8, a NUL byte or a cut record): a disk error or a bug, never the input's fault.
     #[error("corrupt temporary data: {0}")]
@@ -32,7 +45,12 @@ pub enum Error {
     /// rename them (see [`private_dir`](crate::private_dir)). Another user may be after
     /// a job's data: the extension reports it as insufficient privilege (SQLSTATE 42501).
     #[error("unsafe temporary directory {path}: {reason}")]
-    Insecure { path: PathBuf, reason: String },
+    Insecure {
+        /// The directory or file refused.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A thread of the engine died (a panic) or could not be started.
     #[error("internal error: {0}")]
     Internal(String),
@@ -42,16 +60,9 @@ pub enum Error {
 }
 
 impl Error {
+    /// An I/O error: doing `op` to `path` failed with `source`.
     pub fn io(op: &'static str, path: &Path, source: io::Error) -> Error {
         Error::Io { op, path: path.to_path_buf(), source }
-    }
-
-    /// The OS error behind an I/O failure, if that is what this is.
-    pub fn io_error(&self) -> Option<&io::Error> {
-        match self {
-            Error::Io { source, .. } => Some(source),
-            _ => None,
-        }
     }
 
     /// An error for a thread that panicked, with the panic's message when it has one.
@@ -66,7 +77,7 @@ impl Error {
 }
 
 /// Attach an operation and a path to an `io::Result`.
-pub trait IoContext<T> {
+pub(crate) trait IoContext<T> {
     fn ctx(self, op: &'static str, path: &Path) -> Result<T>;
 }
 

@@ -12,6 +12,9 @@ use super::error::{Error, Result};
 /// Cap on a compiled pattern (1 MiB): enough for any sane filter, refuses blow-ups.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
+/// Which valid records a run keeps: those that match an `include` pattern, match no
+/// `exclude` pattern, and whose length in bytes lies within `[min_len, max_len]`. The
+/// default keeps every record. Made by [`Filter::parse`].
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
     include: Option<Regex>,
@@ -21,7 +24,12 @@ pub struct Filter {
 }
 
 impl Filter {
-    pub fn new(include: Option<&str>, exclude: Option<&str>, min_len: usize, max_len: Option<usize>) -> Result<Filter> {
+    pub(crate) fn new(
+        include: Option<&str>,
+        exclude: Option<&str>,
+        min_len: usize,
+        max_len: Option<usize>,
+    ) -> Result<Filter> {
         if let Some(max) = max_len {
             if max < min_len {
                 return Err(Error::Config(format!("filter max length {max} is below min length {min_len}")));
@@ -65,7 +73,7 @@ impl Filter {
     }
 
     #[inline]
-    pub fn keep(&self, rec: &str) -> bool {
+    pub(crate) fn keep(&self, rec: &str) -> bool {
         rec.len() >= self.min_len
             && self.max_len.is_none_or(|m| rec.len() <= m)
             && self.include.as_ref().is_none_or(|r| r.is_match(rec))

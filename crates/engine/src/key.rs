@@ -7,7 +7,7 @@
 use sha2::{Digest, Sha256};
 
 /// Lines up to this many bytes are their own key (2,000: well below the btree limit).
-pub const KEY_INLINE_MAX: usize = 2000;
+pub(crate) const KEY_INLINE_MAX: usize = 2000;
 
 /// The key of `line`.
 pub fn line_key(line: &[u8]) -> Vec<u8> {

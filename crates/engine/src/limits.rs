@@ -9,12 +9,12 @@ use std::path::Path;
 use super::error::{Error, Result};
 
 /// Share of system RAM used when no memory limit is given, as `store.memory_limit`.
-pub const DEFAULT_MEMORY_PERCENT: f64 = 20.0;
+pub(crate) const DEFAULT_MEMORY_PERCENT: f64 = 20.0;
 /// Smallest budget accepted (1 MiB): below that the fixed buffers dominate.
-pub const MIN_MEMORY: u64 = 1 << 20;
+pub(crate) const MIN_MEMORY: u64 = 1 << 20;
 
 /// Total physical memory, in bytes.
-pub fn system_memory() -> u64 {
+pub(crate) fn system_memory() -> u64 {
     let mut sys = sysinfo::System::new();
     sys.refresh_memory();
     sys.total_memory()
@@ -64,7 +64,7 @@ pub fn default_threads() -> usize {
 /// merge's per-run buffers. Everything is allocated lazily, so a small input uses
 /// little whatever the budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Budget {
+pub(crate) struct Budget {
     /// Bytes of record data plus index one chunk may hold.
     pub chunk_bytes: usize,
     /// Read buffer of each open run during the merge.
@@ -72,7 +72,7 @@ pub struct Budget {
 }
 
 impl Budget {
-    pub fn split(memory_limit: u64, fan_in: usize) -> Budget {
+    pub(crate) fn split(memory_limit: u64, fan_in: usize) -> Budget {
         let limit = memory_limit as usize;
         // 1/8 (at most 32 MiB) stays outside the chunks for buffers and the allocator.
         let reserve = (limit / 8).min(32 << 20);
@@ -88,12 +88,12 @@ impl Budget {
 /// lives inherit the blocked mask, so signals meant for the process go to a thread that
 /// did not block them: the caller's (in a PostgreSQL backend, the one that may handle
 /// SIGTERM and SIGHUP).
-pub struct SignalsBlocked {
+pub(crate) struct SignalsBlocked {
     old: libc::sigset_t,
 }
 
 impl SignalsBlocked {
-    pub fn new() -> SignalsBlocked {
+    pub(crate) fn new() -> SignalsBlocked {
         // SAFETY: sigset_t is plain data; pthread_sigmask only changes this thread's mask.
         unsafe {
             let mut all: libc::sigset_t = std::mem::zeroed();
@@ -120,14 +120,14 @@ impl Drop for SignalsBlocked {
 
 /// Run `f` with every signal blocked in the calling thread; the mask is restored
 /// however `f` ends.
-pub fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
     let _blocked = SignalsBlocked::new();
     f()
 }
 
 /// Start a named thread that never receives signals. Failing to start one (no memory,
 /// a process limit) is an error, not a panic.
-pub fn spawn<T: Send + 'static>(
+pub(crate) fn spawn<T: Send + 'static>(
     name: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<std::thread::JoinHandle<T>> {
@@ -139,7 +139,7 @@ pub fn spawn<T: Send + 'static>(
 }
 
 /// [`spawn`] inside a [`std::thread::scope`].
-pub fn spawn_scoped<'scope, 'env, T: Send + 'scope>(
+pub(crate) fn spawn_scoped<'scope, 'env, T: Send + 'scope>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
     name: &str,
     f: impl FnOnce() -> T + Send + 'scope,
@@ -152,7 +152,7 @@ pub fn spawn_scoped<'scope, 'env, T: Send + 'scope>(
 }
 
 /// A rayon pool of `threads` workers whose threads have all signals blocked.
-pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
+pub(crate) fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
     with_signals_blocked(|| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
@@ -163,7 +163,7 @@ pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
 }
 
 /// Bytes available to an unprivileged writer on the file system holding `dir`.
-pub fn free_space(dir: &Path) -> Result<u64> {
+pub(crate) fn free_space(dir: &Path) -> Result<u64> {
     let c = CString::new(dir.as_os_str().as_bytes()).map_err(|_| Error::Config(format!("bad path {dir:?}")))?;
     // SAFETY: statvfs writes into the zeroed struct we own.
     unsafe {

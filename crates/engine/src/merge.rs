@@ -96,18 +96,20 @@ impl Block {
 /// (inclusive); `None` leaves that side open. Parallel inserters each merge one.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRange {
+    /// The last key before the range; `None` from the first key on.
     pub after: Option<String>,
+    /// The range's last key; `None` to the last key.
     pub upto: Option<String>,
 }
 
 impl KeyRange {
     /// Every key.
-    pub fn all() -> KeyRange {
+    pub(crate) fn all() -> KeyRange {
         KeyRange::default()
     }
 
     /// Where a merge of this range starts when everything up to `resume_after` was done.
-    pub fn start<'a>(&'a self, resume_after: Option<&'a [u8]>) -> Option<&'a [u8]> {
+    pub(crate) fn start<'a>(&'a self, resume_after: Option<&'a [u8]>) -> Option<&'a [u8]> {
         match (self.after.as_deref().map(str::as_bytes), resume_after) {
             (Some(a), Some(r)) => Some(a.max(r)),
             (a, r) => a.or(r),
@@ -190,7 +192,7 @@ impl Source {
 }
 
 /// The merged stream of distinct records.
-pub struct Merger {
+pub(crate) struct Merger {
     sources: Vec<Source>,
     heap: Vec<usize>,
     out: Vec<u8>,
@@ -207,7 +209,7 @@ impl Merger {
     /// Merge `runs` (at most the fan-in) and an optional sorted in-memory chunk: the
     /// records after `after` up to `upto` (inclusive).
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         runs: &[Run],
         mem: Option<Chunk>,
         buffer: usize,
@@ -290,7 +292,7 @@ impl Merger {
     /// after it: all copies of a record are at the head of their sources once it is the
     /// smallest, so they are all counted here, and none is left to fall after a batch
     /// boundary or a resume key.
-    pub fn next_record(&mut self) -> Result<Option<(&[u8], u64)>> {
+    pub(crate) fn next_record(&mut self) -> Result<Option<(&[u8], u64)>> {
         let Some(&top) = self.heap.first() else { return Ok(None) };
         self.pulled += 1;
         if self.pulled.is_multiple_of(4096) && self.cancel.load(Relaxed) {
@@ -326,7 +328,7 @@ impl Merger {
 /// in use stays near one copy of the data.
 /// With `durable`, every intermediate run is flushed to disk.
 #[allow(clippy::too_many_arguments)]
-pub fn reduce_runs(
+pub(crate) fn reduce_runs(
     mut runs: Vec<Run>,
     fan_in: usize,
     buffer: usize,

@@ -24,7 +24,7 @@ use super::error::{Error, IoContext, Result};
 /// Mode of every directory the engine creates: the owner only.
 pub const DIR_MODE: u32 = 0o700;
 /// Mode of every file the engine creates: the owner only.
-pub const FILE_MODE: u32 = 0o600;
+pub(crate) const FILE_MODE: u32 = 0o600;
 
 fn insecure(path: &Path, reason: impl Into<String>) -> Error {
     Error::Insecure { path: path.to_path_buf(), reason: reason.into() }

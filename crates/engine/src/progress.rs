@@ -7,21 +7,28 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use serde::Serialize;
 
 /// Records between two progress ticks (and chances for the consumer to stop the run).
-pub const TICK_EVERY: u64 = 4096;
+pub(crate) const TICK_EVERY: u64 = 4096;
 
+/// Where a run is, in the order a run passes through them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
+    /// Reading the files (and, in exact mode, sorting and spilling full chunks).
     Scanning,
+    /// Sorting the last chunk.
     Sorting,
+    /// Merging more runs than the fan-in into fewer, longer ones.
     Merging,
+    /// Handing batches to the sink.
     Inserting,
+    /// Finished.
     Done,
 }
 
 impl Phase {
     const ALL: [Phase; 5] = [Phase::Scanning, Phase::Sorting, Phase::Merging, Phase::Inserting, Phase::Done];
 
+    /// The phase's name, as `store.jobs.phase` has it.
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Scanning => "scanning",
@@ -45,11 +52,13 @@ macro_rules! counters {
         /// A plain copy of [`Progress`] at one instant.
         #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
         pub struct Snapshot {
+            /// The phase.
             pub phase: Phase,
             $(#[doc = $doc] pub $name: u64,)*
         }
 
         impl Progress {
+            /// Every counter, read now (each on its own: a consistent-enough view).
             pub fn snapshot(&self) -> Snapshot {
                 Snapshot { phase: self.phase(), $($name: self.$name.load(Relaxed),)* }
             }
@@ -77,24 +86,30 @@ counters! {
 }
 
 impl Progress {
+    /// The phase the run is in.
     pub fn phase(&self) -> Phase {
         Phase::ALL[self.phase.load(Relaxed) as usize]
     }
 
+    /// Move the run to phase `p`. The engine does it as it goes; a consumer may mark a
+    /// phase of its own (the extension's, after the engine's `Done`).
     pub fn set_phase(&self, p: Phase) {
         self.phase.store(p as u8, Relaxed);
     }
 
+    /// Add `n` to one of the counters (`Progress::add(&progress.bytes_total, n)`).
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
 
-    pub fn temp_grew(&self, n: u64) {
+    /// Temporary files grew by `n` bytes.
+    pub(crate) fn temp_grew(&self, n: u64) {
         let now = self.temp_bytes.fetch_add(n, Relaxed) + n;
         self.temp_peak.fetch_max(now, Relaxed);
     }
 
-    pub fn temp_shrank(&self, n: u64) {
+    /// Temporary files shrank by `n` bytes.
+    pub(crate) fn temp_shrank(&self, n: u64) {
         let _ = self.temp_bytes.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(n)));
     }
 }

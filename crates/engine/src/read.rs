@@ -22,14 +22,14 @@ pub const REJECT_PREFIX: usize = 1024;
 
 /// How a file is decoded, chosen by its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Codec {
+pub(crate) enum Codec {
     Plain,
     Gzip,
     Zstd,
 }
 
 impl Codec {
-    pub fn for_path(path: &Path) -> Codec {
+    pub(crate) fn for_path(path: &Path) -> Codec {
         match path.extension().and_then(|e| e.to_str()) {
             Some("gz") => Codec::Gzip,
             Some("zst") => Codec::Zstd,
@@ -40,7 +40,7 @@ impl Codec {
 
 /// A reader that adds the bytes it reads to a shared counter: progress in bytes of the
 /// file on disk, whether or not it is compressed.
-pub struct Counting<'a, R> {
+pub(crate) struct Counting<'a, R> {
     inner: R,
     counter: &'a AtomicU64,
 }
@@ -55,7 +55,7 @@ impl<R: Read> Read for Counting<'_, R> {
 
 /// Decode an opened input file (`path` names it and decides the codec), counting raw
 /// bytes into `counter`.
-pub fn decoder<'a>(file: &'a File, path: &Path, counter: &'a AtomicU64) -> Result<Box<dyn Read + 'a>> {
+pub(crate) fn decoder<'a>(file: &'a File, path: &Path, counter: &'a AtomicU64) -> Result<Box<dyn Read + 'a>> {
     let raw = Counting { inner: file, counter };
     Ok(match Codec::for_path(path) {
         Codec::Plain => Box::new(raw),

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::config::Config;
 use super::error::Error;
-use super::normalize::{self, Reason, Verdict};
+use super::normalize::{self, RejectReason, Verdict};
 use super::progress::{Progress, TICK_EVERY};
 use super::read::{self, Codec, RawLine, REJECT_PREFIX};
 use super::stream::{Halt, Sink};
@@ -19,10 +19,14 @@ use super::walk::{FileEntry, Identity, Tree};
 /// A rejected record, as reported to the [`Sink`].
 #[derive(Debug, Serialize)]
 pub struct Reject<'a> {
+    /// The file it is in.
     pub file: &'a Path,
+    /// Its line number in the decoded file, from 1.
     pub line: u64,
+    /// The byte offset of its first byte in the decoded file.
     pub offset: u64,
-    pub reason: Reason,
+    /// Why it was rejected.
+    pub reason: RejectReason,
     /// At most [`REJECT_PREFIX`] raw bytes of the record.
     #[serde(skip)]
     pub prefix: &'a [u8],
@@ -31,10 +35,15 @@ pub struct Reject<'a> {
 /// Counts for one file.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
 pub struct FileCounts {
+    /// Non-empty records (accepted, rejected or filtered).
     pub records: u64,
+    /// Empty records, skipped.
     pub empty: u64,
+    /// Invalid records, each reported.
     pub rejected: u64,
+    /// Valid records the filter dropped.
     pub filtered: u64,
+    /// Valid records that passed the filter (repeats included).
     pub accepted: u64,
 }
 

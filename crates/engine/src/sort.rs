@@ -20,7 +20,7 @@ use super::error::{IoContext, Result};
 use super::private_dir;
 
 /// Index bytes per record, counted against the chunk budget.
-pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
+pub(crate) const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -31,7 +31,7 @@ struct Entry {
 
 /// A record's first 8 bytes as a big-endian integer, zero-padded.
 #[inline]
-pub fn prefix_of(rec: &[u8]) -> u64 {
+pub(crate) fn prefix_of(rec: &[u8]) -> u64 {
     let mut p = [0u8; 8];
     let n = rec.len().min(8);
     p[..n].copy_from_slice(&rec[..n]);
@@ -68,7 +68,7 @@ fn sort_group(g: &mut [Entry], data: &[u8], depth: usize) {
 
 /// Records in an arena, with a budget in bytes (data + index).
 #[derive(Debug, Default)]
-pub struct Chunk {
+pub(crate) struct Chunk {
     data: Vec<u8>,
     entries: Vec<Entry>,
     budget: usize,
@@ -76,20 +76,20 @@ pub struct Chunk {
 }
 
 impl Chunk {
-    pub fn new(budget: usize) -> Chunk {
+    pub(crate) fn new(budget: usize) -> Chunk {
         Chunk { data: Vec::new(), entries: Vec::new(), budget, sorted: false }
     }
 
     /// Bytes of data and index held.
-    pub fn used(&self) -> usize {
+    pub(crate) fn used(&self) -> usize {
         self.data.len() + self.entries.len() * ENTRY_BYTES
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
@@ -97,7 +97,7 @@ impl Chunk {
     /// An empty chunk takes any record, so a single record larger than the budget
     /// still makes progress.
     #[inline]
-    pub fn push(&mut self, rec: &[u8]) -> bool {
+    pub(crate) fn push(&mut self, rec: &[u8]) -> bool {
         if !self.entries.is_empty() && self.used() + rec.len() + ENTRY_BYTES > self.budget {
             return false;
         }
@@ -124,7 +124,7 @@ impl Chunk {
     /// sorted again, recursively. Records sharing long prefixes (URLs, e-mail domains)
     /// are then compared as integers a few bytes at a time instead of by `memcmp` from
     /// their first byte at every comparison. Groups are sorted in parallel.
-    pub fn sort_dedup(&mut self, pool: &rayon::ThreadPool) -> u64 {
+    pub(crate) fn sort_dedup(&mut self, pool: &rayon::ThreadPool) -> u64 {
         let data = &self.data[..];
         let entries = &mut self.entries[..];
         pool.install(|| {
@@ -141,21 +141,21 @@ impl Chunk {
     }
 
     /// The records in index order (bytewise order after [`sort_dedup`](Self::sort_dedup)).
-    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
         self.entries.iter().map(|e| self.rec(e))
     }
 
-    pub fn get(&self, i: usize) -> &[u8] {
+    pub(crate) fn get(&self, i: usize) -> &[u8] {
         self.rec(&self.entries[i])
     }
 
     /// Index of the first record greater than `key` (the chunk must be sorted).
-    pub fn first_after(&self, key: &[u8]) -> usize {
+    pub(crate) fn first_after(&self, key: &[u8]) -> usize {
         debug_assert!(self.sorted);
         self.entries.partition_point(|e| self.rec(e) <= key)
     }
 
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.data.clear();
         self.entries.clear();
         self.sorted = false;
@@ -165,18 +165,18 @@ impl Chunk {
 /// Bytes of a plain run between two marks of its sparse index (256 KiB): a merge that
 /// starts after a key (a resumed job, a key range) seeks to the last mark at or below
 /// it and reads at most this much before reaching it.
-pub const MARK_EVERY: u64 = 256 << 10;
+pub(crate) const MARK_EVERY: u64 = 256 << 10;
 
 /// A record that starts at `offset` in a plain run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Mark {
+pub(crate) struct Mark {
     pub key: String,
     pub offset: u64,
 }
 
 /// A sorted run on disk: distinct records, `\n`-terminated, optionally zstd-compressed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Run {
+pub(crate) struct Run {
     pub path: PathBuf,
     pub bytes: u64,
     pub records: u64,
@@ -187,14 +187,14 @@ pub struct Run {
 
 impl Run {
     /// Where to start reading to find the first record after `key`.
-    pub fn seek_offset(&self, key: &[u8]) -> u64 {
+    pub(crate) fn seek_offset(&self, key: &[u8]) -> u64 {
         let i = self.index.partition_point(|m| m.key.as_bytes() <= key);
         i.checked_sub(1).map_or(0, |i| self.index[i].offset)
     }
 }
 
 /// Writes one run.
-pub struct RunWriter {
+pub(crate) struct RunWriter {
     out: RunSink,
     path: PathBuf,
     records: u64,
@@ -218,7 +218,7 @@ const RUN_WRITE_BUFFER: usize = 1 << 20;
 impl RunWriter {
     /// Start a run at `path`, a name that must not exist yet (created mode 0600, never
     /// through a link: see [`private_dir`](crate::private_dir)).
-    pub fn create(path: PathBuf, compress: bool) -> Result<RunWriter> {
+    pub(crate) fn create(path: PathBuf, compress: bool) -> Result<RunWriter> {
         let file = private_dir::create_file(&path).ctx("could not create temporary run", &path)?;
         let buf = BufWriter::with_capacity(RUN_WRITE_BUFFER, file);
         let out = if compress {
@@ -241,7 +241,7 @@ impl RunWriter {
     }
 
     /// Flush the run to disk when it is finished (a run that must outlive a crash).
-    pub fn durable(mut self) -> RunWriter {
+    pub(crate) fn durable(mut self) -> RunWriter {
         self.sync = true;
         self
     }
@@ -260,7 +260,7 @@ impl RunWriter {
     }
 
     #[inline]
-    pub fn write(&mut self, rec: &[u8]) -> Result<()> {
+    pub(crate) fn write(&mut self, rec: &[u8]) -> Result<()> {
         self.note(rec);
         let r = match &mut self.out {
             RunSink::Plain(w) => w.write_all(rec).and_then(|_| w.write_all(b"\n")),
@@ -278,7 +278,7 @@ impl RunWriter {
         r.ctx("could not write temporary run", &self.path)
     }
 
-    pub fn finish(self) -> Result<Run> {
+    pub(crate) fn finish(self) -> Result<Run> {
         let path = self.path;
         let buf = match self.out {
             RunSink::Plain(w) => w,
@@ -296,7 +296,7 @@ impl RunWriter {
 /// Write a sorted chunk as a run at `path`. Records are gathered into large blocks
 /// by hand: per-record `write_all` calls cost more than the copying itself.
 /// With `durable`, the run is flushed to disk before this returns.
-pub fn spill(chunk: &Chunk, path: &Path, compress: bool, durable: bool) -> Result<Run> {
+pub(crate) fn spill(chunk: &Chunk, path: &Path, compress: bool, durable: bool) -> Result<Run> {
     let mut w = RunWriter::create(path.to_path_buf(), compress)?;
     if durable {
         w = w.durable();

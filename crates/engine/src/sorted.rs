@@ -30,11 +30,11 @@ use super::sort::{self, Chunk, Run};
 use super::stream::{Halt, Sink};
 use super::walk::{FileEntry, Tree};
 
-/// Prefix of every temporary directory a run creates, so orphans left by a crash can be
-/// found and removed (see [`remove_orphans`]).
-pub const TEMP_PREFIX: &str = "pg_store-";
+/// Prefix of every temporary directory a run creates, so that one left by a crash is
+/// recognised as pg_store's.
+pub(crate) const TEMP_PREFIX: &str = "pg_store-";
 /// The manifest of a kept sort, in its directory.
-pub const MANIFEST: &str = "manifest.json";
+pub(crate) const MANIFEST: &str = "manifest.json";
 const MANIFEST_VERSION: u32 = 1;
 
 /// Where and under which spec a sort is kept across attempts. The caller owns the
@@ -42,7 +42,7 @@ const MANIFEST_VERSION: u32 = 1;
 /// when the job ends ([`private_dir::remove`]). It must pass [`private_dir::verify`]
 /// (ours, mode 0700, not a link) before anything in it is read or written.
 #[derive(Debug, Clone)]
-pub struct Keep {
+pub(crate) struct Keep {
     pub dir: PathBuf,
     /// Everything besides the files that decides which records the runs hold (limits,
     /// filter, …): a kept sort is loaded only for the same spec.
@@ -51,7 +51,7 @@ pub struct Keep {
 
 /// The scan's counters, kept with the runs so a resumed job reports them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counts {
+pub(crate) struct Counts {
     pub files_done: u64,
     pub files_failed: u64,
     pub bytes_read: u64,
@@ -115,7 +115,7 @@ enum Store {
 
 /// The outcome of the scan-and-sort phase: sorted distinct runs on disk (at most the
 /// fan-in), plus the last chunk in memory unless the sort is kept.
-pub struct Sorted {
+pub(crate) struct Sorted {
     runs: Vec<Run>,
     /// Runs the scan spilled, before any were merged into longer ones.
     spilled: usize,
@@ -126,19 +126,24 @@ pub struct Sorted {
 
 impl Sorted {
     /// Runs the final merge reads (at most the fan-in).
-    pub fn runs(&self) -> usize {
+    pub(crate) fn runs(&self) -> usize {
         self.runs.len()
     }
 
+    /// The settings it was made (or loaded) with.
+    pub(crate) fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+
     /// Runs the scan spilled.
-    pub fn spilled(&self) -> usize {
+    pub(crate) fn spilled(&self) -> usize {
         self.spilled
     }
 
     /// Split the key space into at most `n` ranges of about the same amount of data,
     /// from the runs' sparse indexes (each mark stands for about the same number of
     /// bytes). Fewer when the data is too small to split.
-    pub fn ranges(&self, n: usize) -> Vec<KeyRange> {
+    pub(crate) fn ranges(&self, n: usize) -> Vec<KeyRange> {
         let mut marks: Vec<&str> = self.runs.iter().flat_map(|r| r.index.iter().map(|m| m.key.as_str())).collect();
         marks.sort_unstable();
         let mut cuts: Vec<String> = Vec::new();
@@ -161,7 +166,7 @@ impl Sorted {
     /// Open the merge of `range`, starting after `resume_after` when that is further.
     /// A temporary sort's directory goes with the merger; only a sort that is not kept
     /// can be merged once.
-    pub fn merge(
+    pub(crate) fn merge(
         &mut self,
         range: &KeyRange,
         resume_after: Option<&[u8]>,
@@ -185,7 +190,12 @@ impl Sorted {
     /// spec (and from these very files, when given); its counters go into `progress`.
     /// A directory that is there but fails [`private_dir::verify`] is an error
     /// ([`Error::Insecure`]), never a sort to load.
-    pub fn load(keep: &Keep, files: Option<&[FileEntry]>, cfg: &Config, progress: &Progress) -> Result<Option<Sorted>> {
+    pub(crate) fn load(
+        keep: &Keep,
+        files: Option<&[FileEntry]>,
+        cfg: &Config,
+        progress: &Progress,
+    ) -> Result<Option<Sorted>> {
         match private_dir::verify(&keep.dir) {
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             res => res?,
@@ -376,7 +386,7 @@ fn write_manifest(keep: &Keep, files: &[FileEntry], runs: &[Run], counts: &Count
 /// that looks complete); a subdirectory (a temporary sort's, left by a crash) goes with
 /// its contents, links are removed and never followed. Nothing there is fine; a
 /// directory that fails [`private_dir::verify`] is an error, and is left alone.
-pub fn remove_kept(dir: &Path) -> Result<()> {
+pub(crate) fn remove_kept(dir: &Path) -> Result<()> {
     match private_dir::verify(dir) {
         Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         res => res?,
@@ -472,30 +482,11 @@ fn make_temp_dir(parent: &Path) -> Result<TempDir> {
         .ctx("could not create temporary directory in", parent)
 }
 
-/// Remove temporary directories left in `dir` by runs that died (`kill -9`, power
-/// loss) — only call this where no live run can be using `dir`. Returns how many.
-/// Only directories that pass [`private_dir::verify`] are removed: one of the same
-/// name made by another user, or a link, is not ours and stays.
-pub fn remove_orphans(dir: &Path) -> Result<usize> {
-    let mut n = 0;
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(Error::io("could not list", dir, e)),
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        if name.to_string_lossy().starts_with(TEMP_PREFIX) && private_dir::remove(&entry.path())? {
-            n += 1;
-        }
-    }
-    Ok(n)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::{prepare, Collect};
+    use crate::kept::KeptSort;
+    use crate::stream::Collect;
     use crate::walk::walk;
     use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 
@@ -512,7 +503,8 @@ mod tests {
         let keep = Keep { dir: dir.join("job"), spec: "s".into() };
         let cfg = Config { temp_dir: dir.to_path_buf(), chunk_bytes: Some(4096), ..Config::default() };
         let (tree, listing) = walk(&input).unwrap();
-        prepare(&cfg, &tree, &listing.files, &keep, &Arc::default(), &mut Collect::default()).unwrap();
+        KeptSort::sort(&keep.dir, &keep.spec, &cfg, &tree, &listing.files, &Arc::default(), &mut Collect::default())
+            .unwrap();
         (keep, cfg, listing.files)
     }
 
@@ -544,7 +536,15 @@ mod tests {
         assert!(matches!(err, Error::Insecure { .. }) && err.to_string().contains("symbolic link"), "{err}");
         let input = d.path().canonicalize().unwrap().join("in");
         let (tree, listing) = walk(&input).unwrap();
-        let r = prepare(&cfg, &tree, &listing.files, &keep, &Arc::default(), &mut Collect::default());
+        let r = KeptSort::sort(
+            &keep.dir,
+            &keep.spec,
+            &cfg,
+            &tree,
+            &listing.files,
+            &Arc::default(),
+            &mut Collect::default(),
+        );
         assert!(matches!(r, Err(Error::Insecure { .. })), "a sort is not written through a link");
 
         // Gone: nothing to load, nothing to empty.
@@ -592,20 +592,10 @@ mod tests {
     }
 
     #[test]
-    fn orphans_are_removed_only_when_they_are_ours() {
+    fn a_temporary_sort_directory_is_private_and_named_as_ours() {
         let d = tempfile::tempdir().unwrap();
-        let ours = make_temp_dir(d.path()).unwrap().keep();
-        assert_eq!(mode_of(&ours), 0o700);
-        std::fs::write(ours.join("run-000000.run"), "x\n").unwrap();
-        let open = d.path().join(format!("{TEMP_PREFIX}open"));
-        std::fs::create_dir(&open).unwrap();
-        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let target = d.path().join("target");
-        private_dir::create(&target).unwrap();
-        let link = d.path().join(format!("{TEMP_PREFIX}link"));
-        symlink(&target, &link).unwrap();
-        assert_eq!(remove_orphans(d.path()).unwrap(), 1);
-        assert!(!ours.exists());
-        assert!(open.exists() && target.exists() && std::fs::symlink_metadata(&link).is_ok());
+        let t = make_temp_dir(d.path()).unwrap();
+        assert_eq!(mode_of(t.path()), 0o700);
+        assert!(t.path().file_name().unwrap().to_str().unwrap().starts_with(TEMP_PREFIX));
     }
 }

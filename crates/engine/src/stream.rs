@@ -24,14 +24,16 @@ use super::limits;
 use super::merge::{KeyRange, Merger};
 use super::progress::{Phase, Progress};
 use super::scan::{scan, FileCounts, FileOutcome, Reject};
-use super::sorted::{announce, sort_distinct, Keep, Sorted};
+use super::sorted::{announce, sort_distinct, Sorted};
 use super::walk::{FileEntry, Tree};
 
 /// What the sink wants after a call: more, or nothing more (the run stops early and
 /// cleanly, and [`distinct`] returns a report marked `stopped`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
+    /// Go on.
     Continue,
+    /// Stop here, cleanly.
     Stop,
 }
 
@@ -127,7 +129,9 @@ pub struct Report {
 pub struct BloomReport {
     /// Expected number of new records wrongly dropped as repeats.
     pub estimated_false_drops: f64,
+    /// Size of the filter.
     pub filter_bytes: u64,
+    /// Distinct records it was sized for.
     pub expected_items: u64,
 }
 
@@ -155,45 +159,9 @@ pub fn distinct<S: Sink>(
     finish(res, report)
 }
 
-/// Exact mode, first phase, for a caller that drains in parts or resumes later: read
-/// every file, sort, spill everything (the last chunk too), flush, and describe the runs
-/// in a manifest under `keep`, so that [`Sorted::load`] finds them again (unless a file
-/// failed or changed while it was read: such a sort is not worth resuming from).
-pub fn prepare<S: Sink>(
-    cfg: &Config,
-    tree: &Tree,
-    files: &[FileEntry],
-    keep: &Keep,
-    progress: &Arc<Progress>,
-    sink: &mut S,
-) -> Result<Sorted, S::Error> {
-    let res = announce(progress, Phase::Scanning, sink)
-        .and_then(|()| sort_distinct(cfg, tree, files, Some(keep), progress, sink));
-    match res {
-        Ok(sorted) => Ok(sorted),
-        Err(Halt::Stop) => Err(Error::Stopped.into()),
-        Err(Halt::Engine(e)) => Err(e.into()),
-        Err(Halt::Sink(e)) => Err(e),
-    }
-}
-
-/// Exact mode, second phase: stream the distinct records of `range` of a kept sort into
-/// `sink`, after `resume_after`. The merge's own counters (distinct records, repeats met
-/// across runs) go into `progress` as the merge finds them, ahead of the batches the
-/// sink has taken: what belongs to a committed batch is in its [`BatchInfo`].
-pub fn drain<S: Sink>(
-    cfg: &Config,
-    sorted: &mut Sorted,
-    range: &KeyRange,
-    resume_after: Option<&[u8]>,
-    progress: &Arc<Progress>,
-    sink: &mut S,
-) -> Result<Report, S::Error> {
-    let report = Report { runs: sorted.spilled(), ..Report::default() };
-    finish(stream_range(cfg, sorted, range, resume_after, progress, sink), report)
-}
-
-fn finish<E: From<Error>>(res: Result<(), Halt<E>>, report: Report) -> Result<Report, E> {
+/// A run's outcome as its caller sees it: a stop the sink asked for is a report marked
+/// `stopped`; an error is the sink's own type.
+pub(crate) fn finish<E: From<Error>>(res: Result<(), Halt<E>>, report: Report) -> Result<Report, E> {
     match res {
         Ok(()) => Ok(report),
         Err(Halt::Stop) => Ok(Report { stopped: true, ..report }),
@@ -203,7 +171,7 @@ fn finish<E: From<Error>>(res: Result<(), Halt<E>>, report: Report) -> Result<Re
 }
 
 /// Merge `range` of `sorted` and hand it over in batches.
-fn stream_range<S: Sink>(
+pub(crate) fn stream_range<S: Sink>(
     cfg: &Config,
     sorted: &mut Sorted,
     range: &KeyRange,
@@ -372,9 +340,10 @@ fn bloom<S: Sink>(
     Ok(())
 }
 
-/// A sink that keeps everything it is given, for tests and small tools.
+/// A sink that keeps everything it is given, for tests.
+#[cfg(test)]
 #[derive(Debug, Default)]
-pub struct Collect {
+pub(crate) struct Collect {
     pub records: Vec<String>,
     /// (file, line, offset, reason, prefix) of each reject.
     pub rejects: Vec<(std::path::PathBuf, u64, u64, &'static str, Vec<u8>)>,
@@ -388,6 +357,7 @@ pub struct Collect {
     pub resume_key: Option<String>,
 }
 
+#[cfg(test)]
 impl Sink for Collect {
     type Error = Error;
 

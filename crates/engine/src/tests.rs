@@ -366,9 +366,7 @@ fn each_batch_carries_the_merge_repeats_of_its_records_across_a_stop_and_resume(
 
 #[test]
 fn each_range_of_a_kept_sort_resumes_with_the_exact_repeats_of_what_is_left() {
-    use super::merge::KeyRange;
-    use super::sorted::{Keep, Sorted};
-    use super::stream::{drain, prepare};
+    use super::{KeptSort, KeyRange};
     let dir = tempfile::tempdir().unwrap();
     let input = repetitive(dir.path());
     let want = oracle(&input, 65536).unwrap();
@@ -377,7 +375,7 @@ fn each_range_of_a_kept_sort_resumes_with_the_exact_repeats_of_what_is_left() {
     // A fan-in of 64 merges every run at once; one of 4 merges them in levels first,
     // whose repeats are the scan's.
     for (i, fan_in) in [64, 4].into_iter().enumerate() {
-        let keep = Keep { dir: dir.path().join(format!("job-{i}")), spec: "s".into() };
+        let keep = dir.path().join(format!("job-{i}"));
         let cfg = Config {
             chunk_bytes: Some(16 << 10),
             fan_in,
@@ -386,13 +384,14 @@ fn each_range_of_a_kept_sort_resumes_with_the_exact_repeats_of_what_is_left() {
             ..tiny(dir.path())
         };
         let scan = Arc::new(Progress::default());
-        let mut sorted = prepare(&cfg, &tree, &listing.files, &keep, &scan, &mut Collect::default()).unwrap();
+        let mut sorted =
+            KeptSort::sort(&keep, "s", &cfg, &tree, &listing.files, &scan, &mut Collect::default()).unwrap();
         let scanned = scan.snapshot().duplicates;
 
-        let drained = |sorted: &mut Sorted, range: &KeyRange, after: Option<&str>, stop: Option<usize>| {
+        let drained = |sorted: &mut KeptSort, range: &KeyRange, after: Option<&str>, stop: Option<usize>| {
             let live = Arc::new(Progress::default());
             let mut sink = Probe { stop_at_batch: stop, ..Probe::default() };
-            let report = drain(&cfg, sorted, range, after.map(str::as_bytes), &live, &mut sink).unwrap();
+            let report = sorted.drain(range, after.map(str::as_bytes), &live, &mut sink).unwrap();
             assert_eq!(report.stopped, stop.is_some());
             if !report.stopped {
                 assert_eq!(sink.got.duplicates, live.snapshot().duplicates, "a whole drain carries what it counted");
@@ -590,18 +589,17 @@ fn too_little_temporary_space_fails_before_reading() {
 
 #[test]
 fn a_kept_sort_is_loaded_again_and_its_ranges_partition_the_stream() {
-    use super::sorted::{Keep, Sorted};
-    use super::stream::{drain, prepare};
+    use super::KeptSort;
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().canonicalize().unwrap().join("in");
     generate(&input, &GenSpec { files: 3, size: 1 << 20, seed: 8, nasty: true, ..GenSpec::default() }).unwrap();
     let want = oracle(&input, 65536).unwrap();
-    let keep = Keep { dir: dir.path().join("job-1"), spec: "spec-a".into() };
+    let keep = dir.path().join("job-1");
     let cfg = Config { chunk_bytes: Some(256 << 10), fan_in: 32, ..tiny(dir.path()) };
     let (tree, listing) = walk(&input).unwrap();
     let progress = Arc::new(Progress::default());
     let mut got = Collect::default();
-    let sorted = prepare(&cfg, &tree, &listing.files, &keep, &progress, &mut got).unwrap();
+    let sorted = KeptSort::sort(&keep, "spec-a", &cfg, &tree, &listing.files, &progress, &mut got).unwrap();
     assert!(
         sorted.runs() > 2 && sorted.spilled() == progress.snapshot().runs_written as usize,
         "{} runs, {} spilled, {:?}",
@@ -609,20 +607,21 @@ fn a_kept_sort_is_loaded_again_and_its_ranges_partition_the_stream() {
         sorted.spilled(),
         progress.snapshot()
     );
-    assert!(keep.dir.join(super::sorted::MANIFEST).exists());
+    assert!(keep.join(super::sorted::MANIFEST).exists());
     let scanned = progress.snapshot();
     drop(sorted);
 
     // Another process (or attempt) loads it, with the scan's counters, and merges ranges.
     let again = Arc::new(Progress::default());
-    let mut sorted = Sorted::load(&keep, Some(&listing.files), &cfg, &again).unwrap().expect("the kept sort loads");
+    let mut sorted =
+        KeptSort::load(&keep, "spec-a", Some(&listing.files), &cfg, &again).unwrap().expect("the kept sort loads");
     assert_eq!((again.snapshot().records, again.snapshot().rejected), (scanned.records, scanned.rejected));
     let ranges = sorted.ranges(3);
     assert_eq!(ranges.len(), 3);
     let mut all = Vec::new();
     for r in &ranges {
         let mut part = Collect::default();
-        drain(&cfg, &mut sorted, r, None, &Arc::default(), &mut part).unwrap();
+        sorted.drain(r, None, &Arc::default(), &mut part).unwrap();
         assert!(!part.records.is_empty(), "{r:?} is empty");
         all.extend(part.records);
     }
@@ -634,40 +633,41 @@ fn a_kept_sort_is_loaded_again_and_its_ranges_partition_the_stream() {
     // Resuming a range inside it.
     let r = &ranges[1];
     let mut whole = Collect::default();
-    drain(&cfg, &mut sorted, r, None, &Arc::default(), &mut whole).unwrap();
+    sorted.drain(r, None, &Arc::default(), &mut whole).unwrap();
     let cut = whole.records[whole.records.len() / 2].clone();
     let mut rest = Collect::default();
-    drain(&cfg, &mut sorted, r, Some(cut.as_bytes()), &Arc::default(), &mut rest).unwrap();
+    sorted.drain(r, Some(cut.as_bytes()), &Arc::default(), &mut rest).unwrap();
     assert_eq!(rest.records, whole.records[whole.records.len() / 2 + 1..]);
 
     // Not loaded for another spec, other files, or a damaged run.
-    assert!(Sorted::load(&Keep { spec: "spec-b".into(), ..keep.clone() }, None, &cfg, &Progress::default())
-        .unwrap()
-        .is_none());
+    assert!(KeptSort::load(&keep, "spec-b", None, &cfg, &Progress::default()).unwrap().is_none());
     let fewer = &listing.files[1..];
-    assert!(Sorted::load(&keep, Some(fewer), &cfg, &Progress::default()).unwrap().is_none());
-    let run = std::fs::read_dir(&keep.dir)
+    assert!(KeptSort::load(&keep, "spec-a", Some(fewer), &cfg, &Progress::default()).unwrap().is_none());
+    let run = std::fs::read_dir(&keep)
         .unwrap()
         .flatten()
         .find(|e| e.file_name().to_string_lossy().ends_with(".run"))
         .unwrap();
     std::fs::OpenOptions::new().append(true).open(run.path()).unwrap().write_all(b"x").unwrap();
-    assert!(Sorted::load(&keep, None, &cfg, &Progress::default()).unwrap().is_none(), "a run of another size");
+    assert!(
+        KeptSort::load(&keep, "spec-a", None, &cfg, &Progress::default()).unwrap().is_none(),
+        "a run of another size"
+    );
 }
 
 #[test]
 fn a_sort_with_a_failed_file_is_not_kept() {
-    use super::sorted::{Keep, Sorted};
+    use super::KeptSort;
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().canonicalize().unwrap().join("in");
     fs::create_dir(&input).unwrap();
     fs::write(input.join("a.txt"), "a\nb\n").unwrap();
     fs::write(input.join("b.gz"), "not gzip\n").unwrap();
-    let keep = Keep { dir: dir.path().join("job-2"), spec: "s".into() };
+    let keep = dir.path().join("job-2");
     let cfg = tiny(dir.path());
     let (tree, listing) = walk(&input).unwrap();
     let mut got = Collect::default();
-    super::stream::prepare(&cfg, &tree, &listing.files, &keep, &Arc::default(), &mut got).unwrap();
-    assert!(!keep.dir.join(super::sorted::MANIFEST).exists(), "a resume must read the failed file again");
-    assert!(Sorted::load(&keep, Some(&listing.files), &cfg, &Progress::default()).unwrap().is_none());
+    KeptSort::sort(&keep, "s", &cfg, &tree, &listing.files, &Arc::default(), &mut got).unwrap();
+    assert!(!keep.join(super::sorted::MANIFEST).exists(), "a resume must read the failed file again");
+    assert!(KeptSort::load(&keep, "s", Some(&listing.files), &cfg, &Progress::default()).unwrap().is_none());
 }

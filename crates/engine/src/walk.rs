@@ -59,11 +59,11 @@ mod path_bytes {
     use std::os::unix::ffi::{OsStrExt, OsStringExt};
     use std::path::{Path, PathBuf};
 
-    pub fn serialize<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
         serde::Serialize::serialize(p.as_os_str().as_bytes(), s)
     }
 
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
         let bytes: Vec<u8> = serde::Deserialize::deserialize(d)?;
         Ok(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
     }
@@ -71,7 +71,7 @@ mod path_bytes {
 
 /// What tells one version of a file from another without reading it whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Identity {
+pub(crate) struct Identity {
     pub size: u64,
     /// Modification time, nanoseconds since the epoch.
     pub mtime_ns: i64,
@@ -83,7 +83,7 @@ pub struct Identity {
 }
 
 impl Identity {
-    pub fn of(file: &File) -> io::Result<Identity> {
+    pub(crate) fn of(file: &File) -> io::Result<Identity> {
         let m = file.metadata()?;
         Ok(Identity {
             size: m.len(),
@@ -97,24 +97,29 @@ impl Identity {
 /// One input file, as listed: its path, its identity and a content fingerprint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {
-    /// Serialised as its bytes: a file name need not be UTF-8.
+    /// Its absolute path. Serialised as its bytes: a file name need not be UTF-8.
     #[serde(with = "path_bytes")]
     pub path: PathBuf,
+    /// Bytes on disk (compressed size for a compressed file).
     pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
     pub mtime_ns: i64,
+    /// Inode change time, nanoseconds since the epoch.
     pub ctime_ns: i64,
+    /// Inode number.
     pub inode: u64,
-    /// See [`fingerprint`].
+    /// A cheap content fingerprint: FNV-1a of the size and the first and last 64 KiB.
+    /// With the rest it tells a file that was replaced or rewritten from one left alone.
     pub fingerprint: String,
 }
 
 impl FileEntry {
-    pub fn identity(&self) -> Identity {
+    pub(crate) fn identity(&self) -> Identity {
         Identity { size: self.size, mtime_ns: self.mtime_ns, ctime_ns: self.ctime_ns, inode: self.inode }
     }
 
     /// An entry for a file the caller vouches for (tests, resumed plans): no fingerprint.
-    pub fn new(path: PathBuf, id: Identity) -> FileEntry {
+    pub(crate) fn new(path: PathBuf, id: Identity) -> FileEntry {
         FileEntry {
             path,
             size: id.size,
@@ -128,38 +133,45 @@ impl FileEntry {
 
 /// An entry that could not be listed or opened, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Failed {
+pub struct FailedEntry {
+    /// Its path.
     pub path: PathBuf,
+    /// What went wrong, with the OS error.
     pub error: String,
 }
 
 /// An entry passed over by design, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Skipped {
+pub struct SkippedEntry {
+    /// Its path.
     pub path: PathBuf,
-    /// A few words for the DBA: one of the `SKIPPED_*` reasons.
+    /// A few words for the DBA: "hidden: its name starts with '.'", "a symbolic link",
+    /// "a socket", "a FIFO", "a device" or "not a regular file or directory".
     pub reason: &'static str,
 }
 
-pub const SKIPPED_HIDDEN: &str = "hidden: its name starts with '.'";
-pub const SKIPPED_LINK: &str = "a symbolic link";
-pub const SKIPPED_SOCKET: &str = "a socket";
-pub const SKIPPED_FIFO: &str = "a FIFO";
-pub const SKIPPED_DEVICE: &str = "a device";
+pub(crate) const SKIPPED_HIDDEN: &str = "hidden: its name starts with '.'";
+pub(crate) const SKIPPED_LINK: &str = "a symbolic link";
+pub(crate) const SKIPPED_SOCKET: &str = "a socket";
+pub(crate) const SKIPPED_FIFO: &str = "a FIFO";
+pub(crate) const SKIPPED_DEVICE: &str = "a device";
 /// A type the OS did not name: none of the above, nor a file or a directory.
-pub const SKIPPED_OTHER: &str = "not a regular file or directory";
+pub(crate) const SKIPPED_OTHER: &str = "not a regular file or directory";
 
 /// The files under a path, the entries that failed, and those skipped by design.
 #[derive(Debug, Default)]
 pub struct Listing {
+    /// The regular files, in bytewise path order.
     pub files: Vec<FileEntry>,
-    pub failed: Vec<Failed>,
+    /// Entries that could not be listed or opened: the rest of the tree was listed.
+    pub failed: Vec<FailedEntry>,
     /// Entries passed over by design (hidden names, symbolic links, special files),
     /// in listing order. A hidden directory is one entry: nothing under it is looked at.
-    pub skipped: Vec<Skipped>,
+    pub skipped: Vec<SkippedEntry>,
 }
 
 impl Listing {
+    /// Bytes of all the files, on disk.
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
     }
@@ -199,7 +211,7 @@ fn open_file_at(dir: impl AsFd, name: &Path) -> io::Result<File> {
 
 impl Tree {
     /// Open `path` (absolute, as checked: no `..`, no links) one component at a time.
-    pub fn open(path: &Path) -> Result<Tree> {
+    pub(crate) fn open(path: &Path) -> Result<Tree> {
         let refused =
             |why: &str| Error::io("could not open", path, io::Error::new(io::ErrorKind::InvalidInput, why.to_string()));
         if !path.is_absolute() {
@@ -235,12 +247,8 @@ impl Tree {
         }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Open a listed file again, relative to the tree, refusing links at every step.
-    pub fn open_file(&self, path: &Path) -> io::Result<File> {
+    pub(crate) fn open_file(&self, path: &Path) -> io::Result<File> {
         let rel = path
             .strip_prefix(&self.root)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "outside the tree"))?;
@@ -275,7 +283,7 @@ impl Tree {
     }
 
     /// List the files of the tree, in bytewise path order.
-    pub fn list(&self) -> Result<Listing> {
+    pub(crate) fn list(&self) -> Result<Listing> {
         let mut listing = Listing::default();
         match &self.single {
             Some(name) => {
@@ -315,11 +323,11 @@ fn list_dir(dir: OwnedFd, path: &Path, listing: &mut Listing) -> io::Result<()> 
         let name = OsStr::from_bytes(&name);
         let child = path.join(name);
         if name.as_bytes().starts_with(b".") {
-            listing.skipped.push(Skipped { path: child, reason: SKIPPED_HIDDEN });
+            listing.skipped.push(SkippedEntry { path: child, reason: SKIPPED_HIDDEN });
             continue;
         }
         let mut fail = |what: &str, e: io::Error| {
-            listing.failed.push(Failed { error: format!("{what} {}: {e}", child.display()), path: child.clone() })
+            listing.failed.push(FailedEntry { error: format!("{what} {}: {e}", child.display()), path: child.clone() })
         };
         let st = match statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
@@ -332,7 +340,7 @@ fn list_dir(dir: OwnedFd, path: &Path, listing: &mut Listing) -> io::Result<()> 
             FileType::Directory => match openat(&dir, name, DIR_FLAGS, Mode::empty()) {
                 Ok(sub) => {
                     if let Err(e) = list_dir(sub, &child, listing) {
-                        listing.failed.push(Failed {
+                        listing.failed.push(FailedEntry {
                             error: format!("could not list directory {}: {e}", child.display()),
                             path: child,
                         });
@@ -352,7 +360,7 @@ fn list_dir(dir: OwnedFd, path: &Path, listing: &mut Listing) -> io::Result<()> 
                     FileType::CharacterDevice | FileType::BlockDevice => SKIPPED_DEVICE,
                     _ => SKIPPED_OTHER,
                 };
-                listing.skipped.push(Skipped { path: child, reason });
+                listing.skipped.push(SkippedEntry { path: child, reason });
             }
         }
     }
@@ -373,7 +381,7 @@ const FINGERPRINT_SPAN: u64 = 64 << 10;
 /// A cheap content fingerprint: FNV-1a (64-bit, stable across versions and platforms)
 /// of the size and the first and last 64 KiB. With the identity it tells a file that
 /// was replaced or rewritten from one left alone, without reading it whole.
-pub fn fingerprint(mut f: &File, size: u64) -> io::Result<String> {
+pub(crate) fn fingerprint(mut f: &File, size: u64) -> io::Result<String> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |bytes: &[u8]| {
         for &b in bytes {
@@ -456,7 +464,7 @@ mod tests {
             let c = std::ffi::CString::new(dev.as_os_str().as_bytes()).unwrap();
             assert_eq!(unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) }, 0);
             let (_, l) = walk(&p.join("b/c")).unwrap();
-            assert_eq!(l.skipped, [Skipped { path: dev, reason: "a device" }]);
+            assert_eq!(l.skipped, [SkippedEntry { path: dev, reason: "a device" }]);
         }
     }
 

@@ -14,13 +14,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use store_engine::batch::Texts;
-use store_engine::config::{BatchLimits, Config, Dedup};
-use store_engine::filter::Filter;
-use store_engine::normalize::LineLimit;
-use store_engine::scan::{FileCounts, FileOutcome, Reject};
-use store_engine::walk::{walk, FileEntry};
-use store_engine::{distinct, limits, BatchInfo, Error, Flow, Progress, Sink};
+use store_engine::{
+    default_threads, distinct, peak_rss, walk, BatchInfo, BatchLimits, Config, Dedup, Error, FileCounts, FileEntry,
+    FileOutcome, Filter, Flow, LineLimit, Progress, Reject, Sink, Texts,
+};
 
 /// Deduplicate line files like `LC_ALL=C sort -u`, in bounded memory, with pg_store's
 /// normalisation: a BOM and one trailing CR dropped, empty lines skipped, invalid UTF-8,
@@ -41,7 +38,7 @@ struct Args {
     #[arg(long)]
     temp_dir: Option<PathBuf>,
     /// Longest record accepted, in bytes; longer ones are rejected as too_long.
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = LineLimit::DEFAULT.bytes)]
     max_line_bytes: usize,
     /// zstd-compress the sorted runs: less temporary disk, more CPU.
     #[arg(long)]
@@ -70,7 +67,7 @@ struct Args {
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {
-    limits::parse_memory(s).map_err(|e| e.to_string())
+    store_engine::parse_memory(s).map_err(|e| e.to_string())
 }
 
 fn parse_filter(s: &str) -> Result<Filter, String> {
@@ -125,7 +122,7 @@ fn run(args: Args) -> Result<ExitCode, Error> {
     let started = Instant::now();
     let cfg = Config {
         memory_limit: args.memory_limit,
-        threads: args.threads.map_or_else(limits::default_threads, |t| t as usize),
+        threads: args.threads.map_or_else(default_threads, |t| t as usize),
         temp_dir: args.temp_dir.clone().unwrap_or_else(std::env::temp_dir),
         limit: LineLimit::bytes(args.max_line_bytes),
         compress_runs: args.compress_runs,
@@ -171,7 +168,7 @@ fn run(args: Args) -> Result<ExitCode, Error> {
     }
     obj.insert("failed_files".into(), cli.failed.clone().into());
     obj.insert("elapsed_s".into(), started.elapsed().as_secs_f64().into());
-    obj.insert("peak_rss_bytes".into(), limits::peak_rss().into());
+    obj.insert("peak_rss_bytes".into(), peak_rss().into());
     obj.insert("memory_limit".into(), cfg.memory_limit.into());
     obj.insert("threads".into(), cfg.threads.into());
     eprintln!("{summary}");

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use store_engine::limits::parse_memory;
+use store_engine::parse_memory;
 use store_testkit::{generate, oracle, GenSpec};
 
 /// Write deterministic line files (credential- and URL-like records, a share of them

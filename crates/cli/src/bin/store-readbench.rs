@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use memmap2::{Advice, Mmap};
-use store_engine::limits::private_rss;
-use store_engine::read::{split_lines, READ_BUFFER};
+use store_engine::lines::{split_lines, READ_BUFFER};
+use store_engine::private_rss;
 
 #[derive(Parser)]
 #[command(about = "read() against mmap for the engine's input files")]
