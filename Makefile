@@ -96,7 +96,7 @@ test-citus:
 	@bash tests/install-citus.sh || { rc=$$?; [ -z "$$CI" ] && [ $$rc = 2 ] && echo "SKIPPED: no Citus tests ran"; [ -z "$$CI" ] && [ $$rc = 2 ]; }
 	@if [ -f "$$($(PG_CONFIG) --pkglibdir)/citus.so" ]; then $(CARGO) test --test citus -- --test-threads=1; fi
 
-# The reliability campaign (tests/chaos.rs): faults, odd files, concurrency, load and hostile callers
+# The reliability campaign (tests/chaos/, a module per kind of fault): faults, odd files, concurrency, load and hostile callers
 # against a local cluster it starts itself; ends with one summary line, non-zero on any loss.
 chaos: install
 	PG_STORE_CHAOS=1 $(CARGO) test --test chaos

@@ -411,6 +411,37 @@ impl Cluster {
         self.psql_retry_in(db, &sql, Duration::from_secs(60))
     }
 
+    /// Whether the server is up (`pg_ctl status`).
+    pub fn running(&self) -> bool {
+        as_postgres(&[&format!("{BIN}/pg_ctl"), "-D", self.data().to_str().unwrap(), "status"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// psql as `role` with verbose errors: `Err` holds "ERROR:  SQLSTATE: message".
+    pub fn psql_verbose(&self, role: &str, sql: &str) -> Result<String, String> {
+        let out = Command::new(format!("{BIN}/psql"))
+            .args([
+                "-XAtq",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-v",
+                "VERBOSITY=verbose",
+                "-h",
+                self.dir.to_str().unwrap(),
+                "-p",
+                &self.port.to_string(),
+            ])
+            .args(["-U", role, "-d", "postgres", "-c", sql])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    }
+
     pub fn log_tail(&self) -> String {
         let log = fs::read_to_string(self.dir.join("log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
