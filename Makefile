@@ -77,9 +77,9 @@ test-pg: deps
 	chmod a+rwx target 2>/dev/null || true
 	$(CARGO) pgrx test pg15 tests:: --runas postgres --pgdata $(TEST_PGDATA)/data
 
-# Integration tests: clusters the harness starts itself, with pg_store and pg_cron preloaded (needs `make install`): the extension, trust, and operations (databases, retention, dump and restore).
+# Integration tests: clusters the harness starts itself, with pg_store and pg_cron preloaded (needs `make install`), grouped by behaviour: ingest, recovery, ledger, security, targets, and operations (databases, retention, dump and restore, standbys).
 test-integration:
-	$(CARGO) test --test extension --test trust --test security --test ledger --test targets --test operations -- --test-threads=2
+	$(CARGO) test --test ingest --test recovery --test ledger --test security --test targets --test operations -- --test-threads=2
 
 # The Debian package (built from the staged release build): apt install, a cluster, CREATE EXTENSION, an ingest, apt remove; then the build under test is installed again.
 test-package: install
@@ -96,7 +96,7 @@ test-citus:
 	@bash tests/install-citus.sh || { rc=$$?; [ -z "$$CI" ] && [ $$rc = 2 ] && echo "SKIPPED: no Citus tests ran"; [ -z "$$CI" ] && [ $$rc = 2 ]; }
 	@if [ -f "$$($(PG_CONFIG) --pkglibdir)/citus.so" ]; then $(CARGO) test --test citus -- --test-threads=1; fi
 
-# The reliability campaign (tests/chaos.rs): faults, odd files, concurrency, load and hostile callers
+# The reliability campaign (tests/chaos/, a module per kind of fault): faults, odd files, concurrency, load and hostile callers
 # against a local cluster it starts itself; ends with one summary line, non-zero on any loss.
 chaos: install
 	PG_STORE_CHAOS=1 $(CARGO) test --test chaos

@@ -55,10 +55,7 @@ pub extern "C-unwind" fn _PG_init() {
 }
 
 #[cfg(any(test, feature = "pg_test"))]
-#[pg_schema]
-mod tests {
-    include!("pg_tests.rs");
-}
+mod pg_tests;
 
 /// Required by `cargo pgrx test`: settings come from `pg_test_configs/postgresql.conf`.
 #[cfg(test)]

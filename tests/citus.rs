@@ -87,9 +87,7 @@ fn a_distributed_target_ends_exact_with_exact_counts() {
         let values = chunk.iter().map(|l| format!("($x${l}$x$)")).collect::<Vec<_>>().join(",");
         q(&c.coord, &format!("INSERT INTO dist VALUES {values}"));
     }
-    q(&c.coord, "ALTER SYSTEM SET store.max_line_bytes = 1500");
-    q(&c.coord, "SELECT pg_reload_conf()");
-    std::thread::sleep(Duration::from_millis(1500));
+    c.coord.reload("ALTER SYSTEM SET store.max_line_bytes = 1500");
     let job = num(&c.coord, &format!("SELECT store_ingest('{}', 'dist')", dir.display()));
     c.coord.wait_done(job);
     assert_eq!(c.coord.table_sha("dist", "line"), want.sha256);
@@ -101,8 +99,8 @@ fn a_distributed_target_ends_exact_with_exact_counts() {
     );
     c.no_prepared_transactions();
 
-    // Issue 23, item 7: a columnar target worked only while empty (then XX000, retried
-    // for a minute as if a node were down): refused at the call.
+    // A columnar target, which would work only while empty (then fail with XX000, retried
+    // for a minute as if a node were down), is refused at the call.
     q(
         &c.coord,
         "CREATE EXTENSION IF NOT EXISTS citus_columnar; CREATE TABLE col (line text PRIMARY KEY) USING columnar; \
@@ -110,8 +108,9 @@ fn a_distributed_target_ends_exact_with_exact_counts() {
     );
     let e = c.coord.psql(&format!("SELECT store_ingest('{}', 'col')", dir.display())).unwrap_err();
     assert!(e.contains("uses the table access method columnar"), "{e}");
-    // Issue 20, item 1, on Citus: a plain role's distributed table filled by a superuser's
-    // job, as its owner (Citus lets only superusers COPY from a file, so by INSERT): exact.
+    // On Citus too a target's code runs as its owner: a plain role's distributed table,
+    // filled by a superuser's job as the table's owner (Citus lets only superusers COPY
+    // from a file, so by INSERT), ends exact.
     q(
         &c.coord,
         "CREATE ROLE plain LOGIN; CREATE TABLE owned (line text PRIMARY KEY); ALTER TABLE owned OWNER TO plain; \
@@ -179,8 +178,7 @@ fn kill_9_of_the_coordinators_worker_mid_insert_resumes_exact() {
         return;
     }
     interrupted("ckill", |c, job| {
-        let pid: i32 = q(&c.coord, &format!("SELECT worker_pid FROM store.jobs WHERE id = {job}")).parse().unwrap();
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        c.coord.kill_worker(job);
     });
 }
 

@@ -2,8 +2,10 @@
 //! a DBA meets them: the ledger follows the table — a `TRUNCATE`, a partition dropped and
 //! re-created make the next run read the files again, `store_forget` does it by hand —,
 //! a job writes into the table it was given whatever is renamed meanwhile, a scheduled
-//! run over an unchanged directory adds no row per file, and every counter after a crash
-//! equals an uninterrupted run's. Needs `make install`.
+//! run over an unchanged directory adds no row per file, every counter after a crash
+//! equals an uninterrupted run's, a file is skipped only for the same column, filter,
+//! mode and limits, and a file rewritten with its old size and mtime is read again.
+//! Needs `make install`.
 
 mod common;
 
@@ -11,7 +13,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{fixtures, num, q, readable_dir, Cluster};
+use common::{fixtures, kill_9, num, q, readable_dir, Cluster};
 use store_testkit::GenSpec;
 
 /// Words spread over the alphabet, `n` per file, in `files` files under `dir`.
@@ -37,11 +39,10 @@ fn run(c: &Cluster, args: &str) -> i64 {
     job
 }
 
-/// Issue 23, item 1: after `TRUNCATE t` a re-run skipped every file and left `t` empty;
-/// the same for `store.lines`, and for a hash-partitioned target after a partition was
-/// dropped and re-created. Now the ledger forgets what such a change may have taken,
-/// the next run reads the files again, and the table is whole; a partition added does
-/// not make anything be read again.
+/// After a `TRUNCATE` (of a table, or of `store.lines`), or a partition of a
+/// hash-partitioned target dropped and re-created, the ledger forgets what the change may
+/// have taken: the next run reads the files again and the table is whole, where skipping
+/// every file would leave it empty. A partition added does not make anything be read again.
 #[test]
 fn truncate_or_a_recreated_partition_makes_the_next_run_read_the_files_again() {
     let c = Cluster::start("ledger_truncate", "store.workers = 1");
@@ -98,8 +99,8 @@ fn truncate_or_a_recreated_partition_makes_the_next_run_read_the_files_again() {
     );
 }
 
-/// Issue 23, item 1: a `TRUNCATE` while a job inserts removes what it removes; the job's
-/// files must then stay out of the ledger, so that the next run completes the table.
+/// A `TRUNCATE` while a job inserts removes what it removes; the job's files must then stay
+/// out of the ledger, so that the next run completes the table.
 #[test]
 fn a_truncate_during_a_job_keeps_its_files_out_of_the_ledger() {
     let c =
@@ -116,9 +117,9 @@ fn a_truncate_during_a_job_keeps_its_files_out_of_the_ledger() {
     assert_eq!(c.table_sha("t", "line"), want.sha256);
 }
 
-/// Issue 23, item 1: rows removed by `DELETE` are the user's decision (the ledger cannot
-/// see them); `store_forget` makes the next run read the files again — every file of a
-/// target, one file, or a directory — and only the ledger rows its caller sees.
+/// Rows removed by `DELETE` are the user's decision (the ledger cannot see them);
+/// `store_forget` makes the next run read the files again — every file of a target, one
+/// file, or a directory — and only the ledger rows its caller sees.
 #[test]
 fn store_forget_makes_the_next_run_read_files_again() {
     let c = Cluster::start("ledger_forget", "store.workers = 1");
@@ -141,9 +142,9 @@ fn store_forget_makes_the_next_run_read_files_again() {
     assert_eq!(num(&c, "SELECT count(*) FROM t"), 300);
 }
 
-/// Issue 23, item 5: every re-run added a `skipped` row to `store.files` per file (100,000
-/// files: +100,000 rows a run). Now a run adds a row per file it reads, fails or passes
-/// over in the listing, and none for the files the ledger skips.
+/// A run adds a row to `store.files` per file it reads, fails or passes over in the
+/// listing, and none for the files the ledger skips: a scheduled run over 100,000 unchanged
+/// files must not add 100,000 rows each time.
 #[test]
 fn a_rerun_over_an_unchanged_directory_adds_no_row_per_file() {
     let c = Cluster::start("ledger_bounded", "store.workers = 1");
@@ -168,9 +169,9 @@ fn a_rerun_over_an_unchanged_directory_adds_no_row_per_file() {
     assert_eq!(num(&c, "SELECT count(*) FROM store.files"), rows + 6);
 }
 
-/// Issue 23, item 6: a target renamed during a job, and a new table created under its old
-/// name: the job wrote the rest of its lines into the new table, and a re-run into the
-/// renamed one skipped every file. The job now follows the table it was given.
+/// A job follows the table it was given: with the target renamed during the job and a new
+/// table created under its old name, the rest of its lines go into the renamed table, not
+/// the new one, and a re-run into the renamed one skips every file.
 #[test]
 fn a_job_writes_into_the_table_it_was_given_whatever_is_renamed() {
     let c = Cluster::start("ledger_rename", "store.workers = 1\nstore.batch_max = 1000\nstore.insert_workers = 1");
@@ -199,10 +200,9 @@ fn counters(c: &Cluster, job: i64) -> String {
     )
 }
 
-/// Issue 23, item 4: after a `kill -9` of the worker, `duplicates` read 4,509,084 where
-/// an uninterrupted run read 5,633,499. Now every counter of a job killed mid-insert —
-/// the worker, then an inserter — equals an uninterrupted run's, and the LOG line of the
-/// job says what `store.status` says.
+/// Every counter of a job killed mid-insert — the worker, then an inserter — equals an
+/// uninterrupted run's (how the job got to its end does not show in what it reports), and
+/// the LOG line of the job says what `store.status` says.
 #[test]
 fn every_counter_after_a_kill_9_equals_an_uninterrupted_runs() {
     let c = Cluster::start("ledger_counters", "store.workers = 1\nstore.batch_max = 2000\nstore.insert_workers = 2");
@@ -231,7 +231,7 @@ fn every_counter_after_a_kill_9_equals_an_uninterrupted_runs() {
             .unwrap()
             .parse()
             .unwrap();
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        kill_9(pid);
         c.wait_done(job);
         assert_eq!(counters(&c, job), want, "job {job} after a kill -9 of its {kind}");
         assert_eq!(c.table_sha(table, "line"), c.table_sha("calm", "line"));
@@ -247,4 +247,57 @@ fn every_counter_after_a_kill_9_equals_an_uninterrupted_runs() {
         let log = fs::read_to_string(c.dir.join("log")).unwrap();
         assert!(log.contains(&line), "the LOG line of job {job} is not {line:?}");
     }
+}
+
+/// The ledger holds the spec that decided a file's lines (column, filter, mode, limits) and
+/// skips the file only for the same spec: ingested into the same table with another filter,
+/// column, mode or limit, the file has other lines to give. Dropping a table takes its
+/// ledger rows with it.
+#[test]
+fn the_ledger_skips_a_file_only_for_the_same_column_filter_mode_and_limits() {
+    let c = Cluster::start("spec", "");
+    let dir = readable_dir(&c.dir.join("in"));
+    fs::write(dir.join("a.txt"), "ERROR one\ninfo two\nERROR three\n").unwrap();
+    q(&c, "CREATE TABLE two (a text UNIQUE, b text UNIQUE)");
+    let run = |args: &str| {
+        let job = num(&c, &format!("SELECT store_ingest('{}', {args})", dir.display()));
+        c.wait_done(job);
+        q(&c, &format!("SELECT files_skipped || ' ' || inserted FROM store.status WHERE id = {job}"))
+    };
+    assert_eq!(run("'store.lines', filter => 'NOTHING MATCHES THIS'"), "0 0");
+    assert_eq!(run("'store.lines'"), "0 3", "an unfiltered job reads the file a filtered one read");
+    assert_eq!(run("'store.lines'"), "1 0", "and the same job again skips it");
+    assert_eq!(run("'two', 'a', filter => 'ERROR'"), "0 2");
+    assert_eq!(run("'two', 'b'"), "0 3", "another column of the same table is another ingest");
+    c.reload("ALTER SYSTEM SET store.max_line_bytes = 9");
+    assert_eq!(run("'two', 'b'"), "0 0", "another length limit reads it again (and finds nothing new)");
+    // Dropping a table takes its ledger rows with it.
+    q(&c, "DROP TABLE two");
+    assert_eq!(num(&c, "SELECT count(*) FROM store.ingested WHERE target::oid NOT IN (SELECT oid FROM pg_class)"), 0);
+}
+
+/// A file rewritten in the middle, its old size and mtime put back, is read again: size,
+/// mtime and a fingerprint of both ends alone would have it skipped for ever.
+#[test]
+fn a_file_rewritten_with_its_old_size_and_mtime_is_read_again() {
+    let c = Cluster::start("rewrite", "");
+    let dir = readable_dir(&c.dir.join("in"));
+    let p = dir.join("a.txt");
+    let mut body: Vec<u8> = (0..20_000).flat_map(|i| format!("line-{i:06}\n").into_bytes()).collect();
+    fs::write(&p, &body).unwrap();
+    let job = c.ingest(&format!("'{}'", dir.display()));
+    c.wait_done(job);
+    let mtime = fs::metadata(&p).unwrap().modified().unwrap();
+    // Same length, new content in the middle (far from the fingerprinted ends).
+    let mid = body.len() / 2;
+    let at = mid - mid % 12;
+    body[at..at + 11].copy_from_slice(b"changed-mid");
+    std::thread::sleep(Duration::from_millis(20));
+    fs::write(&p, &body).unwrap();
+    fs::File::options().write(true).open(&p).unwrap().set_modified(mtime).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().modified().unwrap(), mtime);
+    let again = c.ingest(&format!("'{}'", dir.display()));
+    c.wait_done(again);
+    assert_eq!(q(&c, &format!("SELECT files_skipped || ' ' || inserted FROM store.status WHERE id = {again}")), "0 1");
+    assert_eq!(num(&c, "SELECT count(*) FROM store.lines WHERE line = 'changed-mid'"), 1);
 }

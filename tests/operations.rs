@@ -1,16 +1,17 @@
 //! Living with pg_store: every database of a cluster served by one launcher and its
-//! workers, the `store.workers` view and the LOG line of each job, retention and
-//! `store_purge`, and a `pg_dump -Fc | pg_restore` into a fresh cluster.
+//! workers, the `store.workers` view and the LOG line of each job, a pg_cron schedule, a
+//! server that does not preload pg_store, a database that is not UTF-8, retention and
+//! `store_purge`, a `pg_dump -Fc | pg_restore` into a fresh cluster, a hot standby, and
+//! `DROP EXTENSION` and `pg_basebackup` while a job runs. Needs `make install`.
 
 mod common;
 
+use std::fs;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{fixtures, q, Cluster};
+use common::{fixtures, num, q, readable_dir, Cluster, BIN};
 use store_testkit::GenSpec;
-
-const BIN: &str = "/usr/lib/postgresql/15/bin";
 
 fn qin(c: &Cluster, db: &str, sql: &str) -> String {
     c.psql_in(db, "postgres", sql).unwrap_or_else(|e| panic!("{db}: {sql}: {e}"))
@@ -93,9 +94,7 @@ fn retention_purges_old_jobs_but_never_the_ledger() {
     let c = Cluster::start("retention", "store.retention = 0");
     let spec = GenSpec { files: 2, size: 1 << 20, seed: 302, nasty: true, max_line_bytes: 4096, ..GenSpec::default() };
     let (dir, _) = fixtures(&c, "in", &spec);
-    q(&c, "ALTER SYSTEM SET store.max_line_bytes = 4096");
-    q(&c, "SELECT pg_reload_conf()");
-    std::thread::sleep(Duration::from_millis(500));
+    c.reload("ALTER SYSTEM SET store.max_line_bytes = 4096");
     let old = c.ingest(&format!("'{}'", dir.display()));
     c.wait_done(old);
     assert!(
@@ -111,9 +110,7 @@ fn retention_purges_old_jobs_but_never_the_ledger() {
     c.wait_done(again);
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(q(&c, &format!("SELECT count(*) FROM store.jobs WHERE id = {old}")), "1");
-    q(&c, "ALTER SYSTEM SET store.retention = '1d'");
-    q(&c, "SELECT pg_reload_conf()");
-    std::thread::sleep(Duration::from_millis(500));
+    c.reload("ALTER SYSTEM SET store.retention = '1d'");
     // A worker purges when idle: give it something to do, then wait.
     let last = c.ingest(&format!("'{}'", dir.display()));
     c.wait_done(last);
@@ -155,8 +152,11 @@ fn store_purge_deletes_only_what_its_caller_sees() {
     assert_eq!(q(&c, "SELECT count(*) FROM store.ingested"), "2", "the ledger stays");
 }
 
-/// `pg_dump -Fc | pg_restore` into a fresh cluster: the lines, the ledger and the history
-/// come along; a job that was open at dump time fails there instead of running.
+/// `pg_dump -Fc | pg_restore` into a fresh cluster keeps what pg_store holds: the lines of
+/// `store.lines` (an extension member, whose rows a dump would otherwise leave out), the
+/// ledger, the job history with its files, rejects and checkpoints, and the job id
+/// sequence. A re-run there reads no file again, and a job that was open at dump time fails
+/// there (55000) instead of running.
 #[test]
 fn a_dump_restored_into_a_fresh_cluster_keeps_lines_ledger_and_history() {
     let src = Cluster::start("dump-src", "");
@@ -167,9 +167,7 @@ fn a_dump_restored_into_a_fresh_cluster_keeps_lines_ledger_and_history() {
     // pg_cron (which the test clusters load) can only live in one database.
     q(&src, "DROP EXTENSION pg_cron");
     // A job left queued at dump time (no worker may run it here: store.workers = 0).
-    q(&src, "ALTER SYSTEM SET store.workers = 0");
-    q(&src, "SELECT pg_reload_conf()");
-    std::thread::sleep(Duration::from_millis(500));
+    src.reload("ALTER SYSTEM SET store.workers = 0");
     let queued: i64 = q(
         &src,
         &format!(
@@ -207,6 +205,10 @@ fn a_dump_restored_into_a_fresh_cluster_keeps_lines_ledger_and_history() {
         .unwrap();
     assert!(out.status.success(), "pg_restore: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(dst.table_sha_in("restored", "store.lines", "line"), want.sha256, "the default target's lines");
+    for t in ["store.ingested", "store.jobs", "store.files", "store.rejects", "store.checkpoints"] {
+        let count = format!("SELECT count(*) FROM {t}");
+        assert_eq!(qin(&dst, "restored", &count), q(&src, &count), "{t}");
+    }
     let files = q(&src, &format!("SELECT files_done FROM store.status WHERE id = {done}"));
     assert_eq!(qin(&dst, "restored", "SELECT count(*) FROM store.ingested"), files, "the ledger");
     assert_eq!(qin(&dst, "restored", &format!("SELECT state FROM store.jobs WHERE id = {done}")), "done", "history");
@@ -215,12 +217,19 @@ fn a_dump_restored_into_a_fresh_cluster_keeps_lines_ledger_and_history() {
         "rejects"
     );
     // A store_ingest wakes a worker in the restored database: it fails the job that was
-    // open in the other cluster, and runs the new one, which the ledger lets skip all.
+    // open in the other cluster, and runs the new one, which the ledger lets skip all:
+    // it reads no byte and inserts nothing.
     let rerun: i64 = qin(&dst, "restored", &format!("SELECT store_ingest('{}')", dir.display())).parse().unwrap();
     wait_done_in(&dst, "restored", rerun);
     assert_eq!(
-        qin(&dst, "restored", &format!("SELECT files_skipped || ' ' || inserted FROM store.status WHERE id = {rerun}")),
-        format!("{files} 0")
+        qin(
+            &dst,
+            "restored",
+            &format!(
+                "SELECT files_skipped || ' ' || bytes_total || ' ' || inserted FROM store.status WHERE id = {rerun}"
+            )
+        ),
+        format!("{files} 0 0")
     );
     assert_eq!(
         qin(&dst, "restored", &format!("SELECT state || ' ' || sqlstate FROM store.jobs WHERE id = {queued}")),
@@ -230,11 +239,10 @@ fn a_dump_restored_into_a_fresh_cluster_keeps_lines_ledger_and_history() {
     assert!(rerun > queued, "the job sequence came along: {rerun} after {queued}");
 }
 
-/// Issue 23, item 2: on a hot standby `store_ingest`, `store.workers`, `store_wait`,
-/// `store_cancel` and `store_purge` all failed with XX000 "cannot assign TransactionIds
-/// during recovery" (pgrx's SPI helpers made every read a writer). Now the standby shows
-/// the jobs (`store.status`, `store.workers`, `store_wait`), and what would write is
-/// refused with 25006 and a hint to use the primary.
+/// A hot standby shows the jobs (`store.status`, `store.workers`, `store_wait`) and refuses
+/// what would write (`store_ingest`, `store_cancel`, `store_purge`, `store_forget`) with
+/// 25006 and a hint to use the primary — reads that wrote would fail there with XX000
+/// "cannot assign TransactionIds during recovery".
 #[test]
 fn a_hot_standby_shows_jobs_and_refuses_writes_with_25006() {
     let c = Cluster::start("standby_primary", "");
@@ -263,11 +271,10 @@ fn a_hot_standby_shows_jobs_and_refuses_writes_with_25006() {
     }
 }
 
-/// Issue 23, item 9: `DROP EXTENSION pg_store CASCADE` during a job failed for the DBA
-/// with 40P01 (deadlock detected), and the job went on. Now the DROP of the extension's
-/// owner stops the database's pg_store processes first and succeeds (anyone else's is
-/// refused by PostgreSQL and stops nothing); pg_store can be created again and used at
-/// once.
+/// `DROP EXTENSION pg_store CASCADE` during a job, by the extension's owner, stops the
+/// database's pg_store processes first and succeeds, with no deadlock (40P01) between the
+/// DROP and the worker; anyone else's DROP is refused by PostgreSQL and stops nothing;
+/// pg_store can be created again and used at once.
 #[test]
 fn drop_extension_during_a_job_stops_it_and_succeeds() {
     let c = Cluster::start("drop_mid_job", "store.batch_max = 1000\nstore.insert_workers = 2");
@@ -305,11 +312,10 @@ fn drop_extension_during_a_job_stops_it_and_succeeds() {
     c.wait_done(again);
 }
 
-/// Issue 23, item 9: `pg_basebackup` during a job copied the job's sorted runs (964 MiB
-/// for 1 GiB of input): the default `store.temp_dir` was a plain directory of the data
-/// directory. It is now `pgsql_tmp_pg_store`, which base backups leave out as they leave
-/// out PostgreSQL's own temporary files, and which a restart keeps (the job resumes from
-/// its runs).
+/// `pg_basebackup` during a job leaves the job's sorted runs out (they are about as large
+/// as the input): the default `store.temp_dir` is `pgsql_tmp_pg_store` in the data
+/// directory, which base backups leave out as they leave out PostgreSQL's own temporary
+/// files, and which a restart keeps (the job resumes from its runs).
 #[test]
 fn a_base_backup_during_a_job_leaves_its_sorted_runs_out() {
     let c = Cluster::start("basebackup_runs", "store.batch_max = 1000\nstore.insert_workers = 1");
@@ -341,4 +347,38 @@ fn a_base_backup_during_a_job_leaves_its_sorted_runs_out() {
     c.wait_done(job);
     let log = std::fs::read_to_string(c.dir.join("log")).unwrap();
     assert!(log.contains(&format!("pg_store job {job}: resuming from the")), "the job sorted again after the restart");
+}
+
+#[test]
+fn a_pg_cron_schedule_runs_an_ingest() {
+    let c = Cluster::start("cron", "");
+    let dir = readable_dir(&c.dir.join("drop"));
+    fs::write(dir.join("a.txt"), "cron one\ncron two\n").unwrap();
+    // Debian's pg_cron has minute resolution: the job fires within 60 s.
+    q(&c, &format!("SELECT cron.schedule('ingest', '* * * * *', $$SELECT store_ingest('{}')$$)", dir.display()));
+    c.wait_until(
+        "SELECT EXISTS (SELECT FROM store.jobs WHERE state = 'done' AND files_total = 1)",
+        Duration::from_secs(130),
+    );
+    q(&c, "SELECT cron.unschedule('ingest')");
+    assert_eq!(num(&c, "SELECT count(*) FROM store.lines"), 2);
+}
+
+#[test]
+fn without_preloading_store_ingest_explains_what_is_missing() {
+    // A later line wins in postgresql.conf: pg_store is not preloaded here.
+    let c = Cluster::start("nopreload", "shared_preload_libraries = 'pg_cron'");
+    let e = c.psql("SELECT store_ingest('/tmp')").unwrap_err();
+    assert!(e.contains("pg_store is not loaded through shared_preload_libraries"), "{e}");
+    assert!(e.contains("HINT:  Add pg_store to shared_preload_libraries"), "{e}");
+}
+
+/// Lines are UTF-8: in a database of another encoding `store_ingest` is refused, saying so.
+#[test]
+fn a_database_that_is_not_utf8_is_refused() {
+    let c = Cluster::start("latin1", "");
+    q(&c, "CREATE DATABASE latin ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0");
+    c.psql_in("latin", "postgres", "CREATE EXTENSION pg_store").unwrap();
+    let e = c.psql_in("latin", "postgres", "SELECT store_ingest('/tmp')").unwrap_err();
+    assert!(e.contains("pg_store needs a database with UTF8 encoding"), "{e}");
 }

@@ -1,16 +1,20 @@
-//! Who pg_store acts as, against roles that try to borrow someone else's privileges:
-//! the owner of a target table whose code would run when a superuser's or a
-//! `pg_read_server_files` member's job fills it, an OS user sharing the temporary
-//! directory, a role watching `store.workers`, a process that inherits a PID
-//! `store_cancel` collected. Needs `make install`.
+//! Who may ingest what and see whose jobs: `pg_read_server_files` and
+//! `store.allowed_dirs` (links and `..` out of it included), checked at queueing and
+//! again by the worker; a role sees, waits for and cancels its own jobs only; advisory
+//! locks a user takes stall nothing. And who pg_store acts as, against roles that try to
+//! borrow someone else's privileges: the owner of a target table whose code would run
+//! when a superuser's or a `pg_read_server_files` member's job fills it, an OS user
+//! sharing the temporary directory, a role watching `store.workers`, a process that
+//! inherits a PID `store_cancel` collected. Needs `make install`.
 
 mod common;
 
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{num, q, readable_dir, Cluster};
+use common::{big_fixture, num, q, readable_dir, Cluster};
 
 /// Every kind of code a table can carry, attached by its owner `plain` (a login with no
 /// privileges) to a table of its own that it lets everyone fill. Each calls
@@ -105,13 +109,13 @@ fn plant(c: &Cluster) -> Vec<(&'static str, String)> {
     .collect()
 }
 
-/// Issue 20, item 1: a target's code ran with the job owner's privileges — a trigger of
-/// a plain role's table made the plain role a superuser when a superuser's job filled it,
-/// and read server files under a `pg_read_server_files` member's job. Now every kind of
-/// code a table carries runs as the table's owner (in a security-restricted operation),
-/// for a superuser's job and for a reader's, on the COPY path (an empty table), the
-/// look-up path and the INSERT path (a table half filled, a table with a rule); and the
-/// target stays usable: every job ends done and exact.
+/// Every kind of code a table carries runs as the table's owner (in a security-restricted
+/// operation), for a superuser's job and for a reader's, on the COPY path (an empty table),
+/// the look-up path and the INSERT path (a table half filled, a table with a rule): with
+/// the job owner's privileges, a trigger of a plain role's table would make the plain role
+/// a superuser when a superuser's job filled it, and read server files under a
+/// `pg_read_server_files` member's job. And the target stays usable: every job ends done
+/// and exact.
 #[test]
 fn a_targets_code_never_runs_with_the_job_owners_privileges() {
     let c = Cluster::start("owner_code", "store.workers = 4");
@@ -188,22 +192,20 @@ fn as_attacker(script: &str) {
     assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// Issue 20, item 3: with `store.temp_dir` in a world-writable sticky directory (a
-/// `/tmp`), another OS user pre-created the next job's directory with a link where a run
-/// file would go: the job wrote through it over a file of the server's user. Now a job's
-/// directory is created exclusively under a name with a random part (what the attacker
-/// made is neither used nor able to keep the job from running), a `store.temp_dir` with
-/// a directory above it that others may rename things in is refused, and the server
-/// removes only directories it made.
+/// With `store.temp_dir` in a world-writable sticky directory (a `/tmp`), another OS user
+/// may pre-create the next job's directory with a link where a run file would go, for the
+/// job to write through it over a file of the server's user. A job's directory is created
+/// exclusively under a name with a random part (what another user made is neither used
+/// nor able to keep the job from running), a `store.temp_dir` with a directory above it
+/// that others may rename things in is refused, and the server removes only directories
+/// it made.
 #[test]
 fn the_temporary_directory_trusts_nothing_another_os_user_put_there() {
     let c = Cluster::start("temp_attack", "store.workers = 1");
     let shared = c.dir.join("shared-tmp");
     fs::create_dir_all(&shared).unwrap();
     fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
-    q(&c, &format!("ALTER SYSTEM SET store.temp_dir = '{}'", shared.display()));
-    q(&c, "SELECT pg_reload_conf()");
-    std::thread::sleep(Duration::from_millis(1500));
+    c.reload(&format!("ALTER SYSTEM SET store.temp_dir = '{}'", shared.display()));
     let input = readable_dir(&c.dir.join("in"));
     fs::write(input.join("a.txt"), "secret line one\nsecret line two\n").unwrap();
     // A file of the server's OS user that must not be touched.
@@ -285,10 +287,9 @@ fn uid_of(user: &str) -> u32 {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
-/// Issue 20, item 4: `store.workers` showed every database's busy workers, with their
-/// timestamps, to any role. Now a role without the privileges of `pg_read_all_stats`
-/// sees the launcher, idle workers and the processes of its own jobs only; such a role
-/// sees them all.
+/// `store.workers` shows other roles' busy workers, with their timestamps, only to roles
+/// with the privileges of `pg_read_all_stats` (as `pg_stat_activity` does); any other role
+/// sees the launcher, idle workers and the processes of its own jobs.
 #[test]
 fn store_workers_shows_other_roles_work_only_to_pg_read_all_stats() {
     let c = Cluster::start("workers_view", "store.workers = 2\nstore.insert_workers = 1\nstore.batch_max = 500");
@@ -307,12 +308,12 @@ fn store_workers_shows_other_roles_work_only_to_pg_read_all_stats() {
     c.wait_state(job, &["cancelled"], Duration::from_secs(60));
 }
 
-/// Issue 20, item 5: `store_cancel` collected the PIDs of a job's processes before its
-/// transaction committed and signalled them after; a process that exited in between
-/// could have its PID reused by an unrelated process of the server's OS user, which got
-/// the SIGINT. The test makes that happen: an inserter of the job exits while the
-/// cancel is uncommitted, and a `sleep` of the postgres user is started with its PID,
-/// which must outlive the commit.
+/// `store_cancel` signals the processes working on the job at its commit: PIDs collected
+/// before the commit and signalled after could by then belong to an unrelated process of
+/// the server's OS user (a process that left the job in between, its PID reused), which
+/// would get the SIGINT. The test makes that happen: an inserter of the job exits while the
+/// cancel is uncommitted, and a `sleep` of the postgres user is started with its PID, which
+/// must outlive the commit.
 #[test]
 fn store_cancel_never_signals_a_process_that_left_the_job() {
     let c = Cluster::start("cancel_pid", "store.workers = 1\nstore.insert_workers = 2\nstore.batch_max = 500");
@@ -326,7 +327,8 @@ fn store_cancel_never_signals_a_process_that_left_the_job() {
     );
     let inserter: i32 =
         q(&c, &format!("SELECT pid FROM store.workers WHERE kind = 'inserter' AND job = {job}")).parse().unwrap();
-    // The cancel, left uncommitted: the PIDs are what old code collected here.
+    // The cancel, left uncommitted: the inserter's PID is among the job's processes now,
+    // and must not be signalled at the commit, when it has left the job.
     let mut session = c.session("postgres");
     let stdin = session.stdin.as_mut().unwrap();
     std::io::Write::write_all(stdin, format!("BEGIN;\nSELECT store_cancel({job});\n").as_bytes()).unwrap();
@@ -373,13 +375,11 @@ fn spawn_with_pid(pid: i32, uid: u32) -> std::process::Child {
     panic!("could not start a process with PID {pid}");
 }
 
-/// Found in review: the functions a user calls lived in the extension's schema, `public`,
-/// where the database's owner may plant overloads that match a call better —
-/// `store_wait(1)` resolved to a planted `public.store_wait(integer)`, run by whoever
-/// called it, a superuser following the README included. They are in schema `store` now,
-/// which only the extension's owner may create objects in: overloads planted anywhere
-/// never catch a call of `store.ingest`, `store.wait`, `store.cancel`, `store.purge`,
-/// `store.forget`.
+/// The functions a user calls are in schema `store`, which only the extension's owner
+/// may create objects in: overloads the database's owner plants in `public` for argument
+/// types that match a call better (`public.store_wait(integer)` against a call
+/// `store_wait(1)`) never catch a call of `store.ingest`, `store.wait`, `store.cancel`,
+/// `store.purge`, `store.forget`.
 #[test]
 fn overloads_the_database_owner_plants_never_catch_calls_of_the_store_functions() {
     let c = Cluster::start("api_overloads", "");
@@ -424,4 +424,175 @@ fn overloads_the_database_owner_plants_never_catch_calls_of_the_store_functions(
         run("SELECT string_agg(what, ', ') FROM public.hits")
     );
     assert_eq!(run("SELECT count(*) FROM store.lines"), "2");
+}
+
+#[test]
+fn refusals_are_clear_and_failures_are_recorded() {
+    let c = Cluster::start("refuse", "");
+    let ok = readable_dir(&c.dir.join("ok"));
+    fs::write(ok.join("a.txt"), "a\n").unwrap();
+    let outside = readable_dir(&c.dir.join("outside"));
+    fs::write(outside.join("b.txt"), "b\n").unwrap();
+
+    q(&c, "CREATE ROLE plain LOGIN");
+    let e = c.psql_as("plain", &format!("SELECT store_ingest('{}')", ok.display())).unwrap_err();
+    assert!(e.contains("permission denied to ingest server files"), "{e}");
+
+    c.reload(&format!("ALTER SYSTEM SET store.allowed_dirs = '{}'", ok.display()));
+    let e = c.psql(&format!("SELECT store_ingest('{}')", outside.display())).unwrap_err();
+    assert!(e.contains("is outside store.allowed_dirs"), "{e}");
+    std::os::unix::fs::symlink(&outside, ok.join("link")).unwrap();
+    let e = c.psql(&format!("SELECT store_ingest('{}/link/b.txt')", ok.display())).unwrap_err();
+    assert!(e.contains("is outside store.allowed_dirs"), "{e}");
+    let e = c.psql(&format!("SELECT store_ingest('{}/../outside')", ok.display())).unwrap_err();
+    assert!(e.contains("is outside store.allowed_dirs"), "{e}");
+    let e = c.psql_as("plain", "SET store.allowed_dirs = '/'").unwrap_err();
+    assert!(e.contains("permission denied"), "{e}");
+
+    let e = c.psql(&format!("SELECT store_ingest('{}/missing')", ok.display())).unwrap_err();
+    assert!(e.contains("No such file or directory"), "{e}");
+
+    // An unreadable file in a directory is recorded as failed with the OS error; the rest
+    // is ingested and the job ends `partial`. A re-run after the fix reads only it.
+    let locked = ok.join("locked.txt");
+    fs::write(&locked, "secret\n").unwrap();
+    fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    let job = c.ingest(&format!("'{}'", ok.display()));
+    assert_eq!(c.wait_state(job, &["done", "partial", "failed"], Duration::from_secs(60)), "partial");
+    let err =
+        q(&c, &format!("SELECT state || ': ' || error FROM store.files WHERE job = {job} AND path LIKE '%locked.txt'"));
+    assert!(err.starts_with("failed: ") && err.contains("Permission denied"), "{err}");
+    assert_eq!(q(&c, &format!("SELECT files_failed || ' ' || inserted FROM store.status WHERE id = {job}")), "1 1");
+    fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let job = c.ingest(&format!("'{}'", ok.display()));
+    c.wait_done(job);
+    assert_eq!(q(&c, &format!("SELECT files_skipped || ' ' || inserted FROM store.status WHERE id = {job}")), "1 1");
+
+    // The workers reload postgresql.conf on SIGHUP: a new limit applies to the next job.
+    c.reload("ALTER SYSTEM SET store.max_line_bytes = 10");
+    fs::write(ok.join("long.txt"), "short\nthis line is longer than ten bytes\n").unwrap();
+    let job = c.ingest(&format!("'{}'", ok.display()));
+    c.wait_done(job);
+    assert_eq!(q(&c, &format!("SELECT reason FROM store.rejects WHERE job = {job}")), "too_long");
+}
+
+/// The worker checks again, when it starts a job, what store_ingest checked — the path
+/// against store.allowed_dirs, the owner's right to insert and to read server files, and
+/// that the target is still a table —, since each can change while the job waits in the
+/// queue.
+#[test]
+fn the_worker_checks_again_what_was_checked_at_queueing() {
+    let c = Cluster::start("recheck", "store.workers = 1\nstore.batch_max = 1000");
+    let (busy, _) = big_fixture(&c);
+    let ok = readable_dir(&c.dir.join("ok"));
+    fs::write(ok.join("a.txt"), "a\n").unwrap();
+    q(&c, "CREATE ROLE loader LOGIN IN ROLE pg_read_server_files; CREATE TABLE t1 (line text UNIQUE); CREATE TABLE t2 (line text UNIQUE); \
+           CREATE TABLE t3 (line text UNIQUE); GRANT INSERT, SELECT ON t1, t2, t3 TO loader");
+    // One worker, kept busy by a long job while the queued one waits and things change.
+    let mut holds = 0;
+    let mut queued_then = |queue: &dyn Fn() -> i64, change: &dyn Fn()| -> String {
+        holds += 1;
+        q(&c, &format!("CREATE TABLE hold{holds} (line text UNIQUE)"));
+        let hold = num(&c, &format!("SELECT store_ingest('{}', 'hold{holds}')", busy.display()));
+        c.wait_state(hold, &["running"], Duration::from_secs(60));
+        let job = queue();
+        change();
+        q(&c, &format!("SELECT store_cancel({hold})"));
+        assert_eq!(c.wait_state(job, &["done", "failed"], Duration::from_secs(60)), "failed", "job {job}");
+        c.state_and_error(job)
+    };
+    let as_loader = |t: &'static str| {
+        let (c, ok) = (&c, &ok);
+        move || {
+            c.psql_as("loader", &format!("SELECT store_ingest('{}', '{t}')", ok.display()))
+                .unwrap()
+                .parse::<i64>()
+                .unwrap()
+        }
+    };
+    let s = queued_then(&|| c.ingest(&format!("'{}'", ok.display())), &|| {
+        c.reload(&format!("ALTER SYSTEM SET store.allowed_dirs = '{}'", busy.display()))
+    });
+    assert!(s.starts_with("failed 42501 ") && s.contains("is outside store.allowed_dirs"), "{s}");
+    c.reload("ALTER SYSTEM RESET store.allowed_dirs");
+    let s = queued_then(&as_loader("t2"), &|| drop(q(&c, "REVOKE INSERT ON t2 FROM loader")));
+    assert!(s.starts_with("failed 42501 ") && s.contains("permission denied to insert"), "{s}");
+    // An empty table becomes a view (PostgreSQL 15 still allows this, once its index is gone).
+    let s = queued_then(&as_loader("t3"), &|| {
+        // relhasindex stays set until a VACUUM, and a table with indexes cannot become a view.
+        q(&c, "ALTER TABLE t3 DROP CONSTRAINT t3_line_key");
+        q(&c, "VACUUM t3");
+        q(&c, "CREATE RULE \"_RETURN\" AS ON SELECT TO t3 DO INSTEAD SELECT 'x'::text AS line");
+    });
+    assert!(s.starts_with("failed 42809 ") && s.contains("is not a table"), "{s}");
+    let s = queued_then(&as_loader("t1"), &|| drop(q(&c, "REVOKE pg_read_server_files FROM loader")));
+    assert!(s.starts_with("failed 42501 ") && s.contains("may no longer read server files"), "{s}");
+    assert_eq!(num(&c, "SELECT count(*) FROM t1") + num(&c, "SELECT count(*) FROM t2"), 0);
+}
+
+/// Cancelling and waiting only see the caller's own jobs.
+#[test]
+fn a_role_sees_and_cancels_only_its_own_jobs() {
+    let c = Cluster::start("visibility", "store.workers = 1\nstore.batch_max = 1000");
+    let (busy, _) = big_fixture(&c);
+    let ok = readable_dir(&c.dir.join("ok"));
+    fs::write(ok.join("a.txt"), "a\n").unwrap();
+    q(
+        &c,
+        "CREATE ROLE alice LOGIN IN ROLE pg_read_server_files; CREATE ROLE bob LOGIN IN ROLE pg_read_server_files; \
+           CREATE ROLE alice_boss LOGIN IN ROLE alice",
+    );
+    let hold = c.ingest(&format!("'{}'", busy.display()));
+    c.wait_state(hold, &["running"], Duration::from_secs(60));
+    let theirs = c.psql_as("alice", &format!("SELECT store_ingest('{}')", ok.display())).unwrap();
+    for t in ["store.status", "store.jobs", "store.files", "store.rejects", "store.checkpoints", "store.ingested"] {
+        assert_eq!(c.psql_as("bob", &format!("SELECT count(*) FROM {t}")).unwrap(), "0", "bob sees nothing in {t}");
+    }
+    assert_eq!(c.psql_as("alice", "SELECT string_agg(id::text, ',') FROM store.status").unwrap(), theirs);
+    assert_eq!(
+        c.psql_as("alice_boss", "SELECT string_agg(id::text, ',') FROM store.status").unwrap(),
+        theirs,
+        "a member of alice sees alice's jobs"
+    );
+    let e = c.psql_as("bob", &format!("SELECT store_cancel({theirs})")).unwrap_err();
+    assert!(e.contains(&format!("no pg_store job {theirs}")), "{e}");
+    let e = c.psql_as("bob", &format!("SELECT * FROM store_wait({theirs}, '1 second')")).unwrap_err();
+    assert!(e.contains(&format!("no pg_store job {theirs}")), "{e}");
+    assert_eq!(c.psql_as("alice", &format!("SELECT store_cancel({theirs})")).unwrap(), "t");
+    q(&c, &format!("SELECT store_cancel({hold})"));
+    let t = Instant::now();
+    c.wait_state(hold, &["cancelled"], Duration::from_secs(30));
+    assert!(t.elapsed() < Duration::from_secs(30));
+}
+
+/// Whether a job's worker is alive is not told by advisory locks, which any role can take:
+/// a role holding the keys of the next jobs stalls none of them.
+#[test]
+fn advisory_locks_taken_by_a_user_do_not_stall_jobs() {
+    let c = Cluster::start("advlock", "");
+    let dir = readable_dir(&c.dir.join("in"));
+    fs::write(dir.join("a.txt"), "one\n").unwrap();
+    q(&c, "CREATE ROLE nobody_special LOGIN");
+    let next = num(&c, "SELECT last_value + 1 FROM store.jobs_id_seq");
+    // Every advisory-lock key a job's liveness could be told by for the next jobs (the
+    // job id as one 32-bit key, or as a pair under pg_store's prefix), held by an idle
+    // session.
+    let mut hold = c.session("nobody_special");
+    let stdin = hold.stdin.as_mut().unwrap();
+    for id in next..next + 3 {
+        writeln!(
+            stdin,
+            "SELECT pg_advisory_lock(20563, {id}::int); SELECT pg_advisory_lock({}, {id});",
+            0x5053_0000u32 as i32
+        )
+        .unwrap();
+    }
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        let job = c.ingest(&format!("'{}'", dir.display()));
+        c.wait_state(job, &["done", "failed"], Duration::from_secs(30));
+    }
+    let _ = hold.kill();
+    let _ = hold.wait();
 }

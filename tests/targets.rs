@@ -1,14 +1,14 @@
 //! Refuse early, say why: targets every batch would fail on, arguments and settings
 //! pg_store could not use, and a queued job that waits for a worker — each refused or
-//! explained where the DBA acts, with a SQLSTATE, rather than failing later or never.
-//! Needs `make install`.
+//! explained where the DBA acts, with a SQLSTATE, rather than failing later or never —;
+//! and what a `varchar(n)` target cannot hold, rejected line by line. Needs `make install`.
 
 mod common;
 
 use std::fs;
 use std::time::Duration;
 
-use common::{q, readable_dir, Cluster};
+use common::{num, q, readable_dir, Cluster};
 
 /// `sql` run as the superuser must fail with `sqlstate` and a message containing `says`.
 fn refused(c: &Cluster, sql: &str, sqlstate: &str, says: &str) -> String {
@@ -20,11 +20,11 @@ fn refused(c: &Cluster, sql: &str, sqlstate: &str, says: &str) -> String {
     e
 }
 
-/// Issue 23, items 3 and 9: targets accepted at the call that failed at the first batch
-/// (a deferrable unique constraint: 42501 or 55000 mid-job; a NOT NULL column without a
-/// default: after seconds of reading and sorting) or that PostgreSQL itself would never
-/// accept (a partitioned table without the line as its partition key, whose hint proposed
-/// an index PostgreSQL refuses) are refused at the call, with a hint that works.
+/// Targets every batch would fail on (a deferrable unique constraint: 42501 or 55000
+/// mid-job; a NOT NULL column without a default: after seconds of reading and sorting) or
+/// that PostgreSQL itself would never accept (a partitioned table without the line as its
+/// partition key) are refused at the call, with a hint that works (not an index PostgreSQL
+/// refuses).
 #[test]
 fn targets_that_cannot_work_are_refused_at_the_call() {
     let c = Cluster::start("targets_refused", "");
@@ -67,10 +67,10 @@ fn targets_that_cannot_work_are_refused_at_the_call() {
     assert_eq!(q(&c, "SELECT string_agg(line || '/' || source, ',' ORDER BY line) FROM nn_ok"), "one/files,two/files");
 }
 
-/// Issue 23, item 9: `store_ingest(NULL)` failed with XX000 "argument 0 must not be null";
-/// others returned NULL. Every NULL argument that must not be is now 22004, naming it;
-/// a filter with an unknown key (a typo) is refused with the key it probably meant,
-/// instead of being taken as one regular expression that filters out everything.
+/// Every NULL argument that must not be NULL is refused with 22004, naming it (not XX000
+/// "argument 0 must not be null", nor a NULL result); a filter with an unknown key (a typo)
+/// is refused with the key it probably meant, instead of being taken as one regular
+/// expression that filters out everything.
 #[test]
 fn null_arguments_and_filter_typos_are_refused_naming_them() {
     let c = Cluster::start("targets_args", "");
@@ -95,9 +95,8 @@ fn null_arguments_and_filter_typos_are_refused_naming_them() {
     assert!(e.contains("min_len"), "{e}");
 }
 
-/// Issue 23, item 9: `ALTER SYSTEM SET store.memory_limit = 'lots'` (also '0', '200%')
-/// was accepted, and every later job failed with 22023. Every string setting is checked
-/// where it is set.
+/// Every string setting is checked where it is set: `ALTER SYSTEM SET store.memory_limit =
+/// 'lots'` (also '0', '200%'), accepted, would fail every later job with 22023.
 #[test]
 fn settings_pg_store_could_not_use_are_refused_where_they_are_set() {
     let c = Cluster::start("targets_settings", "");
@@ -116,9 +115,9 @@ fn settings_pg_store_could_not_use_are_refused_where_they_are_set() {
     q(&c, "ALTER SYSTEM RESET store.memory_limit");
 }
 
-/// Issue 23, item 9: with no background worker slot free, a job stayed `queued` for ever
-/// and `store.status` gave no reason (the launcher logged it every second). Now the
-/// status says why it waits, and the job runs once a slot is free.
+/// With no background worker slot free, a queued job's `store.status` row says why it waits
+/// (`waiting_for`, naming `max_worker_processes`), rather than the job staying `queued`
+/// with no reason given (the launcher's log aside); cancelled, it waits for nothing.
 #[test]
 fn a_job_waiting_for_a_worker_slot_says_so() {
     // The launcher and pg_cron's scheduler take both slots (the logical replication
@@ -137,4 +136,45 @@ fn a_job_waiting_for_a_worker_slot_says_so() {
         q(&c, &format!("SELECT state || ' ' || (waiting_for IS NULL) FROM store.status WHERE id = {job}")),
         "cancelled true"
     );
+}
+
+/// A `varchar(n)` target, or a domain over one, takes the lines that fit, and a line longer
+/// than n characters is a `too_long` reject, recorded like any other — not a 22001 that
+/// fails the job mid-insert after earlier batches committed. A domain over text with a
+/// CHECK fails the job with the constraint's SQLSTATE.
+#[test]
+fn a_varchar_target_rejects_longer_lines_as_too_long_and_domains_work() {
+    let c = Cluster::start("varchar", "store.batch_max = 500");
+    let dir = readable_dir(&c.dir.join("in"));
+    let mut body = String::new();
+    for i in 0..3000 {
+        body.push_str(&format!("short-{i}\n"));
+        if i % 100 == 0 {
+            body.push_str(&format!("{}-{i}\n", "ä".repeat(20)));
+        }
+    }
+    fs::write(dir.join("a.txt"), &body).unwrap();
+    q(&c, "CREATE DOMAIN short_text AS varchar(20); CREATE TABLE vc (v short_text UNIQUE); CREATE TABLE vc2 (v varchar(12) UNIQUE)");
+    for t in ["vc", "vc2"] {
+        let job = num(&c, &format!("SELECT store_ingest('{}', '{t}', 'v')", dir.display()));
+        c.wait_done(job);
+        assert_eq!(num(&c, &format!("SELECT count(*) FROM {t}")), 3000, "{t}");
+        assert_eq!(
+            q(
+                &c,
+                &format!(
+                    "SELECT count(*) || ' ' || min(reason) || ' ' || max(reason) FROM store.rejects WHERE job = {job}"
+                )
+            ),
+            "30 too_long too_long",
+            "{t}: the 30 lines of 20 'ä' and a suffix are too long for it"
+        );
+        assert_eq!(num(&c, &format!("SELECT rejected FROM store.status WHERE id = {job}")), 30);
+    }
+    // A domain over text with a CHECK fails the job clearly, with the constraint's SQLSTATE.
+    q(&c, "CREATE DOMAIN no_x AS text CHECK (VALUE NOT LIKE '%-2999'); CREATE TABLE checked (l no_x UNIQUE)");
+    let job = num(&c, &format!("SELECT store_ingest('{}', 'checked', 'l')", dir.display()));
+    assert_eq!(c.wait_state(job, &["done", "failed"], Duration::from_secs(60)), "failed");
+    let s = c.state_and_error(job);
+    assert!(s.starts_with("failed 23514 ") && s.contains("no_x"), "{s}");
 }

@@ -1,11 +1,19 @@
-//! A real PostgreSQL 15 cluster per test: its own data directory, port and socket,
-//! with pg_store and pg_cron preloaded, started and stopped by the test itself (as the
-//! `postgres` user, since PostgreSQL refuses to run as root). Needs `make install`.
+//! What every integration test program shares: a real PostgreSQL 15 cluster per test —
+//! its own data directory, port and socket, with pg_store and pg_cron preloaded, started
+//! and stopped by the test itself (as the `postgres` user, since PostgreSQL refuses to run
+//! as root) — the queries, waits and faults tests do to it ([`Cluster`]), and the data
+//! sets they ingest ([`fixtures`]). Needs `make install`.
+//!
+//! Each test program compiles this module on its own and uses a part of it: what it
+//! leaves unused is no warning.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
+
+mod fixtures;
+
+pub use fixtures::{big_fixture, big_nasty_fixture, fixtures, readable_dir, shared_oracle_sha};
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -43,20 +51,11 @@ pub fn num(c: &Cluster, sql: &str) -> i64 {
     q(c, sql).parse().unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
-/// A readable directory `name` in the cluster's directory holding `spec`'s files, and
-/// what the oracle expects of them.
-pub fn fixtures(c: &Cluster, name: &str, spec: &store_testkit::GenSpec) -> (PathBuf, store_testkit::Expected) {
-    let dir = readable_dir(&c.dir.join(name));
-    store_testkit::generate(&dir, spec).unwrap();
-    let want = store_testkit::oracle(&dir, spec.max_line_bytes).unwrap();
-    (dir, want)
-}
-
-/// A directory the server can read (the test runs as root; the server as postgres).
-pub fn readable_dir(path: &Path) -> PathBuf {
-    fs::create_dir_all(path).unwrap();
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
-    path.to_path_buf()
+/// `kill -9` of a server process (a worker, an inserter): the postmaster then restarts
+/// every process (crash recovery), and a worker claims the interrupted job again.
+pub fn kill_9(pid: i32) {
+    // SAFETY: kill(2) with a PID and a signal number; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill -9 {pid}");
 }
 
 impl Cluster {
@@ -349,6 +348,38 @@ impl Cluster {
         }
     }
 
+    /// Run `sql` (an `ALTER SYSTEM`), then have the server reload its configuration, and
+    /// give pg_store's processes the time to see it: they reload at their next wake-up (at
+    /// most a second). Retried while the server restarts, as [`psql_retry`](Self::psql_retry).
+    pub fn reload(&self, sql: &str) {
+        self.psql_retry(sql, Duration::from_secs(60));
+        self.psql_retry("SELECT pg_reload_conf()", Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+
+    /// `job`'s state, SQLSTATE (`-` when none) and error, in one line: what a failed job
+    /// says about why.
+    pub fn state_and_error(&self, job: i64) -> String {
+        q(
+            self,
+            &format!(
+                "SELECT state || ' ' || coalesce(sqlstate, '-') || ' ' || coalesce(error, '') FROM store.jobs WHERE id = {job}"
+            ),
+        )
+    }
+
+    /// The PID of the worker running `job`.
+    pub fn worker_pid(&self, job: i64) -> i32 {
+        q(self, &format!("SELECT worker_pid FROM store.jobs WHERE id = {job}")).parse().unwrap()
+    }
+
+    /// `kill -9` of the worker running `job`; its PID.
+    pub fn kill_worker(&self, job: i64) -> i32 {
+        let pid = self.worker_pid(job);
+        kill_9(pid);
+        pid
+    }
+
     /// Poll until `sql` returns "t".
     pub fn wait_until(&self, sql: &str, within: Duration) {
         let t = Instant::now();
@@ -380,6 +411,37 @@ impl Cluster {
         self.psql_retry_in(db, &sql, Duration::from_secs(60))
     }
 
+    /// Whether the server is up (`pg_ctl status`).
+    pub fn running(&self) -> bool {
+        as_postgres(&[&format!("{BIN}/pg_ctl"), "-D", self.data().to_str().unwrap(), "status"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// psql as `role` with verbose errors: `Err` holds "ERROR:  SQLSTATE: message".
+    pub fn psql_verbose(&self, role: &str, sql: &str) -> Result<String, String> {
+        let out = Command::new(format!("{BIN}/psql"))
+            .args([
+                "-XAtq",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-v",
+                "VERBOSITY=verbose",
+                "-h",
+                self.dir.to_str().unwrap(),
+                "-p",
+                &self.port.to_string(),
+            ])
+            .args(["-U", role, "-d", "postgres", "-c", sql])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    }
+
     pub fn log_tail(&self) -> String {
         let log = fs::read_to_string(self.dir.join("log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
@@ -396,19 +458,4 @@ impl Drop for Cluster {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-/// `shared/bench/oracle.py`'s answer, when `../shared` is beside the checkout; without
-/// it, says loudly that the cross-check was skipped.
-pub fn shared_oracle_sha(dir: &Path) -> Option<String> {
-    let Some(shared) = store_testkit::shared_dir() else {
-        println!(
-            "SKIPPED: ../shared/bench/oracle.py is not beside the checkout: no cross-check with the shared oracle"
-        );
-        return None;
-    };
-    let out = Command::new("python3").arg(shared.join("bench/oracle.py")).arg(dir).output().expect("run oracle.py");
-    assert!(out.status.success(), "oracle.py failed: {}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("oracle.py prints JSON");
-    Some(v["sha256"].as_str().expect("oracle.py gives a sha256").to_string())
 }
