@@ -319,17 +319,7 @@ fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> Result<String> 
             last_notice = Instant::now();
             pgrx::notice!("{}", progress_line(&s, job, started.elapsed()));
         }
-        // SAFETY: the backend's own latch; WL_EXIT_ON_PM_DEATH ends the wait with the server.
-        unsafe {
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                250,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
-        pgrx::check_for_interrupts!();
+        crate::signals::nap(250);
     }
 }
 

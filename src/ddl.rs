@@ -145,16 +145,6 @@ fn stop_this_database() {
             warning!("pg_store: its processes in this database did not stop within {} s", STOP_WAIT.as_secs());
             return;
         }
-        // SAFETY: this backend's own latch; a cancel or the server's death ends the wait.
-        unsafe {
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                100,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
-        check_for_interrupts!();
+        crate::signals::nap(100);
     }
 }

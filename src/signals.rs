@@ -18,3 +18,20 @@ pub fn reload_on_sighup() {
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
     }
 }
+
+/// Wait on this backend's latch for at most `ms` milliseconds, then look at interrupts:
+/// a cancel (`pg_cancel_backend`, a statement timeout) ends a wait of a client backend,
+/// and the server's death ends the process.
+pub fn nap(ms: i64) {
+    // SAFETY: this backend's own latch.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            ms,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pgrx::check_for_interrupts!();
+}

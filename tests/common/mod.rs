@@ -75,16 +75,7 @@ impl Cluster {
             Path::new("/usr/lib/postgresql/15/lib/pg_store.so").exists(),
             "pg_store is not installed: run `make install` (make test does) before the integration tests"
         );
-        let n = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
-        // Below 32768, where Linux's ephemeral ports start: a Citus cluster's nodes hold
-        // many connections to each other, and a node port among their source ports
-        // could not be bound (a cluster that failed to start, now and then).
-        assert!(n < 32, "more than 32 clusters in one test program");
-        let port = 10000 + (std::process::id() % 700) as u16 * 32 + n;
-        let dir = Self::dir_of(name);
-        let _ = fs::remove_dir_all(&dir);
-        readable_dir(&dir);
-        run(Command::new("chown").args(["postgres", dir.to_str().unwrap()]));
+        let (dir, port) = Self::place(name);
         let data = dir.join("data");
         run(&mut as_postgres(&[
             &format!("{BIN}/initdb"),
@@ -114,6 +105,21 @@ impl Cluster {
         c
     }
 
+    /// A new cluster's directory (empty, the postgres user's) and port. Ports stay below
+    /// 32768, where Linux's ephemeral ports start: a Citus cluster's nodes hold many
+    /// connections to each other, and a node port among their source ports could not be
+    /// bound (a cluster that failed to start, now and then).
+    fn place(name: &str) -> (PathBuf, u16) {
+        let n = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        assert!(n < 32, "more than 32 clusters in one test program");
+        let port = 10000 + (std::process::id() % 700) as u16 * 32 + n;
+        let dir = Self::dir_of(name);
+        let _ = fs::remove_dir_all(&dir);
+        readable_dir(&dir);
+        run(Command::new("chown").args(["postgres", dir.to_str().unwrap()]));
+        (dir, port)
+    }
+
     pub fn data(&self) -> PathBuf {
         self.dir.join("data")
     }
@@ -121,12 +127,7 @@ impl Cluster {
     /// A hot standby of this cluster (`pg_basebackup -R`: streaming replication), started,
     /// with its own port and socket.
     pub fn standby(&self, name: &str) -> Cluster {
-        let n = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
-        let port = 10000 + (std::process::id() % 700) as u16 * 32 + n;
-        let dir = Self::dir_of(name);
-        let _ = fs::remove_dir_all(&dir);
-        readable_dir(&dir);
-        run(Command::new("chown").args(["postgres", dir.to_str().unwrap()]));
+        let (dir, port) = Self::place(name);
         let data = dir.join("data");
         run(&mut as_postgres(&[
             &format!("{BIN}/pg_basebackup"),
