@@ -63,6 +63,11 @@ impl Drop for Source {
 /// trigger suppressed is not counted, as for `COPY`). Run inside a transaction, with a
 /// snapshot pushed.
 pub fn copy(rel: pg_sys::Oid, columns: &[&str], data: &[u8]) -> Result<u64> {
+    // A statement's snapshot, taken now, as PostgreSQL takes one for each statement.
+    crate::read::fresh(|| copy_now(rel, columns, data))
+}
+
+fn copy_now(rel: pg_sys::Oid, columns: &[&str], data: &[u8]) -> Result<u64> {
     let names = columns
         .iter()
         .map(|c| CString::new(*c))

@@ -48,6 +48,10 @@ pub fn init(preloading: bool) {
         );
     }
     define_reloadable_gucs();
+    // `store.wokers = 3` is a typo, not a setting of some other module: refused (with a
+    // WARNING in postgresql.conf) instead of being kept as a placeholder.
+    // SAFETY: called once, while the library loads.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"store".as_ptr()) };
 }
 
 fn define_reloadable_gucs() {

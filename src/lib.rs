@@ -49,7 +49,12 @@ pub extern "C-unwind" fn _PG_init() {
     if preloading {
         PRELOADED.store(true, Ordering::Relaxed);
         registry::init();
-        worker::register();
+        // pg_upgrade starts the old and the new server in binary-upgrade mode: no job may
+        // run there (it would fail in the new cluster, its runs left in the old one).
+        // SAFETY: reads a postmaster global set from the command line before libraries load.
+        if !unsafe { pg_sys::IsBinaryUpgrade } {
+            worker::register();
+        }
         ddl::init();
     }
 }

@@ -356,7 +356,9 @@ pub fn admit(oid: pg_sys::Oid, columns: &[&str], job_owner: pg_sys::Oid) -> Resu
     // SAFETY: takes a lock in the current transaction; it accepts the invalidations
     // that came before it, so the catalog rows read below are current.
     unsafe { pg_sys::LockRelationOid(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
-    rights(oid, columns, job_owner)
+    // On a snapshot taken now, after the lock: one taken before would still see the row
+    // of a table dropped while this waited for it.
+    crate::read::fresh(|| rights(oid, columns, job_owner))
 }
 
 /// The checks of [`admit`], without the lock (a caller queueing a job takes none).

@@ -143,7 +143,12 @@ fn start_worker(database: u32, started: &mut Vec<(u32, DynamicBackgroundWorker)>
             true
         }
         Err(_) => {
-            log!("pg_store launcher: could not start a worker: no background worker slot free (max_worker_processes)");
+            // Once a minute at most: store.status says so for each job that waits.
+            thread_local!(static LOGGED: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) });
+            if LOGGED.with(|l| l.get().is_none_or(|t| t.elapsed() >= Duration::from_secs(60))) {
+                LOGGED.with(|l| l.set(Some(Instant::now())));
+                log!("pg_store launcher: could not start a worker: no background worker slot free (max_worker_processes)");
+            }
             false
         }
     }
@@ -409,9 +414,19 @@ fn claim() -> Result<Option<(i64, i32)>> {
     res
 }
 
+/// What unwound out of a job or a range: an ERROR PostgreSQL raised outside the
+/// transactions that catch them (a cancel while the worker waits on its latch, say) is
+/// that error, with its SQLSTATE — a `store_cancel` must end the job `cancelled`, not
+/// as a panic; anything else is a panic of ours.
+fn unwound(what: &str, p: Box<dyn std::any::Any + Send>) -> StoreError {
+    match p.downcast::<pgrx::pg_sys::panic::CaughtError>() {
+        Ok(e) => StoreError::from(*e),
+        Err(p) => StoreError::from(store_engine::Error::panicked(what, &*p)),
+    }
+}
+
 fn run_claimed(id: i64, claim: i32) {
-    let outcome = std::panic::catch_unwind(|| job::run(id, claim))
-        .unwrap_or_else(|p| Err(StoreError::from(store_engine::Error::panicked("the job", &*p))));
+    let outcome = std::panic::catch_unwind(|| job::run(id, claim)).unwrap_or_else(|p| Err(unwound("the job", p)));
     // A panic may have left a transaction open.
     // SAFETY: aborts whatever the job left open.
     unsafe {
@@ -493,7 +508,7 @@ pub extern "C-unwind" fn pg_store_inserter_main(arg: pg_sys::Datum) {
         return;
     }
     let outcome = std::panic::catch_unwind(|| job::run_range(id, claim, range))
-        .unwrap_or_else(|p| Err(StoreError::from(store_engine::Error::panicked("the inserter", &*p))));
+        .unwrap_or_else(|p| Err(unwound("the inserter", p)));
     // SAFETY: aborts whatever the range left open.
     unsafe {
         if pg_sys::IsTransactionState() {

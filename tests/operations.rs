@@ -168,6 +168,9 @@ fn a_dump_restored_into_a_fresh_cluster_keeps_lines_ledger_and_history() {
     q(&src, "DROP EXTENSION pg_cron");
     // A job left queued at dump time (no worker may run it here: store.workers = 0).
     src.reload("ALTER SYSTEM SET store.workers = 0");
+    // The worker that ran the first job may still be idle in the database, and would
+    // claim the queued one: wait until it has left (it does after 3 idle seconds).
+    src.wait_until("SELECT count(*) = 0 FROM store.workers WHERE kind = 'worker'", Duration::from_secs(30));
     let queued: i64 = q(
         &src,
         &format!(

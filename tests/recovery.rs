@@ -290,3 +290,39 @@ fn make_install_while_a_job_runs_leaves_the_server_running() {
     let log = fs::read_to_string(c.dir.join("log")).unwrap();
     assert!(!log.contains("was terminated by signal"), "a server process died:\n{}", c.log_tail());
 }
+
+/// Lines spread over the alphabet, `n` per file, in `files` files under `dir`.
+fn alphabet(dir: &std::path::Path, files: usize, n: usize) {
+    for f in 0..files {
+        let body: String = (0..n).map(|i| format!("{}{}-{f}-{i}\n", (b'a' + (i % 26) as u8) as char, i * 7)).collect();
+        std::fs::write(dir.join(format!("w{f}.txt")), body).unwrap();
+    }
+}
+
+/// A cancel that comes while the job's worker, its own key range done, waits for an
+/// inserter's range ends the job `cancelled` (it used to end `failed`, "the job
+/// panicked": the cancel interrupted the worker's wait on its latch, outside the
+/// transactions that catch an ERROR).
+#[test]
+fn a_cancel_while_the_worker_waits_for_an_inserter_ends_the_job_cancelled() {
+    let c = Cluster::start("cancel_waiting", "store.workers = 1\nstore.insert_workers = 2\nstore.batch_max = 200");
+    let dir = common::readable_dir(&c.dir.join("in"));
+    alphabet(&dir, 4, 50_000);
+    // Batches of the upper range (lines from 'n' on) take their time; the lower range's don't.
+    q(
+        &c,
+        "CREATE TABLE t (line text UNIQUE); \
+         CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ \
+           BEGIN IF EXISTS (SELECT FROM new_rows WHERE line >= 'n') THEN PERFORM pg_sleep(0.2); END IF; RETURN NULL; END $$; \
+         CREATE TRIGGER slow AFTER INSERT ON t REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION slow()",
+    );
+    let job = c.ingest(&format!("'{}', 't'", dir.display()));
+    c.wait_until(
+        &format!("SELECT ranges_done = 1 AND state = 'running' FROM store.status WHERE id = {job}"),
+        Duration::from_secs(120),
+    );
+    q(&c, &format!("SELECT store.cancel({job})"));
+    let s = c.wait_state(job, &["cancelled", "failed", "done"], Duration::from_secs(60));
+    let error = q(&c, &format!("SELECT coalesce(error, '') FROM store.jobs WHERE id = {job}"));
+    assert_eq!(s, "cancelled", "{error}");
+}

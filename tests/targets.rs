@@ -93,6 +93,8 @@ fn null_arguments_and_filter_typos_are_refused_naming_them() {
     refused(&c, "SELECT store_forget(NULL)", "22004", "target of store.forget");
     let e = refused(&c, &format!("SELECT store_ingest('{d}', filter => 'include=^a;minlen=3')"), "22023", "minlen");
     assert!(e.contains("min_len"), "{e}");
+    let e = refused(&c, &format!("SELECT store.ingest('{d}', filter => 'minlen=3')"), "22023", "minlen");
+    assert!(e.contains("did you mean min_len"), "{e}");
 }
 
 /// Every string setting is checked where it is set: `ALTER SYSTEM SET store.memory_limit =
@@ -111,6 +113,8 @@ fn settings_pg_store_could_not_use_are_refused_where_they_are_set() {
         "\"incoming\" is not an absolute path",
     );
     refused(&c, "SET store.fault_injection = 'explode'", "22023", "unknown fault");
+    // A setting of pg_store's that does not exist is a typo, not a placeholder.
+    refused(&c, "SET store.wokers = 3", "42602", "store.wokers");
     q(&c, "ALTER SYSTEM SET store.memory_limit = '128MB'");
     q(&c, "ALTER SYSTEM RESET store.memory_limit");
 }
@@ -177,4 +181,28 @@ fn a_varchar_target_rejects_longer_lines_as_too_long_and_domains_work() {
     assert_eq!(c.wait_state(job, &["done", "failed"], Duration::from_secs(60)), "failed");
     let s = c.state_and_error(job);
     assert!(s.starts_with("failed 23514 ") && s.contains("no_x"), "{s}");
+}
+
+/// A target dropped while its job runs: the job fails with 42P01 and says to queue it
+/// again (it failed with XX000 "could not open relation with OID …", after a LOG line
+/// that called the dropped table by its OID).
+#[test]
+fn a_target_dropped_during_a_job_fails_it_with_42p01() {
+    let c = Cluster::start("targets_dropped", "store.workers = 1\nstore.insert_workers = 1\nstore.batch_max = 500");
+    let (dir, _) =
+        common::fixtures(&c, "in", &store_testkit::GenSpec { files: 2, size: 4 << 20, seed: 3, ..Default::default() });
+    q(
+        &c,
+        "CREATE TABLE t (line text UNIQUE); \
+         CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.1); RETURN NULL; END $$; \
+         CREATE TRIGGER slow AFTER INSERT ON t FOR EACH STATEMENT EXECUTE FUNCTION slow()",
+    );
+    let job = c.ingest(&format!("'{}', 't'", dir.display()));
+    c.wait_mid_insert(job);
+    q(&c, "DROP TABLE t");
+    assert_eq!(c.wait_state(job, &["failed", "done"], Duration::from_secs(60)), "failed");
+    let e = q(&c, &format!("SELECT sqlstate || ' ' || error FROM store.jobs WHERE id = {job}"));
+    assert!(e.starts_with("42P01 ") && e.contains("no longer exists"), "{e}");
+    let log = fs::read_to_string(c.dir.join("log")).unwrap();
+    assert!(!log.contains("; following it"), "a dropped table was taken for a renamed one");
 }

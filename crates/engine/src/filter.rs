@@ -50,6 +50,12 @@ impl Filter {
         let parts: Vec<(&str, &str)> =
             match spec.split(';').filter(|p| !p.trim().is_empty()).map(word_and_value).collect::<Option<Vec<_>>>() {
                 Some(parts) if parts.iter().any(|(k, _)| KEYS.contains(k)) => parts,
+                // `minlen=3`: no known key, but one a typo away from one — a spec
+                // misspelt, not a pattern (which would drop every line without it).
+                Some(parts) if parts.iter().any(|(k, _)| near_a_key(k)) => {
+                    let k = parts.iter().map(|(k, _)| *k).find(|k| near_a_key(k)).unwrap_or_default();
+                    return Err(unknown_key(k));
+                }
                 _ => return Filter::new(Some(spec), None, 0, None),
             };
         let (mut inc, mut exc, mut min, mut max) = (None, None, 0, None);
@@ -92,6 +98,11 @@ fn word_and_value(part: &str) -> Option<(&str, &str)> {
     let word = k.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
         && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     word.then_some((k, v))
+}
+
+/// Whether `word` is within two edits of a key (and not a key).
+fn near_a_key(word: &str) -> bool {
+    !KEYS.contains(&word) && KEYS.iter().any(|key| edit_distance(word, key) <= 2)
 }
 
 /// The error for a word that is not a key, with the closest key when it looks like a
@@ -154,6 +165,10 @@ mod tests {
         assert!(f.keep("ab@cd") && !f.keep("a@b") && !f.keep("test@x"));
         // An `=` inside a bare pattern does not make it a spec.
         assert!(Filter::parse("u=admin").unwrap().keep("https://x/?u=admin"));
+        // But a key misspelt on its own is not taken for a pattern.
+        for typo in ["minlen=3", "maxlen=9", "includes=^a", " exlude = x"] {
+            assert!(config_error(typo).contains("did you mean"), "{typo}");
+        }
         assert!(Filter::parse("(").is_err());
         assert!(Filter::parse("min_len=x").is_err());
         assert!(Filter::parse("min_len=5;max_len=2").is_err());
@@ -187,9 +202,9 @@ mod tests {
 
     #[test]
     fn a_spec_without_a_known_key_or_not_all_pairs_is_a_pattern() {
-        // No part names a key: one regular expression, as before.
+        // No part names a key, nor comes within two edits of one: one regular expression.
         assert!(Filter::parse("a=b").unwrap().keep("xa=by"));
-        assert!(Filter::parse("minlen=3").unwrap().keep("minlen=3"));
+        assert!(Filter::parse("max-len=9").unwrap().keep("max-len=9"));
         assert!(Filter::parse("user=admin;role=root").unwrap().keep("user=admin;role=root"));
         // A part that is not `word=`: the whole spec is a pattern, `;` and all.
         assert!(Filter::parse("include=a;b").unwrap().keep("include=a;b"));
