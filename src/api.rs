@@ -294,6 +294,13 @@ fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> Result<String> 
             "store_wait needs READ COMMITTED isolation: a snapshot would never see the job progress",
         ));
     }
+    if timeout.as_ref().is_some_and(|t| t.as_micros() < 0) {
+        return Err(StoreError::refused(
+            ERRCODE_INVALID_PARAMETER_VALUE,
+            "store_wait: the timeout must not be negative",
+        )
+        .with_hint("Pass NULL to wait without a limit, or '0' to look once."));
+    }
     let xmin = jobs::xmin(job)?;
     let Some(xmin) = xmin.and_then(|x| x.parse::<u32>().ok()) else {
         return Err(StoreError::refused(ERRCODE_UNDEFINED_OBJECT, format!("no pg_store job {job}")));
@@ -303,7 +310,7 @@ fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> Result<String> 
         return Err(StoreError::refused(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("job {job} was queued by this transaction and cannot start before it commits"))
             .with_hint("Call store_ingest and store_wait in separate transactions, e.g. SELECT store_ingest(...) \\gset then SELECT * FROM store_wait(:store_ingest)."));
     }
-    let limit = timeout.map(|t| Duration::from_micros(t.as_micros().max(0) as u64));
+    let limit = timeout.map(|t| Duration::from_micros(t.as_micros() as u64));
     let started = Instant::now();
     let mut last_notice = Instant::now();
     loop {

@@ -255,6 +255,11 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_negative_wait_timeout_is_refused() {
+        assert_refused("SELECT store.wait(1, '-1 second')", None, "22023", "the timeout must not be negative");
+    }
+
+    #[pg_test]
     fn temporary_target_is_refused() {
         Spi::run("CREATE TEMP TABLE t_tmp (line text UNIQUE)").unwrap();
         assert_refused("SELECT store_ingest($1, 't_tmp')", Some(&fixture_dir()), "0A000", "is a temporary table");
