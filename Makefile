@@ -11,7 +11,7 @@ TEST_PGDATA ?= /tmp/pg_store_pgrx_test
 # Where `cargo pgrx package` stages the files `make install` copies into place.
 STAGE       := target/release/pg_store-pg15
 
-.PHONY: help deps lint install install-staged package demo demo-stop test test-engine test-pg test-integration test-citus test-package test-upgrade chaos fuzz fuzz-build bench bench-engine bench-mmap bench-scale bench-citus clean
+.PHONY: help deps lint install install-staged package demo demo-stop test test-engine test-pg test-integration test-citus test-package test-upgrade chaos fuzz fuzz-build bench bench-engine bench-mmap bench-scale bench-citus bench-versus clean
 
 # List the targets.
 help:
@@ -129,6 +129,10 @@ clean:
 # pg_store against sort -u | COPY and COPY + INSERT ON CONFLICT on 1 GiB (DATA=dir to use other data; RUNS=3 for medians).
 bench: install
 	@bash benches/pg.sh $(DATA)
+
+# An older build (OLD=prefix, see the script's header) against the installed one, alternating runs on 1 GiB.
+bench-versus: install
+	@bash benches/versus.sh $(DATA)
 
 # pg_store at scale against sort -u | COPY and the DBA pipeline: 10 GiB into an empty table, 1 GiB of new files into it, a kill -9 at 90 % (about 40 minutes, 60 GB of disk; SIZE_G=10).
 bench-scale: install
