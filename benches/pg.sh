@@ -13,8 +13,9 @@
 #   B         COPY into an unlogged staging table, INSERT ... ON CONFLICT DO NOTHING
 # Scenario "incremental": the target already holds the distinct lines of the first half of
 # the files; pg_store and B load all of them (A cannot: COPY fails on conflicts).
-# Every target has the same unique key, store.line_key(line). Exits non-zero if the
-# contenders' tables differ (count and an order-independent hash of the lines).
+# Every target has the same unique key, store.line_key(line); index_MiB is its size after
+# the last run. Exits non-zero if the contenders' tables differ (count and an
+# order-independent hash of the lines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}; B_RUNS=${B_RUNS:-1}; PORT=${BENCH_PORT:-5441}; BIN=/usr/lib/postgresql/15/bin
@@ -113,7 +114,7 @@ measure() { # key function table [preload]
     sql "CHECKPOINT"
     out=$($fn "$t"); read -r w rss temp <<<"$out"; walls+=("$w")
   done
-  R[$key]="$(printf '%s\n' "${walls[@]}" | median) $rss $temp $(fingerprint "$t")"
+  R[$key]="$(printf '%s\n' "${walls[@]}" | median) $rss $temp $(sql "SELECT pg_indexes_size('$t') / 1048576") $(fingerprint "$t")"
 }
 
 echo "# $(date -u +%F) $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM, $(df -h "$W" | awk 'NR==2{print $2" disk"}'); data $DATA ($(du -sh "$DATA" | cut -f1)); runs: $RUNS (B: $B_RUNS)"
@@ -124,15 +125,15 @@ measure empty_b run_b t_b
 measure incr_pg run_pg_store t_pg half
 measure incr_b run_b t_b half
 RECORDS=$(cat $FILES | wc -l)
-printf '%-12s %-9s %9s %12s %10s %10s %10s  %s\n' scenario contender wall_s records/s peak_RSS temp_MiB vs_pg_store table
+printf '%-12s %-9s %9s %12s %10s %10s %9s %10s  %s\n' scenario contender wall_s records/s peak_RSS temp_MiB index_MiB vs_pg_store table
 status=0
 for s in empty incr; do
-  read -r pw _ _ pf <<<"${R[${s}_pg]}"
+  read -r pw _ _ _ pf <<<"${R[${s}_pg]}"
   for c in pg a b; do
     [ -n "${R[${s}_$c]:-}" ] || continue
-    read -r w rss temp f <<<"${R[${s}_$c]}"
+    read -r w rss temp idx f <<<"${R[${s}_$c]}"
     name=$(case $c in pg) echo pg_store;; a) echo "A sort|COPY";; b) echo "B COPY+INSERT";; esac)
-    printf '%-12s %-13s %7.1f %12.0f %8s MiB %8s  %8s  %s\n' "$s" "$name" "$w" "$(awk -v a="$RECORDS" -v b="$w" 'BEGIN{print a/b}')" "$rss" "$temp" \
+    printf '%-12s %-13s %7.1f %12.0f %8s MiB %8s %9s  %8s  %s\n' "$s" "$name" "$w" "$(awk -v a="$RECORDS" -v b="$w" 'BEGIN{print a/b}')" "$rss" "$temp" "$idx" \
       "$(awk -v a="$pw" -v b="$w" 'BEGIN{printf "%.2f", a/b}')" "$f"
     [ "$f" = "$pf" ] || { echo "TABLES DIFFER: $s $c"; status=1; }
   done

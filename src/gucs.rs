@@ -29,6 +29,7 @@ pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
 /// Minutes; 30 days.
 pub static RETENTION: GucSetting<i32> = GucSetting::<i32>::new(43_200);
 pub static INSERT_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static COMPACT_INDEX: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static FAULT_INJECTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// Define the settings. `store.workers` caps processes the launcher starts, and there is
@@ -193,6 +194,14 @@ fn define_reloadable_gucs() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_bool_guc(
+        c"store.compact_index",
+        c"A load into an empty target inserts its sorted stream as one key range, leaving an index as compact as COPY of sorted lines.",
+        c"Off: store.insert_workers ranges into an empty target too, faster where cores are many, but every range below the last splits its index pages half and half (about 1.4 times the size with two ranges).",
+        &COMPACT_INDEX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"store.max_attempts",
         c"Claims of a job whose worker keeps disappearing (crash, kill, shutdown) before it fails for good.",
@@ -323,6 +332,8 @@ pub struct Settings {
     pub fault: Option<Fault>,
     /// Processes inserting one job's ranges.
     pub insert_workers: usize,
+    /// One range into an empty local target (`store.compact_index`).
+    pub compact_index: bool,
 }
 
 impl Settings {
@@ -353,6 +364,7 @@ impl Settings {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n => n as usize,
             },
+            compact_index: COMPACT_INDEX.get(),
         })
     }
 

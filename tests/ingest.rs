@@ -184,6 +184,53 @@ fn a_key_inserted_behind_a_fast_path_job_makes_it_fall_back_without_loss() {
     );
 }
 
+/// Into an empty table the sorted stream goes in as one key range (`store.compact_index`,
+/// on by default): its unique index ends no larger than 1.05 times the index that COPY of
+/// the same lines, in sorted order, leaves. With the setting off, two ranges leave it far
+/// larger (every page of the lower range split half and half), so the comparison can
+/// tell the two apart. Into a table that holds rows the ranges stay.
+#[test]
+fn a_load_into_an_empty_table_leaves_its_index_as_compact_as_sorted_copy() {
+    let c = Cluster::start("compact", "store.insert_workers = 2\nstore.batch_max = 5000");
+    let (dir, want) = fixtures(&c, "compact", &GenSpec { files: 2, size: 8 << 20, seed: 31, ..GenSpec::default() });
+    let d = dir.display();
+    for t in ["compact", "spread", "copied"] {
+        q(&c, &format!("CREATE TABLE {t} (line text UNIQUE)"));
+    }
+    let index = |t: &str| num(&c, &format!("SELECT pg_relation_size('{t}_line_key')"));
+    let ranges = |job: i64| num(&c, &format!("SELECT count(*) FROM store.ranges WHERE job = {job}"));
+
+    let compact = c.ingest(&format!("'{d}', 'compact'"));
+    c.wait_done(compact);
+    assert_eq!(c.table_sha("compact", "line"), want.sha256);
+    assert_eq!(ranges(compact), 1, "an empty target takes one range");
+
+    // COPY of the same lines, sorted, into an empty table: the size to match.
+    let sorted = c.data().join("sorted.copy");
+    q(&c, &format!("COPY (SELECT line FROM compact ORDER BY line) TO '{}'", sorted.display()));
+    q(&c, &format!("COPY copied FROM '{}'", sorted.display()));
+    assert_eq!(num(&c, "SELECT count(*) FROM copied"), want.distinct as i64);
+
+    c.reload("ALTER SYSTEM SET store.compact_index = off");
+    let spread = c.ingest(&format!("'{d}', 'spread'"));
+    c.wait_done(spread);
+    assert_eq!(c.table_sha("spread", "line"), want.sha256);
+    assert_eq!(ranges(spread), 2);
+
+    let (compact_kb, spread_kb, copied_kb) = (index("compact") >> 10, index("spread") >> 10, index("copied") >> 10);
+    println!("index after an empty-target load: one range {compact_kb} KiB, two {spread_kb} KiB, sorted COPY {copied_kb} KiB");
+    assert!(compact_kb * 100 <= copied_kb * 105, "one range: {compact_kb} KiB against COPY's {copied_kb} KiB");
+    assert!(spread_kb * 100 >= copied_kb * 120, "two ranges: {spread_kb} KiB against COPY's {copied_kb} KiB");
+
+    // Into a table that holds rows, the setting changes nothing: two ranges.
+    c.reload("ALTER SYSTEM RESET store.compact_index");
+    fs::write(dir.join("more.txt"), (0..50_000).map(|i| format!("more line {i}\n")).collect::<String>()).unwrap();
+    let more = c.ingest(&format!("'{d}', 'compact'"));
+    c.wait_done(more);
+    assert_eq!(ranges(more), 2, "a target that holds rows keeps store.insert_workers ranges");
+    assert_eq!(num(&c, &format!("SELECT inserted FROM store.status WHERE id = {more}")), 50_000);
+}
+
 /// On a target that holds part of the data, a batch is a probe of its keys and a COPY of
 /// the lines not found. A line another session inserts (uncommitted at the probe, so not
 /// found) and commits while the COPY waits on it fails that COPY with a unique

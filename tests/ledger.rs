@@ -205,7 +205,10 @@ fn counters(c: &Cluster, job: i64) -> String {
 /// the LOG line of the job says what `store.status` says.
 #[test]
 fn every_counter_after_a_kill_9_equals_an_uninterrupted_runs() {
-    let c = Cluster::start("ledger_counters", "store.workers = 1\nstore.batch_max = 2000\nstore.insert_workers = 2");
+    let c = Cluster::start(
+        "ledger_counters",
+        "store.workers = 1\nstore.batch_max = 2000\nstore.insert_workers = 2\nstore.compact_index = off",
+    );
     let (dir, _) =
         fixtures(&c, "big", &GenSpec { files: 4, size: 8 << 20, seed: 43, nasty: true, ..GenSpec::default() });
     let args = |t: &str| format!("'{}', '{t}', filter => 'exclude=^a'", dir.display());

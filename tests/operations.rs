@@ -280,7 +280,8 @@ fn a_hot_standby_shows_jobs_and_refuses_writes_with_25006() {
 /// pg_store can be created again and used at once.
 #[test]
 fn drop_extension_during_a_job_stops_it_and_succeeds() {
-    let c = Cluster::start("drop_mid_job", "store.batch_max = 1000\nstore.insert_workers = 2");
+    let c =
+        Cluster::start("drop_mid_job", "store.batch_max = 1000\nstore.insert_workers = 2\nstore.compact_index = off");
     let (dir, _) = fixtures(&c, "big", &GenSpec { files: 2, size: 8 << 20, seed: 10, ..GenSpec::default() });
     // Into the default target, store.lines, which the DROP drops too; batches that take
     // their time (a statement trigger sleeps), so the DROP comes while a batch's

@@ -72,17 +72,22 @@ fn kill_9_of_an_inserter_of_a_range_resumes_exact_without_sorting_again() {
     // Three ranges: the worker inserts the first, two inserters the others. One of the
     // inserters is killed mid-batch; the server restarts, the job is claimed again,
     // loads the runs it kept, and every range resumes from its own checkpoint.
-    let (c, job, _) = interrupted_mid_insert_ends_exact_with("inserter", "store.insert_workers = 3", |c, job| {
-        c.wait_until(
+    let (c, job, _) = interrupted_mid_insert_ends_exact_with(
+        "inserter",
+        "store.insert_workers = 3\nstore.compact_index = off",
+        |c, job| {
+            c.wait_until(
             &format!("SELECT count(*) = 2 FROM store.ranges WHERE job = {job} AND range > 0 AND inserted > 1000 AND state = 'running'"),
             Duration::from_secs(60),
         );
-        let pid: i32 =
-            q(c, &format!("SELECT worker_pid FROM store.checkpoints WHERE job = {job} AND range = 2")).parse().unwrap();
-        let kind = q(c, &format!("SELECT backend_type FROM pg_stat_activity WHERE pid = {pid}"));
-        assert_eq!(kind, "pg_store inserter");
-        kill_9(pid);
-    });
+            let pid: i32 = q(c, &format!("SELECT worker_pid FROM store.checkpoints WHERE job = {job} AND range = 2"))
+                .parse()
+                .unwrap();
+            let kind = q(c, &format!("SELECT backend_type FROM pg_stat_activity WHERE pid = {pid}"));
+            assert_eq!(kind, "pg_store inserter");
+            kill_9(pid);
+        },
+    );
     assert_eq!(q(&c, &format!("SELECT ranges || ' ' || ranges_done FROM store.status WHERE id = {job}")), "3 3");
     let log = fs::read_to_string(c.dir.join("log")).unwrap();
     assert!(log.contains(&format!("pg_store job {job}: resuming from the")), "the job sorted its files again");
@@ -305,7 +310,10 @@ fn alphabet(dir: &std::path::Path, files: usize, n: usize) {
 /// transactions that catch an ERROR).
 #[test]
 fn a_cancel_while_the_worker_waits_for_an_inserter_ends_the_job_cancelled() {
-    let c = Cluster::start("cancel_waiting", "store.workers = 1\nstore.insert_workers = 2\nstore.batch_max = 200");
+    let c = Cluster::start(
+        "cancel_waiting",
+        "store.workers = 1\nstore.insert_workers = 2\nstore.compact_index = off\nstore.batch_max = 200",
+    );
     let dir = common::readable_dir(&c.dir.join("in"));
     alphabet(&dir, 4, 50_000);
     // Batches of the upper range (lines from 'n' on) take their time; the lower range's don't.

@@ -316,7 +316,10 @@ fn store_workers_shows_other_roles_work_only_to_pg_read_all_stats() {
 /// must outlive the commit.
 #[test]
 fn store_cancel_never_signals_a_process_that_left_the_job() {
-    let c = Cluster::start("cancel_pid", "store.workers = 1\nstore.insert_workers = 2\nstore.batch_max = 500");
+    let c = Cluster::start(
+        "cancel_pid",
+        "store.workers = 1\nstore.insert_workers = 2\nstore.compact_index = off\nstore.batch_max = 500",
+    );
     let (dir, _) =
         common::fixtures(&c, "big", &store_testkit::GenSpec { files: 4, size: 8 << 20, seed: 6, ..Default::default() });
     q(&c, "CREATE TABLE t (line text UNIQUE)");

@@ -41,7 +41,7 @@ pub(super) fn run_exact(
             KeptSort::sort(dir, &plan.spec, &plan.cfg, &plan.tree, &plan.files, progress, inserter)?
         }
     };
-    let ranges = transaction(|| split(job, &sorted, settings.insert_workers))?;
+    let ranges = transaction(|| split(job, &sorted, plan, settings))?;
     let mut helpers = Vec::new();
     for r in ranges.iter().filter(|r| r.range > 0 && !r.done) {
         match start_inserter(job, r.range) {
@@ -93,12 +93,36 @@ fn open_ranges(job: &Job) -> Result<Vec<RangeRow>> {
     checkpoints::ranges(job.id, true)
 }
 
+/// How many ranges to split a new stream into: `store.insert_workers`, but one for a
+/// local target that was empty when the job began while `store.compact_index` is on.
+///
+/// nbtree splits the rightmost leaf page of a level leaving it 90 % full (the leaf
+/// fillfactor), any other page half and half. One ascending stream fills an empty index
+/// only at its right edge, as COPY of sorted lines does; with several ranges at once,
+/// every range below the last appends to pages that have a right sibling, and each of
+/// its pages ends half full for good (two ranges: an index about 1.4 times the size),
+/// which every later load into the table pays for. Into a table that holds rows, every
+/// range inserts between existing keys anyway, so the ranges cost the index nothing.
+/// Citus's shards keep the configured number: its inserters' throughput is the
+/// coordinator's.
+fn workers(job: &Job, plan: &Plan, settings: &Settings) -> Result<usize> {
+    if settings.compact_index
+        && settings.insert_workers > 1
+        && !plan.target.citus
+        && checkpoints::target_was_empty(job.id)?
+    {
+        log!("pg_store job {}: one insert range, the target being empty (store.compact_index)", job.id);
+        return Ok(1);
+    }
+    Ok(settings.insert_workers)
+}
+
 /// The job's key ranges: those an earlier attempt of this stream decided, else a split
-/// of `sorted` into `workers` ranges of about equal size, recorded once.
-fn split(job: &Job, sorted: &KeptSort, workers: usize) -> Result<Vec<RangeRow>> {
+/// of `sorted` into [`workers`] ranges of about equal size, recorded once.
+fn split(job: &Job, sorted: &KeptSort, plan: &Plan, settings: &Settings) -> Result<Vec<RangeRow>> {
     let decided = jobs::ranges(job.id)?;
     if decided == 0 {
-        let ranges = sorted.ranges(workers);
+        let ranges = sorted.ranges(workers(job, plan, settings)?);
         checkpoints::split_first(job.id, job.claim, ranges[0].upto.clone())?;
         for (i, r) in ranges.iter().enumerate().skip(1) {
             checkpoints::add_range(job.id, i as i32, r.after.clone(), r.upto.clone())?;

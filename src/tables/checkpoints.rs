@@ -36,6 +36,16 @@ pub fn set_fast_path(job: i64, empty: bool) -> Result<()> {
     Ok(Spi::run_with_args("UPDATE store.checkpoints SET fast_path = $2 WHERE job = $1", &[job.into(), empty.into()])?)
 }
 
+/// Whether the target was empty when the job began, as its first attempt found it
+/// ([`set_fast_path`]): read before the first batch, while range 0's flag still says so.
+pub fn target_was_empty(job: i64) -> Result<bool> {
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT fast_path FROM store.checkpoints WHERE job = $1 AND range = 0",
+        &[job.into()],
+    )?
+    .unwrap_or(false))
+}
+
 /// Whether the stream an earlier attempt checkpointed had the spec `spec`.
 pub fn same_spec(job: i64, spec: &str) -> Result<bool> {
     Ok(Spi::get_one_with_args::<bool>(
