@@ -2,7 +2,8 @@
 //! on 127.0.0.1, each with its own port and data directory, Citus and pg_store preloaded
 //! everywhere. Distributed targets end exact with exact counts, long lines go through a
 //! key column, crashes of the coordinator's worker, of the coordinator and of a worker
-//! node mid-insert resume exactly, and two nodes ingest their own files at once.
+//! node mid-insert resume exactly, two nodes ingest their own files at once, and a job's
+//! inserters stay within the connections the worker nodes accept.
 //!
 //! Needs Citus installed (`make test-citus` builds it from the tarball `CITUS_SRC` names,
 //! or downloads the pinned release); without it every test says SKIPPED, and `make test`
@@ -41,7 +42,13 @@ const NODE_CONF: &str = "listen_addresses = '127.0.0.1'\ncitus.node_conninfo = '
 
 impl Citus {
     fn start(name: &str) -> Citus {
-        let node = |role: &str| Cluster::start_with(&format!("{name}-{role}"), "citus,pg_store", NODE_CONF, &["citus"]);
+        Citus::start_with(name, "")
+    }
+
+    /// [`Citus::start`] with `conf` added to every node's settings.
+    fn start_with(name: &str, conf: &str) -> Citus {
+        let conf = format!("{NODE_CONF}{conf}");
+        let node = |role: &str| Cluster::start_with(&format!("{name}-{role}"), "citus,pg_store", &conf, &["citus"]);
         let coord = node("coord");
         let workers = vec![node("w1"), node("w2")];
         q(&coord, &format!("SELECT citus_set_coordinator_host('127.0.0.1', {})", coord.port));
@@ -119,6 +126,35 @@ fn a_distributed_target_ends_exact_with_exact_counts() {
     let job = num(&c.coord, &format!("SELECT store_ingest('{}', 'owned')", dir.display()));
     c.coord.wait_done(job);
     assert_eq!(c.coord.table_sha("owned", "line"), want.sha256);
+    c.no_prepared_transactions();
+}
+
+/// Six processes of one job into a table of 32 shards, on worker nodes that accept 40
+/// connections: left to Citus, each process opens a connection per shard on each node
+/// (16, Citus's default pool), 96 in all, and the nodes refuse connections ("sorry, too
+/// many clients already"), batches retried. The job's processes share half of what the
+/// nodes accept instead: no refused connection, no retried batch, and the job is exact.
+#[test]
+fn the_inserters_of_a_job_stay_within_the_connections_the_worker_nodes_accept() {
+    if !citus_installed() {
+        return;
+    }
+    let c = Citus::start_with("conns", "max_connections = 40\nmax_worker_processes = 20\nstore.insert_workers = 6\n");
+    let (dir, want) = fixtures(&c.coord, "in", &GenSpec { files: 3, size: 4 << 20, seed: 103, ..GenSpec::default() });
+    q(
+        &c.coord,
+        "CREATE TABLE wide (line text PRIMARY KEY); SELECT create_distributed_table('wide', 'line', shard_count => 32)",
+    );
+    let job = num(&c.coord, &format!("SELECT store_ingest('{}', 'wide')", dir.display()));
+    c.coord.wait_done(job);
+    assert_eq!(c.coord.table_sha("wide", "line"), want.sha256);
+    assert_eq!(num(&c.coord, &format!("SELECT ranges FROM store.status WHERE id = {job}")), 6);
+    let coord_log = fs::read_to_string(c.coord.dir.join("log")).unwrap();
+    assert!(!coord_log.contains("retrying a batch"), "batches were retried:\n{}", c.coord.log_tail());
+    for w in &c.workers {
+        let log = fs::read_to_string(w.dir.join("log")).unwrap();
+        assert!(!log.contains("too many clients"), "a worker node refused connections:\n{}", w.log_tail());
+    }
     c.no_prepared_transactions();
 }
 
