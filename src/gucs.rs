@@ -196,8 +196,8 @@ fn define_reloadable_gucs() {
     );
     GucRegistry::define_bool_guc(
         c"store.compact_index",
-        c"A load into an empty target inserts its sorted stream as one key range, leaving an index as compact as COPY of sorted lines.",
-        c"Off: store.insert_workers ranges into an empty target too, faster where cores are many, but every range below the last splits its index pages half and half (about 1.4 times the size with two ranges).",
+        c"A load into a local target that is empty, or whose keys all sort before the new lines, inserts as one key range, leaving an index as compact as COPY of sorted lines.",
+        c"Only where the job's owner may read the target. Off: store.insert_workers ranges there too, faster where cores are many, but every range below the last splits its index pages half and half (about 1.4 times the size with two ranges).",
         &COMPACT_INDEX,
         GucContext::Sighup,
         GucFlags::default(),

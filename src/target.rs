@@ -104,6 +104,20 @@ impl Target {
         })
     }
 
+    /// Whether no key the target holds sorts at or after `$1` (a line), through its unique
+    /// index (an index range scan that stops at the first key found): the
+    /// [`probe`](Self::probe) condition with `>=` for `=`. For a local target the job's
+    /// owner may read, as the probe.
+    pub fn all_below_sql(&self) -> Option<String> {
+        self.probe.as_ref().map(|cond| {
+            format!(
+                "SELECT NOT EXISTS (SELECT FROM {} t, (SELECT $1::pg_catalog.text AS l) x WHERE {})",
+                self.name,
+                cond.replace("OPERATOR(pg_catalog.=)", "OPERATOR(pg_catalog.>=)")
+            )
+        })
+    }
+
     /// The COPY of a batch written to `file` in binary format ([`write_copy_file`]): the
     /// plain path, when [`Target::copy`].
     pub fn copy_sql(&self, file: &std::path::Path) -> String {

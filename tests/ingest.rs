@@ -222,13 +222,43 @@ fn a_load_into_an_empty_table_leaves_its_index_as_compact_as_sorted_copy() {
     assert!(compact_kb * 100 <= copied_kb * 105, "one range: {compact_kb} KiB against COPY's {copied_kb} KiB");
     assert!(spread_kb * 100 >= copied_kb * 120, "two ranges: {spread_kb} KiB against COPY's {copied_kb} KiB");
 
-    // Into a table that holds rows, the setting changes nothing: two ranges.
+    // Into a table that holds rows: one range when every new line sorts after its keys
+    // (a table loaded by date), and the index stays as compact as sorted COPY's; two
+    // when the new lines fall among them.
     c.reload("ALTER SYSTEM RESET store.compact_index");
-    fs::write(dir.join("more.txt"), (0..50_000).map(|i| format!("more line {i}\n")).collect::<String>()).unwrap();
-    let more = c.ingest(&format!("'{d}', 'compact'"));
-    c.wait_done(more);
-    assert_eq!(ranges(more), 2, "a target that holds rows keeps store.insert_workers ranges");
-    assert_eq!(num(&c, &format!("SELECT inserted FROM store.status WHERE id = {more}")), 50_000);
+    let bytes = |sql: &str| {
+        let hex = q(&c, &format!("SELECT pg_catalog.encode(({sql}), 'hex')"));
+        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect::<Vec<u8>>()
+    };
+    let max = bytes("SELECT pg_catalog.convert_to(max(line), 'UTF8') FROM compact");
+    let after: Vec<u8> = (0..50_000).flat_map(|i| [&max[..], format!(" after {i:06}\n").as_bytes()].concat()).collect();
+    fs::write(dir.join("more-after.txt"), after).unwrap();
+    let appended = c.ingest(&format!("'{d}', 'compact'"));
+    c.wait_done(appended);
+    assert_eq!(num(&c, &format!("SELECT inserted FROM store.status WHERE id = {appended}")), 50_000);
+    assert_eq!(ranges(appended), 1, "lines after every key take one range");
+    q(&c, "CREATE TABLE copied2 (line text UNIQUE)");
+    q(&c, &format!("COPY (SELECT line FROM compact ORDER BY line) TO '{}'", sorted.display()));
+    q(&c, &format!("COPY copied2 FROM '{}'", sorted.display()));
+    let (appended_kb, copied2_kb) = (index("compact") >> 10, index("copied2") >> 10);
+    println!("index after 50,000 lines past every key: {appended_kb} KiB, sorted COPY of the table {copied2_kb} KiB");
+    assert!(
+        appended_kb * 100 <= copied2_kb * 105,
+        "after an append: {appended_kb} KiB against COPY's {copied2_kb} KiB"
+    );
+
+    let between = bytes(
+        "SELECT pg_catalog.convert_to(pg_catalog.string_agg(line || ' again' || E'\\n', ''), 'UTF8') \
+         FROM compact WHERE pg_catalog.hashtext(line) % 20 = 0",
+    );
+    fs::write(dir.join("more-between.txt"), &between).unwrap();
+    let amid = c.ingest(&format!("'{d}', 'compact'"));
+    c.wait_done(amid);
+    assert_eq!(ranges(amid), 2, "lines among the target's keys keep store.insert_workers ranges");
+    assert_eq!(
+        num(&c, &format!("SELECT inserted FROM store.status WHERE id = {amid}")),
+        between.iter().filter(|&&b| b == b'\n').count() as i64
+    );
 }
 
 /// On a target that holds part of the data, a batch is a probe of its keys and a COPY of

@@ -14,6 +14,7 @@ use crate::error::{Result, StoreError};
 use crate::gucs::Settings;
 use crate::insert::{Inserter, Role};
 use crate::registry;
+use crate::security;
 use crate::signals::{reload_on_sighup, shutdown_requested};
 use crate::tables::checkpoints::{self, RangeRow};
 use crate::tables::jobs::{self, Job};
@@ -94,25 +95,39 @@ fn open_ranges(job: &Job) -> Result<Vec<RangeRow>> {
 }
 
 /// How many ranges to split a new stream into: `store.insert_workers`, but one for a
-/// local target that was empty when the job began while `store.compact_index` is on.
+/// local target whose keys all sort before the stream (empty when the job began, or
+/// holding only smaller keys, as a table loaded by date does) while `store.compact_index`
+/// is on.
 ///
 /// nbtree splits the rightmost leaf page of a level leaving it 90 % full (the leaf
-/// fillfactor), any other page half and half. One ascending stream fills an empty index
-/// only at its right edge, as COPY of sorted lines does; with several ranges at once,
-/// every range below the last appends to pages that have a right sibling, and each of
-/// its pages ends half full for good (two ranges: an index about 1.4 times the size),
-/// which every later load into the table pays for. Into a table that holds rows, every
-/// range inserts between existing keys anyway, so the ranges cost the index nothing.
-/// Citus's shards keep the configured number: its inserters' throughput is the
-/// coordinator's.
-fn workers(job: &Job, plan: &Plan, settings: &Settings) -> Result<usize> {
-    if settings.compact_index
-        && settings.insert_workers > 1
-        && !plan.target.citus
-        && checkpoints::target_was_empty(job.id)?
-    {
+/// fillfactor), any other page half and half. One ascending stream after every key
+/// fills the index only at its right edge, as COPY of sorted lines does; with several
+/// ranges at once, every range below the last appends to pages that have a right
+/// sibling, and each of its pages ends half full for good (two ranges: an index about
+/// 1.4 times the size), which every later load into the table pays for. Where the
+/// stream falls among existing keys, its inserts split pages in the middle of the
+/// index whatever the number of ranges. Both looks are made only where the job's owner
+/// may read the table, as the fast path's. Citus's shards keep the configured number.
+fn workers(job: &Job, plan: &Plan, settings: &Settings, sorted: &KeptSort) -> Result<usize> {
+    if !settings.compact_index || settings.insert_workers <= 1 || plan.target.citus {
+        return Ok(settings.insert_workers);
+    }
+    if checkpoints::target_was_empty(job.id)? {
         log!("pg_store job {}: one insert range, the target being empty (store.compact_index)", job.id);
         return Ok(1);
+    }
+    if let (Some(first), Some(sql)) = (sorted.first_key(), plan.target.all_below_sql()) {
+        let admission = target::admit(plan.target.oid, &plan.target.columns(), job.owner)?;
+        if admission.may_select
+            && security::as_role(admission.owner, || Spi::get_one_with_args::<bool>(&sql, &[first.into()]))?
+                == Some(true)
+        {
+            log!(
+                "pg_store job {}: one insert range, every line sorting after the target's keys (store.compact_index)",
+                job.id
+            );
+            return Ok(1);
+        }
     }
     Ok(settings.insert_workers)
 }
@@ -122,7 +137,7 @@ fn workers(job: &Job, plan: &Plan, settings: &Settings) -> Result<usize> {
 fn split(job: &Job, sorted: &KeptSort, plan: &Plan, settings: &Settings) -> Result<Vec<RangeRow>> {
     let decided = jobs::ranges(job.id)?;
     if decided == 0 {
-        let ranges = sorted.ranges(workers(job, plan, settings)?);
+        let ranges = sorted.ranges(workers(job, plan, settings, sorted)?);
         checkpoints::split_first(job.id, job.claim, ranges[0].upto.clone())?;
         for (i, r) in ranges.iter().enumerate().skip(1) {
             checkpoints::add_range(job.id, i as i32, r.after.clone(), r.upto.clone())?;

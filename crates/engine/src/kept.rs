@@ -100,6 +100,13 @@ impl KeptSort {
         self.sorted.ranges(n)
     }
 
+    /// The smallest record of the stream, when the runs say (plain runs mark their first
+    /// record; compressed ones have no marks): with [`KeptSort::ranges`], what the
+    /// extension needs to see whether the stream sorts after everything a target holds.
+    pub fn first_key(&self) -> Option<&str> {
+        self.sorted.first_key()
+    }
+
     /// Stream the distinct records of `range` into `sink`, after `resume_after` (the
     /// last key a previous drain of the range committed). The merge's own counters
     /// (distinct records, repeats met across runs) go into `progress` as the merge finds

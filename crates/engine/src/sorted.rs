@@ -140,6 +140,12 @@ impl Sorted {
         self.spilled
     }
 
+    /// The stream's smallest key: the least of the runs' first records, each of which a
+    /// plain run marks. `None` for compressed runs (no marks) or no runs.
+    pub(crate) fn first_key(&self) -> Option<&str> {
+        self.runs.iter().filter_map(|r| r.index.first()).map(|m| m.key.as_str()).min()
+    }
+
     /// Split the key space into at most `n` ranges of about the same amount of data,
     /// from the runs' sparse indexes (each mark stands for about the same number of
     /// bytes). Fewer when the data is too small to split.

@@ -630,6 +630,7 @@ fn a_kept_sort_is_loaded_again_and_its_ranges_partition_the_stream() {
         want.sha256,
         "the ranges together are the whole stream, in order"
     );
+    assert_eq!(sorted.first_key(), all.first().map(String::as_str), "the runs know the stream's first key");
     // Resuming a range inside it.
     let r = &ranges[1];
     let mut whole = Collect::default();
