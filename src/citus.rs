@@ -7,8 +7,9 @@ use crate::error::Result;
 use crate::target::Target;
 use crate::txn::transaction;
 
-/// Settings of a process's session for a Citus target, inserting one of a job's
-/// `insert_workers` ranges:
+/// Settings of a process's session for a Citus target, inserting one of job `job`'s
+/// ranges (`insert_workers` until the stream is split), with up to `store.workers` jobs
+/// at once:
 ///
 /// * **Within the connections the worker nodes accept.** Citus opens, per session, up
 ///   to `citus.max_adaptive_executor_pool_size` connections to each node (COPY and the
@@ -17,16 +18,29 @@ use crate::txn::transaction;
 ///   `max_connections` by default, whatever the workers accept — caps all sessions
 ///   together. Eight inserters over 32 shards on two nodes opened 128 connections to a
 ///   node that accepts 100: "sorry, too many clients already", and batches retried.
-///   So the job's processes share half the smallest `max_connections` among the worker
-///   nodes ([`pool_size`]); the other half stays for other clients and Citus itself.
+///   So the processes of the `store.workers` jobs that may run at once share half the
+///   smallest `max_connections` among the worker nodes ([`pool_size`]); the other half
+///   stays for other clients, Citus itself, and other nodes' jobs.
 /// * **Connections kept across batches**, as many as the pool: Citus closes all but one
 ///   per worker node at each commit by default, and reopening them cost most of a
 ///   batch's fixed time.
-pub fn prepare_session(target: &Target, insert_workers: usize) -> Result<()> {
+///
+/// Citus's timing settings are pinned to their defaults for the session, and the look
+/// at the worker nodes gets a minute: a database's owner may `ALTER DATABASE … SET` them
+/// (they are USERSET), and `citus.remote_task_check_interval = '20min'` made
+/// `run_command_on_workers` sleep twenty minutes between polls, holding a
+/// `store.workers` slot every database shares; `citus.node_connection_timeout` would
+/// hold one as long for each connection to a node that does not answer.
+pub fn prepare_session(target: &Target, job: i64, insert_workers: usize) -> Result<()> {
     if !target.citus {
         return Ok(());
     }
     let smallest = transaction(|| {
+        Spi::run(
+            "SELECT pg_catalog.set_config('citus.remote_task_check_interval', '10', false), \
+                    pg_catalog.set_config('citus.node_connection_timeout', '30000', false), \
+                    pg_catalog.set_config('statement_timeout', '60000', true)",
+        )?;
         Ok(Spi::get_one::<i32>(
             "SELECT pg_catalog.min(result::pg_catalog.int4) \
              FROM pg_catalog.run_command_on_workers('SHOW max_connections') WHERE success",
@@ -36,7 +50,10 @@ pub fn prepare_session(target: &Target, insert_workers: usize) -> Result<()> {
         log!("pg_store: could not read the worker nodes' max_connections ({e}); Citus's own connection limits apply");
         None
     });
-    let pool = pool_size(smallest, insert_workers);
+    // The ranges the job's stream was split into, once it was; until then the setting.
+    let ranges = transaction(|| crate::tables::jobs::ranges(job))?;
+    let per_job = if ranges > 0 { ranges as usize } else { insert_workers.max(1) };
+    let pool = pool_size(smallest, per_job * crate::gucs::WORKERS.get().max(1) as usize);
     transaction(|| {
         Ok(Spi::run(&format!(
             "SELECT pg_catalog.set_config('citus.max_adaptive_executor_pool_size', '{pool}', false), \
@@ -49,7 +66,7 @@ pub fn prepare_session(target: &Target, insert_workers: usize) -> Result<()> {
 /// node a process of a job ever opens.
 const CITUS_POOL: u32 = 16;
 
-/// Connections to each worker node for one of `processes` processes of a job, when the
+/// Connections to each worker node for one of `processes` processes of pg_store, when the
 /// smallest `max_connections` among the worker nodes is `smallest` (unknown: Citus's
 /// default): an equal share of half of it, at least one, at most [`CITUS_POOL`].
 pub fn pool_size(smallest: Option<i32>, processes: usize) -> u32 {
@@ -74,10 +91,12 @@ mod tests {
     use super::pool_size;
 
     #[test]
-    fn the_processes_of_a_job_share_half_of_a_worker_nodes_connections() {
-        // One or two inserters, at the server's default of 100: Citus's own default.
+    fn pg_stores_processes_share_half_of_a_worker_nodes_connections() {
+        // One or two processes, at the server's default of 100: Citus's own default.
         assert_eq!(pool_size(Some(100), 1), 16);
         assert_eq!(pool_size(Some(100), 2), 16);
+        // Two jobs of two (the defaults on two cores): 12 each, 48 of 100.
+        assert_eq!(pool_size(Some(100), 4), 12);
         // Eight: 6 each, 48 of 100, where Citus alone would open 8 × 16 = 128.
         assert_eq!(pool_size(Some(100), 8), 6);
         assert_eq!(pool_size(Some(100), 64), 1);

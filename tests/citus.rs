@@ -129,26 +129,40 @@ fn a_distributed_target_ends_exact_with_exact_counts() {
     c.no_prepared_transactions();
 }
 
-/// Six processes of one job into a table of 32 shards, on worker nodes that accept 40
-/// connections: left to Citus, each process opens a connection per shard on each node
-/// (16, Citus's default pool), 96 in all, and the nodes refuse connections ("sorry, too
-/// many clients already"), batches retried. The job's processes share half of what the
-/// nodes accept instead: no refused connection, no retried batch, and the job is exact.
+/// Two jobs at once, six processes each, into tables of 32 shards, on worker nodes that
+/// accept 40 connections: left to Citus, each process opens a connection per shard on
+/// each node (16, Citus's default pool), 192 in all, and the nodes refuse connections
+/// ("sorry, too many clients already"), batches retried. pg_store's processes share
+/// half of what the nodes accept instead: no refused connection, no retried batch, and
+/// both jobs are exact — also where the database sets Citus's polling interval to
+/// twenty minutes, which the look at the nodes' `max_connections` would have waited.
 #[test]
 fn the_inserters_of_a_job_stay_within_the_connections_the_worker_nodes_accept() {
     if !citus_installed() {
         return;
     }
-    let c = Citus::start_with("conns", "max_connections = 40\nmax_worker_processes = 20\nstore.insert_workers = 6\n");
+    let c = Citus::start_with(
+        "conns",
+        "max_connections = 40\nmax_worker_processes = 24\nstore.workers = 2\nstore.insert_workers = 6\n",
+    );
     let (dir, want) = fixtures(&c.coord, "in", &GenSpec { files: 3, size: 4 << 20, seed: 103, ..GenSpec::default() });
+    // A database owner's setting that made the look at the nodes' max_connections sleep
+    // between polls for as long as it says, a slot of store.workers held all along.
+    q(&c.coord, "ALTER DATABASE postgres SET citus.remote_task_check_interval = '20min'");
     q(
         &c.coord,
-        "CREATE TABLE wide (line text PRIMARY KEY); SELECT create_distributed_table('wide', 'line', shard_count => 32)",
+        "CREATE TABLE wide (line text PRIMARY KEY); SELECT create_distributed_table('wide', 'line', shard_count => 32); \
+         CREATE TABLE wide2 (line text PRIMARY KEY); SELECT create_distributed_table('wide2', 'line', shard_count => 32)",
     );
-    let job = num(&c.coord, &format!("SELECT store_ingest('{}', 'wide')", dir.display()));
-    c.coord.wait_done(job);
-    assert_eq!(c.coord.table_sha("wide", "line"), want.sha256);
-    assert_eq!(num(&c.coord, &format!("SELECT ranges FROM store.status WHERE id = {job}")), 6);
+    let jobs = q(
+        &c.coord,
+        &format!("SELECT store_ingest('{d}', 'wide') || ' ' || store_ingest('{d}', 'wide2')", d = dir.display()),
+    );
+    for (job, table) in jobs.split(' ').map(|j| j.parse::<i64>().unwrap()).zip(["wide", "wide2"]) {
+        c.coord.wait_done(job);
+        assert_eq!(c.coord.table_sha(table, "line"), want.sha256);
+        assert_eq!(num(&c.coord, &format!("SELECT ranges FROM store.status WHERE id = {job}")), 6);
+    }
     let coord_log = fs::read_to_string(c.coord.dir.join("log")).unwrap();
     assert!(!coord_log.contains("retrying a batch"), "batches were retried:\n{}", c.coord.log_tail());
     for w in &c.workers {

@@ -169,7 +169,7 @@ pub fn run(id: i64, claim: i32) -> Result<Ended> {
     let plan = Plan::make(&job, &settings)?;
     let progress = Arc::new(Progress::default());
     Progress::add(&progress.bytes_total, plan.files.iter().map(|f| f.size).sum());
-    crate::citus::prepare_session(&plan.target, settings.insert_workers)?;
+    crate::citus::prepare_session(&plan.target, job.id, settings.insert_workers)?;
     let mut inserter = Inserter::new(&job, &plan.target, Role::Leader, progress.clone(), &plan.cfg.temp_dir);
     let estimated_false_drops = match job.dedup {
         Dedup::Bloom => {

@@ -220,7 +220,7 @@ pub fn run_range(id: i64, claim: i32, range: i32) -> Result<()> {
     })?;
     let row = transaction(|| checkpoints::ranges(job.id, false))?.into_iter().find(|r| r.range == range);
     let Some(row) = row.filter(|r| !r.done) else { return Ok(()) };
-    crate::citus::prepare_session(&target, settings.insert_workers)?;
+    crate::citus::prepare_session(&target, job.id, settings.insert_workers)?;
     let mut inserter = Inserter::new(&job, &target, Role::Helper, Arc::new(Progress::default()), &cfg.temp_dir);
     drain_range(&job, &mut sorted, &row, &mut inserter)
 }
