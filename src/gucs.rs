@@ -186,7 +186,7 @@ fn define_reloadable_gucs() {
     );
     GucRegistry::define_int_guc(
         c"store.insert_workers",
-        c"Processes that insert one job's sorted lines, each a key range of its own; 0 means one per core.",
+        c"Processes that insert one job's sorted lines, each a key range of its own; 0 means one per core (on a Citus coordinator, the cores it does not share with worker nodes on the same host).",
         c"Inserters beyond the first are dynamic background workers: each takes a slot of max_worker_processes.",
         &INSERT_WORKERS,
         0,
@@ -332,6 +332,9 @@ pub struct Settings {
     pub fault: Option<Fault>,
     /// Processes inserting one job's ranges.
     pub insert_workers: usize,
+    /// `store.insert_workers` is 0: one per core, which a Citus coordinator shares with
+    /// the worker nodes on its host ([`crate::citus::inserters`]).
+    pub insert_workers_auto: bool,
     /// One range into an empty local target (`store.compact_index`).
     pub compact_index: bool,
 }
@@ -364,6 +367,7 @@ impl Settings {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n => n as usize,
             },
+            insert_workers_auto: INSERT_WORKERS.get() == 0,
             compact_index: COMPACT_INDEX.get(),
         })
     }

@@ -107,9 +107,13 @@ fn open_ranges(job: &Job) -> Result<Vec<RangeRow>> {
 /// 1.4 times the size), which every later load into the table pays for. Where the
 /// stream falls among existing keys, its inserts split pages in the middle of the
 /// index whatever the number of ranges. Both looks are made only where the job's owner
-/// may read the table, as the fast path's. Citus's shards keep the configured number.
+/// may read the table, as the fast path's. A Citus target's number is
+/// [`crate::citus::insert_ranges`].
 fn workers(job: &Job, plan: &Plan, settings: &Settings, sorted: &KeptSort) -> Result<usize> {
-    if !settings.compact_index || settings.insert_workers <= 1 || plan.target.citus {
+    if plan.target.citus {
+        return crate::citus::insert_ranges(job.id, settings);
+    }
+    if !settings.compact_index || settings.insert_workers <= 1 {
         return Ok(settings.insert_workers);
     }
     if checkpoints::target_was_empty(job.id)? {
