@@ -5,7 +5,7 @@
 # with store.memory_limit 256MB, store.cpu_limit 2). About 20 minutes here.
 #
 #   benches/citus.sh        RUNS (default 3): rounds; FILES x SIZE (default 8 x 128M);
-#                           INSERT_WORKERS: store.insert_workers (default 1; empty: the server's);
+#                           INSERT_WORKERS: store.insert_workers (default: the server's);
 #                           BATCH_TARGET_MS: store.batch_target_ms (default: the server's)
 #
 # Data: store-gen --files FILES --size SIZE --dup 0.3 --seed 21. The COPY side gets the
@@ -18,9 +18,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}; FILES=${FILES:-8}; SIZE=${SIZE:-128M}; BASE=${BENCH_PORT:-5452}
-# One insert worker unless told: the three nodes share this machine's cores, where a second
-# inserter competes with the workers' backends (2 inserters: 0.78 of COPY, 1: 0.85, 2026-11-26).
-INSERT_WORKERS=${INSERT_WORKERS-1}
+# The server's store.insert_workers unless told; at its default, a coordinator sharing its
+# host with worker nodes shares the cores with them (here: one inserter).
+INSERT_WORKERS=${INSERT_WORKERS:-}
 BIN=/usr/lib/postgresql/15/bin
 [ -f "$($BIN/pg_config --pkglibdir)/citus.so" ] || { echo "Citus is not installed (../shared/tools/install-citus.sh builds it)"; exit 1; }
 W=$PWD/target/bench/citus; TMP=$W/tmp; DATA=$PWD/target/bench/citus-data-$FILES-$SIZE
@@ -83,7 +83,7 @@ copy_c() {
     -c "\copy c FROM '$DISTINCT' (FORMAT csv, DELIMITER E'\x1f', QUOTE E'\x01')"
 }
 # pg_store into table $1 (extra store_ingest arguments $2); prints
-# "sort_s insert_s batches avg_rows_per_batch last_batch_rows memory_MiB".
+# "sort_s insert_s batches avg_rows_per_batch last_batch_rows memory_MiB ranges".
 pg_store() {
   local job state
   job=$(sql "SELECT store_ingest('$DATA', '$1'$2)")
@@ -94,7 +94,7 @@ pg_store() {
               (SELECT sum(batches) FROM store.checkpoints WHERE job = j.id) || ' ' ||
               (SELECT (sum(inserted + already_present) / greatest(sum(batches), 1))::bigint FROM store.checkpoints WHERE job = j.id) || ' ' ||
               (SELECT max(batch_size) FROM store.checkpoints WHERE job = j.id) || ' ' ||
-              (s.memory_peak / 1048576)::int
+              (s.memory_peak / 1048576)::int || ' ' || j.ranges
        FROM store.jobs j JOIN store.status s USING (id) WHERE j.id = $job"
 }
 declare -a TC TP TK; DETAIL_P=() DETAIL_K=()
@@ -111,7 +111,7 @@ for r in $(seq "$RUNS"); do
   fc=$(fingerprint c); fp=$(fingerprint p); fk=$(fingerprint k)
   [ "$fc" = "$fp" ] && [ "$fc" = "$fk" ] || { echo "TABLES DIFFER: COPY $fc, pg_store $fp, key column $fk"; exit 1; }
   [ "${fc%%:*}" = "$ROWS" ] || { echo "COPY loaded ${fc%%:*} rows of $ROWS"; exit 1; }
-  echo "  round $r: COPY ${TC[-1]} s, pg_store ${TP[-1]} s (sort, insert, batches, rows/batch, last batch, MiB: ${DETAIL_P[-1]}), key column ${TK[-1]} s (${DETAIL_K[-1]}); tables equal"
+  echo "  round $r: COPY ${TC[-1]} s, pg_store ${TP[-1]} s (sort, insert, batches, rows/batch, last batch, MiB, ranges: ${DETAIL_P[-1]}), key column ${TK[-1]} s (${DETAIL_K[-1]}); tables equal"
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 mc=$(median "${TC[@]}"); mp=$(median "${TP[@]}"); mk=$(median "${TK[@]}")
@@ -122,7 +122,7 @@ printf '%-44s %8.1f %10.0f %10.2f\n' "pg_store, whole job, into (line PK)" "$mp"
 printf '%-44s %8.1f %10.0f %10.2f\n' "pg_store, whole job, key column (key PK)" "$mk" "$(awk -v r="$ROWS" -v t="$mk" 'BEGIN{print r/t}')" "$(awk -v a="$mc" -v b="$mk" 'BEGIN{print a/b}')"
 echo
 echo "pg_store into (line PK), medians: scan+sort $(median $(col 1 "${DETAIL_P[@]}")) s, insert $(median $(col 2 "${DETAIL_P[@]}")) s," \
-  "$(median $(col 3 "${DETAIL_P[@]}")) batches of $(median $(col 4 "${DETAIL_P[@]}")) rows on average (largest last batch $(median $(col 5 "${DETAIL_P[@]}"))), memory $(median $(col 6 "${DETAIL_P[@]}")) MiB"
+  "$(median $(col 3 "${DETAIL_P[@]}")) batches of $(median $(col 4 "${DETAIL_P[@]}")) rows on average (largest last batch $(median $(col 5 "${DETAIL_P[@]}"))), memory $(median $(col 6 "${DETAIL_P[@]}")) MiB, insert ranges $(median $(col 7 "${DETAIL_P[@]}"))"
 echo "pg_store key column, medians: scan+sort $(median $(col 1 "${DETAIL_K[@]}")) s, insert $(median $(col 2 "${DETAIL_K[@]}")) s," \
   "$(median $(col 3 "${DETAIL_K[@]}")) batches of $(median $(col 4 "${DETAIL_K[@]}")) rows on average, memory $(median $(col 6 "${DETAIL_K[@]}")) MiB"
 awk -v a="$mc" -v b="$mp" 'BEGIN{r=a/b; printf "%s pg_store / COPY speed: %.2f (goal >= 0.8)\n", (r >= 0.8 ? "MET    " : "NOT MET"), r}'

@@ -7,8 +7,9 @@
 # Runs on a lent machine from the kit ../shared/tools/device/pack.sh builds (PostgreSQL 15,
 # the installed pg_store, store-gen), unpacked in /tmp/devkit:
 #   tar xzf target/devkit.tgz -C /tmp && bash benches/device.sh
-# RUNS="1 4 16 p16" by default (a number: pg_store with that many insert workers; pN: N
-# parallel COPYs); FILES, SIZE: store-gen's. Figures go to $OUT/results.txt.
+# RUNS="1 4 16 p1 p16" by default (a number: pg_store with that many insert workers; pN: N
+# parallel COPYs: p1 against p16 is PostgreSQL's own scaling of concurrent COPY into one
+# table); FILES, SIZE: store-gen's. Figures go to $OUT/results.txt.
 set -u
 K=/tmp/devkit; R=${OUT:-/tmp/out}/results.txt; mkdir -p "$(dirname "$R")"
 log() { echo "$*" | tee -a "$R"; }
@@ -46,16 +47,20 @@ t0=$(date +%s%N); $K/store-gen $G --files "$FILES" --size "$SIZE" --dup 0.3 --se
 log "data: $(du -sh $G | cut -f1) in $FILES files, generated in $(el "$t0") s"
 fresh() { q -c "DROP TABLE IF EXISTS t; CREATE TABLE t (line text NOT NULL); CREATE UNIQUE INDEX ON t (store.line_key(line)); CHECKPOINT"; }
 wal() { q -c "SELECT wal_bytes FROM pg_stat_wal"; }
-# Wait events of pg_store's processes, sampled until the file $1 exists; tallied into $2.
+# Wait events of the loading processes (pg_store's, or the COPYs' client backends), sampled
+# until the file $1 exists; tallied into $2.
 sample() {
   while [ ! -f "$1" ]; do
     q -c "SELECT backend_type || ' ' || coalesce(wait_event_type || ':' || wait_event, 'CPU') FROM pg_stat_activity
-          WHERE backend_type IN ('pg_store worker', 'pg_store inserter')" >> "$2" 2>/dev/null
+          WHERE backend_type IN ('pg_store worker', 'pg_store inserter')
+             OR (backend_type = 'client backend' AND query ILIKE 'COPY%' AND pid <> pg_backend_pid())" >> "$2" 2>/dev/null
     sleep 0.1
   done
 }
 run_pg() {
-  fresh; q -c "ALTER SYSTEM SET store.insert_workers = $1" -c "SELECT pg_reload_conf()" >/dev/null; sleep 1
+  # store.compact_index off: with it on, a load into an empty table takes one insert range
+  # whatever store.insert_workers says, and this measures how the ranges scale.
+  fresh; q -c "ALTER SYSTEM SET store.insert_workers = $1" -c "ALTER SYSTEM SET store.compact_index = off" -c "SELECT pg_reload_conf()" >/dev/null; sleep 1
   local w0 t0 j s w stop=/tmp/stop.$1 waits=/tmp/waits.$1; rm -f $stop $waits
   w0=$(wal); sample $stop $waits & t0=$(date +%s%N)
   j=$(q -c "SELECT store_ingest('$G', 't')")
@@ -66,12 +71,15 @@ run_pg() {
   log "  wait events (share of samples): $(sort $waits | uniq -c | sort -rn | head -8 | awk -v n="$(wc -l < $waits)" '{c=$1; $1=""; printf "%s %.0f%%;", $0, 100*c/n}')"
 }
 run_par() {
-  fresh; rm -rf /tmp/parts; mkdir /tmp/parts; local t0 w; t0=$(date +%s%N)
+  fresh; rm -rf /tmp/parts; mkdir /tmp/parts; local t0 t1 w stop=/tmp/stop.p$1 waits=/tmp/waits.p$1 pids=(); t0=$(date +%s%N)
   LC_ALL=C sort -u -S 1G --parallel="$CORES" -T /tmp $G/* | split -n r/"$1" - /tmp/parts/p
-  for f in /tmp/parts/p*; do q -c "\copy t FROM '$f' (FORMAT csv, DELIMITER E'\x1f', QUOTE E'\x01')" & done; wait; w=$(el "$t0")
-  log "sort -u | $1 parallel COPYs: ${w} s, rows $(q -c "SELECT count(*) FROM t"), index $(q -c "SELECT pg_size_pretty(pg_relation_size('t_line_key_idx'))")"
+  rm -f $stop $waits; sample $stop $waits & local sp=$!; t1=$(date +%s%N)
+  for f in /tmp/parts/p*; do q -c "\copy t FROM '$f' (FORMAT csv, DELIMITER E'\x1f', QUOTE E'\x01')" & pids+=($!); done
+  wait "${pids[@]}"; w=$(el "$t0"); local wcopy; wcopy=$(el "$t1"); touch $stop; wait $sp
+  log "sort -u | $1 parallel COPYs: ${w} s (the COPYs ${wcopy} s), rows $(q -c "SELECT count(*) FROM t"), index $(q -c "SELECT pg_size_pretty(pg_relation_size('t_line_key_idx'))")"
+  log "  wait events (share of samples): $(sort $waits | uniq -c | sort -rn | head -8 | awk -v n="$(wc -l < $waits)" '{c=$1; $1=""; printf "%s %.0f%%;", $0, 100*c/n}')"
 }
 log "== runs (the first one also creates the WAL segments later ones recycle)"
-for r in ${RUNS:-1 4 16 p16}; do case $r in p*) run_par "${r#p}" ;; *) run_pg "$r" ;; esac; done
+for r in ${RUNS:-1 4 16 p1 p16}; do case $r in p*) run_par "${r#p}" ;; *) run_pg "$r" ;; esac; done
 as_pg $B/pg_ctl -D $D -m fast stop >/dev/null
 log "== end"

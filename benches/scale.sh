@@ -7,6 +7,9 @@
 #
 # Data: store-gen --files SIZE_G --size 1G --dup 0.3 --seed 11 (the big load) and
 # store-gen --files 8 --size 128M --dup 0.3 --seed 12 (1 GiB of new files).
+# Before each 1 GiB step into the big table, that table is vacuumed and analyzed, untimed,
+# as a DBA would after a big load: otherwise the autovacuum its inserts trigger runs
+# during the step, and its writes (it sets every page all-visible) count as the step's.
 # Steps, each timed alone (one table at a time, to fit the disk):
 #   1. A: LC_ALL=C sort -u -S 256M --parallel=2 | psql \copy    big load into table a
 #   2. B: the DBA way for new files: COPY into an unlogged staging table, then
@@ -16,8 +19,17 @@
 #   5. pg_store: the same 1 GiB into an empty table
 #   6. pg_store: big load into a fresh table, kill -9 of the worker at 90 % of inserting
 # For each: wall time, rows/s, private memory peak, temporary disk peak, WAL written and
-# full-page images (pg_stat_wal), pages written (pg_stat_bgwriter: by checkpoints, the
-# background writer and backends), table + index size. Ratios and the goals at the end.
+# full-page images (pg_stat_wal), pages written, table + index size. Ratios and the goals
+# at the end.
+# Pages written: pg_stat_bgwriter's checkpoint + background writer + backend writes over
+# the step, up to a CHECKPOINT at its end (the pages it left dirty are its writes too),
+# less the pages the step added to the database: PostgreSQL 15 counts each relation
+# extension as a backend write (ForwardSyncRequest, from mdextend), so a new page would
+# otherwise count twice.
+# The floor of the steady state (step 4): the pages the step changed, each of which must
+# be written at least once, read from the page LSNs of the table and its index
+# (pageinspect): a page whose LSN is past the step's start was changed by it. Printed
+# with the leaf pages among them (the leaves the new keys touched, or that splits made).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_G=${SIZE_G:-10}; PORT=${BENCH_PORT:-5442}; BIN=/usr/lib/postgresql/15/bin
@@ -53,12 +65,21 @@ runuser -u postgres -- "$BIN/pg_ctl" -D "$CL" -l "$W/log" -w start >/dev/null
 trap 'runuser -u postgres -- "$BIN/pg_ctl" -D "$CL" -m fast stop >/dev/null 2>&1 || true' EXIT
 PSQL=("$BIN/psql" -XAtq -v ON_ERROR_STOP=1 -h "$W" -p "$PORT" -U postgres -d postgres)
 sql() { "${PSQL[@]}" -c "$1"; }
-sql "DROP EXTENSION IF EXISTS pg_store CASCADE; CREATE EXTENSION pg_store"
+sql "DROP EXTENSION IF EXISTS pg_store CASCADE; CREATE EXTENSION pg_store; CREATE EXTENSION IF NOT EXISTS pageinspect"
 [ -n "${INSERT_WORKERS:-}" ] && { sql "ALTER SYSTEM SET store.insert_workers = $INSERT_WORKERS"; sql "SELECT pg_reload_conf()" >/dev/null; sleep 2; }
 now() { date +%s.%N; }
 fresh_table() { sql "DROP TABLE IF EXISTS $1; CREATE TABLE $1 (line text NOT NULL); CREATE UNIQUE INDEX ${1}_key ON $1 (store.line_key(line))"; }
 fingerprint() { sql "SELECT count(*) || ':' || coalesce(sum(hashtextextended(line, 7)), 0) FROM $1"; }
-wal() { sql "SELECT wal_bytes || ' ' || wal_fpi || ' ' || (SELECT buffers_checkpoint + buffers_clean + buffers_backend FROM pg_stat_bgwriter) FROM pg_stat_wal"; }
+wal() { # WAL bytes, full-page images, buffer writes, database size in pages, WAL position
+  sql "SELECT wal_bytes || ' ' || wal_fpi || ' ' || (SELECT buffers_checkpoint + buffers_clean + buffers_backend FROM pg_stat_bgwriter) \
+       || ' ' || pg_database_size(current_database()) / 8192 || ' ' || pg_current_wal_lsn() FROM pg_stat_wal"
+}
+changed() { # table since_lsn: "leaf_pages index_pages heap_pages" whose LSN is past since_lsn
+  sql "WITH i AS (SELECT s.type = 'l' AS leaf, (page_header(get_raw_page('${1}_key', b::int))).lsn >= '$2' AS c
+                  FROM generate_series(1, pg_relation_size('${1}_key') / 8192 - 1) b, LATERAL bt_page_stats('${1}_key', b::int) s),
+            h AS (SELECT (page_header(get_raw_page('$1', b::int))).lsn >= '$2' AS c FROM generate_series(0, pg_relation_size('$1') / 8192 - 1) b)
+       SELECT (SELECT count(*) FILTER (WHERE c AND leaf) || ' ' || count(*) FILTER (WHERE c) FROM i) || ' ' || (SELECT count(*) FILTER (WHERE c) FROM h)"
+}
 size_of() { sql "SELECT pg_relation_size('$1') / 1048576 || ' ' || pg_indexes_size('$1') / 1048576"; }
 du_peak() { # size of directory $1 every 0.5 s until file $2 exists; peak in MiB
   # du fails when files vanish under it (sort's and pg_store's runs come and go): a
@@ -66,15 +87,16 @@ du_peak() { # size of directory $1 every 0.5 s until file $2 exists; peak in MiB
   local peak=0 s; while [ ! -e "$2" ]; do s=$(du -sm "$1" 2>/dev/null | cut -f1) || s=0; [ "${s:-0}" -gt "$peak" ] && peak=$s; sleep 0.5; done; echo "$peak"
 }
 declare -A R   # key -> "wall rss_mib temp_mib wal_mib fpi rows heap_mib index_mib pages_written"
+declare -A LSN # key -> the WAL position at the step's start
 measure() { # key table command...
   local key=$1 t=$2; shift 2
   sql "CHECKPOINT"
   local w0; w0=$(wal); rm -f "$TMP/done"
   du_peak "$TMP" "$TMP/done" > "$TMP/du" &
   local t0 t1 out; t0=$(now); out=$("$@"); t1=$(now); touch "$TMP/done"; wait
-  sleep 1; local w1; w1=$(wal)
-  read -r b0 f0 p0 <<<"$w0"; read -r b1 f1 p1 <<<"$w1"
-  local walm=$(( (b1 - b0) / 1048576 )) fpi=$((f1 - f0)) pages=$((p1 - p0))
+  sql "CHECKPOINT"; sleep 1; local w1; w1=$(wal)
+  read -r b0 f0 p0 d0 l0 <<<"$w0"; read -r b1 f1 p1 d1 _ <<<"$w1"; LSN[$key]=$l0
+  local walm=$(( (b1 - b0) / 1048576 )) fpi=$((f1 - f0)) pages=$((p1 - p0 - (d1 - d0)))
   # Crash recovery (the kill -9 step) resets the cumulative statistics: no figures then.
   [ "$b1" -ge "$b0" ] || { walm=-; fpi=-; pages=-; }
   R[$key]="$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') ${out:--} $(cat "$TMP/du") $walm $fpi $(sql "SELECT count(*) FROM $t") $(size_of "$t") $pages"
@@ -106,8 +128,7 @@ staging_b() { # table files...
   sql "DROP TABLE IF EXISTS staging; CREATE UNLOGGED TABLE staging (line text)"
   cat "$@" | "${PSQL[@]}" -c "\copy staging FROM STDIN (FORMAT csv, DELIMITER E'\x1f', QUOTE E'\x01')"
   sql "INSERT INTO $t SELECT line FROM staging ON CONFLICT DO NOTHING"
-  sql "DROP TABLE staging"
-  echo -
+  echo -   # staging is dropped after the step's figures are read: its pages count as added
 }
 
 echo "# $(date -u +%F) $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM; big: $BIG ($(du -sh "$BIG" | cut -f1)), new: $NEW ($(du -sh "$NEW" | cut -f1)); insert workers: $(sql "SHOW store.insert_workers")"
@@ -116,13 +137,18 @@ fresh_table warm; pg_store warm "$NEW" >/dev/null; sql "DROP TABLE warm"
 fresh_table a
 measure big_a a copy_a a $BIG_FILES
 FP_BIG=$(fingerprint a)
+sql "VACUUM (ANALYZE) a"
 measure new_b a staging_b a $NEW_FILES
+read -r B_LEAVES B_INDEX B_HEAP <<<"$(changed a "${LSN[new_b]}")"
+sql "DROP TABLE staging"
 FP_BOTH=$(fingerprint a)
 sql "DROP TABLE a"
 fresh_table p
 measure big_pg p pg_store p "$BIG"
 [ "$(fingerprint p)" = "$FP_BIG" ] || { echo "TABLES DIFFER after the big load"; exit 1; }
+sql "VACUUM (ANALYZE) p"
 measure new_pg p pg_store p "$NEW"
+read -r P_LEAVES P_INDEX P_HEAP <<<"$(changed p "${LSN[new_pg]}")"
 [ "$(fingerprint p)" = "$FP_BOTH" ] || { echo "TABLES DIFFER after the new files"; exit 1; }
 sql "DROP TABLE p"
 fresh_table e
@@ -161,5 +187,17 @@ goal "1 GiB into big / into empty" "$(ratio "$(w new_pg)" "$(w new_empty)")" 2.0
 goal "kill -9 at 90 %: total / uninterrupted" "$(ratio "$(w big_kill)" "$(w big_pg)")" 1.1
 per_row() { awk -v a="$1" -v r="$2" 'BEGIN{printf "%.3f", a/r}'; }
 NEW_ROWS=$(( $(f new_pg 6) - $(f big_pg 6) ))
-echo "pages written per new row, 1 GiB into big: pg_store $(per_row "$(f new_pg 9)" $NEW_ROWS), B $(per_row "$(f new_b 9)" $NEW_ROWS), into empty $(per_row "$(f new_empty 9)" "$(f new_empty 6)")"
-echo "WAL per new row, 1 GiB into big: pg_store $(awk -v a="$(f new_pg 4)" -v r="$(( $(f new_pg 6) - $(f big_pg 6) ))" 'BEGIN{printf "%.0f bytes", a*1048576/r}'), $(awk -v a="$(f new_pg 5)" -v r="$(( $(f new_pg 6) - $(f big_pg 6) ))" 'BEGIN{printf "%.3f full-page images", a/r}'); B $(awk -v a="$(f new_b 4)" -v r="$(( $(f new_pg 6) - $(f big_pg 6) ))" 'BEGIN{printf "%.0f bytes", a*1048576/r}'), $(awk -v a="$(f new_b 5)" -v r="$(( $(f new_pg 6) - $(f big_pg 6) ))" 'BEGIN{printf "%.3f full-page images", a/r}')"
+P_CHANGED=$((P_INDEX + P_HEAP)); B_CHANGED=$((B_INDEX + B_HEAP))
+goal "1 GiB into big: pages written / pages changed (the floor)" "$(ratio "$(f new_pg 9)" "$P_CHANGED")" 1.1
+echo
+echo "Steady state, per new row ($NEW_ROWS new rows):"
+printf '  %-10s %9s %9s %9s %9s %9s %7s %9s\n' "" leaves idx_chg heap_chg changed written wr/chg WAL_B
+floor_row() { # label leaves index heap written wal_mib
+  printf '  %-10s %9s %9s %9s %9s %9s %7s %9.0f\n' "$1" "$(per_row "$2" $NEW_ROWS)" "$(per_row "$3" $NEW_ROWS)" "$(per_row "$4" $NEW_ROWS)" \
+    "$(per_row $(($3 + $4)) $NEW_ROWS)" "$(per_row "$5" $NEW_ROWS)" "$(ratio "$5" $(($3 + $4)))" "$(awk -v a="$6" -v r=$NEW_ROWS 'BEGIN{print a*1048576/r}')"
+}
+floor_row pg_store "$P_LEAVES" "$P_INDEX" "$P_HEAP" "$(f new_pg 9)" "$(f new_pg 4)"
+floor_row B "$B_LEAVES" "$B_INDEX" "$B_HEAP" "$(f new_b 9)" "$(f new_b 4)"
+echo "  (leaves: leaf pages changed; idx_chg, heap_chg: index and table pages changed; changed: their sum, the"
+echo "   floor; written: pages written; WAL_B: WAL bytes. Full-page images per new row: pg_store $(per_row "$(f new_pg 5)" $NEW_ROWS), B $(per_row "$(f new_b 5)" $NEW_ROWS))"
+echo "pages written per row into an empty table: $(per_row "$(f new_empty 9)" "$(f new_empty 6)")"
