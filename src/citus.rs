@@ -62,36 +62,52 @@ pub fn prepare_session(target: &Target, job: i64, insert_workers: usize) -> Resu
     })
 }
 
-/// How many ranges job `job` splits a Citus target's stream into: `store.insert_workers`
-/// where it is set; at its default (one per core), the cores this coordinator does not
-/// share with worker nodes on its own host ([`inserters`]). Each insert worker's COPY keeps
-/// a backend busy on every node it routes rows to; where those nodes run on the same
-/// cores, a second inserter only competes with them (`make bench-citus` on two cores,
-/// coordinator and two workers on one host: one inserter 0.85 of COPY's speed, two 0.78).
-pub fn insert_ranges(job: i64, settings: &crate::gucs::Settings) -> Result<usize> {
+/// How many ranges job `job` splits the stream for Citus target `target` into:
+/// `store.insert_workers` where it is set; at its default (one per core), the cores this
+/// coordinator does not share with the worker nodes on its host that hold the target's
+/// shards ([`inserters`]). Each insert worker's COPY keeps a backend busy on every node
+/// it routes rows to; where those nodes run on the coordinator's cores, more inserters
+/// compete with them for the same cores. The count is a tuning: if it cannot be made,
+/// the setting stands. In its own transaction (the caller's is not open).
+pub fn insert_ranges(job: i64, target: pg_sys::Oid, settings: &crate::gucs::Settings) -> usize {
     if !settings.insert_workers_auto {
-        return Ok(settings.insert_workers);
+        log!("pg_store job {job}: insert ranges: {} (store.insert_workers)", settings.insert_workers);
+        return settings.insert_workers;
     }
-    // Worker nodes with shards on this host: named as the coordinator names itself, or
-    // by a loopback address.
-    let local = Spi::get_one::<i64>(
-        "SELECT pg_catalog.count(*) FROM pg_catalog.pg_dist_node w \
-         WHERE w.groupid OPERATOR(pg_catalog.<>) 0 AND w.isactive AND w.shouldhaveshards \
-           AND w.noderole OPERATOR(pg_catalog.=) 'primary' \
-           AND (w.nodename OPERATOR(pg_catalog.=) ANY (ARRAY['localhost', '127.0.0.1', '::1']) \
-                OR w.nodename OPERATOR(pg_catalog.=) ANY (SELECT c.nodename FROM pg_catalog.pg_dist_node c \
-                                                          WHERE c.groupid OPERATOR(pg_catalog.=) 0))",
-    )?
-    .unwrap_or(0);
-    let ranges = inserters(settings.insert_workers, local.max(0) as usize);
-    if local > 0 {
-        log!(
-            "pg_store job {job}: {ranges} insert ranges: {local} worker nodes share this host's {} cores \
-             (store.insert_workers = 0)",
+    // The machine's own name, as a worker node may be registered under it.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
+    // Worker nodes holding placements of the target, named by a loopback address, by this
+    // machine's name, or as the coordinator names itself.
+    let local = transaction(|| {
+        Ok(Spi::get_one_with_args::<i64>(
+            "SELECT pg_catalog.count(DISTINCT n.groupid) \
+             FROM pg_catalog.pg_dist_shard s \
+             JOIN pg_catalog.pg_dist_placement p ON p.shardid OPERATOR(pg_catalog.=) s.shardid \
+             JOIN pg_catalog.pg_dist_node n ON n.groupid OPERATOR(pg_catalog.=) p.groupid \
+             WHERE s.logicalrelid OPERATOR(pg_catalog.=) $1 AND n.groupid OPERATOR(pg_catalog.<>) 0 \
+               AND n.isactive AND n.noderole OPERATOR(pg_catalog.=) 'primary' \
+               AND (n.nodename OPERATOR(pg_catalog.=) ANY (ARRAY['localhost', '127.0.0.1', '::1', $2]) \
+                    OR n.nodename OPERATOR(pg_catalog.=) ANY (SELECT c.nodename FROM pg_catalog.pg_dist_node c \
+                                                              WHERE c.groupid OPERATOR(pg_catalog.=) 0))",
+            &[target.into(), host.as_str().into()],
+        )?
+        .unwrap_or(0))
+    });
+    match local {
+        Ok(local) => {
+            let ranges = inserters(settings.insert_workers, local.max(0) as usize);
+            log!(
+                "pg_store job {job}: insert ranges: {ranges} ({} cores, {local} of the worker nodes holding the \
+                 target's shards on this host; store.insert_workers = 0)",
+                settings.insert_workers
+            );
+            ranges
+        }
+        Err(e) => {
+            log!("pg_store job {job}: could not count the worker nodes on this host ({e}); one insert range per core");
             settings.insert_workers
-        );
+        }
     }
-    Ok(ranges)
 }
 
 /// Insert workers for a Citus target at `store.insert_workers`' default: the `cores` of

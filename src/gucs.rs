@@ -186,7 +186,7 @@ fn define_reloadable_gucs() {
     );
     GucRegistry::define_int_guc(
         c"store.insert_workers",
-        c"Processes that insert one job's sorted lines, each a key range of its own; 0 means one per core (on a Citus coordinator, the cores it does not share with worker nodes on the same host).",
+        c"Processes that insert one job's sorted lines, each a key range of its own; 0 means one per core (into a Citus table: cores / (1 + the worker nodes holding its shards on this host), at least one).",
         c"Inserters beyond the first are dynamic background workers: each takes a slot of max_worker_processes.",
         &INSERT_WORKERS,
         0,
@@ -333,7 +333,7 @@ pub struct Settings {
     /// Processes inserting one job's ranges.
     pub insert_workers: usize,
     /// `store.insert_workers` is 0: one per core, which a Citus coordinator shares with
-    /// the worker nodes on its host ([`crate::citus::inserters`]).
+    /// the worker nodes on its host ([`crate::citus::insert_ranges`]).
     pub insert_workers_auto: bool,
     /// One range into an empty local target (`store.compact_index`).
     pub compact_index: bool,

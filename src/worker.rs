@@ -302,8 +302,9 @@ fn fail_restored_jobs() {
 /// The worker's own SQL runs as a superuser: it resolves names in `pg_catalog` (and
 /// `pg_temp`, last) only, never in a schema a user can create objects in. Settings a
 /// database's owner may attach to the database (`ALTER DATABASE … SET`) reach the worker
-/// too: its role, client encoding (which binary COPY converts text from) and string
-/// syntax are pinned to what its SQL assumes.
+/// too: its role, client encoding (which binary COPY converts text from), string syntax
+/// and transactions (read-write, read committed: a database set read-only kept its jobs
+/// queued, each look for work failing) are pinned to what its SQL assumes.
 fn pin_session() {
     let set = |name: &std::ffi::CStr, value: &std::ffi::CStr| {
         // SAFETY: sets a session GUC from the main thread; an invalid value raises an
@@ -322,6 +323,9 @@ fn pin_session() {
         set(c"role", c"none");
         set(c"client_encoding", c"UTF8");
         set(c"standard_conforming_strings", c"on");
+        set(c"default_transaction_read_only", c"off");
+        set(c"default_transaction_isolation", c"read committed");
+        set(c"default_transaction_deferrable", c"off");
         Ok(())
     });
     if let Err(e) = pinned {

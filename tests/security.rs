@@ -427,6 +427,36 @@ fn overloads_the_database_owner_plants_never_catch_calls_of_the_store_functions(
         run("SELECT string_agg(what, ', ') FROM public.hits")
     );
     assert_eq!(run("SELECT count(*) FROM store.lines"), "2");
+
+    // Settings the owner attaches to a database reach its worker's connection: a database
+    // made read-only (and serializable) by its owner kept every job queued, the worker's
+    // look for work failing. The worker pins its transactions read-write, read committed.
+    q(&c, "CREATE DATABASE ro OWNER dbowner");
+    c.psql_in("ro", "postgres", "CREATE EXTENSION pg_store").unwrap();
+    c.psql_in(
+        "ro",
+        "dbowner",
+        "ALTER DATABASE ro SET default_transaction_read_only = on; \
+         ALTER DATABASE ro SET default_transaction_isolation = 'serializable'; \
+         ALTER DATABASE ro SET default_transaction_deferrable = on",
+    )
+    .unwrap();
+    let job: i64 = c
+        .psql_in("ro", "postgres", &format!("BEGIN READ WRITE; SELECT store.ingest('{}'); COMMIT", dir.display()))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let state = loop {
+        let state = c.psql_in("ro", "postgres", &format!("SELECT state FROM store.jobs WHERE id = {job}")).unwrap();
+        if state != "queued" && state != "running" || std::time::Instant::now() > deadline {
+            break state;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(state, "done", "a job in a database its owner set read-only");
+    assert_eq!(c.psql_in("ro", "postgres", "SELECT count(*) FROM store.lines").unwrap(), "2");
 }
 
 #[test]

@@ -42,7 +42,14 @@ pub(super) fn run_exact(
             KeptSort::sort(dir, &plan.spec, &plan.cfg, &plan.tree, &plan.files, progress, inserter)?
         }
     };
-    let ranges = transaction(|| split(job, &sorted, plan, settings))?;
+    // A Citus target's number of ranges, when this stream has none yet (looked up in a
+    // transaction of its own: it may fail, and the setting then stands).
+    let citus = if plan.target.citus && transaction(|| jobs::ranges(job.id))? == 0 {
+        Some(crate::citus::insert_ranges(job.id, plan.target.oid, settings))
+    } else {
+        None
+    };
+    let ranges = transaction(|| split(job, &sorted, plan, settings, citus))?;
     let mut helpers = Vec::new();
     for r in ranges.iter().filter(|r| r.range > 0 && !r.done) {
         match start_inserter(job, r.range) {
@@ -107,11 +114,11 @@ fn open_ranges(job: &Job) -> Result<Vec<RangeRow>> {
 /// 1.4 times the size), which every later load into the table pays for. Where the
 /// stream falls among existing keys, its inserts split pages in the middle of the
 /// index whatever the number of ranges. Both looks are made only where the job's owner
-/// may read the table, as the fast path's. A Citus target's number is
-/// [`crate::citus::insert_ranges`].
-fn workers(job: &Job, plan: &Plan, settings: &Settings, sorted: &KeptSort) -> Result<usize> {
+/// may read the table, as the fast path's. A Citus target's number (`citus`) is
+/// [`crate::citus::insert_ranges`], made before.
+fn workers(job: &Job, plan: &Plan, settings: &Settings, sorted: &KeptSort, citus: Option<usize>) -> Result<usize> {
     if plan.target.citus {
-        return crate::citus::insert_ranges(job.id, settings);
+        return Ok(citus.unwrap_or(settings.insert_workers));
     }
     if !settings.compact_index || settings.insert_workers <= 1 {
         return Ok(settings.insert_workers);
@@ -138,10 +145,16 @@ fn workers(job: &Job, plan: &Plan, settings: &Settings, sorted: &KeptSort) -> Re
 
 /// The job's key ranges: those an earlier attempt of this stream decided, else a split
 /// of `sorted` into [`workers`] ranges of about equal size, recorded once.
-fn split(job: &Job, sorted: &KeptSort, plan: &Plan, settings: &Settings) -> Result<Vec<RangeRow>> {
+fn split(
+    job: &Job,
+    sorted: &KeptSort,
+    plan: &Plan,
+    settings: &Settings,
+    citus: Option<usize>,
+) -> Result<Vec<RangeRow>> {
     let decided = jobs::ranges(job.id)?;
     if decided == 0 {
-        let ranges = sorted.ranges(workers(job, plan, settings, sorted)?);
+        let ranges = sorted.ranges(workers(job, plan, settings, sorted, citus)?);
         checkpoints::split_first(job.id, job.claim, ranges[0].upto.clone())?;
         for (i, r) in ranges.iter().enumerate().skip(1) {
             checkpoints::add_range(job.id, i as i32, r.after.clone(), r.upto.clone())?;
