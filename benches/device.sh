@@ -12,6 +12,7 @@
 # table); FILES, SIZE: store-gen's. Figures go to $OUT/results.txt.
 set -u
 K=/tmp/devkit; R=${OUT:-/tmp/out}/results.txt; mkdir -p "$(dirname "$R")"
+T=$(mktemp -d)   # the runs' own files: stop flags, wait-event samples, split parts
 log() { echo "$*" | tee -a "$R"; }
 el() { local d=$(( ($(date +%s%N) - $1) / 10000000 )); printf "%d.%02d" $((d / 100)) $((d % 100)); }
 CORES=$(nproc)
@@ -61,7 +62,7 @@ run_pg() {
   # store.compact_index off: with it on, a load into an empty table takes one insert range
   # whatever store.insert_workers says, and this measures how the ranges scale.
   fresh; q -c "ALTER SYSTEM SET store.insert_workers = $1" -c "ALTER SYSTEM SET store.compact_index = off" -c "SELECT pg_reload_conf()" >/dev/null; sleep 1
-  local w0 t0 j s w stop=/tmp/stop.$1 waits=/tmp/waits.$1; rm -f $stop $waits
+  local w0 t0 j s w stop=$T/stop.$1 waits=$T/waits.$1; rm -f $stop $waits
   w0=$(wal); sample $stop $waits & t0=$(date +%s%N)
   j=$(q -c "SELECT store_ingest('$G', 't')")
   for _ in $(seq 6000); do s=$(q -c "SELECT state FROM store.status WHERE id = $j"); case $s in done|failed|partial|cancelled) break ;; esac; sleep 0.1; done
@@ -71,10 +72,10 @@ run_pg() {
   log "  wait events (share of samples): $(sort $waits | uniq -c | sort -rn | head -8 | awk -v n="$(wc -l < $waits)" '{c=$1; $1=""; printf "%s %.0f%%;", $0, 100*c/n}')"
 }
 run_par() {
-  fresh; rm -rf /tmp/parts; mkdir /tmp/parts; local t0 t1 w stop=/tmp/stop.p$1 waits=/tmp/waits.p$1 pids=(); t0=$(date +%s%N)
-  LC_ALL=C sort -u -S 1G --parallel="$CORES" -T /tmp $G/* | split -n r/"$1" - /tmp/parts/p
+  fresh; rm -rf $T/parts; mkdir $T/parts; local t0 t1 w stop=$T/stop.p$1 waits=$T/waits.p$1 pids=(); t0=$(date +%s%N)
+  LC_ALL=C sort -u -S 1G --parallel="$CORES" -T /tmp $G/* | split -n r/"$1" - $T/parts/p
   rm -f $stop $waits; sample $stop $waits & local sp=$!; t1=$(date +%s%N)
-  for f in /tmp/parts/p*; do q -c "\copy t FROM '$f' (FORMAT csv, DELIMITER E'\x1f', QUOTE E'\x01')" & pids+=($!); done
+  for f in $T/parts/p*; do q -c "\copy t FROM '$f' (FORMAT csv, DELIMITER E'\x1f', QUOTE E'\x01')" & pids+=($!); done
   wait "${pids[@]}"; w=$(el "$t0"); local wcopy; wcopy=$(el "$t1"); touch $stop; wait $sp
   log "sort -u | $1 parallel COPYs: ${w} s (the COPYs ${wcopy} s), rows $(q -c "SELECT count(*) FROM t"), index $(q -c "SELECT pg_size_pretty(pg_relation_size('t_line_key_idx'))")"
   log "  wait events (share of samples): $(sort $waits | uniq -c | sort -rn | head -8 | awk -v n="$(wc -l < $waits)" '{c=$1; $1=""; printf "%s %.0f%%;", $0, 100*c/n}')"
