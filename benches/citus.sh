@@ -16,6 +16,7 @@
 # pg_store, pg_store with a key column, one after the other. Medians at the end, with
 # where pg_store's time went and the batch sizes it reached.
 set -euo pipefail
+shopt -s inherit_errexit   # a failure inside $(...) stops the run too (a COPY that ran out of disk did not)
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}; FILES=${FILES:-8}; SIZE=${SIZE:-128M}; BASE=${BENCH_PORT:-5452}
 # The server's store.insert_workers unless told; at its default, a coordinator sharing its

@@ -17,6 +17,7 @@
 # the last run. Exits non-zero if the contenders' tables differ (count and an
 # order-independent hash of the lines).
 set -euo pipefail
+shopt -s inherit_errexit   # a failure inside $(...) stops the run too (a COPY that ran out of disk did not)
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}; B_RUNS=${B_RUNS:-1}; PORT=${BENCH_PORT:-5441}; BIN=/usr/lib/postgresql/15/bin
 W=$PWD/target/bench/pg; CL=$W/cluster; TMP=$W/tmp

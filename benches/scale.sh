@@ -36,6 +36,7 @@
 # index; so written / changed is an upper bound of how often each changed page was
 # written.
 set -euo pipefail
+shopt -s inherit_errexit   # a failure inside $(...) stops the run too (a COPY that ran out of disk did not)
 cd "$(dirname "$0")/.."
 SIZE_G=${SIZE_G:-10}; PORT=${BENCH_PORT:-5442}; BIN=/usr/lib/postgresql/15/bin
 W=$PWD/target/bench/scale; CL=$W/cluster; TMP=$W/tmp

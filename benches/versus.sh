@@ -11,6 +11,7 @@
 # `cargo pgrx package` output (pg_store.so, control and SQL files) over it. PostgreSQL finds
 # its library and extension directories relative to its binaries.
 set -euo pipefail
+shopt -s inherit_errexit   # a failure inside $(...) stops the run too (a COPY that ran out of disk did not)
 cd "$(dirname "$0")/.."
 : "${OLD:?set OLD to the prefix holding the older build (see the header)}"
 DATA=$(readlink -f "${1:-target/bench/engine-128M}"); RUNS=${RUNS:-3}
