@@ -62,7 +62,7 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+
 fresh_table() { sql "DROP TABLE IF EXISTS $1; CREATE TABLE $1 (line text NOT NULL); CREATE UNIQUE INDEX ON $1 (store.line_key(line))"; }
 fingerprint() { sql "SELECT count(*) || ':' || coalesce(sum(hashtextextended(line, 7)), 0) FROM $1"; }
 du_peak() { # sample the size of a directory every 0.2 s until the file $2 exists; print the peak in MiB
-  local peak=0 s; while [ ! -e "$2" ]; do s=$(du -sm "$1" 2>/dev/null | cut -f1); [ "${s:-0}" -gt "$peak" ] && peak=$s; sleep 0.2; done; echo "$peak"
+  local peak=0 s; while [ ! -e "$2" ]; do s=$(du -sm "$1" 2>/dev/null | cut -f1) || s=0; [ "${s:-0}" -gt "$peak" ] && peak=$s; sleep 0.2; done; echo "$peak"
 }
 preload_half() { # $1: table; the distinct lines of the first half of the files
   target/release/store-dedup --memory-limit 256M --threads 2 --temp-dir "$TMP" "$HALF" 2>/dev/null |
