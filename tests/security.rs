@@ -447,14 +447,7 @@ fn overloads_the_database_owner_plants_never_catch_calls_of_the_store_functions(
         .trim()
         .parse()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let state = loop {
-        let state = c.psql_in("ro", "postgres", &format!("SELECT state FROM store.jobs WHERE id = {job}")).unwrap();
-        if state != "queued" && state != "running" || std::time::Instant::now() > deadline {
-            break state;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let state = c.wait_state_in("ro", job, &["done", "failed", "cancelled"], Duration::from_secs(60));
     assert_eq!(state, "done", "a job in a database its owner set read-only");
     assert_eq!(c.psql_in("ro", "postgres", "SELECT count(*) FROM store.lines").unwrap(), "2");
 }

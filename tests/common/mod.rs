@@ -302,9 +302,14 @@ impl Cluster {
 
     /// Wait until `job` is in one of `states`; returns the state reached.
     pub fn wait_state(&self, job: i64, states: &[&str], within: Duration) -> String {
+        self.wait_state_in("postgres", job, states, within)
+    }
+
+    /// [`wait_state`](Self::wait_state) for a job of database `db`.
+    pub fn wait_state_in(&self, db: &str, job: i64, states: &[&str], within: Duration) -> String {
         let t = Instant::now();
         loop {
-            let s = self.psql_retry(&format!("SELECT state FROM store.jobs WHERE id = {job}"), within);
+            let s = self.psql_retry_in(db, &format!("SELECT state FROM store.jobs WHERE id = {job}"), within);
             if states.contains(&s.as_str()) {
                 return s;
             }
