@@ -3,6 +3,8 @@
 # run, on a Citus 13 cluster this script starts (a coordinator and two workers on
 # 127.0.0.1, each shared_buffers 512MB, max_wal_size 4GB; pg_store on the coordinator
 # with store.memory_limit 256MB, store.cpu_limit 2). About 20 minutes here.
+# Between contenders the table just loaded is vacuumed and analyzed and every node
+# checkpointed, untimed (settle, below).
 #
 #   benches/citus.sh        RUNS (default 3): rounds; FILES x SIZE (default 8 x 128M);
 #                           INSERT_WORKERS: store.insert_workers (default: the server's);
@@ -78,6 +80,17 @@ sql "CREATE TABLE p (line text PRIMARY KEY); SELECT create_distributed_table('p'
 sql "CREATE TABLE k (line text NOT NULL, key bytea PRIMARY KEY); SELECT create_distributed_table('k', 'key')" >/dev/null
 
 now() { date +%s.%N; }
+# Between contenders, untimed: vacuum and analyze the table just loaded ($1, if any), as
+# autovacuum would soon after, and checkpoint every node, so that no contender's timing
+# holds the one before's aftermath. A CHECKPOINT on the coordinator alone (as this script
+# did until 2026-12-05) leaves the worker nodes' dirty pages and their autovacuum to the
+# next contender: pg_store then took 33.0-36.3 s against 29.9-30.1 s after a CHECKPOINT on
+# every node, in alternating runs by hand. pg_store's own autovacuums during its load (it
+# commits batch by batch, COPY once) stay in its time.
+settle() {
+  [ -z "${1:-}" ] || sql "VACUUM (ANALYZE) $1"
+  for n in "${NODES[@]}"; do NODE=$n sql "CHECKPOINT"; done
+}
 fingerprint() { sql "SELECT count(*) || ':' || coalesce(sum(hashtextextended(line, 7)), 0) FROM $1"; }
 copy_c() {
   "$BIN/psql" -XAtq -v ON_ERROR_STOP=1 -h "$W" -p "$(port coord)" -U postgres -d postgres \
@@ -103,11 +116,11 @@ ROWS=$(wc -l < "$DISTINCT")
 echo "# $(date -u +%F) $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM, Citus $(sql "SELECT extversion FROM pg_extension WHERE extname = 'citus'"), 1 coordinator + 2 workers on this machine"
 echo "# data: $DATA ($(du -sh "$DATA" | cut -f1), $(cat "$DATA"/part-* | wc -l) records, $ROWS distinct); insert workers: $(sql "SHOW store.insert_workers"), batch target: $(sql "SHOW store.batch_target_ms") ms"
 for r in $(seq "$RUNS"); do
-  sql "TRUNCATE c, p, k; DELETE FROM store.ingested" >/dev/null; sql "CHECKPOINT"
+  sql "TRUNCATE c, p, k; DELETE FROM store.ingested" >/dev/null; settle
   t0=$(now); copy_c; t1=$(now); TC+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}')")
-  sql "CHECKPOINT"
+  settle c
   t0=$(now); d=$(pg_store p ""); t1=$(now); TP+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}')"); DETAIL_P+=("$d")
-  sql "DELETE FROM store.ingested" >/dev/null; sql "CHECKPOINT"
+  sql "DELETE FROM store.ingested" >/dev/null; settle p
   t0=$(now); d=$(pg_store k ", key_column => 'key'"); t1=$(now); TK+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}')"); DETAIL_K+=("$d")
   fc=$(fingerprint c); fp=$(fingerprint p); fk=$(fingerprint k)
   [ "$fc" = "$fp" ] && [ "$fc" = "$fk" ] || { echo "TABLES DIFFER: COPY $fc, pg_store $fp, key column $fk"; exit 1; }
