@@ -127,23 +127,60 @@ fn copy_now(rel: pg_sys::Oid, columns: &[&str], data: &[u8]) -> Result<u64> {
 }
 
 /// `lines` in binary COPY format: one text field per row, and with `key_column` a
-/// second, bytea, field holding `store.line_key` of the line.
-pub fn encode<'a>(lines: impl Iterator<Item = &'a str>, key_column: bool) -> Vec<u8> {
-    let mut w = Vec::with_capacity(1 << 16);
-    w.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
-    w.extend_from_slice(&0i32.to_be_bytes()); // flags
-    w.extend_from_slice(&0i32.to_be_bytes()); // header extension
+/// second, bytea, field holding `store.line_key` of the line. Sized from the lines' bytes
+/// up front (exactly, without a key column): a buffer grown by doubling held up to three
+/// times the batch while it moved.
+pub fn encode<'a>(lines: impl Iterator<Item = &'a str> + Clone, key_column: bool) -> Vec<u8> {
+    let bytes: usize = lines.clone().map(|l| 6 + l.len()).sum();
+    let mut w = Vec::with_capacity(21 + if key_column { 2 * bytes } else { bytes });
+    encode_into(&mut w, lines, key_column).expect("writing to a Vec cannot fail");
+    w
+}
+
+/// [`encode`] into `w`, as it goes.
+pub fn encode_into<'a, W: std::io::Write>(
+    w: &mut W,
+    lines: impl Iterator<Item = &'a str>,
+    key_column: bool,
+) -> std::io::Result<()> {
+    w.write_all(b"PGCOPY\n\xff\r\n\0")?;
+    w.write_all(&0i32.to_be_bytes())?; // flags
+    w.write_all(&0i32.to_be_bytes())?; // header extension
     let fields: i16 = if key_column { 2 } else { 1 };
     for line in lines {
-        w.extend_from_slice(&fields.to_be_bytes());
-        w.extend_from_slice(&(line.len() as i32).to_be_bytes());
-        w.extend_from_slice(line.as_bytes());
+        w.write_all(&fields.to_be_bytes())?;
+        w.write_all(&(line.len() as i32).to_be_bytes())?;
+        w.write_all(line.as_bytes())?;
         if key_column {
             let key = store_engine::line_key(line.as_bytes());
-            w.extend_from_slice(&(key.len() as i32).to_be_bytes());
-            w.extend_from_slice(&key);
+            w.write_all(&(key.len() as i32).to_be_bytes())?;
+            w.write_all(&key)?;
         }
     }
-    w.extend_from_slice(&(-1i16).to_be_bytes());
-    w
+    w.write_all(&(-1i16).to_be_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{encode, encode_into};
+
+    #[test]
+    fn a_batch_is_encoded_in_one_buffer_of_its_exact_size_and_streamed_the_same() {
+        let lines = ["", "a", "ümlaut", &"x".repeat(70_000)];
+        let data = encode(lines.iter().copied(), false);
+        // Header 19 bytes, each row a field count (2), a length (4) and the line, trailer 2.
+        let want = 19 + lines.iter().map(|l| 6 + l.len()).sum::<usize>() + 2;
+        assert_eq!((data.len(), data.capacity()), (want, want), "sized once, never grown");
+        assert_eq!(&data[..11], b"PGCOPY\n\xff\r\n\0");
+        assert_eq!(&data[want - 2..], &(-1i16).to_be_bytes());
+        assert_eq!(&data[19..25], &[0, 1, 0, 0, 0, 0], "one field, of length 0");
+        let mut streamed = Vec::new();
+        encode_into(&mut streamed, lines.iter().copied(), false).unwrap();
+        assert_eq!(streamed, data);
+        let keyed = encode(lines.iter().copied(), true);
+        let mut streamed = Vec::new();
+        encode_into(&mut streamed, lines.iter().copied(), true).unwrap();
+        assert_eq!(streamed, keyed);
+        assert!(keyed.len() > data.len());
+    }
 }

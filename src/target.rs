@@ -145,14 +145,16 @@ pub fn write_copy_file<'a>(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(file)?;
-    f.write_all(&crate::copy_in::encode(lines, key_column))?;
-    f.flush()
+    // Written as it is encoded: no second copy of the batch in memory.
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    crate::copy_in::encode_into(&mut w, lines, key_column)?;
+    w.flush()
 }
 
 /// One column of the target: number, type, type modifier.
