@@ -143,6 +143,11 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
+    /// An empty batch with room for `bytes` of records and `records` records.
+    pub(crate) fn with_capacity(bytes: usize, records: usize) -> Batch {
+        Batch { data: Vec::with_capacity(bytes), ends: Vec::with_capacity(records) }
+    }
+
     pub(crate) fn push(&mut self, rec: &[u8]) {
         self.data.extend_from_slice(rec);
         self.ends.push(self.data.len());

@@ -61,8 +61,10 @@ pub fn default_threads() -> usize {
 
 /// How a memory budget is divided. Two sort chunks are in flight (one filling, one
 /// being sorted and spilled); the rest pays for read buffers, run writers and the
-/// merge's per-run buffers. Everything is allocated lazily, so a small input uses
-/// little whatever the budget.
+/// merge's per-run buffers. While the merge runs, at most one chunk is left (the last,
+/// unless the sort is kept), and the other's share pays for the records the merge thread
+/// works ahead (a batch's `max_bytes`, at most a chunk). Everything is allocated lazily,
+/// so a small input uses little whatever the budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Budget {
     /// Bytes of record data plus index one chunk may hold.
@@ -80,6 +82,22 @@ impl Budget {
         // The merge holds at most fan_in run buffers plus one chunk kept in memory.
         let merge_buffer = (reserve / 2 / fan_in.max(1)).clamp(16 << 10, 1 << 20);
         Budget { chunk_bytes, merge_buffer }
+    }
+}
+
+/// Keep the allocator from holding on to large buffers, so that a job's peak memory
+/// does not depend on what ran before it in the process (PostgreSQL's worker runs job
+/// after job). glibc raises its mmap threshold to the size of each large buffer freed
+/// (up to 32 MiB): the next job's sort chunks and batches then grow inside the heap,
+/// copied on every doubling, instead of in mappings given back when freed. A second
+/// job in the same worker peaked 35 MiB higher than the first. Pinning the threshold
+/// at its default (128 KiB) stops that; free memory is given back too.
+pub(crate) fn steady_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt and malloc_trim change only the allocator's own tuning and free pages.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+        libc::malloc_trim(0);
     }
 }
 

@@ -260,6 +260,7 @@ pub(crate) fn sort_distinct<S: Sink>(
     sink: &mut S,
 ) -> Result<Sorted, Halt<S::Error>> {
     cfg.check_temp_space(files)?;
+    limits::steady_allocator();
     let budget = cfg.budget();
     let pool = limits::thread_pool(cfg.threads)?;
     let mut store = match keep {

@@ -185,8 +185,28 @@ pub(crate) fn stream_range<S: Sink>(
     drain_merger(cfg, merger, stop, sink)
 }
 
-/// Records the merge thread hands over at a time: one channel message.
-const BLOCK: usize = 1024;
+/// Bytes of records the merge thread hands over at a time, in one channel message (a
+/// longer record goes alone).
+const BLOCK_BYTES: usize = 64 << 10;
+/// Records in one message at most.
+const BLOCK: usize = 2048;
+/// The memory one message holds: its records' buffer, their ends and repeats.
+const BLOCK_FOOTPRINT: usize = BLOCK_BYTES + BLOCK * 2 * std::mem::size_of::<u64>();
+
+/// Messages the merge thread may have sent ahead of the consumer: as many as fill a
+/// batch's `max_bytes` (at most a sort chunk's), so that it merges most of the next batch
+/// while the sink inserts this one. With four messages of 1,024 records it merged only
+/// while the consumer filled a batch, and each batch's merge time added to its insert
+/// time. The share of the scan's second sort chunk, free while the merge runs, pays for
+/// it (see `Budget`).
+fn read_ahead(cfg: &Config) -> usize {
+    (cfg.batch.max_bytes.min(cfg.budget().chunk_bytes) / BLOCK_FOOTPRINT).max(4)
+}
+
+/// A message's buffers, allocated once at their full size.
+fn block() -> (Batch, Vec<u64>) {
+    (Batch::with_capacity(BLOCK_BYTES, BLOCK), Vec::with_capacity(BLOCK))
+}
 
 enum Msg {
     /// Records, and the repeats the merge dropped of each.
@@ -202,39 +222,37 @@ fn drain_merger<S: Sink>(
     stop: Arc<AtomicBool>,
     sink: &mut S,
 ) -> Result<(), Halt<S::Error>> {
-    let (tx, rx) = mpsc::sync_channel::<Result<Msg>>(4);
+    limits::steady_allocator();
+    let (tx, rx) = mpsc::sync_channel::<Result<Msg>>(read_ahead(cfg));
     let fault = cfg.fault;
     let producer = limits::spawn("pg_store-merge", move || {
         let mut emitted = 0u64;
+        let mut msg = block();
         loop {
-            let mut block = Batch::default();
-            let mut repeats = Vec::with_capacity(BLOCK);
-            let more = loop {
-                match merger.next_record() {
-                    Ok(Some((r, n))) => {
-                        block.push(r);
-                        repeats.push(n);
-                        emitted += 1;
-                        if fault == Some(Fault::MergePanic { after: emitted }) {
-                            panic!("injected fault: the merge thread panics after {emitted} records");
-                        }
-                        if block.len() == BLOCK {
-                            break Ok(true);
+            match merger.next_record() {
+                Ok(Some((r, n))) => {
+                    // Send the message before the record would overflow it.
+                    let records = &msg.0;
+                    if records.len() == BLOCK || (!records.is_empty() && records.bytes() + r.len() > BLOCK_BYTES) {
+                        let (full, reps) = std::mem::replace(&mut msg, block());
+                        if tx.send(Ok(Msg::Block(full, reps))).is_err() {
+                            return;
                         }
                     }
-                    Ok(None) => break Ok(false),
-                    Err(e) => break Err(e),
+                    msg.0.push(r);
+                    msg.1.push(n);
+                    emitted += 1;
+                    if fault == Some(Fault::MergePanic { after: emitted }) {
+                        panic!("injected fault: the merge thread panics after {emitted} records");
+                    }
                 }
-            };
-            match more {
-                Ok(more) => {
-                    if !block.is_empty() && tx.send(Ok(Msg::Block(block, repeats))).is_err() {
+                Ok(None) => {
+                    let (records, repeats) = msg;
+                    if !records.is_empty() && tx.send(Ok(Msg::Block(records, repeats))).is_err() {
                         return;
                     }
-                    if !more {
-                        let _ = tx.send(Ok(Msg::End));
-                        return;
-                    }
+                    let _ = tx.send(Ok(Msg::End));
+                    return;
                 }
                 Err(e) => {
                     let _ = tx.send(Err(e));

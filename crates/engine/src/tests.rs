@@ -226,6 +226,42 @@ fn tiny_budget_forces_many_runs_and_a_multi_level_merge() {
 }
 
 #[test]
+fn records_longer_than_a_merge_message_pass_whole_in_order_and_counted() {
+    // The merge thread hands records over in messages of about 64 KiB, and up to a
+    // batch's bytes of them ahead of the sink; a longer record goes alone.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    fs::create_dir(&input).unwrap();
+    let mut files = Vec::new();
+    for f in 0..3u32 {
+        // Files 0 and 2 are the same: every record of one repeats in the other.
+        let g = f % 2;
+        let mut s = Vec::new();
+        for i in 0..300u32 {
+            let len = match (i + g) % 7 {
+                0 => 70_000 + i as usize * 13,
+                3 => 200_000,
+                _ => 20 + (i % 50) as usize,
+            };
+            s.extend(std::iter::repeat_n(b'a' + ((i * 7 + g) % 26) as u8, len));
+            s.extend_from_slice(format!("{i}\n").as_bytes());
+        }
+        fs::write(input.join(format!("f{f}")), &s).unwrap();
+        files.push(s);
+    }
+    let temp = dir.path().join("tmp");
+    fs::create_dir(&temp).unwrap();
+    let limit = super::normalize::LineLimit::bytes(300_000);
+    let cfg = Config { limit, chunk_bytes: Some(1 << 20), fan_in: 4, ..tiny(&temp) };
+    let out = run_exact(&cfg, &input, None).unwrap();
+    let (want, set) = oracle_of(files.iter().map(|f| f.as_slice()), 300_000);
+    assert_eq!(out.records, set.into_iter().collect::<Vec<_>>());
+    assert_eq!((out.progress.distinct, out.progress.duplicates), (want.distinct, want.records - want.distinct));
+    assert!(out.got.batches > 1, "the stream came in several batches");
+    assert!(temp_is_empty(&temp));
+}
+
+#[test]
 fn rejects_carry_file_line_offset_reason_and_prefix() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("a.txt");
