@@ -165,6 +165,11 @@ impl Batch {
         self.data.len()
     }
 
+    /// The memory its buffers hold.
+    pub(crate) fn footprint(&self) -> usize {
+        self.data.capacity() + self.ends.capacity() * std::mem::size_of::<usize>()
+    }
+
     pub(crate) fn get(&self, i: usize) -> &[u8] {
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
         &self.data[start..self.ends[i]]

@@ -10,9 +10,8 @@
 
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -193,14 +192,55 @@ const BLOCK: usize = 2048;
 /// The memory one message holds: its records' buffer, their ends and repeats.
 const BLOCK_FOOTPRINT: usize = BLOCK_BYTES + BLOCK * 2 * std::mem::size_of::<u64>();
 
-/// Messages the merge thread may have sent ahead of the consumer: as many as fill a
-/// batch's `max_bytes` (at most a sort chunk's), so that it merges most of the next batch
-/// while the sink inserts this one. With four messages of 1,024 records it merged only
-/// while the consumer filled a batch, and each batch's merge time added to its insert
-/// time. The share of the scan's second sort chunk, free while the merge runs, pays for
-/// it (see `Budget`).
+/// How far ahead of the consumer the merge thread may work: the memory of the messages
+/// it sent and the consumer has not finished with, at most a batch's `max_bytes` (and at
+/// most a sort chunk's), so that it merges most of the next batch while the sink inserts
+/// this one. With four messages of 1,024 records it merged only while the consumer
+/// filled a batch, and each batch's merge time added to its insert time. The share of
+/// the scan's second sort chunk, free while the merge runs, pays for it (see `Budget`).
 fn read_ahead(cfg: &Config) -> usize {
-    (cfg.batch.max_bytes.min(cfg.budget().chunk_bytes) / BLOCK_FOOTPRINT).max(4)
+    cfg.batch.max_bytes.min(cfg.budget().chunk_bytes).max(BLOCK_FOOTPRINT)
+}
+
+/// The memory held by messages sent and not yet consumed, kept under a limit: the sender
+/// waits while the next message would pass it. One message always goes, so a record
+/// longer than the limit passes too (alone).
+struct Gate {
+    held: Mutex<usize>,
+    taken: Condvar,
+    limit: usize,
+}
+
+impl Gate {
+    fn new(limit: usize) -> Gate {
+        Gate { held: Mutex::new(0), taken: Condvar::new(), limit }
+    }
+
+    /// Wait for room for `bytes`, then hold them; false if `stop` was set meanwhile (the
+    /// consumer is gone).
+    fn enter(&self, bytes: usize, stop: &AtomicBool) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        while *held > 0 && *held + bytes > self.limit {
+            if stop.load(Relaxed) {
+                return false;
+            }
+            held = self.taken.wait_timeout(held, Duration::from_millis(20)).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        *held += bytes;
+        true
+    }
+
+    /// The consumer is done with a message of `bytes`.
+    fn leave(&self, bytes: usize) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        *held = held.saturating_sub(bytes);
+        self.taken.notify_one();
+    }
+}
+
+/// The memory a message's buffers hold: its records, and the repeats of each.
+fn footprint((records, repeats): &(Batch, Vec<u64>)) -> usize {
+    records.footprint() + repeats.capacity() * std::mem::size_of::<u64>()
 }
 
 /// A message's buffers, allocated once at their full size.
@@ -209,8 +249,8 @@ fn block() -> (Batch, Vec<u64>) {
 }
 
 enum Msg {
-    /// Records, and the repeats the merge dropped of each.
-    Block(Batch, Vec<u64>),
+    /// Records, the repeats the merge dropped of each, and the memory both hold.
+    Block(Batch, Vec<u64>, usize),
     /// The merge reached its end: without it, a closed channel means the thread died.
     End,
 }
@@ -223,8 +263,15 @@ fn drain_merger<S: Sink>(
     sink: &mut S,
 ) -> Result<(), Halt<S::Error>> {
     limits::steady_allocator();
-    let (tx, rx) = mpsc::sync_channel::<Result<Msg>>(read_ahead(cfg));
+    // Unbounded: the gate bounds what is in it.
+    let (tx, rx) = mpsc::channel::<Result<Msg>>();
+    let gate = Arc::new(Gate::new(read_ahead(cfg)));
     let fault = cfg.fault;
+    let (gate_in, stopped, block_tx) = (gate.clone(), stop.clone(), tx.clone());
+    let send = move |msg: (Batch, Vec<u64>)| {
+        let bytes = footprint(&msg);
+        gate_in.enter(bytes, &stopped) && block_tx.send(Ok(Msg::Block(msg.0, msg.1, bytes))).is_ok()
+    };
     let producer = limits::spawn("pg_store-merge", move || {
         let mut emitted = 0u64;
         let mut msg = block();
@@ -233,11 +280,10 @@ fn drain_merger<S: Sink>(
                 Ok(Some((r, n))) => {
                     // Send the message before the record would overflow it.
                     let records = &msg.0;
-                    if records.len() == BLOCK || (!records.is_empty() && records.bytes() + r.len() > BLOCK_BYTES) {
-                        let (full, reps) = std::mem::replace(&mut msg, block());
-                        if tx.send(Ok(Msg::Block(full, reps))).is_err() {
-                            return;
-                        }
+                    let full =
+                        records.len() == BLOCK || (!records.is_empty() && records.bytes() + r.len() > BLOCK_BYTES);
+                    if full && !send(std::mem::replace(&mut msg, block())) {
+                        return;
                     }
                     msg.0.push(r);
                     msg.1.push(n);
@@ -247,8 +293,7 @@ fn drain_merger<S: Sink>(
                     }
                 }
                 Ok(None) => {
-                    let (records, repeats) = msg;
-                    if !records.is_empty() && tx.send(Ok(Msg::Block(records, repeats))).is_err() {
+                    if !msg.0.is_empty() && !send(msg) {
                         return;
                     }
                     let _ = tx.send(Ok(Msg::End));
@@ -267,8 +312,8 @@ fn drain_merger<S: Sink>(
         let mut duplicates = 0u64;
         loop {
             match rx.recv() {
-                Ok(Ok(Msg::Block(block, repeats))) => {
-                    for (r, n) in block.iter().zip(repeats) {
+                Ok(Ok(Msg::Block(block, repeats, bytes))) => {
+                    for (r, n) in block.iter().zip(&repeats) {
                         batch.push(r);
                         duplicates += n;
                         if batch.len() >= batcher.size() || batch.bytes() >= cfg.batch.max_bytes {
@@ -276,6 +321,8 @@ fn drain_merger<S: Sink>(
                             duplicates = 0;
                         }
                     }
+                    drop((block, repeats));
+                    gate.leave(bytes);
                 }
                 Ok(Ok(Msg::End)) => {
                     hand_over(batch, Some(duplicates), &mut batcher, sink)?;
@@ -401,5 +448,36 @@ impl Sink for Collect {
     fn phase(&mut self, phase: Phase, _: &Progress) -> Result<Flow> {
         self.phases.push((phase, self.files.len()));
         Ok(Flow::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::Gate;
+
+    #[test]
+    fn the_gate_holds_the_sender_to_its_limit_lets_one_long_message_pass_and_opens_on_stop() {
+        let gate = Arc::new(Gate::new(100));
+        let stop = Arc::new(AtomicBool::new(false));
+        // One message longer than the limit goes, alone.
+        assert!(gate.enter(500, &stop));
+        let (g, s) = (gate.clone(), stop.clone());
+        let waiter = std::thread::spawn(move || g.enter(60, &s));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!waiter.is_finished(), "a second message waits while the first is held");
+        gate.leave(500);
+        assert!(waiter.join().unwrap());
+        assert!(gate.enter(40, &stop), "60 + 40 fit in 100");
+        let (g, s) = (gate.clone(), stop.clone());
+        let waiter = std::thread::spawn(move || g.enter(1, &s));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!waiter.is_finished(), "the limit is reached");
+        stop.store(true, Relaxed);
+        assert!(!waiter.join().unwrap(), "a stop releases a waiting sender, without room");
     }
 }
