@@ -50,6 +50,7 @@ pub(super) fn run_exact(
         None
     };
     let ranges = transaction(|| split(job, &sorted, plan, settings, citus))?;
+    sorted.share(ranges.len());
     let mut helpers = Vec::new();
     for r in ranges.iter().filter(|r| r.range > 0 && !r.done) {
         match start_inserter(job, r.range) {
@@ -235,9 +236,11 @@ pub fn run_range(id: i64, claim: i32, range: i32) -> Result<()> {
     let mut sorted = KeptSort::load(&cfg.temp_dir, &spec, None, &cfg, &Progress::default())?.ok_or_else(|| {
         StoreError::internal(format!("the sorted runs of job {id} are gone from {}", cfg.temp_dir.display()))
     })?;
-    let row = transaction(|| checkpoints::ranges(job.id, false))?.into_iter().find(|r| r.range == range);
+    let rows = transaction(|| checkpoints::ranges(job.id, false))?;
+    sorted.share(rows.len());
+    let row = rows.into_iter().find(|r| r.range == range);
     let Some(row) = row.filter(|r| !r.done) else { return Ok(()) };
     crate::citus::prepare_session(&target, job.id, settings.insert_workers)?;
-    let mut inserter = Inserter::new(&job, &target, Role::Helper, Arc::new(Progress::default()), &cfg.temp_dir);
+    let mut inserter = Inserter::new(&job, &target, Role::Helper, Arc::new(Progress::default()), &cfg);
     drain_range(&job, &mut sorted, &row, &mut inserter)
 }

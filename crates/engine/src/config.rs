@@ -61,15 +61,20 @@ pub enum Fault {
     /// Every spilled run gets its first byte overwritten with 0xFF (a disk that
     /// returns garbage): the records read back must be refused, not passed on.
     CorruptRuns,
+    /// For the consumer, not the engine: a batch it writes to a file for `COPY` (a Citus
+    /// target's) loses its last line there, as a file cut short at a row's end would.
+    ShortCopyFile,
 }
 
 impl FromStr for Fault {
     type Err = Error;
 
-    /// `merge_panic:N` or `corrupt_runs`.
+    /// `merge_panic:N`, `corrupt_runs` or `short_copy_file`.
     fn from_str(s: &str) -> Result<Fault> {
-        if s == "corrupt_runs" {
-            return Ok(Fault::CorruptRuns);
+        match s {
+            "corrupt_runs" => return Ok(Fault::CorruptRuns),
+            "short_copy_file" => return Ok(Fault::ShortCopyFile),
+            _ => {}
         }
         match s.split_once(':') {
             Some(("merge_panic", n)) => n
@@ -77,7 +82,9 @@ impl FromStr for Fault {
                 .parse()
                 .map(|after| Fault::MergePanic { after })
                 .map_err(|_| Error::Config(format!("fault {s:?}"))),
-            _ => Err(Error::Config(format!("unknown fault {s:?}: expected merge_panic:N or corrupt_runs"))),
+            _ => Err(Error::Config(format!(
+                "unknown fault {s:?}: expected merge_panic:N, corrupt_runs or short_copy_file"
+            ))),
         }
     }
 }
@@ -173,6 +180,9 @@ pub struct Config {
     pub check_space: bool,
     /// A fault to inject (tests only).
     pub fault: Option<Fault>,
+    /// Merges of one sort that run at once (a job's insert ranges, each in its process):
+    /// they share the read-ahead the budget leaves for the merge, each a `1/merges` of it.
+    pub merges: usize,
 }
 
 impl Default for Config {
@@ -194,6 +204,7 @@ impl Default for Config {
             read_buffer: READ_BUFFER,
             check_space: true,
             fault: None,
+            merges: 1,
         }
     }
 }
@@ -238,6 +249,7 @@ mod tests {
         assert_eq!("bloom".parse::<Dedup>().unwrap().as_str(), "bloom");
         assert!("fuzzy".parse::<Dedup>().unwrap_err().to_string().contains("dedup must be 'exact' or 'bloom'"));
         assert_eq!("merge_panic:10".parse::<Fault>().unwrap(), Fault::MergePanic { after: 10 });
+        assert_eq!("short_copy_file".parse::<Fault>().unwrap(), Fault::ShortCopyFile);
         assert!("nope".parse::<Fault>().is_err());
     }
 }

@@ -107,6 +107,12 @@ impl KeptSort {
         self.sorted.first_key()
     }
 
+    /// `merges` ranges of this sort will be drained at once, each by its own process: they
+    /// share the memory the budget leaves for the merges to work ahead.
+    pub fn share(&mut self, merges: usize) {
+        self.sorted.share(merges);
+    }
+
     /// Stream the distinct records of `range` into `sink`, after `resume_after` (the
     /// last key a previous drain of the range committed). The merge's own counters
     /// (distinct records, repeats met across runs) go into `progress` as the merge finds

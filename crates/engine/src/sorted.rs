@@ -135,6 +135,11 @@ impl Sorted {
         &self.cfg
     }
 
+    /// `merges` merges of this sort will run at once (see [`Config::merges`]).
+    pub(crate) fn share(&mut self, merges: usize) {
+        self.cfg.merges = merges.max(1);
+    }
+
     /// Runs the scan spilled.
     pub(crate) fn spilled(&self) -> usize {
         self.spilled

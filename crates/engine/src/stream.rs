@@ -194,12 +194,12 @@ const BLOCK_FOOTPRINT: usize = BLOCK_BYTES + BLOCK * 2 * std::mem::size_of::<u64
 
 /// How far ahead of the consumer the merge thread may work: the memory of the messages
 /// it sent and the consumer has not finished with, at most a batch's `max_bytes` (and at
-/// most a sort chunk's), so that it merges most of the next batch while the sink inserts
-/// this one. With four messages of 1,024 records it merged only while the consumer
+/// most this merge's share of a sort chunk, `merges` sharing it), so that it merges most
+/// of the next batch while the sink inserts this one. With four messages of 1,024 records it merged only while the consumer
 /// filled a batch, and each batch's merge time added to its insert time. The share of
 /// the scan's second sort chunk, free while the merge runs, pays for it (see `Budget`).
 fn read_ahead(cfg: &Config) -> usize {
-    cfg.batch.max_bytes.min(cfg.budget().chunk_bytes).max(BLOCK_FOOTPRINT)
+    cfg.batch.max_bytes.min(cfg.budget().chunk_bytes / cfg.merges.max(1)).max(BLOCK_FOOTPRINT)
 }
 
 /// The memory held by messages sent and not yet consumed, kept under a limit: the sender
@@ -458,7 +458,22 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::Gate;
+    use super::{read_ahead, Gate, BLOCK_FOOTPRINT};
+    use crate::config::{BatchLimits, Config};
+
+    #[test]
+    fn merges_run_at_once_share_the_read_ahead_the_budget_leaves() {
+        let mib = 1usize << 20;
+        let batch = BatchLimits { max_bytes: 32 * mib, ..BatchLimits::default() };
+        let cfg = Config { memory_limit: 256 << 20, batch, ..Config::default() };
+        // A sort chunk is (256 - 32) / 2 = 112 MiB: one merge works a batch ahead.
+        assert_eq!(read_ahead(&cfg), 32 * mib);
+        // Four ranges at once: 28 MiB each, 112 in all; sixteen: 7 MiB each.
+        assert_eq!(read_ahead(&Config { merges: 4, ..cfg.clone() }), 28 * mib);
+        assert_eq!(read_ahead(&Config { merges: 16, ..cfg.clone() }), 7 * mib);
+        // Never less than one message.
+        assert_eq!(read_ahead(&Config { merges: 100_000, ..cfg }), BLOCK_FOOTPRINT);
+    }
 
     #[test]
     fn the_gate_holds_the_sender_to_its_limit_lets_one_long_message_pass_and_opens_on_stop() {
