@@ -216,7 +216,7 @@ fn define_reloadable_gucs() {
     unsafe {
         GucRegistry::define_string_guc_with_hooks(
             c"store.fault_injection",
-            c"For tests only: a fault the engine injects into the next jobs (merge_panic:N).",
+            c"For tests only: a fault injected into the next jobs (merge_panic:N, corrupt_runs, short_copy_file).",
             c"",
             &FAULT_INJECTION,
             GucContext::Suset,

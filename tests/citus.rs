@@ -110,6 +110,19 @@ fn a_distributed_target_ends_exact_with_exact_counts() {
     assert_eq!(q(&c.coord, &format!("SELECT ranges FROM store.jobs WHERE id = {job}")), (cores / 3).max(1).to_string());
     c.no_prepared_transactions();
 
+    // A batch file cut short at a row's end: binary COPY takes it for a whole one and
+    // reports fewer rows. Each such batch must be taken back and inserted again (on the
+    // safe path), never counted as inserted: the table ends exact, and so do the counts.
+    q(&c.coord, "CREATE TABLE short (line text PRIMARY KEY); SELECT create_distributed_table('short', 'line')");
+    c.coord.reload("ALTER SYSTEM SET store.fault_injection = 'short_copy_file'");
+    let job = num(&c.coord, &format!("SELECT store_ingest('{}', 'short')", dir.display()));
+    c.coord.wait_done(job);
+    c.coord.reload("ALTER SYSTEM RESET store.fault_injection");
+    assert_eq!(c.coord.table_sha("short", "line"), want.sha256, "lines lost with the short batch files");
+    let counts = q(&c.coord, &format!("SELECT inserted || ' ' || already_present FROM store.status WHERE id = {job}"));
+    assert_eq!(counts, format!("{} 0", want.distinct));
+    c.no_prepared_transactions();
+
     // A columnar target, which would work only while empty (then fail with XX000, retried
     // for a minute as if a node were down), is refused at the call.
     q(

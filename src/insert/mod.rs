@@ -158,6 +158,8 @@ pub struct Inserter {
     copy: bool,
     /// Where a Citus target's COPY reads a batch from: in the job's private directory.
     copy_file: std::path::PathBuf,
+    /// `store.fault_injection = 'short_copy_file'` (tests): that file loses its last line.
+    short_copy_file: bool,
     /// Whether the last attempt went by a local COPY (its 0A000 disables COPY).
     tried_copy: bool,
     /// The last batch found that COPY may not serve the target (logged when that starts).
@@ -183,9 +185,15 @@ pub struct Inserter {
 }
 
 impl Inserter {
-    /// `dir`: the job's private directory, where a Citus target's batches are written for
-    /// COPY.
-    pub fn new(job: &Job, target: &Target, role: Role, progress: Arc<Progress>, dir: &std::path::Path) -> Inserter {
+    /// `cfg`: the job's stream; its `temp_dir` is the job's private directory, where a
+    /// Citus target's batches are written for COPY.
+    pub fn new(
+        job: &Job,
+        target: &Target,
+        role: Role,
+        progress: Arc<Progress>,
+        cfg: &store_engine::Config,
+    ) -> Inserter {
         Inserter {
             job: job.clone(),
             role,
@@ -199,7 +207,8 @@ impl Inserter {
             probe_sql: target.probe_sql(),
             probe: None,
             copy: target.copy,
-            copy_file: dir.join(format!("batch-{}.copy", std::process::id())),
+            copy_file: cfg.temp_dir.join(format!("batch-{}.copy", std::process::id())),
+            short_copy_file: cfg.fault == Some(store_engine::Fault::ShortCopyFile),
             tried_copy: false,
             copy_stopped: false,
             rules: false,
@@ -360,7 +369,8 @@ impl Inserter {
             self.tried_copy = !citus && (way == Way::Copy || (way == Way::Probe && copy));
             self.rules = admission.rules;
             if way == Way::Copy && citus {
-                target::write_copy_file(&self.copy_file, batch.iter(), self.target.key_column.is_some())
+                let lines = batch.len() - usize::from(self.short_copy_file && batch.len() > 1);
+                target::write_copy_file(&self.copy_file, batch.iter().take(lines), self.target.key_column.is_some())
                     .map_err(|e| store_engine::Error::io("could not write", &self.copy_file, e))?;
             }
             let recs: Vec<&str> = batch.iter().collect();
@@ -371,9 +381,18 @@ impl Inserter {
             let inserted = as_role(admission.owner, || -> Result<u64> {
                 match way {
                     Way::Copy if citus => {
-                        copied(&target.copy_sql(&self.copy_file))?;
-                        // Citus reports the rows it sent; a plain COPY there inserts them all or fails.
-                        Ok(recs.len() as u64)
+                        // Citus reports the rows it sent; a plain COPY there inserts them all or
+                        // fails. Binary COPY takes a file cut at a row's end for a whole one:
+                        // fewer rows than the batch's is an error, and the transaction's abort
+                        // takes back what went in.
+                        let rows = copied(&target.copy_sql(&self.copy_file))?;
+                        if rows != recs.len() as u64 {
+                            return Err(StoreError::internal(format!(
+                                "COPY of a batch of {} lines from its file reported {rows} rows",
+                                recs.len()
+                            )));
+                        }
+                        Ok(rows)
                     }
                     Way::Copy => crate::copy_in::copy(
                         target.oid,

@@ -170,7 +170,7 @@ pub fn run(id: i64, claim: i32) -> Result<Ended> {
     let progress = Arc::new(Progress::default());
     Progress::add(&progress.bytes_total, plan.files.iter().map(|f| f.size).sum());
     crate::citus::prepare_session(&plan.target, job.id, settings.insert_workers)?;
-    let mut inserter = Inserter::new(&job, &plan.target, Role::Leader, progress.clone(), &plan.cfg.temp_dir);
+    let mut inserter = Inserter::new(&job, &plan.target, Role::Leader, progress.clone(), &plan.cfg);
     let estimated_false_drops = match job.dedup {
         Dedup::Bloom => {
             forget_rejects(&job)?;
