@@ -129,8 +129,13 @@ def chart_citus(sec):
     groups = []
     for run in sorted(sec["runs"], key=lambda x: x["insert_workers"]):
         n = run["insert_workers"]
+        # 0 is the setting's default: the job decides (one range per core, or on Citus
+        # the cores it does not share with worker nodes on its host), and says in "ranges".
+        who = (f"the default (insert_workers = 0: {run['ranges']} range{'s' if run.get('ranges') != 1 else ''})"
+               if n == 0 and "ranges" in run else "the default (insert_workers = 0)" if n == 0
+               else f"{n} insert worker{'s' if n != 1 else ''}")
         groups.append((
-            f"{n} insert worker{'s' if n != 1 else ''} — pg_store's speed ÷ COPY's: {ratio(run['copy_s'], run['pg_store_s'])}",
+            f"{who} — pg_store's speed ÷ COPY's: {ratio(run['copy_s'], run['pg_store_s'])}",
             [
                 ("\\copy of the sorted distinct lines", run["copy_s"], False),
                 ("pg_store, whole job", run["pg_store_s"], True),
@@ -246,6 +251,9 @@ def parse_citus(text, sec):
     if len(walls) != 3 or not m or not r:
         return False
     run = {"insert_workers": int(m.group(1)), "rounds": int(r.group(1)), **walls}
+    g = re.search(r"insert ranges (\d+)", text)
+    if g:
+        run["ranges"] = int(g.group(1))
     sec["distinct_m"] = round(int(r.group(2)) / 1e6, 2)
     others = [x for x in sec.get("runs", []) if x["insert_workers"] != run["insert_workers"]]
     sec["runs"] = sorted(others + [run], key=lambda x: x["insert_workers"])

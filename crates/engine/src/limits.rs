@@ -62,9 +62,10 @@ pub fn default_threads() -> usize {
 /// How a memory budget is divided. Two sort chunks are in flight (one filling, one
 /// being sorted and spilled); the rest pays for read buffers, run writers and the
 /// merge's per-run buffers. While the merge runs, at most one chunk is left (the last,
-/// unless the sort is kept), and the other's share pays for the records the merge thread
-/// works ahead (a batch's `max_bytes`, at most a chunk). Everything is allocated lazily,
-/// so a small input uses little whatever the budget.
+/// unless the sort is kept), and the other's share pays for the records the merge threads
+/// work ahead (each at most a batch's `max_bytes`; the job's insert ranges share the
+/// chunk's share). Everything is allocated lazily, so a small input uses little whatever
+/// the budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Budget {
     /// Bytes of record data plus index one chunk may hold.
@@ -91,7 +92,9 @@ impl Budget {
 /// (up to 32 MiB): the next job's sort chunks and batches then grow inside the heap,
 /// copied on every doubling, instead of in mappings given back when freed. A second
 /// job in the same worker peaked 35 MiB higher than the first. Pinning the threshold
-/// at its default (128 KiB) stops that; free memory is given back too.
+/// at its default (128 KiB) stops that; free memory is given back too. It holds for the
+/// rest of the process: PostgreSQL's own allocations of 128 KiB and more are mapped and
+/// unmapped each time, as before any large buffer was freed.
 pub(crate) fn steady_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt and malloc_trim change only the allocator's own tuning and free pages.
