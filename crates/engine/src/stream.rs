@@ -195,9 +195,10 @@ const BLOCK_FOOTPRINT: usize = BLOCK_BYTES + BLOCK * 2 * std::mem::size_of::<u64
 /// How far ahead of the consumer the merge thread may work: the memory of the messages
 /// it sent and the consumer has not finished with, at most a batch's `max_bytes` (and at
 /// most this merge's share of a sort chunk, `merges` sharing it), so that it merges most
-/// of the next batch while the sink inserts this one. With four messages of 1,024 records it merged only while the consumer
-/// filled a batch, and each batch's merge time added to its insert time. The share of
-/// the scan's second sort chunk, free while the merge runs, pays for it (see `Budget`).
+/// of the next batch while the sink inserts this one. With four messages of 1,024
+/// records it merged only while the consumer filled a batch, and each batch's merge time
+/// added to its insert time. The share of the scan's second sort chunk, free while the
+/// merge runs, pays for it (see `Budget`).
 fn read_ahead(cfg: &Config) -> usize {
     cfg.batch.max_bytes.min(cfg.budget().chunk_bytes / cfg.merges.max(1)).max(BLOCK_FOOTPRINT)
 }
