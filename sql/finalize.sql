@@ -45,11 +45,13 @@ SELECT j.id,
        j.ranges,
        coalesce(c.ranges_done, 0) AS ranges_done,
        coalesce(c.batch_size, j.batch_size) AS batch_size,
+       -- The current (or last) attempt's rate: the lines it committed, over the time
+       -- since it began inserting, up to now while it runs.
        CASE WHEN j.insert_started_at IS NOT NULL
-             AND coalesce(j.finished_at, j.updated_at) OPERATOR(pg_catalog.>) j.insert_started_at
-            THEN pg_catalog.round((coalesce(c.inserted, 0) OPERATOR(pg_catalog.+) coalesce(c.already_present, 0))::numeric
-                                  OPERATOR(pg_catalog./) extract(epoch FROM coalesce(j.finished_at, j.updated_at)
-                                                                           OPERATOR(pg_catalog.-) j.insert_started_at), 1)
+             AND r.upto OPERATOR(pg_catalog.>) j.insert_started_at
+            THEN pg_catalog.round(greatest(coalesce(c.inserted, 0) OPERATOR(pg_catalog.+) coalesce(c.already_present, 0)
+                                           OPERATOR(pg_catalog.-) j.insert_rows_before, 0)::numeric
+                                  OPERATOR(pg_catalog./) extract(epoch FROM r.upto OPERATOR(pg_catalog.-) j.insert_started_at), 1)
        END AS rows_per_second,
        greatest(j.memory_peak, c.memory_peak) AS memory_peak,
        j.temp_bytes,
@@ -68,7 +70,9 @@ SELECT j.id,
   LEFT JOIN (SELECT job, pg_catalog.sum(inserted)::bigint AS inserted, pg_catalog.sum(already_present)::bigint AS already_present,
                     pg_catalog.sum(duplicates)::bigint AS duplicates, pg_catalog.max(memory_peak) AS memory_peak,
                     pg_catalog.sum(batch_size)::integer AS batch_size, pg_catalog.count(*) FILTER (WHERE done)::integer AS ranges_done
-               FROM store.checkpoints GROUP BY job) c ON c.job OPERATOR(pg_catalog.=) j.id;
+               FROM store.checkpoints GROUP BY job) c ON c.job OPERATOR(pg_catalog.=) j.id
+ CROSS JOIN LATERAL (SELECT CASE WHEN j.state OPERATOR(pg_catalog.=) 'running' THEN pg_catalog.now()
+                                 ELSE coalesce(j.finished_at, j.updated_at) END AS upto) r;
 COMMENT ON VIEW store.status IS 'One row per job the caller may see: state, phase and live progress';
 COMMENT ON COLUMN store.status.id IS 'Job id';
 COMMENT ON COLUMN store.status.path IS 'Canonical path ingested';
@@ -93,7 +97,7 @@ COMMENT ON COLUMN store.status.already_present IS 'Lines the target already held
 COMMENT ON COLUMN store.status.ranges IS 'Key ranges inserted in parallel, one process each (see store.ranges)';
 COMMENT ON COLUMN store.status.ranges_done IS 'Ranges completely inserted';
 COMMENT ON COLUMN store.status.batch_size IS 'Rows in the latest insert batches of all ranges together';
-COMMENT ON COLUMN store.status.rows_per_second IS 'Lines (inserted or already present) per second since inserting began';
+COMMENT ON COLUMN store.status.rows_per_second IS 'Lines (inserted or already present) per second in the current (or last) attempt since it began inserting';
 COMMENT ON COLUMN store.status.memory_peak IS 'Largest private memory of any process of the job (the worker, its inserters), bytes';
 COMMENT ON COLUMN store.status.temp_bytes IS 'Largest temporary disk use, bytes';
 COMMENT ON COLUMN store.status.dedup IS 'exact or bloom';

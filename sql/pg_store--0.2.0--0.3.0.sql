@@ -20,6 +20,10 @@
 -- generates for a fresh install.
 ALTER TABLE store.jobs ADD COLUMN target_storage text[];
 COMMENT ON COLUMN store.jobs.target_storage IS 'The target''s storage when the job began (leaf-oid/relfilenode of the table or of each partition): if some of it is gone when the job ends (TRUNCATE, a rewrite, a partition dropped), its files stay out of the ledger';
+-- store.jobs.insert_rows_before: store.status.rows_per_second counts the current
+-- attempt's lines only (0.2.0's divided every attempt's lines by the current one's time).
+ALTER TABLE store.jobs ADD COLUMN insert_rows_before bigint NOT NULL DEFAULT 0;
+COMMENT ON COLUMN store.jobs.insert_rows_before IS 'Lines (inserted or already present) that earlier attempts had committed when the current one began inserting: store.status.rows_per_second counts only the current attempt''s';
 
 CREATE TABLE store.target_storage (
     target          regclass    PRIMARY KEY,
@@ -89,11 +93,13 @@ SELECT j.id,
        j.ranges,
        coalesce(c.ranges_done, 0) AS ranges_done,
        coalesce(c.batch_size, j.batch_size) AS batch_size,
+       -- The current (or last) attempt's rate: the lines it committed, over the time
+       -- since it began inserting, up to now while it runs.
        CASE WHEN j.insert_started_at IS NOT NULL
-             AND coalesce(j.finished_at, j.updated_at) OPERATOR(pg_catalog.>) j.insert_started_at
-            THEN pg_catalog.round((coalesce(c.inserted, 0) OPERATOR(pg_catalog.+) coalesce(c.already_present, 0))::numeric
-                                  OPERATOR(pg_catalog./) extract(epoch FROM coalesce(j.finished_at, j.updated_at)
-                                                                           OPERATOR(pg_catalog.-) j.insert_started_at), 1)
+             AND r.upto OPERATOR(pg_catalog.>) j.insert_started_at
+            THEN pg_catalog.round(greatest(coalesce(c.inserted, 0) OPERATOR(pg_catalog.+) coalesce(c.already_present, 0)
+                                           OPERATOR(pg_catalog.-) j.insert_rows_before, 0)::numeric
+                                  OPERATOR(pg_catalog./) extract(epoch FROM r.upto OPERATOR(pg_catalog.-) j.insert_started_at), 1)
        END AS rows_per_second,
        greatest(j.memory_peak, c.memory_peak) AS memory_peak,
        j.temp_bytes,
@@ -112,7 +118,9 @@ SELECT j.id,
   LEFT JOIN (SELECT job, pg_catalog.sum(inserted)::bigint AS inserted, pg_catalog.sum(already_present)::bigint AS already_present,
                     pg_catalog.sum(duplicates)::bigint AS duplicates, pg_catalog.max(memory_peak) AS memory_peak,
                     pg_catalog.sum(batch_size)::integer AS batch_size, pg_catalog.count(*) FILTER (WHERE done)::integer AS ranges_done
-               FROM store.checkpoints GROUP BY job) c ON c.job OPERATOR(pg_catalog.=) j.id;
+               FROM store.checkpoints GROUP BY job) c ON c.job OPERATOR(pg_catalog.=) j.id
+ CROSS JOIN LATERAL (SELECT CASE WHEN j.state OPERATOR(pg_catalog.=) 'running' THEN pg_catalog.now()
+                                 ELSE coalesce(j.finished_at, j.updated_at) END AS upto) r;
 
 -- 3. The rest of 0.3.0.
 --
@@ -122,6 +130,7 @@ SELECT j.id,
 -- the listing skipped an entry; store.workers shows other roles' work only to
 -- pg_read_all_stats; a dropped table takes its recorded storage with it; and
 -- store.forget() is new (section 4).
+COMMENT ON COLUMN store.status.rows_per_second IS 'Lines (inserted or already present) per second in the current (or last) attempt since it began inserting';
 COMMENT ON COLUMN store.status.waiting_for IS 'Why a queued job does not run yet, when pg_store knows: no background worker slot free (max_worker_processes), or every store.workers worker busy in other databases';
 COMMENT ON COLUMN store.files.error IS 'Why the file failed, with the OS error; for an entry skipped by the listing (hidden name, symbolic link, socket, FIFO, device), why';
 COMMENT ON VIEW store.workers IS 'pg_store''s processes: the launcher, a worker per busy database, inserters; other roles'' work and other databases'' only to roles with the privileges of pg_read_all_stats';

@@ -48,9 +48,41 @@ fn interrupted_mid_insert_ends_exact_with(
 #[test]
 fn kill_9_of_the_worker_mid_insert_resumes_with_no_loss_and_no_duplicate() {
     let (c, job, want) = interrupted_mid_insert_ends_exact("kill9", |c, job| {
+        // While it runs, the rate is over the time up to now: its lines over that time
+        // give back no more lines than were committed.
+        let over = q(
+            c,
+            &format!(
+                "SELECT s.rows_per_second * extract(epoch FROM now() - j.insert_started_at) - (s.inserted + s.already_present) \
+                         - 0.05 * extract(epoch FROM now() - j.insert_started_at) \
+                   FROM store.status s JOIN store.jobs j USING (id) WHERE id = {job}"
+            ),
+        );
+        // (less the 0.05 a second that rounding to 0.1 a second may add)
+        assert!(over.parse::<f64>().unwrap() <= 1.0, "running rate counts {over} lines more than were committed");
         c.kill_worker(job);
         // The postmaster restarts everything (crash recovery); a worker reclaims the job.
     });
+    // The lines the first attempt committed (more than 20,000) are not the resumed
+    // attempt's: its rate over its own time covers only the rest.
+    let before = num(&c, &format!("SELECT insert_rows_before FROM store.jobs WHERE id = {job}"));
+    assert!(before > 20_000, "insert_rows_before {before}: the first attempt's lines were not counted");
+    let counted = q(
+        &c,
+        &format!(
+            "SELECT s.rows_per_second * e || ' ' || e \
+               FROM store.status s JOIN store.jobs j USING (id), \
+                    LATERAL (SELECT extract(epoch FROM s.finished_at - j.insert_started_at) AS e) t WHERE id = {job}"
+        ),
+    );
+    let (counted, elapsed) = counted.split_once(' ').unwrap();
+    let (counted, elapsed) = (counted.parse::<f64>().unwrap(), elapsed.parse::<f64>().unwrap());
+    assert!(
+        // rows_per_second is rounded to 0.1 a second.
+        (counted - (want.distinct as i64 - before) as f64).abs() <= 1.0 + 0.05 * elapsed,
+        "the resumed attempt's rate counts {counted} lines, not the {} it committed",
+        want.distinct as i64 - before
+    );
     assert_eq!(num(&c, "SELECT count(*) FROM store.rejects"), want.rejected as i64, "rejects stored once");
     // The temporary directory exists (the job kept its runs there) and holds nothing any
     // more: the job's own directory went when the job ended.

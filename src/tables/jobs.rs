@@ -383,9 +383,16 @@ pub fn write_status(id: i64, claim: i32, c: &Counters<'_>) -> Result<bool> {
     cancel.ok_or(StoreError::Fenced)
 }
 
-/// Inserting began now.
+/// Inserting began now, with the lines earlier attempts committed: the status's rate
+/// counts this attempt's own.
 pub fn mark_insert_started(id: i64) -> Result<()> {
-    Ok(Spi::run_with_args("UPDATE store.jobs SET insert_started_at = pg_catalog.now() WHERE id = $1", &[id.into()])?)
+    Ok(Spi::run_with_args(
+        "UPDATE store.jobs SET insert_started_at = pg_catalog.now(), \
+           insert_rows_before = coalesce((SELECT pg_catalog.sum(inserted + already_present) \
+                                            FROM store.checkpoints WHERE job = $1), 0) \
+         WHERE id = $1",
+        &[id.into()],
+    )?)
 }
 
 /// End job `id` under claim `claim`: `partial` if some file failed, else `done`; with
