@@ -100,8 +100,9 @@ impl KeptSort {
         self.sorted.ranges(n)
     }
 
-    /// The smallest record of the stream, when the runs say (plain runs mark their first
-    /// record; compressed ones have no marks): with [`KeptSort::ranges`], what the
+    /// The smallest record of the stream, or a prefix of it when it is long (at or below
+    /// every record, then), when the runs say (plain runs mark their first record;
+    /// compressed ones have no marks): with [`KeptSort::ranges`], what the
     /// extension needs to see whether the stream sorts after everything a target holds.
     pub fn first_key(&self) -> Option<&str> {
         self.sorted.first_key()

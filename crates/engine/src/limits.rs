@@ -84,6 +84,16 @@ impl Budget {
         let merge_buffer = (reserve / 2 / fan_in.max(1)).clamp(16 << 10, 1 << 20);
         Budget { chunk_bytes, merge_buffer }
     }
+
+    /// How many runs one merge may read at once, at most `fan_in`, when the longest
+    /// record is `longest` bytes: each run's buffer grows to hold its record (to less
+    /// than twice its size), and the buffers together stay within what `fan_in` buffers
+    /// of [`merge_buffer`](Self::merge_buffer) take. Records that fit a buffer change
+    /// nothing; long ones merge in more levels instead of past the budget.
+    pub(crate) fn merge_fan_in(&self, fan_in: usize, longest: u64) -> usize {
+        let per_run = self.merge_buffer.max(2 * (longest as usize).saturating_add(1));
+        (self.merge_buffer * fan_in / per_run).clamp(2, fan_in.max(2))
+    }
 }
 
 /// Keep the allocator from holding on to large buffers, so that a job's peak memory
@@ -245,6 +255,19 @@ mod tests {
             assert!(2 * b.chunk_bytes as u64 + 128 * b.merge_buffer as u64 <= limit + (2 << 20), "{limit}: {b:?}");
             assert!(b.chunk_bytes as u64 >= limit / 3);
         }
+    }
+
+    #[test]
+    fn long_records_narrow_the_merge_to_what_the_budget_holds() {
+        let b = Budget::split(16 << 20, 128);
+        // Records that fit a buffer: the configured fan-in.
+        assert_eq!(b.merge_fan_in(128, 0), 128);
+        assert_eq!(b.merge_fan_in(128, b.merge_buffer as u64 / 2 - 1), 128);
+        // 2 MiB records at 16 MB: two at a time, the least a merge can take.
+        assert_eq!(b.merge_fan_in(128, 2 << 20), 2);
+        let b = Budget::split(1 << 30, 128);
+        let f = b.merge_fan_in(128, 1 << 20);
+        assert!(f < 128 && f as u64 * (2 << 20) <= 128 * b.merge_buffer as u64 + (2 << 20), "{f}");
     }
 
     fn sigterm_blocked() -> bool {

@@ -373,7 +373,7 @@ pub(crate) fn reduce_runs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sort::spill;
+    use crate::sort::{spill, Mark, MARK_KEY_BYTES};
 
     fn chunk_of(pool: &rayon::ThreadPool, recs: &[&str]) -> Chunk {
         let mut c = Chunk::new(1 << 20);
@@ -518,5 +518,48 @@ mod tests {
         let from = all.iter().position(|x| *x == resume).unwrap() + 1;
         let to = all.iter().position(|x| Some(x) == ranges[1].upto.as_ref()).unwrap();
         assert_eq!(rest, all[from..=to], "a resumed range starts after the key and stops at its end");
+    }
+
+    #[test]
+    fn long_records_are_marked_by_a_prefix_and_seeking_by_it_misses_nothing() {
+        let pool = crate::limits::thread_pool(2).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        // Records of 64 KiB to 320 KiB that share their first 255 bytes, then an 'é' the
+        // cut at 256 bytes would split, then a number: a mark for nearly every record, and
+        // every mark's prefix the same.
+        let head = "a".repeat(255) + "é";
+        let recs: Vec<String> = (0..40u32)
+            .map(|i| format!("{head}{:03}{}", (i * 7) % 40, "x".repeat(((i % 5) as usize + 1) << 16)))
+            .collect();
+        let refs: Vec<&str> = recs.iter().map(String::as_str).collect();
+        let mut c = Chunk::new(64 << 20);
+        for r in &refs {
+            assert!(c.push(r.as_bytes()));
+        }
+        c.sort_dedup(&pool);
+        let run = spill(&c, &d.path().join("long"), false, false).unwrap();
+        assert!(run.index.len() >= 20, "{} marks", run.index.len());
+        let kept: usize = run.index.iter().map(|m| m.key.len()).sum();
+        assert!(
+            run.index.iter().all(|m| m.cut && m.key.len() <= MARK_KEY_BYTES),
+            "marks keep a prefix of long records"
+        );
+        assert!(kept <= run.index.len() * MARK_KEY_BYTES, "{kept} bytes of marks");
+        let p = Arc::new(Progress::default());
+        let cancel = Arc::new(AtomicBool::new(false));
+        let runs = [run];
+        let all = collect(&mut Merger::new(&runs, None, 4096, None, None, p.clone(), cancel.clone(), None).unwrap());
+        assert_eq!(all.len(), 40);
+        // After each record, after its head only, and between: exactly the records above.
+        let mut keys: Vec<String> = all.clone();
+        keys.extend(["a".to_string(), "a".repeat(255), head.clone(), format!("{head}017"), "b".to_string()]);
+        for key in &keys {
+            let want: Vec<String> = all.iter().filter(|r| r.as_bytes() > key.as_bytes()).cloned().collect();
+            let mut m =
+                Merger::new(&runs, None, 4096, Some(key.as_bytes()), None, p.clone(), cancel.clone(), None).unwrap();
+            assert_eq!(collect(&mut m), want, "after a key of {} bytes", key.len());
+        }
+        // Short records keep whole marks, and seek as before.
+        assert!(!Mark::of(b"short", 0).cut);
     }
 }

@@ -167,11 +167,43 @@ impl Chunk {
 /// it and reads at most this much before reaching it.
 pub(crate) const MARK_EVERY: u64 = 256 << 10;
 
-/// A record that starts at `offset` in a plain run.
+/// Bytes of a record a mark keeps at most: with long records (a mark for nearly each
+/// one when they pass [`MARK_EVERY`]) the index stays a small part of the run.
+pub(crate) const MARK_KEY_BYTES: usize = 256;
+
+/// A record that starts at `offset` in a plain run: the record itself, or its first
+/// [`MARK_KEY_BYTES`] at most (to a character's end) when `cut`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Mark {
     pub key: String,
     pub offset: u64,
+    /// `key` is a prefix of the record (manifests of 0.3.0's first builds have whole
+    /// records, and no such field).
+    #[serde(default)]
+    pub cut: bool,
+}
+
+impl Mark {
+    pub(crate) fn of(rec: &[u8], offset: u64) -> Mark {
+        let mut n = rec.len().min(MARK_KEY_BYTES);
+        // Records are valid UTF-8 (checked when read): cut at a character's start.
+        while n < rec.len() && n > 0 && (rec[n] & 0xC0) == 0x80 {
+            n -= 1;
+        }
+        // A mark of a damaged record is lossy, harmlessly.
+        Mark { key: String::from_utf8_lossy(&rec[..n]).into_owned(), offset, cut: n < rec.len() }
+    }
+
+    /// The marked record is known to sort at or below `key`: a whole one that does, or a
+    /// prefix that sorts below `key` without being a prefix of it.
+    fn at_or_below(&self, key: &[u8]) -> bool {
+        let k = self.key.as_bytes();
+        if self.cut {
+            k < key && !key.starts_with(k)
+        } else {
+            k <= key
+        }
+    }
 }
 
 /// A sorted run on disk: distinct records, `\n`-terminated, optionally zstd-compressed.
@@ -183,13 +215,19 @@ pub(crate) struct Run {
     pub compressed: bool,
     /// Sparse index of a plain run (empty for a compressed one, which cannot be sought).
     pub index: Vec<Mark>,
+    /// Bytes of its longest record (0 in manifests of 0.3.0's first builds): a merge's
+    /// buffer grows to hold it.
+    #[serde(default)]
+    pub longest: u64,
 }
 
 impl Run {
-    /// Where to start reading to find the first record after `key`.
+    /// Where to start reading to find the first record after `key`: the last mark whose
+    /// record is known to sort at or below `key`. Marks whose prefix `key` begins with
+    /// may be above or below it; reading starts before them.
     pub(crate) fn seek_offset(&self, key: &[u8]) -> u64 {
-        let i = self.index.partition_point(|m| m.key.as_bytes() <= key);
-        i.checked_sub(1).map_or(0, |i| self.index[i].offset)
+        let below = self.index.partition_point(|m| m.key.as_bytes() <= key);
+        self.index[..below].iter().rev().find(|m| m.at_or_below(key)).map_or(0, |m| m.offset)
     }
 }
 
@@ -203,6 +241,7 @@ pub(crate) struct RunWriter {
     offset: u64,
     next_mark: u64,
     index: Vec<Mark>,
+    longest: u64,
     sync: bool,
 }
 
@@ -236,6 +275,7 @@ impl RunWriter {
             offset: 0,
             next_mark: 0,
             index: Vec::new(),
+            longest: 0,
             sync: false,
         })
     }
@@ -251,11 +291,11 @@ impl RunWriter {
     #[inline]
     fn note(&mut self, rec: &[u8]) {
         if !self.compressed && self.offset >= self.next_mark {
-            // Records are valid UTF-8 (checked when read); a mark of a damaged one is lossy, harmlessly.
-            self.index.push(Mark { key: String::from_utf8_lossy(rec).into_owned(), offset: self.offset });
+            self.index.push(Mark::of(rec, self.offset));
             self.next_mark = self.offset + MARK_EVERY;
         }
         self.offset += rec.len() as u64 + 1;
+        self.longest = self.longest.max(rec.len() as u64);
         self.records += 1;
     }
 
@@ -289,7 +329,14 @@ impl RunWriter {
             file.sync_all().ctx("could not flush temporary run", &path)?;
         }
         let bytes = file.metadata().ctx("could not stat temporary run", &path)?.len();
-        Ok(Run { path, bytes, records: self.records, compressed: self.compressed, index: self.index })
+        Ok(Run {
+            path,
+            bytes,
+            records: self.records,
+            compressed: self.compressed,
+            index: self.index,
+            longest: self.longest,
+        })
     }
 }
 

@@ -145,8 +145,9 @@ impl Sorted {
         self.spilled
     }
 
-    /// The stream's smallest key: the least of the runs' first records, each of which a
-    /// plain run marks. `None` for compressed runs (no marks) or no runs.
+    /// The stream's smallest record, or a prefix of it when that record is long: the
+    /// least of the runs' first marks (a plain run marks its first record). `None` for
+    /// compressed runs (no marks) or no runs.
     pub(crate) fn first_key(&self) -> Option<&str> {
         self.runs.iter().filter_map(|r| r.index.first()).map(|m| m.key.as_str()).min()
     }
@@ -336,11 +337,13 @@ pub(crate) fn sort_distinct<S: Sink>(
         Some(current)
     };
     let spilled = runs.len();
-    if runs.len() > cfg.fan_in {
+    let longest = runs.iter().map(|r| r.longest).max().unwrap_or(0);
+    let fan_in = budget.merge_fan_in(cfg.fan_in, longest);
+    if runs.len() > fan_in {
         announce(progress, Phase::Merging, sink)?;
         let dir = run_dir(&mut store, &cfg.temp_dir)?;
         let buffer = budget.merge_buffer;
-        runs = reduce_runs(runs, cfg.fan_in, buffer, &dir, cfg.compress_runs, durable, progress, &Arc::default())?;
+        runs = reduce_runs(runs, fan_in, buffer, &dir, cfg.compress_runs, durable, progress, &Arc::default())?;
     }
     // Only a sort of every file, each read whole and unchanged, is worth resuming from.
     let complete = progress.files_failed.load(std::sync::atomic::Ordering::Relaxed) == 0
