@@ -51,6 +51,7 @@ pub(super) fn run_exact(
     };
     let ranges = transaction(|| split(job, &sorted, plan, settings, citus))?;
     sorted.share(ranges.len());
+    inserter.mark_insert_started()?;
     let mut helpers = Vec::new();
     for r in ranges.iter().filter(|r| r.range > 0 && !r.done) {
         match start_inserter(job, r.range) {
@@ -155,7 +156,7 @@ fn split(
 ) -> Result<Vec<RangeRow>> {
     let decided = jobs::ranges(job.id)?;
     if decided == 0 {
-        let ranges = sorted.ranges(workers(job, plan, settings, sorted, citus)?);
+        let ranges = sorted.ranges(workers(job, plan, settings, sorted, citus)?)?;
         checkpoints::split_first(job.id, job.claim, ranges[0].upto.clone())?;
         for (i, r) in ranges.iter().enumerate().skip(1) {
             checkpoints::add_range(job.id, i as i32, r.after.clone(), r.upto.clone())?;

@@ -96,7 +96,7 @@ impl KeptSort {
     /// Split the key space into at most `n` ranges of about the same amount of data;
     /// fewer when the data is too small to split. Together they cover every key, in
     /// order: the first opens below, the last above.
-    pub fn ranges(&self, n: usize) -> Vec<KeyRange> {
+    pub fn ranges(&self, n: usize) -> Result<Vec<KeyRange>> {
         self.sorted.ranges(n)
     }
 

@@ -85,14 +85,28 @@ impl Budget {
         Budget { chunk_bytes, merge_buffer }
     }
 
-    /// How many runs one merge may read at once, at most `fan_in`, when the longest
-    /// record is `longest` bytes: each run's buffer grows to hold its record (to less
-    /// than twice its size), and the buffers together stay within what `fan_in` buffers
-    /// of [`merge_buffer`](Self::merge_buffer) take. Records that fit a buffer change
-    /// nothing; long ones merge in more levels instead of past the budget.
-    pub(crate) fn merge_fan_in(&self, fan_in: usize, longest: u64) -> usize {
-        let per_run = self.merge_buffer.max(2 * (longest as usize).saturating_add(1));
-        (self.merge_buffer * fan_in / per_run).clamp(2, fan_in.max(2))
+    /// The buffer a run takes in a merge when its longest record is `longest` bytes: it
+    /// grows to hold that record, to less than twice its size.
+    pub(crate) fn run_buffer(&self, longest: u64) -> usize {
+        self.merge_buffer.max(2 * (longest as usize).saturating_add(1))
+    }
+
+    /// How many runs, from the first of those whose longest records are `longest`, one
+    /// merge may read at once: at most `fan_in`, their buffers together within what
+    /// `fan_in` buffers of [`merge_buffer`](Self::merge_buffer) take, and two at least
+    /// (the least a merge can take). Runs of short records change nothing; a run of long
+    /// ones takes the room of several.
+    pub(crate) fn merge_width(&self, longest: &[u64], fan_in: usize) -> usize {
+        let room = self.merge_buffer * fan_in;
+        let (mut k, mut used) = (0, 0);
+        for &l in longest.iter().take(fan_in.max(2)) {
+            used += self.run_buffer(l);
+            if k >= 2 && used > room {
+                break;
+            }
+            k += 1;
+        }
+        k
     }
 }
 
@@ -261,13 +275,18 @@ mod tests {
     fn long_records_narrow_the_merge_to_what_the_budget_holds() {
         let b = Budget::split(16 << 20, 128);
         // Records that fit a buffer: the configured fan-in.
-        assert_eq!(b.merge_fan_in(128, 0), 128);
-        assert_eq!(b.merge_fan_in(128, b.merge_buffer as u64 / 2 - 1), 128);
+        assert_eq!(b.merge_width(&[0; 200], 128), 128);
+        assert_eq!(b.merge_width(&[b.merge_buffer as u64 / 2 - 1; 200], 128), 128);
+        assert_eq!(b.merge_width(&[10; 5], 128), 5);
         // 2 MiB records at 16 MB: two at a time, the least a merge can take.
-        assert_eq!(b.merge_fan_in(128, 2 << 20), 2);
+        assert_eq!(b.merge_width(&[2 << 20; 50], 128), 2);
+        // One run of 60 KB records among short ones takes the room of a few, no more.
+        let mut mixed = vec![100; 40];
+        mixed[7] = 60_000;
+        assert_eq!(b.merge_width(&mixed, 128), 40);
         let b = Budget::split(1 << 30, 128);
-        let f = b.merge_fan_in(128, 1 << 20);
-        assert!(f < 128 && f as u64 * (2 << 20) <= 128 * b.merge_buffer as u64 + (2 << 20), "{f}");
+        let w = b.merge_width(&[1 << 20; 200], 128);
+        assert!(w < 128 && w * b.run_buffer(1 << 20) <= 128 * b.merge_buffer, "{w}");
     }
 
     fn sigterm_blocked() -> bool {

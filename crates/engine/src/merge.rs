@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
 
 use super::error::{Error, IoContext, Result};
+use super::limits::Budget;
 use super::private_dir;
 use super::progress::Progress;
 use super::sort::{prefix_of, Chunk, Run, RunWriter};
@@ -323,15 +324,17 @@ impl Merger {
     }
 }
 
-/// Merge groups of `fan_in` runs into intermediate runs until at most `fan_in` remain.
-/// Merged inputs are deleted as soon as their group is done, so the temporary space
-/// in use stays near one copy of the data.
+/// Merge groups of runs into intermediate runs until one merge can read all that remain
+/// ([`Budget::merge_width`]: at most `fan_in`, their buffers within the budget's).
+/// A group is as wide as the budget allows, but no wider than it takes to bring the
+/// count down to `fan_in`. Merged inputs are deleted as soon as their group is done, so
+/// the temporary space in use stays near one copy of the data.
 /// With `durable`, every intermediate run is flushed to disk.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn reduce_runs(
     mut runs: Vec<Run>,
     fan_in: usize,
-    buffer: usize,
+    budget: Budget,
     dir: &std::path::Path,
     compress: bool,
     durable: bool,
@@ -339,9 +342,16 @@ pub(crate) fn reduce_runs(
     cancel: &Arc<AtomicBool>,
 ) -> Result<Vec<Run>> {
     let fan_in = fan_in.max(2);
+    let buffer = budget.merge_buffer;
     let mut seq = 0usize;
-    while runs.len() > fan_in {
-        let group: Vec<Run> = runs.drain(..fan_in).collect();
+    loop {
+        let longest: Vec<u64> = runs.iter().map(|r| r.longest).collect();
+        let width = budget.merge_width(&longest, fan_in);
+        if width >= runs.len() {
+            break;
+        }
+        let k = if runs.len() > fan_in { width.min(runs.len() - fan_in + 1).max(2) } else { width };
+        let group: Vec<Run> = runs.drain(..k).collect();
         let path = dir.join(format!("merge-{seq:06}.run"));
         seq += 1;
         let mut w = RunWriter::create(path, compress)?;
@@ -444,7 +454,8 @@ mod tests {
         let p = Arc::new(Progress::default());
         p.temp_grew(runs.iter().map(|r| r.bytes).sum());
         let cancel = Arc::new(AtomicBool::new(false));
-        let runs = reduce_runs(runs, 3, 4096, d.path(), true, false, &p, &cancel).unwrap();
+        let budget = Budget { chunk_bytes: 1 << 20, merge_buffer: 4096 };
+        let runs = reduce_runs(runs, 3, budget, d.path(), true, false, &p, &cancel).unwrap();
         assert!(runs.len() <= 3);
         assert!(p.runs_written.load(Relaxed) >= 10, "at least two levels of merging");
         let mut m = Merger::new(&runs, None, 4096, None, None, p, cancel, None).unwrap();

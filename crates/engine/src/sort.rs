@@ -222,6 +222,19 @@ pub(crate) struct Run {
 }
 
 impl Run {
+    /// The record that starts at `offset` (a mark's) in this plain run.
+    pub(crate) fn record_at(&self, offset: u64) -> Result<String> {
+        use std::io::{BufRead, Seek};
+        let mut file = private_dir::open_file(&self.path).ctx("could not open temporary run", &self.path)?;
+        file.seek(std::io::SeekFrom::Start(offset)).ctx("could not seek in temporary run", &self.path)?;
+        let mut rec = Vec::new();
+        std::io::BufReader::new(file).read_until(b'\n', &mut rec).ctx("could not read temporary run", &self.path)?;
+        if rec.last() == Some(&b'\n') {
+            rec.pop();
+        }
+        Ok(String::from_utf8_lossy(&rec).into_owned())
+    }
+
     /// Where to start reading to find the first record after `key`: the last mark whose
     /// record is known to sort at or below `key`. Marks whose prefix `key` begins with
     /// may be above or below it; reading starts before them.

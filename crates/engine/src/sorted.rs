@@ -26,7 +26,7 @@ use super::merge::{reduce_runs, KeyRange, Merger};
 use super::private_dir;
 use super::progress::{Phase, Progress};
 use super::scan::scan;
-use super::sort::{self, Chunk, Run};
+use super::sort::{self, Chunk, Mark, Run};
 use super::stream::{Halt, Sink};
 use super::walk::{FileEntry, Tree};
 
@@ -35,7 +35,11 @@ use super::walk::{FileEntry, Tree};
 pub(crate) const TEMP_PREFIX: &str = "pg_store-";
 /// The manifest of a kept sort, in its directory.
 pub(crate) const MANIFEST: &str = "manifest.json";
-const MANIFEST_VERSION: u32 = 1;
+/// 2: marks may keep a prefix of their record (`Mark::cut`). A library that knows only
+/// version 1 would take such a prefix for the record and could seek past lines, so it
+/// must not read these; version 1's marks are whole records, which this one reads.
+const MANIFEST_VERSION: u32 = 2;
+const MANIFEST_VERSIONS_READ: [u32; 2] = [1, 2];
 
 /// Where and under which spec a sort is kept across attempts. The caller owns the
 /// directory: it creates it ([`private_dir::create`], or the sort does), and removes it
@@ -154,17 +158,20 @@ impl Sorted {
 
     /// Split the key space into at most `n` ranges of about the same amount of data,
     /// from the runs' sparse indexes (each mark stands for about the same number of
-    /// bytes). Fewer when the data is too small to split.
-    pub(crate) fn ranges(&self, n: usize) -> Vec<KeyRange> {
-        let mut marks: Vec<&str> = self.runs.iter().flat_map(|r| r.index.iter().map(|m| m.key.as_str())).collect();
-        marks.sort_unstable();
+    /// bytes). Fewer when the data is too small to split. A cut falls on a whole record
+    /// (read from its run where the mark keeps a prefix), so records that share a long
+    /// prefix still split.
+    pub(crate) fn ranges(&self, n: usize) -> Result<Vec<KeyRange>> {
+        let mut marks: Vec<(&Mark, &Run)> =
+            self.runs.iter().flat_map(|r| r.index.iter().map(move |m| (m, r))).collect();
+        marks.sort_unstable_by(|a, b| a.0.key.cmp(&b.0.key));
         let mut cuts: Vec<String> = Vec::new();
         for i in 1..n.max(1) {
-            let Some(k) = marks.get(i * marks.len() / n) else { break };
-            if cuts.last().is_none_or(|c| c.as_str() < *k) {
-                cuts.push(k.to_string());
-            }
+            let Some((m, run)) = marks.get(i * marks.len() / n) else { break };
+            cuts.push(if m.cut { run.record_at(m.offset)? } else { m.key.clone() });
         }
+        cuts.sort_unstable();
+        cuts.dedup();
         let mut ranges = Vec::with_capacity(cuts.len() + 1);
         let mut after = None;
         for c in cuts {
@@ -172,7 +179,7 @@ impl Sorted {
             after = Some(c);
         }
         ranges.push(KeyRange { after, upto: None });
-        ranges
+        Ok(ranges)
     }
 
     /// Open the merge of `range`, starting after `resume_after` when that is further.
@@ -222,7 +229,7 @@ impl Sorted {
             Err(e) => return Err(Error::io("could not read", &path, e)),
         };
         let Ok(m) = serde_json::from_slice::<Manifest>(&text) else { return Ok(None) };
-        if m.version != MANIFEST_VERSION || m.spec != keep.spec || files.is_some_and(|f| m.files != f) {
+        if !MANIFEST_VERSIONS_READ.contains(&m.version) || m.spec != keep.spec || files.is_some_and(|f| m.files != f) {
             return Ok(None);
         }
         let mut runs = m.runs;
@@ -337,13 +344,11 @@ pub(crate) fn sort_distinct<S: Sink>(
         Some(current)
     };
     let spilled = runs.len();
-    let longest = runs.iter().map(|r| r.longest).max().unwrap_or(0);
-    let fan_in = budget.merge_fan_in(cfg.fan_in, longest);
-    if runs.len() > fan_in {
+    let longest: Vec<u64> = runs.iter().map(|r| r.longest).collect();
+    if runs.len() > budget.merge_width(&longest, cfg.fan_in) {
         announce(progress, Phase::Merging, sink)?;
         let dir = run_dir(&mut store, &cfg.temp_dir)?;
-        let buffer = budget.merge_buffer;
-        runs = reduce_runs(runs, fan_in, buffer, &dir, cfg.compress_runs, durable, progress, &Arc::default())?;
+        runs = reduce_runs(runs, cfg.fan_in, budget, &dir, cfg.compress_runs, durable, progress, &Arc::default())?;
     }
     // Only a sort of every file, each read whole and unchanged, is worth resuming from.
     let complete = progress.files_failed.load(std::sync::atomic::Ordering::Relaxed) == 0

@@ -438,7 +438,7 @@ fn each_range_of_a_kept_sort_resumes_with_the_exact_repeats_of_what_is_left() {
         assert!(whole.duplicates > 0);
         assert_eq!(scanned + whole.duplicates, total, "fan-in {fan_in}");
 
-        let ranges = sorted.ranges(3);
+        let ranges = sorted.ranges(3).unwrap();
         assert!(ranges.len() >= 2, "{ranges:?}");
         let mut sum = 0;
         for r in &ranges {
@@ -652,7 +652,7 @@ fn a_kept_sort_is_loaded_again_and_its_ranges_partition_the_stream() {
     let mut sorted =
         KeptSort::load(&keep, "spec-a", Some(&listing.files), &cfg, &again).unwrap().expect("the kept sort loads");
     assert_eq!((again.snapshot().records, again.snapshot().rejected), (scanned.records, scanned.rejected));
-    let ranges = sorted.ranges(3);
+    let ranges = sorted.ranges(3).unwrap();
     assert_eq!(ranges.len(), 3);
     let mut all = Vec::new();
     for r in &ranges {
@@ -707,4 +707,37 @@ fn a_sort_with_a_failed_file_is_not_kept() {
     KeptSort::sort(&keep, "s", &cfg, &tree, &listing.files, &Arc::default(), &mut got).unwrap();
     assert!(!keep.join(super::sorted::MANIFEST).exists(), "a resume must read the failed file again");
     assert!(KeptSort::load(&keep, "s", Some(&listing.files), &cfg, &Progress::default()).unwrap().is_none());
+}
+
+/// Records that share a head longer than a mark keeps: the ranges still split the
+/// stream evenly (their cuts are whole records), and together they are the whole of it.
+#[test]
+fn ranges_split_records_that_share_a_long_head() {
+    use super::KeptSort;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().canonicalize().unwrap().join("in");
+    fs::create_dir(&input).unwrap();
+    let head = format!("{{\"source\":\"{}\",\"id\":", "x".repeat(300));
+    let mut text = String::new();
+    for i in 0..60_000u32 {
+        text.push_str(&format!("{head}{}}}\n", (i * 7919) % 60_000));
+    }
+    fs::write(input.join("a.json"), &text).unwrap();
+    let want = oracle(&input, 65536).unwrap();
+    let cfg = Config { chunk_bytes: Some(2 << 20), ..tiny(dir.path()) };
+    let (tree, listing) = walk(&input).unwrap();
+    let mut scanned = Collect::default();
+    let keep = dir.path().join("job-1");
+    let mut sorted = KeptSort::sort(&keep, "spec", &cfg, &tree, &listing.files, &Arc::default(), &mut scanned).unwrap();
+    let ranges = sorted.ranges(4).unwrap();
+    assert_eq!(ranges.len(), 4, "{ranges:?}");
+    let mut all = Vec::new();
+    for r in &ranges {
+        let mut part = Collect::default();
+        sorted.drain(r, None, &Arc::default(), &mut part).unwrap();
+        let n = part.records.len();
+        assert!((7_500..=22_500).contains(&n), "a range of {n} records of 60,000");
+        all.extend(part.records);
+    }
+    assert_eq!(sha256_lines(all.iter().map(|r| r.as_bytes())), want.sha256);
 }
