@@ -46,7 +46,8 @@ SELECT j.id,
        coalesce(c.ranges_done, 0) AS ranges_done,
        coalesce(c.batch_size, j.batch_size) AS batch_size,
        -- The current (or last) attempt's rate: the lines it committed, over the time
-       -- since it began inserting, up to now while it runs.
+       -- since it began inserting, up to this moment while it runs (clock_timestamp:
+       -- store.wait reads the view again and again in one transaction).
        CASE WHEN j.insert_started_at IS NOT NULL
              AND r.upto OPERATOR(pg_catalog.>) j.insert_started_at
             THEN pg_catalog.round(greatest(coalesce(c.inserted, 0) OPERATOR(pg_catalog.+) coalesce(c.already_present, 0)
@@ -71,7 +72,7 @@ SELECT j.id,
                     pg_catalog.sum(duplicates)::bigint AS duplicates, pg_catalog.max(memory_peak) AS memory_peak,
                     pg_catalog.sum(batch_size)::integer AS batch_size, pg_catalog.count(*) FILTER (WHERE done)::integer AS ranges_done
                FROM store.checkpoints GROUP BY job) c ON c.job OPERATOR(pg_catalog.=) j.id
- CROSS JOIN LATERAL (SELECT CASE WHEN j.state OPERATOR(pg_catalog.=) 'running' THEN pg_catalog.now()
+ CROSS JOIN LATERAL (SELECT CASE WHEN j.state OPERATOR(pg_catalog.=) 'running' THEN pg_catalog.clock_timestamp()
                                  ELSE coalesce(j.finished_at, j.updated_at) END AS upto) r;
 COMMENT ON VIEW store.status IS 'One row per job the caller may see: state, phase and live progress';
 COMMENT ON COLUMN store.status.id IS 'Job id';

@@ -182,6 +182,8 @@ pub struct Inserter {
     insert_total: u64,
     /// Largest private resident memory seen at a status write (bytes).
     memory_peak: u64,
+    /// This attempt's start of inserting is recorded ([`Inserter::mark_insert_started`]).
+    insert_marked: bool,
 }
 
 impl Inserter {
@@ -221,6 +223,7 @@ impl Inserter {
             batch_size: 0,
             insert_total: 0,
             memory_peak: 0,
+            insert_marked: false,
         }
     }
 

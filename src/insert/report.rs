@@ -137,10 +137,21 @@ impl Inserter {
         if phase == Phase::Inserting && self.insert_total == 0 {
             let p = self.progress.snapshot();
             self.insert_total = p.records - p.rejected - p.filtered - p.duplicates;
-            let id = self.job.id;
-            transaction(|| jobs::mark_insert_started(id))?;
+            self.mark_insert_started()?;
         }
         self.status_now()
+    }
+
+    /// This attempt begins inserting: recorded once (by the leader), with the lines
+    /// earlier attempts committed, for the status's rate. A leader whose ranges are all
+    /// with inserters records it before it waits for them.
+    pub fn mark_insert_started(&mut self) -> Result<()> {
+        if self.role == Role::Helper || self.insert_marked {
+            return Ok(());
+        }
+        self.insert_marked = true;
+        let id = self.job.id;
+        transaction(|| jobs::mark_insert_started(id))
     }
 
     /// Write the status if one is due.

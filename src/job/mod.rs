@@ -151,7 +151,8 @@ pub(super) fn config(job: &Job, settings: &Settings, target: &Target, temp_dir: 
             settings.batch_limits().distributed(settings.memory_limit)
         } else {
             settings.batch_limits()
-        },
+        }
+        .within_memory(settings.memory_limit),
         fault: settings.fault,
         ..Config::default()
     })

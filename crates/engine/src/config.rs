@@ -138,6 +138,15 @@ impl BatchLimits {
     }
 }
 
+impl BatchLimits {
+    /// No more bytes in a batch than an eighth of the memory budget (1 MiB at least):
+    /// a batch is held while it goes into the target, and the merge works up to a
+    /// batch's bytes ahead of it.
+    pub fn within_memory(self, memory_limit: u64) -> BatchLimits {
+        BatchLimits { max_bytes: self.max_bytes.min(((memory_limit / 8) as usize).max(1 << 20)), ..self }
+    }
+}
+
 impl Default for BatchLimits {
     fn default() -> Self {
         BatchLimits::DEFAULT
@@ -251,5 +260,15 @@ mod tests {
         assert_eq!("merge_panic:10".parse::<Fault>().unwrap(), Fault::MergePanic { after: 10 });
         assert_eq!("short_copy_file".parse::<Fault>().unwrap(), Fault::ShortCopyFile);
         assert!("nope".parse::<Fault>().is_err());
+    }
+
+    #[test]
+    fn batches_hold_no_more_than_an_eighth_of_the_memory_budget() {
+        let d = BatchLimits::DEFAULT;
+        assert_eq!(d.within_memory(256 << 20).max_bytes, d.max_bytes, "16 MiB within 256 MB");
+        assert_eq!(d.within_memory(16 << 20).max_bytes, 2 << 20);
+        assert_eq!(d.within_memory(1 << 20).max_bytes, 1 << 20, "1 MiB at least");
+        assert_eq!(d.distributed(16 << 20).within_memory(16 << 20).max_bytes, 2 << 20);
+        assert_eq!(d.distributed(1 << 30).within_memory(1 << 30).max_bytes, 64 << 20);
     }
 }
