@@ -107,7 +107,7 @@ COMMENT ON COLUMN store.jobs.filtered IS 'Valid records dropped by the filter';
 COMMENT ON COLUMN store.jobs.duplicates IS 'Valid records dropped as repeats within the input';
 COMMENT ON COLUMN store.jobs.percent IS 'Estimated completion: reading and sorting count for 60 %, inserting for 40 %';
 COMMENT ON COLUMN store.jobs.batch_size IS 'Rows in the latest insert batch (adaptive)';
-COMMENT ON COLUMN store.jobs.memory_peak IS 'Largest private resident memory (RssAnon + RssFile, so not counting shared_buffers) of the worker seen during the job, sampled about once a second, bytes';
+COMMENT ON COLUMN store.jobs.memory_peak IS 'Largest private resident memory (RssAnon + RssFile, so not counting shared_buffers) of the worker seen during the job, sampled about once a second, before each batch and at the end of each COPY, bytes';
 COMMENT ON COLUMN store.jobs.temp_bytes IS 'Largest temporary disk use of the job, bytes';
 COMMENT ON COLUMN store.jobs.estimated_false_drops IS 'bloom mode: expected new records wrongly dropped as repeats';
 COMMENT ON COLUMN store.jobs.merge_restarts IS 'Times the stream started over because files changed between attempts (its counters restart with it)';

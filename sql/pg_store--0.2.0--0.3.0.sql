@@ -24,6 +24,8 @@ COMMENT ON COLUMN store.jobs.target_storage IS 'The target''s storage when the j
 -- attempt's lines only (0.2.0's divided every attempt's lines by the current one's time).
 ALTER TABLE store.jobs ADD COLUMN insert_rows_before bigint NOT NULL DEFAULT 0;
 COMMENT ON COLUMN store.jobs.insert_rows_before IS 'Lines (inserted or already present) that earlier attempts had committed when the current one began inserting: store.status.rows_per_second counts only the current attempt''s';
+-- store.jobs.memory_peak is sampled at each batch too.
+COMMENT ON COLUMN store.jobs.memory_peak IS 'Largest private resident memory (RssAnon + RssFile, so not counting shared_buffers) of the worker seen during the job, sampled about once a second, before each batch and at the end of each COPY, bytes';
 
 CREATE TABLE store.target_storage (
     target          regclass    PRIMARY KEY,

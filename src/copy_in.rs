@@ -12,10 +12,26 @@
 
 use std::cell::Cell;
 use std::ffi::CString;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use pgrx::pg_sys;
 
 use crate::error::{Result, StoreError};
+
+/// The largest private memory this process held at the end of a COPY, with the batch,
+/// its encoding and the COPY's own buffers still held: where inserting peaks. Read into
+/// the job's `memory_peak` ([`peak_memory`]).
+static PEAK: AtomicU64 = AtomicU64::new(0);
+
+/// See [`PEAK`].
+pub fn peak_memory() -> u64 {
+    PEAK.load(Ordering::Relaxed)
+}
+
+/// A job begins in this process: what earlier jobs held is not its.
+pub fn forget_peak_memory() {
+    PEAK.store(0, Ordering::Relaxed);
+}
 
 thread_local! {
     /// What the data-source callback hands out: the rest of the current buffer.
@@ -117,6 +133,7 @@ fn copy_now(rel: pg_sys::Oid, columns: &[&str], data: &[u8]) -> Result<u64> {
             options,
         );
         let rows = pg_sys::CopyFrom(cstate);
+        PEAK.fetch_max(store_engine::private_rss().unwrap_or(0), Ordering::Relaxed);
         pg_sys::EndCopyFrom(cstate);
         pg_sys::table_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
         pg_sys::free_parsestate(pstate);

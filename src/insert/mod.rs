@@ -196,6 +196,7 @@ impl Inserter {
         progress: Arc<Progress>,
         cfg: &store_engine::Config,
     ) -> Inserter {
+        crate::copy_in::forget_peak_memory();
         Inserter {
             job: job.clone(),
             role,
@@ -261,8 +262,15 @@ impl Inserter {
         checkpoints::range_done(self.job.id, self.range, self.job.claim, memory_peak)
     }
 
+    /// The largest private memory seen: now, before a batch went in (with the batch and
+    /// the merge's read-ahead held), at the end of a COPY (see
+    /// [`crate::copy_in::peak_memory`]), and as the sort wrote each run.
     fn sample_memory(&mut self) -> u64 {
-        self.memory_peak = self.memory_peak.max(private_rss().unwrap_or(0));
+        self.memory_peak = self
+            .memory_peak
+            .max(private_rss().unwrap_or(0))
+            .max(crate::copy_in::peak_memory())
+            .max(self.progress.memory_peak.load(std::sync::atomic::Ordering::Relaxed));
         self.memory_peak
     }
 
@@ -454,6 +462,7 @@ impl Sink for Inserter {
 
     fn batch(&mut self, batch: &Texts, info: &BatchInfo<'_>) -> Result<Flow> {
         Self::interrupted()?;
+        self.sample_memory();
         self.commit(batch, info)?;
         Ok(Flow::Continue)
     }

@@ -217,7 +217,8 @@ pub fn fail(id: i64, error: String, sqlstate: String) -> Result<()> {
 pub fn start_attempt(id: i64) -> Result<Option<i32>> {
     Ok(Spi::get_one_with_args::<i32>(
         "UPDATE store.jobs SET state = 'running', attempts = attempts + 1, worker_pid = pg_catalog.pg_backend_pid(), \
-         started_at = coalesce(started_at, pg_catalog.now()), updated_at = pg_catalog.now(), error = NULL, sqlstate = NULL \
+         started_at = coalesce(started_at, pg_catalog.now()), updated_at = pg_catalog.now(), error = NULL, sqlstate = NULL, \
+         insert_started_at = NULL \
          WHERE id = $1 RETURNING attempts",
         &[id.into()],
     )?)

@@ -83,6 +83,7 @@ counters! {
     runs_written: "Sorted runs spilled to temporary files (including intermediate merge levels).",
     temp_bytes: "Bytes currently held in temporary files.",
     temp_peak: "Largest number of bytes held in temporary files at once.",
+    memory_peak: "Largest private memory of the process (RssAnon + RssFile) when the sort held the most: as each run was written.",
 }
 
 impl Progress {
@@ -106,6 +107,11 @@ impl Progress {
     pub(crate) fn temp_grew(&self, n: u64) {
         let now = self.temp_bytes.fetch_add(n, Relaxed) + n;
         self.temp_peak.fetch_max(now, Relaxed);
+    }
+
+    /// Note the process's private memory now, where the pipeline holds the most.
+    pub(crate) fn note_memory(&self) {
+        self.memory_peak.fetch_max(crate::limits::private_rss().unwrap_or(0), Relaxed);
     }
 
     /// Temporary files shrank by `n` bytes.

@@ -461,6 +461,8 @@ fn spill_loop(
         });
         match spilled {
             Ok(run) => {
+                // The run written from a full chunk while the scan fills the next one.
+                progress.note_memory();
                 progress.temp_grew(run.bytes);
                 Progress::add(&progress.runs_written, 1);
                 runs.push(run);
