@@ -67,3 +67,13 @@ pub fn rolled_back(f: impl FnOnce() -> Result<()>) -> Result<()> {
     unsafe { pg_sys::AbortCurrentTransaction() };
     result
 }
+
+/// Let the current transaction's commit return before its WAL reaches disk (or a
+/// synchronous standby): `SET LOCAL synchronous_commit = off`. For a batch and its
+/// checkpoint only, which commit or vanish together: a crash that loses the commit
+/// loses the batch's rows with it, and the job inserts them again from the checkpoint
+/// before. The job's end, its ledger and its other bookkeeping commit as the server
+/// says, and each such commit makes durable every batch committed before it.
+pub fn commit_without_waiting() -> Result<()> {
+    Ok(pgrx::Spi::run("SET LOCAL synchronous_commit TO off")?)
+}

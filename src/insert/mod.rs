@@ -358,6 +358,11 @@ impl Inserter {
         let (proven, counted, citus) = (self.mode == Mode::Proven, self.citus && !plain, self.citus);
         self.tried_copy = false;
         transaction(|| {
+            if !citus {
+                // (A distributed commit is left as it is: its two-phase commit and
+                // recovery are Citus's.)
+                crate::txn::commit_without_waiting()?;
+            }
             let admission = target::admit(self.target.oid, &self.target.columns(), job_owner)?;
             self.follow(&admission);
             if self.copy && !admission.copy && !self.copy_stopped {
