@@ -570,6 +570,14 @@ mod tests {
                 Merger::new(&runs, None, 4096, Some(key.as_bytes()), None, p.clone(), cancel.clone(), None).unwrap();
             assert_eq!(collect(&mut m), want, "after a key of {} bytes", key.len());
         }
+        // A cut reads the marked record's head back from the run, and checks it is there.
+        let m = &runs[0].index[1];
+        let head_back = runs[0].record_at(m, 4096).unwrap();
+        assert!(
+            head_back.len() <= 4096 && head_back.starts_with(&m.key) && all.iter().any(|r| r.starts_with(&head_back))
+        );
+        let wrong = Mark { key: "b".repeat(300), ..m.clone() };
+        assert!(matches!(runs[0].record_at(&wrong, 4096), Err(Error::Corrupt(_))));
         // Short records keep whole marks, and seek as before.
         assert!(!Mark::of(b"short", 0).cut);
     }

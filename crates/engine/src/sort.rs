@@ -222,17 +222,34 @@ pub(crate) struct Run {
 }
 
 impl Run {
-    /// The record that starts at `offset` (a mark's) in this plain run.
-    pub(crate) fn record_at(&self, offset: u64) -> Result<String> {
-        use std::io::{BufRead, Seek};
+    /// The first `max` bytes at most (to a character's end) of the record `mark` stands
+    /// for in this plain run; an error if the run does not hold it there.
+    pub(crate) fn record_at(&self, mark: &Mark, max: usize) -> Result<String> {
+        use std::io::{BufRead, Read, Seek};
         let mut file = private_dir::open_file(&self.path).ctx("could not open temporary run", &self.path)?;
-        file.seek(std::io::SeekFrom::Start(offset)).ctx("could not seek in temporary run", &self.path)?;
+        file.seek(std::io::SeekFrom::Start(mark.offset)).ctx("could not seek in temporary run", &self.path)?;
         let mut rec = Vec::new();
-        std::io::BufReader::new(file).read_until(b'\n', &mut rec).ctx("could not read temporary run", &self.path)?;
+        std::io::BufReader::new(file)
+            .take(max as u64 + 4)
+            .read_until(b'\n', &mut rec)
+            .ctx("could not read temporary run", &self.path)?;
         if rec.last() == Some(&b'\n') {
             rec.pop();
         }
-        Ok(String::from_utf8_lossy(&rec).into_owned())
+        let mut n = rec.len().min(max);
+        while n < rec.len() && n > 0 && (rec[n] & 0xC0) == 0x80 {
+            n -= 1;
+        }
+        rec.truncate(n);
+        let rec = String::from_utf8_lossy(&rec).into_owned();
+        if !rec.starts_with(&mark.key) {
+            return Err(crate::error::Error::Corrupt(format!(
+                "{}: the record at byte {} is not the one the run's index marks there",
+                self.path.display(),
+                mark.offset
+            )));
+        }
+        Ok(rec)
     }
 
     /// Where to start reading to find the first record after `key`: the last mark whose

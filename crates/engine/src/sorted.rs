@@ -41,6 +41,11 @@ pub(crate) const MANIFEST: &str = "manifest.json";
 const MANIFEST_VERSION: u32 = 2;
 const MANIFEST_VERSIONS_READ: [u32; 2] = [1, 2];
 
+/// Bytes of a record a range's cut keeps at most: a cut is stored with the range and
+/// read back at each of its attempts, and a record may be as long as
+/// `store.max_line_bytes` allows.
+const CUT_BYTES: usize = 4096;
+
 /// Where and under which spec a sort is kept across attempts. The caller owns the
 /// directory: it creates it ([`private_dir::create`], or the sort does), and removes it
 /// when the job ends ([`private_dir::remove`]). It must pass [`private_dir::verify`]
@@ -158,9 +163,10 @@ impl Sorted {
 
     /// Split the key space into at most `n` ranges of about the same amount of data,
     /// from the runs' sparse indexes (each mark stands for about the same number of
-    /// bytes). Fewer when the data is too small to split. A cut falls on a whole record
-    /// (read from its run where the mark keeps a prefix), so records that share a long
-    /// prefix still split.
+    /// bytes). Fewer when the data is too small to split. A cut is a record's first
+    /// [`CUT_BYTES`] at most (read from its run where the mark keeps less), so records
+    /// that share a head longer than a mark's still split. Any increasing cuts partition
+    /// the keys; the cuts only decide how evenly.
     pub(crate) fn ranges(&self, n: usize) -> Result<Vec<KeyRange>> {
         let mut marks: Vec<(&Mark, &Run)> =
             self.runs.iter().flat_map(|r| r.index.iter().map(move |m| (m, r))).collect();
@@ -168,7 +174,7 @@ impl Sorted {
         let mut cuts: Vec<String> = Vec::new();
         for i in 1..n.max(1) {
             let Some((m, run)) = marks.get(i * marks.len() / n) else { break };
-            cuts.push(if m.cut { run.record_at(m.offset)? } else { m.key.clone() });
+            cuts.push(if m.cut { run.record_at(m, CUT_BYTES)? } else { m.key.clone() });
         }
         cuts.sort_unstable();
         cuts.dedup();
