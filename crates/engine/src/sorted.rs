@@ -11,6 +11,7 @@
 //! of them. A kept directory is trusted only once [`private_dir::verify`] has passed:
 //! anyone who could write in it could hand a later attempt runs of their choosing.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{self, Receiver, SyncSender};
@@ -41,10 +42,11 @@ pub(crate) const MANIFEST: &str = "manifest.json";
 const MANIFEST_VERSION: u32 = 2;
 const MANIFEST_VERSIONS_READ: [u32; 2] = [1, 2];
 
-/// Bytes of a record a range's cut keeps at most: a cut is stored with the range and
-/// read back at each of its attempts, and a record may be as long as
-/// `store.max_line_bytes` allows.
-const CUT_BYTES: usize = 4096;
+/// Bytes of a record a range's cut keeps at most (the default `store.max_line_bytes`):
+/// a cut is stored with its range and read back at each attempt, and a record may be as
+/// long as `store.max_line_bytes` allows. Records that share a longer head than this
+/// fall into one range (exact, but not split).
+const CUT_BYTES: usize = 64 << 10;
 
 /// Where and under which spec a sort is kept across attempts. The caller owns the
 /// directory: it creates it ([`private_dir::create`], or the sort does), and removes it
@@ -164,17 +166,37 @@ impl Sorted {
     /// Split the key space into at most `n` ranges of about the same amount of data,
     /// from the runs' sparse indexes (each mark stands for about the same number of
     /// bytes). Fewer when the data is too small to split. A cut is a record's first
-    /// [`CUT_BYTES`] at most (read from its run where the mark keeps less), so records
-    /// that share a head longer than a mark's still split. Any increasing cuts partition
+    /// [`CUT_BYTES`] at most (read from its run where the mark keeps less, and marks
+    /// that keep the same prefix are ordered by those heads), so records that share a
+    /// head longer than a mark's still split evenly. Any increasing cuts partition
     /// the keys; the cuts only decide how evenly.
     pub(crate) fn ranges(&self, n: usize) -> Result<Vec<KeyRange>> {
-        let mut marks: Vec<(&Mark, &Run)> =
-            self.runs.iter().flat_map(|r| r.index.iter().map(move |m| (m, r))).collect();
-        marks.sort_unstable_by(|a, b| a.0.key.cmp(&b.0.key));
+        // Each mark with the key it sorts by: its own, or, where several cut marks keep
+        // the same prefix (records sharing a long head), the head read from its run.
+        let mut marks: Vec<(Cow<'_, str>, &Mark, &Run)> =
+            self.runs.iter().flat_map(|r| r.index.iter().map(move |m| (Cow::Borrowed(m.key.as_str()), m, r))).collect();
+        marks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut i = 0;
+        while i < marks.len() {
+            let tied = marks[i..].iter().take_while(|t| t.0 == marks[i].0).count();
+            if tied > 1 && marks[i].1.cut {
+                for t in &mut marks[i..i + tied] {
+                    if t.1.cut {
+                        t.0 = Cow::Owned(t.2.record_at(t.1, CUT_BYTES)?);
+                    }
+                }
+                marks[i..i + tied].sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            }
+            i += tied;
+        }
         let mut cuts: Vec<String> = Vec::new();
         for i in 1..n.max(1) {
-            let Some((m, run)) = marks.get(i * marks.len() / n) else { break };
-            cuts.push(if m.cut { run.record_at(m, CUT_BYTES)? } else { m.key.clone() });
+            let Some((key, m, run)) = marks.get(i * marks.len() / n) else { break };
+            cuts.push(match key {
+                Cow::Owned(k) => k.clone(),
+                Cow::Borrowed(_) if m.cut => run.record_at(m, CUT_BYTES)?,
+                Cow::Borrowed(k) => k.to_string(),
+            });
         }
         cuts.sort_unstable();
         cuts.dedup();

@@ -709,35 +709,40 @@ fn a_sort_with_a_failed_file_is_not_kept() {
     assert!(KeptSort::load(&keep, "s", Some(&listing.files), &cfg, &Progress::default()).unwrap().is_none());
 }
 
-/// Records that share a head longer than a mark keeps: the ranges still split the
-/// stream evenly (their cuts are whole records), and together they are the whole of it.
+/// Records that share a head longer than a mark keeps (300 bytes of JSON, and 5,000
+/// bytes before a random part): the ranges still split the stream evenly, and together
+/// they are the whole of it.
 #[test]
 fn ranges_split_records_that_share_a_long_head() {
     use super::KeptSort;
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().canonicalize().unwrap().join("in");
-    fs::create_dir(&input).unwrap();
-    let head = format!("{{\"source\":\"{}\",\"id\":", "x".repeat(300));
-    let mut text = String::new();
-    for i in 0..60_000u32 {
-        text.push_str(&format!("{head}{}}}\n", (i * 7919) % 60_000));
+    for (head, n) in [(format!("{{\"source\":\"{}\",\"id\":", "x".repeat(300)), 60_000u32), ("H".repeat(5000), 1_500)] {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().canonicalize().unwrap().join("in");
+        fs::create_dir(&input).unwrap();
+        let mut text = String::new();
+        let mut x: u64 = 7;
+        for _ in 0..n {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            text.push_str(&format!("{head}{:016x}{}\n", x, "y".repeat(if n < 10_000 { 1000 } else { 0 })));
+        }
+        fs::write(input.join("a.txt"), &text).unwrap();
+        let want = oracle(&input, 65536).unwrap();
+        let cfg = Config { chunk_bytes: Some(2 << 20), ..tiny(dir.path()) };
+        let (tree, listing) = walk(&input).unwrap();
+        let mut scanned = Collect::default();
+        let keep = dir.path().join("job-1");
+        let mut sorted =
+            KeptSort::sort(&keep, "spec", &cfg, &tree, &listing.files, &Arc::default(), &mut scanned).unwrap();
+        let ranges = sorted.ranges(4).unwrap();
+        assert_eq!(ranges.len(), 4, "{ranges:?}");
+        let mut all = Vec::new();
+        for r in &ranges {
+            let mut part = Collect::default();
+            sorted.drain(r, None, &Arc::default(), &mut part).unwrap();
+            let got = part.records.len() as u32;
+            assert!((n / 8..=n * 3 / 8).contains(&got), "a range of {got} records of {n}, head {}", head.len());
+            all.extend(part.records);
+        }
+        assert_eq!(sha256_lines(all.iter().map(|r| r.as_bytes())), want.sha256);
     }
-    fs::write(input.join("a.json"), &text).unwrap();
-    let want = oracle(&input, 65536).unwrap();
-    let cfg = Config { chunk_bytes: Some(2 << 20), ..tiny(dir.path()) };
-    let (tree, listing) = walk(&input).unwrap();
-    let mut scanned = Collect::default();
-    let keep = dir.path().join("job-1");
-    let mut sorted = KeptSort::sort(&keep, "spec", &cfg, &tree, &listing.files, &Arc::default(), &mut scanned).unwrap();
-    let ranges = sorted.ranges(4).unwrap();
-    assert_eq!(ranges.len(), 4, "{ranges:?}");
-    let mut all = Vec::new();
-    for r in &ranges {
-        let mut part = Collect::default();
-        sorted.drain(r, None, &Arc::default(), &mut part).unwrap();
-        let n = part.records.len();
-        assert!((7_500..=22_500).contains(&n), "a range of {n} records of 60,000");
-        all.extend(part.records);
-    }
-    assert_eq!(sha256_lines(all.iter().map(|r| r.as_bytes())), want.sha256);
 }
