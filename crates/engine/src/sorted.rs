@@ -179,7 +179,7 @@ impl Sorted {
         let mut i = 0;
         while i < marks.len() {
             let tied = marks[i..].iter().take_while(|t| t.0 == marks[i].0).count();
-            if tied > 1 && marks[i].1.cut {
+            if tied > 1 && marks[i..i + tied].iter().any(|t| t.1.cut) {
                 for t in &mut marks[i..i + tied] {
                     if t.1.cut {
                         t.0 = Cow::Owned(t.2.record_at(t.1, CUT_BYTES)?);
