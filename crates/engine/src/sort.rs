@@ -183,15 +183,21 @@ pub(crate) struct Mark {
     pub cut: bool,
 }
 
+/// The first `max` bytes of `rec` at most, ending where a character does (records are
+/// valid UTF-8, checked when read; a damaged one comes out lossy), and whether that is
+/// less than the whole record.
+fn text_head(rec: &[u8], max: usize) -> (String, bool) {
+    let mut n = rec.len().min(max);
+    while n < rec.len() && n > 0 && (rec[n] & 0xC0) == 0x80 {
+        n -= 1;
+    }
+    (String::from_utf8_lossy(&rec[..n]).into_owned(), n < rec.len())
+}
+
 impl Mark {
     pub(crate) fn of(rec: &[u8], offset: u64) -> Mark {
-        let mut n = rec.len().min(MARK_KEY_BYTES);
-        // Records are valid UTF-8 (checked when read): cut at a character's start.
-        while n < rec.len() && n > 0 && (rec[n] & 0xC0) == 0x80 {
-            n -= 1;
-        }
-        // A mark of a damaged record is lossy, harmlessly.
-        Mark { key: String::from_utf8_lossy(&rec[..n]).into_owned(), offset, cut: n < rec.len() }
+        let (key, cut) = text_head(rec, MARK_KEY_BYTES);
+        Mark { key, offset, cut }
     }
 
     /// The marked record is known to sort at or below `key`: a whole one that does, or a
@@ -236,12 +242,7 @@ impl Run {
         if rec.last() == Some(&b'\n') {
             rec.pop();
         }
-        let mut n = rec.len().min(max);
-        while n < rec.len() && n > 0 && (rec[n] & 0xC0) == 0x80 {
-            n -= 1;
-        }
-        rec.truncate(n);
-        let rec = String::from_utf8_lossy(&rec).into_owned();
+        let (rec, _) = text_head(&rec, max);
         if !rec.starts_with(&mark.key) {
             return Err(crate::error::Error::Corrupt(format!(
                 "{}: the record at byte {} is not the one the run's index marks there",
