@@ -72,6 +72,9 @@ trap 'runuser -u postgres -- "$BIN/pg_ctl" -D "$CL" -m fast stop >/dev/null 2>&1
 PSQL=("$BIN/psql" -XAtq -v ON_ERROR_STOP=1 -h "$W" -p "$PORT" -U postgres -d postgres)
 sql() { "${PSQL[@]}" -c "$1"; }
 sql "DROP EXTENSION IF EXISTS pg_store CASCADE; CREATE EXTENSION pg_store; CREATE EXTENSION IF NOT EXISTS pageinspect"
+# Every autovacuum is logged with the pages it read and dirtied: whether one ran during a
+# step, and what it wrote, is part of that step's figures.
+sql "ALTER SYSTEM SET log_autovacuum_min_duration = 0"; sql "SELECT pg_reload_conf()" >/dev/null
 [ -n "${INSERT_WORKERS:-}" ] && { sql "ALTER SYSTEM SET store.insert_workers = $INSERT_WORKERS"; sql "SELECT pg_reload_conf()" >/dev/null; sleep 2; }
 now() { date +%s.%N; }
 fresh_table() { sql "DROP TABLE IF EXISTS $1; CREATE TABLE $1 (line text NOT NULL); CREATE UNIQUE INDEX ${1}_key ON $1 (store.line_key(line))"; }
@@ -86,26 +89,28 @@ changed() { # table since_lsn: "leaf_pages index_pages heap_pages" whose LSN is 
             h AS (SELECT (page_header(get_raw_page('$1', b::int))).lsn >= '$2' AS c FROM generate_series(0, pg_relation_size('$1') / 8192 - 1) b)
        SELECT (SELECT count(*) FILTER (WHERE c AND leaf) || ' ' || count(*) FILTER (WHERE c) FROM i) || ' ' || (SELECT count(*) FILTER (WHERE c) FROM h)"
 }
+autovacuums() { sql "SELECT coalesce(sum(autovacuum_count), 0) FROM pg_stat_user_tables WHERE relname = '$1'"; }
 size_of() { sql "SELECT pg_relation_size('$1') / 1048576 || ' ' || pg_indexes_size('$1') / 1048576"; }
 du_peak() { # size of directory $1 every 0.5 s until file $2 exists; peak in MiB
   # du fails when files vanish under it (sort's and pg_store's runs come and go): a
   # failed sample counts as none, it must not end the loop (set -e, pipefail).
   local peak=0 s; while [ ! -e "$2" ]; do s=$(du -sm "$1" 2>/dev/null | cut -f1) || s=0; [ "${s:-0}" -gt "$peak" ] && peak=$s; sleep 0.5; done; echo "$peak"
 }
-declare -A R   # key -> "wall rss_mib temp_mib wal_mib fpi rows heap_mib index_mib pages_written"
+declare -A R   # key -> "wall rss_mib temp_mib wal_mib fpi rows heap_mib index_mib pages_written autovacuums"
 declare -A LSN # key -> the WAL position at the step's start
 measure() { # key table command...
   local key=$1 t=$2; shift 2
   sql "CHECKPOINT"
-  local w0; w0=$(wal); rm -f "$TMP/done"
+  local w0 av0; w0=$(wal); av0=$(autovacuums "$t"); rm -f "$TMP/done"
   du_peak "$TMP" "$TMP/done" > "$TMP/du" &
   local t0 t1 out; t0=$(now); out=$("$@"); t1=$(now); touch "$TMP/done"; wait
   sql "CHECKPOINT"; sleep 1; local w1; w1=$(wal)
   read -r b0 f0 p0 d0 l0 <<<"$w0"; read -r b1 f1 p1 d1 _ <<<"$w1"; LSN[$key]=$l0
   local walm=$(( (b1 - b0) / 1048576 )) fpi=$((f1 - f0)) pages=$((p1 - p0 - (d1 - d0)))
   # Crash recovery (the kill -9 step) resets the cumulative statistics: no figures then.
-  [ "$b1" -ge "$b0" ] || { walm=-; fpi=-; pages=-; }
-  R[$key]="$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') ${out:--} $(cat "$TMP/du") $walm $fpi $(sql "SELECT count(*) FROM $t") $(size_of "$t") $pages"
+  local av; av=$(( $(autovacuums "$t") - av0 ))
+  [ "$b1" -ge "$b0" ] || { walm=-; fpi=-; pages=-; av=-; }
+  R[$key]="$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') ${out:--} $(cat "$TMP/du") $walm $fpi $(sql "SELECT count(*) FROM $t") $(size_of "$t") $pages $av"
   echo "  $key: ${R[$key]}" >&2
 }
 pg_store() { # table dir [kill_at_fraction distinct_lines]; prints the private memory peak in MiB
@@ -167,10 +172,10 @@ sql "DROP TABLE k"
 
 BIG_BYTES=$(du -sb "$BIG" | cut -f1); NEW_BYTES=$(du -sb "$NEW" | cut -f1)
 BIG_REC=$(cat $BIG_FILES | wc -l); NEW_REC=$(cat $NEW_FILES | wc -l)
-printf '\n%-10s %-28s %8s %11s %8s %9s %9s %10s %10s %12s %9s\n' step what wall_s records/s RSS_MiB temp_MiB WAL_MiB FPI pages_wr rows heap+idx_MiB
+printf '\n%-10s %-28s %8s %11s %8s %9s %9s %10s %10s %12s %13s %7s\n' step what wall_s records/s RSS_MiB temp_MiB WAL_MiB FPI pages_wr rows heap+idx_MiB autovac
 row() { # key label records
-  read -r w rss temp walm fpi rows heap idx pages <<<"${R[$1]}"
-  printf '%-10s %-28s %8.1f %11.0f %8s %9s %9s %10s %10s %12s %5s+%s\n' "$1" "$2" "$w" "$(awk -v a="$3" -v b="$w" 'BEGIN{print a/b}')" "$rss" "$temp" "$walm" "$fpi" "$pages" "$rows" "$heap" "$idx"
+  read -r w rss temp walm fpi rows heap idx pages av <<<"${R[$1]}"
+  printf '%-10s %-28s %8.1f %11.0f %8s %9s %9s %10s %10s %12s %7s+%-5s %7s\n' "$1" "$2" "$w" "$(awk -v a="$3" -v b="$w" 'BEGIN{print a/b}')" "$rss" "$temp" "$walm" "$fpi" "$pages" "$rows" "$heap" "$idx" "$av"
 }
 row big_a "A: sort -u | COPY, ${SIZE_G} GiB" "$BIG_REC"
 row big_pg "pg_store, ${SIZE_G} GiB" "$BIG_REC"
