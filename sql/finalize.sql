@@ -66,7 +66,8 @@ SELECT j.id,
        j.finished_at,
        j.error,
        j.sqlstate,
-       CASE WHEN j.state OPERATOR(pg_catalog.=) 'queued' THEN store.queue_note() END AS waiting_for
+       CASE WHEN j.state OPERATOR(pg_catalog.=) 'queued' THEN store.queue_note()
+            WHEN j.state OPERATOR(pg_catalog.=) 'running' THEN store.run_note(j.id) END AS waiting_for
   FROM store.jobs j
   LEFT JOIN (SELECT job, pg_catalog.sum(inserted)::bigint AS inserted, pg_catalog.sum(already_present)::bigint AS already_present,
                     pg_catalog.sum(duplicates)::bigint AS duplicates, pg_catalog.max(memory_peak) AS memory_peak,
@@ -111,7 +112,7 @@ COMMENT ON COLUMN store.status.updated_at IS 'Last progress update';
 COMMENT ON COLUMN store.status.finished_at IS 'When it ended';
 COMMENT ON COLUMN store.status.error IS 'Why it failed';
 COMMENT ON COLUMN store.status.sqlstate IS 'SQLSTATE of that error';
-COMMENT ON COLUMN store.status.waiting_for IS 'Why a queued job does not run yet, when pg_store knows: no background worker slot free (max_worker_processes), or every store.workers worker busy in other databases';
+COMMENT ON COLUMN store.status.waiting_for IS 'Why a queued job does not run yet, when pg_store knows (no background worker slot free, max_worker_processes; or every store.workers worker busy in other databases); what a running job waits for, if a DBA can act on it (a lock another session holds; a synchronous standby''s confirmation of a commit)';
 
 CREATE VIEW store.ranges WITH (security_invoker = true) AS
 SELECT c.job,

@@ -15,7 +15,8 @@
 --
 -- store.jobs.target_storage and store.target_storage make the ledger follow the table
 -- (a TRUNCATE, a rewrite or a partition dropped makes the next run read the files
--- again); store.queue_note() says in store.status why a queued job waits;
+-- again); store.queue_note() and store.run_note() say in store.status why a queued job
+-- waits, and what a running one waits for;
 -- store.forget_files() is behind store.forget(). The function definitions are those pgrx
 -- generates for a fresh install.
 ALTER TABLE store.jobs ADD COLUMN target_storage text[];
@@ -42,6 +43,14 @@ STRICT STABLE PARALLEL SAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'queue_note_wrapper';
+
+CREATE  FUNCTION store."run_note"(
+	"job" bigint /* i64 */
+) RETURNS TEXT /* Option < String > */
+STRICT STABLE PARALLEL RESTRICTED 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'run_note_wrapper';
 
 CREATE  FUNCTION store."forget_files"(
 	"target" oid, /* Option < pg_sys :: Oid > */
@@ -116,7 +125,8 @@ SELECT j.id,
        j.finished_at,
        j.error,
        j.sqlstate,
-       CASE WHEN j.state OPERATOR(pg_catalog.=) 'queued' THEN store.queue_note() END AS waiting_for
+       CASE WHEN j.state OPERATOR(pg_catalog.=) 'queued' THEN store.queue_note()
+            WHEN j.state OPERATOR(pg_catalog.=) 'running' THEN store.run_note(j.id) END AS waiting_for
   FROM store.jobs j
   LEFT JOIN (SELECT job, pg_catalog.sum(inserted)::bigint AS inserted, pg_catalog.sum(already_present)::bigint AS already_present,
                     pg_catalog.sum(duplicates)::bigint AS duplicates, pg_catalog.max(memory_peak) AS memory_peak,
@@ -134,7 +144,7 @@ SELECT j.id,
 -- pg_read_all_stats; a dropped table takes its recorded storage with it; and
 -- store.forget() is new (section 4).
 COMMENT ON COLUMN store.status.rows_per_second IS 'Lines (inserted or already present) per second in the current (or last) attempt since it began inserting';
-COMMENT ON COLUMN store.status.waiting_for IS 'Why a queued job does not run yet, when pg_store knows: no background worker slot free (max_worker_processes), or every store.workers worker busy in other databases';
+COMMENT ON COLUMN store.status.waiting_for IS 'Why a queued job does not run yet, when pg_store knows (no background worker slot free, max_worker_processes; or every store.workers worker busy in other databases); what a running job waits for, if a DBA can act on it (a lock another session holds; a synchronous standby''s confirmation of a commit)';
 COMMENT ON COLUMN store.files.error IS 'Why the file failed, with the OS error; for an entry skipped by the listing (hidden name, symbolic link, socket, FIFO, device), why';
 COMMENT ON VIEW store.workers IS 'pg_store''s processes: the launcher, a worker per busy database, inserters; other roles'' work and other databases'' only to roles with the privileges of pg_read_all_stats';
 COMMENT ON COLUMN store.workers.job IS 'The job it works on';

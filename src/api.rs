@@ -170,6 +170,21 @@ fn queue_note() -> Option<String> {
     registry::queue_note(gucs::WORKERS.get().max(0) as usize)
 }
 
+/// What a running job of this database waits for, for `store.status`: a lock another
+/// session holds, or a synchronous standby; NULL while it works, and for a job the
+/// caller does not see.
+#[pg_extern(stable, parallel_restricted, schema = "store")]
+#[search_path(pg_catalog, pg_temp)]
+fn run_note(job: i64) -> Option<String> {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return None;
+    }
+    match jobs::visible(job) {
+        Ok(visible) => visible.then(|| registry::job_wait(job)).flatten(),
+        Err(e) => e.raise(),
+    }
+}
+
 /// Behind `store.forget`: make the ledger forget files ingested into `target` — every
 /// one, or `path` (a file, or a directory and everything under it) — so that the next
 /// run reads them again: after rows were deleted from the target, say. Only the ledger

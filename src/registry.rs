@@ -389,6 +389,36 @@ pub fn queue_note(cap: usize) -> Option<String> {
     (busy >= cap).then(|| format!("all store.workers ({cap}) are busy; this database is next in line"))
 }
 
+/// What a process working on `job` (in this database) waits for, where a DBA can act on
+/// it: a lock another session holds, or a synchronous standby's confirmation of a
+/// commit; for `store.status`. `None` while they work.
+pub fn job_wait(job: i64) -> Option<String> {
+    let db = my_database();
+    let pids: Vec<i32> = (REGISTRY.share().procs.iter())
+        .filter(|p| p.database == db && p.job == job && matches!(p.kind, Kind::Worker | Kind::Inserter))
+        .map(|p| p.pid)
+        .collect();
+    pids.into_iter().find_map(|pid| {
+        // SAFETY: BackendPidGetProc looks the PID up under ProcArrayLock; a PGPROC stays in
+        // shared memory, and its wait event is a 4-byte word read without a lock, as
+        // pg_stat_activity reads it. A PID that exited since is not found.
+        let event = unsafe {
+            let proc = pg_sys::BackendPidGetProc(pid);
+            if proc.is_null() {
+                return None;
+            }
+            std::ptr::read_volatile(&(*proc).wait_event_info)
+        };
+        if event == pg_sys::WaitEventIPC::WAIT_EVENT_SYNC_REP {
+            Some(format!("a synchronous standby to confirm a commit of process {pid} (synchronous_standby_names)"))
+        } else if event & 0xFF00_0000 == pg_sys::PG_WAIT_LOCK {
+            Some(format!("a lock another session holds: pg_blocking_pids({pid}) names it"))
+        } else {
+            None
+        }
+    })
+}
+
 /// A worker of `database` is about to look at its queue, or the launcher started one.
 pub fn granted(database: u32) {
     for w in REGISTRY.exclusive().wants.iter_mut().filter(|w| w.database == database) {

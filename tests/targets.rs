@@ -1,11 +1,13 @@
 //! Refuse early, say why: targets every batch would fail on, arguments and settings
-//! pg_store could not use, and a queued job that waits for a worker — each refused or
+//! pg_store could not use, a queued job that waits for a worker and a running one that
+//! waits for a lock or a synchronous standby — each refused or
 //! explained where the DBA acts, with a SQLSTATE, rather than failing later or never —;
 //! and what a `varchar(n)` target cannot hold, rejected line by line. Needs `make install`.
 
 mod common;
 
 use std::fs;
+use std::io::Write;
 use std::time::Duration;
 
 use common::{num, q, readable_dir, Cluster};
@@ -140,6 +142,42 @@ fn a_job_waiting_for_a_worker_slot_says_so() {
         q(&c, &format!("SELECT state || ' ' || (waiting_for IS NULL) FROM store.status WHERE id = {job}")),
         "cancelled true"
     );
+}
+
+/// A running job that waits says for what in `store.status.waiting_for`, naming what the
+/// DBA acts on: first a lock another session holds on the target, then a synchronous
+/// standby that never confirms the job's commits; once both are gone, it ends and waits
+/// for nothing.
+#[test]
+fn a_running_job_says_what_it_waits_for() {
+    let c = Cluster::start("targets_waits", "");
+    let dir = readable_dir(&c.dir.join("in"));
+    fs::write(dir.join("a.txt"), "one\ntwo\none\n").unwrap();
+    q(&c, "CREATE TABLE t (line text UNIQUE)");
+    // SHARE lets the job be queued and read its files, not insert.
+    let mut holder = c.session("postgres");
+    writeln!(holder.stdin.as_mut().unwrap(), "BEGIN; LOCK TABLE t IN SHARE MODE;").unwrap();
+    c.wait_until(
+        "SELECT EXISTS (SELECT FROM pg_locks WHERE relation = 't'::regclass AND mode = 'ShareLock' AND granted)",
+        Duration::from_secs(30),
+    );
+    let job = c.ingest(&format!("'{}', 't'", dir.display()));
+    let waits = |like: &str| format!("SELECT waiting_for LIKE '{like}' FROM store.status WHERE id = {job}");
+    c.wait_until(&waits("a lock another session holds: pg_blocking_pids(%) names it"), Duration::from_secs(60));
+    assert_eq!(q(&c, &format!("SELECT state FROM store.status WHERE id = {job}")), "running");
+    // The job's next commits wait for a standby that does not exist.
+    c.reload("ALTER SYSTEM SET synchronous_standby_names = 'nobody'");
+    writeln!(holder.stdin.as_mut().unwrap(), "COMMIT;").unwrap();
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+    c.wait_until(
+        &waits("a synchronous standby to confirm a commit of process % (synchronous_standby_names)"),
+        Duration::from_secs(60),
+    );
+    assert_eq!(q(&c, &format!("SELECT state FROM store.status WHERE id = {job}")), "running");
+    c.reload("ALTER SYSTEM RESET synchronous_standby_names");
+    c.wait_done(job);
+    assert_eq!(q(&c, &format!("SELECT count(*) || ' ' || (waiting_for IS NULL) FROM t, store.status WHERE id = {job} GROUP BY waiting_for")), "2 true");
 }
 
 /// A `varchar(n)` target, or a domain over one, takes the lines that fit, and a line longer
