@@ -39,17 +39,27 @@ pub fn transaction<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
     result
 }
 
-/// Flush this process's statistics (rows inserted into the target, WAL written, I/O) to
-/// the shared cumulative statistics, as a client backend does when it goes idle; at most
-/// once a second unless `force`. Without it a job's counts wait for its worker's exit:
-/// autovacuum and monitoring see nothing of a load while it runs.
+/// Flush this process's WAL statistics (`pg_stat_wal`) at most once a second; with
+/// `force`, every statistic it holds (the target's rows inserted, pg_store's own
+/// tables'), as a client backend does when a statement ends. A job forces it when it
+/// ends; a process's exit flushes the rest.
+///
+/// The rows wait for the job's end, as one `COPY`'s wait for its commit: reported as
+/// they are committed, batch by batch, they make autovacuum's insert threshold trigger
+/// passes over a table still being loaded (two over a 10 GiB load), whose reads and
+/// page writes the load then competes with: 322.0 and 327.7 s against 307.4 and 312.9 s
+/// with the table's autovacuum off (two cores). The pass still comes, once, after the
+/// job. `store.status` shows a job's progress meanwhile.
 pub fn report_stats(force: bool) {
     thread_local!(static LAST: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) });
     let due = LAST.with(|l| l.get().is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)));
-    if force || due {
-        LAST.with(|l| l.set(Some(std::time::Instant::now())));
+    if force {
         // SAFETY: called between transactions, in a backend connected to a database.
         unsafe { pg_sys::pgstat_report_stat(true) };
+    } else if due {
+        LAST.with(|l| l.set(Some(std::time::Instant::now())));
+        // SAFETY: as above; WAL statistics only.
+        unsafe { pg_sys::pgstat_report_wal(true) };
     }
 }
 

@@ -267,6 +267,7 @@ pub extern "C-unwind" fn pg_store_worker_main(arg: pg_sys::Datum) {
         }
         if !purged {
             retention::purge_expired();
+            crate::txn::report_stats(true);
             purged = true;
         }
         if idle_since.elapsed() >= IDLE_EXIT || !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
