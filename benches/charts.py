@@ -220,14 +220,15 @@ def parse_bench(text, sec):
 def parse_scale(text, sec):
     rows = []
     pat = re.compile(r"^(big_a|big_pg|new_b|new_pg|new_empty|big_kill)\s+.*?\s+([\d.]+)\s+\d+\s+(\S+)\s+(\S+)\s+(\S+)"
-                     r"\s+(\S+)\s+(\S+)\s+(\d+)\s+(\d+)\+(\d+)\s*$")
+                     r"\s+(\S+)\s+(\S+)\s+(\d+)\s+(\d+)\+(\d+)(?:\s+(\S+))?\s*$")
     for line in text.splitlines():
         m = pat.match(line)
         if m:
             n = [num(x) for x in m.groups()[2:7]]
             rows.append({"step": m.group(1), "wall_s": float(m.group(2)), "private_mib": n[0], "temp_mib": n[1],
                          "wal_mib": n[2], "fpi": n[3], "pages_written": n[4], "rows": int(m.group(8)),
-                         "heap_mib": int(m.group(9)), "index_mib": int(m.group(10))})
+                         "heap_mib": int(m.group(9)), "index_mib": int(m.group(10)),
+                         **({"autovacuums": num(m.group(11))} if m.group(11) else {})})
             m2 = re.search(r"(\d+) GiB", line)
             if m.group(1) == "big_pg" and m2:
                 sec["size_g"] = int(m2.group(1))
