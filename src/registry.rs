@@ -394,21 +394,24 @@ pub fn queue_note(cap: usize) -> Option<String> {
 /// commit; for `store.status`. `None` while they work.
 pub fn job_wait(job: i64) -> Option<String> {
     let db = my_database();
-    let pids: Vec<i32> = (REGISTRY.share().procs.iter())
-        .filter(|p| p.database == db && p.job == job && matches!(p.kind, Kind::Worker | Kind::Inserter))
-        .map(|p| p.pid)
-        .collect();
-    pids.into_iter().find_map(|pid| {
+    // The lock is held while the wait events are read: a process leaves the table under
+    // it before its PGPROC and PID are free, and takes another job only after leaving
+    // this one. Nothing takes it while holding ProcArrayLock.
+    let r = REGISTRY.share();
+    let mut procs =
+        r.procs.iter().filter(|p| p.database == db && p.job == job && matches!(p.kind, Kind::Worker | Kind::Inserter));
+    procs.find_map(|p| {
         // SAFETY: BackendPidGetProc looks the PID up under ProcArrayLock; a PGPROC stays in
         // shared memory, and its wait event is a 4-byte word read without a lock, as
-        // pg_stat_activity reads it. A PID that exited since is not found.
+        // pg_stat_activity reads it.
         let event = unsafe {
-            let proc = pg_sys::BackendPidGetProc(pid);
+            let proc = pg_sys::BackendPidGetProc(p.pid);
             if proc.is_null() {
                 return None;
             }
-            std::ptr::read_volatile(&(*proc).wait_event_info)
+            std::ptr::addr_of!((*proc).wait_event_info).read_volatile()
         };
+        let pid = p.pid;
         if event == pg_sys::WaitEventIPC::WAIT_EVENT_SYNC_REP {
             Some(format!("a synchronous standby to confirm a commit of process {pid} (synchronous_standby_names)"))
         } else if event & 0xFF00_0000 == pg_sys::PG_WAIT_LOCK {
