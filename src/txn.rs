@@ -39,29 +39,38 @@ pub fn transaction<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
     result
 }
 
-/// Flush this process's WAL statistics (`pg_stat_wal`) at most once a second; with
-/// `force`, every statistic it holds (the target's rows inserted, pg_store's own
-/// tables'), as a client backend does when a statement ends. A job forces it when it
-/// ends; a process's exit flushes the rest.
+/// Flush this process's WAL statistics (`pg_stat_wal`) at most once a second, and every
+/// statistic it holds (the target's rows inserted, pg_store's own tables') every
+/// [`FULL_REPORT_EVERY`] or with `force`: a job forces it when it ends, and a process's
+/// exit flushes the rest.
 ///
-/// The rows wait for the job's end, as one `COPY`'s wait for its commit: reported as
-/// they are committed, batch by batch, they make autovacuum's insert threshold trigger
-/// passes over a table still being loaded (two over a 10 GiB load), whose reads and
-/// page writes the load then competes with: 322.0 and 327.7 s against 307.4 and 312.9 s
-/// with the table's autovacuum off (two cores). The pass still comes, once, after the
-/// job. `store.status` shows a job's progress meanwhile.
+/// A job's rows wait, as one `COPY`'s wait for its commit: reported as they are
+/// committed, batch by batch, they make autovacuum's insert threshold start passes over
+/// a table still being loaded (two during a 10 GiB load), whose reads and page writes the
+/// load then competes with: 322.0 and 327.7 s against 307.4 and 312.9 s with the table's
+/// autovacuum off (two cores). They wait no longer than [`FULL_REPORT_EVERY`], which
+/// also bounds how long autovacuum cannot see the dead rows of pg_store's own tables
+/// (each batch rewrites its range's checkpoint, whose last key a long line puts in TOAST).
 pub fn report_stats(force: bool) {
-    thread_local!(static LAST: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) });
-    let due = LAST.with(|l| l.get().is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)));
-    if force {
+    thread_local!(static LAST: std::cell::Cell<[Option<std::time::Instant>; 2]> = const { std::cell::Cell::new([None; 2]) });
+    let [wal, full] = LAST.with(|l| l.get());
+    let since = |t: Option<std::time::Instant>, d| t.is_none_or(|t| t.elapsed() >= d);
+    if force || since(full, FULL_REPORT_EVERY) {
+        let now = Some(std::time::Instant::now());
+        LAST.with(|l| l.set([now, now]));
         // SAFETY: called between transactions, in a backend connected to a database.
         unsafe { pg_sys::pgstat_report_stat(true) };
-    } else if due {
-        LAST.with(|l| l.set(Some(std::time::Instant::now())));
+    } else if since(wal, std::time::Duration::from_secs(1)) {
+        LAST.with(|l| l.set([Some(std::time::Instant::now()), full]));
         // SAFETY: as above; WAL statistics only.
         unsafe { pg_sys::pgstat_report_wal(true) };
     }
 }
+
+/// How long a process keeps its table statistics before it reports them (see
+/// [`report_stats`]): a load shorter than this gets no autovacuum pass while it runs; a
+/// longer one at most one per this interval, each over the pages added since the last.
+pub const FULL_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Run `f` in a transaction that is then rolled back, whatever `f` returns: for what
 /// happens at abort (Citus, for one, closes its cached connections then).

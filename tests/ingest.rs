@@ -511,8 +511,8 @@ fn failed_jobs_carry_their_sqlstate() {
 }
 
 /// While a job runs, the WAL it writes shows in `pg_stat_wal` (at most a second late), and
-/// its rows reach the table's statistics when it ends, as one `COPY`'s do at its commit:
-/// autovacuum makes no passes over a table still being loaded.
+/// its rows reach the table's statistics when it ends (or after ten minutes), as one
+/// `COPY`'s do at its commit: autovacuum makes no passes over a table still being loaded.
 #[test]
 fn a_running_jobs_wal_shows_as_it_goes_and_its_rows_when_it_ends() {
     // One process inserts: an inserter of a range reports at its exit, which may come early.
