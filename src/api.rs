@@ -159,8 +159,9 @@ fn enqueue(
 }
 
 /// Why a queued job of this database waits, for `store.status`: no background worker slot
-/// free, or every `store.workers` worker busy elsewhere; NULL when a worker is about to
-/// take it (and on a standby, where jobs do not run).
+/// free, every `store.workers` worker busy elsewhere, or the worker's commit waiting for
+/// a synchronous standby; NULL when a worker is about to take it (and on a standby,
+/// where jobs do not run).
 #[pg_extern(stable, parallel_safe, schema = "store")]
 #[search_path(pg_catalog, pg_temp)]
 fn queue_note() -> Option<String> {

@@ -374,11 +374,17 @@ pub fn refused(database: u32) {
     }
 }
 
-/// Why a job queued in this database is not running yet, if the launcher knows: for
+/// Why a job queued in this database is not running yet, if pg_store knows: for
 /// `store.status`. `None` when a worker is about to take it.
 pub fn queue_note(cap: usize) -> Option<String> {
     let db = my_database();
     let r = REGISTRY.share();
+    // A worker claiming a job commits the claim before the job shows as running; with
+    // the synchronous standby gone, that commit waits (the lock held: see job_wait).
+    let mut claiming = r.procs.iter().filter(|p| p.kind == Kind::Worker && p.database == db && p.job == 0);
+    if let Some(p) = claiming.find(|p| Wait::of(p.pid) == Some(Wait::Standby)) {
+        return Some(Wait::Standby.note(p.pid));
+    }
     let want = r.wants.iter().find(|w| w.database == db)?;
     if want.refused {
         return Some(
@@ -400,26 +406,51 @@ pub fn job_wait(job: i64) -> Option<String> {
     let r = REGISTRY.share();
     let mut procs =
         r.procs.iter().filter(|p| p.database == db && p.job == job && matches!(p.kind, Kind::Worker | Kind::Inserter));
-    procs.find_map(|p| {
-        // SAFETY: BackendPidGetProc looks the PID up under ProcArrayLock; a PGPROC stays in
-        // shared memory, and its wait event is a 4-byte word read without a lock, as
+    procs.find_map(|p| Wait::of(p.pid).map(|w| w.note(p.pid)))
+}
+
+/// A wait of a pg_store process that a DBA can act on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// For a synchronous standby to confirm a commit.
+    Standby,
+    /// For a lock another session holds.
+    Lock,
+}
+
+impl Wait {
+    /// What process `pid` waits for, if a DBA can act on it. Waits to extend a relation,
+    /// or for a page lock, are left out: a job's own inserters meet there for moments.
+    fn of(pid: i32) -> Option<Wait> {
+        // SAFETY: BackendPidGetProc looks the PID up under ProcArrayLock; a PGPROC stays
+        // in shared memory, and its wait event is a 4-byte word read without a lock, as
         // pg_stat_activity reads it.
         let event = unsafe {
-            let proc = pg_sys::BackendPidGetProc(p.pid);
+            let proc = pg_sys::BackendPidGetProc(pid);
             if proc.is_null() {
                 return None;
             }
             std::ptr::addr_of!((*proc).wait_event_info).read_volatile()
         };
-        let pid = p.pid;
+        let brief =
+            matches!(event & 0xFFFF, pg_sys::LockTagType::LOCKTAG_RELATION_EXTEND | pg_sys::LockTagType::LOCKTAG_PAGE);
         if event == pg_sys::WaitEventIPC::WAIT_EVENT_SYNC_REP {
-            Some(format!("a synchronous standby to confirm a commit of process {pid} (synchronous_standby_names)"))
-        } else if event & 0xFF00_0000 == pg_sys::PG_WAIT_LOCK {
-            Some(format!("a lock another session holds: pg_blocking_pids({pid}) names it"))
+            Some(Wait::Standby)
+        } else if event & 0xFF00_0000 == pg_sys::PG_WAIT_LOCK && !brief {
+            Some(Wait::Lock)
         } else {
             None
         }
-    })
+    }
+
+    fn note(self, pid: i32) -> String {
+        match self {
+            Wait::Standby => format!(
+                "a synchronous standby to confirm a commit of process {pid} (synchronous_standby_names, pg_stat_replication)"
+            ),
+            Wait::Lock => format!("a lock another session holds: pg_blocking_pids({pid}) names it"),
+        }
+    }
 }
 
 /// A worker of `database` is about to look at its queue, or the launcher started one.

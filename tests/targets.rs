@@ -147,7 +147,7 @@ fn a_job_waiting_for_a_worker_slot_says_so() {
 /// A running job that waits says for what in `store.status.waiting_for`, naming what the
 /// DBA acts on: first a lock another session holds on the target, then a synchronous
 /// standby that never confirms the job's commits; once both are gone, it ends and waits
-/// for nothing.
+/// for nothing. A job queued while that standby is gone says so too.
 #[test]
 fn a_running_job_says_what_it_waits_for() {
     let c = Cluster::start("targets_waits", "");
@@ -171,12 +171,29 @@ fn a_running_job_says_what_it_waits_for() {
     drop(holder.stdin.take());
     holder.wait().unwrap();
     c.wait_until(
-        &waits("a synchronous standby to confirm a commit of process % (synchronous_standby_names)"),
+        &waits(
+            "a synchronous standby to confirm a commit of process % (synchronous_standby_names, pg_stat_replication)",
+        ),
         Duration::from_secs(60),
     );
     assert_eq!(q(&c, &format!("SELECT state FROM store.status WHERE id = {job}")), "running");
     c.reload("ALTER SYSTEM RESET synchronous_standby_names");
     c.wait_done(job);
+    // A job queued while the standby is gone: the worker's claim waits for it, and the
+    // job shows queued until it comes back.
+    c.reload("ALTER SYSTEM SET synchronous_standby_names = 'nobody'");
+    let queued: i64 = q(&c, &format!("SET synchronous_commit = local; SELECT store_ingest('{}', 't')", dir.display()))
+        .parse()
+        .unwrap();
+    c.wait_until(
+        &format!(
+            "SELECT state = 'queued' AND waiting_for LIKE 'a synchronous standby to confirm a commit of process %' \
+             FROM store.status WHERE id = {queued}"
+        ),
+        Duration::from_secs(60),
+    );
+    c.reload("ALTER SYSTEM RESET synchronous_standby_names");
+    c.wait_done(queued);
     assert_eq!(q(&c, &format!("SELECT count(*) || ' ' || (waiting_for IS NULL) FROM t, store.status WHERE id = {job} GROUP BY waiting_for")), "2 true");
 }
 
