@@ -70,7 +70,7 @@ pub fn report_stats(force: bool) {
 /// How long a process keeps its table statistics before it reports them (see
 /// [`report_stats`]): a load shorter than this gets no autovacuum pass while it runs; a
 /// longer one at most one per this interval, each over the pages added since the last.
-pub const FULL_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+const FULL_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Run `f` in a transaction that is then rolled back, whatever `f` returns: for what
 /// happens at abort (Citus, for one, closes its cached connections then).
