@@ -278,6 +278,18 @@ pub fn check(oid: pg_sys::Oid, column: &str, key_column: Option<&str>, role: pg_
     })
 }
 
+/// The target `$1` and, if it is partitioned, every partition below it, each with
+/// whether it is a leaf (holds rows), read from the catalog without locking any of them:
+/// `pg_partition_tree` takes a lock on every partition, so a call queueing a job would
+/// wait behind a session holding one partition (an `ALTER TABLE`, a `VACUUM FULL`).
+/// Recursion follows partitioned tables only, as `pg_partition_tree` does: the
+/// inheritance children of a plain table are not its rows.
+const TREE: &str = "WITH RECURSIVE tree (relid, isleaf) AS (\
+                      SELECT c.oid, c.relkind <> 'p' FROM pg_catalog.pg_class c WHERE c.oid = $1 \
+                      UNION ALL SELECT i.inhrelid, k.relkind <> 'p' \
+                        FROM tree JOIN pg_catalog.pg_inherits i ON i.inhparent = tree.relid \
+                        JOIN pg_catalog.pg_class k ON k.oid = i.inhrelid WHERE NOT tree.isleaf)";
+
 /// Refuse, when the job is queued, a target every batch would fail on: a deferrable
 /// unique or exclusion constraint (ON CONFLICT, which skips the lines a table holds,
 /// does not support them), a trigger that fires deferred on insert (PostgreSQL refuses
@@ -288,9 +300,8 @@ pub fn check(oid: pg_sys::Oid, column: &str, key_column: Option<&str>, role: pg_
 fn refuse_unworkable(oid: pg_sys::Oid, name: &str, columns: &[&str]) -> Result<()> {
     let row = Spi::connect(|c| {
         let t = c.select(
-            "WITH tree AS (SELECT relid, isleaf FROM pg_catalog.pg_partition_tree($1::pg_catalog.regclass) \
-                           UNION ALL SELECT $1::pg_catalog.regclass, true \
-                            WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_partition_tree($1::pg_catalog.regclass))) \
+            &format!(
+                "{TREE} \
              SELECT (SELECT pg_catalog.format('constraint %I of %s', n.conname, n.conrelid::pg_catalog.regclass) \
                        FROM pg_catalog.pg_constraint n WHERE n.conrelid IN (SELECT relid FROM tree) \
                         AND n.contype IN ('u', 'p', 'x') AND n.condeferrable LIMIT 1), \
@@ -305,7 +316,8 @@ fn refuse_unworkable(oid: pg_sys::Oid, name: &str, columns: &[&str]) -> Result<(
                     (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum) \
                        FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
                         AND a.attnotnull AND NOT a.atthasdef AND a.attgenerated = '' AND a.attidentity = '' \
-                        AND a.attname::pg_catalog.text <> ALL ($2::pg_catalog.text[]))",
+                        AND a.attname::pg_catalog.text <> ALL ($2::pg_catalog.text[]))"
+            ),
             Some(1),
             &[oid.into(), columns.to_vec().into()],
         )?;
@@ -381,16 +393,19 @@ pub fn admit(oid: pg_sys::Oid, columns: &[&str], job_owner: pg_sys::Oid) -> Resu
 fn rights(oid: pg_sys::Oid, columns: &[&str], role: pg_sys::Oid) -> Result<Admission> {
     let row = Spi::connect(|c| {
         let t = c.select(
-            "SELECT c.relowner, c.oid::pg_catalog.regclass::pg_catalog.text, c.relhasrules, \
+            &format!(
+                "{TREE} \
+             SELECT c.relowner, c.oid::pg_catalog.regclass::pg_catalog.text, c.relhasrules, \
                     (SELECT pg_catalog.array_agg(a) FROM pg_catalog.unnest($3::pg_catalog.text[]) a \
                       WHERE NOT pg_catalog.has_column_privilege($2, c.oid, a, 'INSERT')), \
                     (SELECT pg_catalog.format('%s (owned by %s)', p.oid::pg_catalog.regclass, p.relowner::pg_catalog.regrole) \
-                       FROM pg_catalog.pg_partition_tree(c.oid) t JOIN pg_catalog.pg_class p ON p.oid = t.relid \
+                       FROM tree t JOIN pg_catalog.pg_class p ON p.oid = t.relid \
                       WHERE p.relowner <> c.relowner LIMIT 1), \
                     pg_catalog.has_schema_privilege($2, c.relnamespace, 'USAGE'), \
                     c.relnamespace::pg_catalog.regnamespace::pg_catalog.text, \
                     pg_catalog.has_table_privilege($2, c.oid, 'SELECT') \
-             FROM pg_catalog.pg_class c WHERE c.oid = $1",
+             FROM pg_catalog.pg_class c WHERE c.oid = $1"
+            ),
             Some(1),
             &[oid.into(), role.into(), columns.to_vec().into()],
         )?;

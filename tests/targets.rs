@@ -197,6 +197,52 @@ fn a_running_job_says_what_it_waits_for() {
     assert_eq!(q(&c, &format!("SELECT count(*) || ' ' || (waiting_for IS NULL) FROM t, store.status WHERE id = {job} GROUP BY waiting_for")), "2 true");
 }
 
+/// Queueing a job into a partitioned table locks none of its partitions: a call made while
+/// another session holds one (an `ALTER TABLE`, a `VACUUM FULL`) returns at once — as a
+/// pg_cron call must — and the job waits for the partition instead, saying so. A partition
+/// owned by another role, at any depth, is refused at the call.
+#[test]
+fn a_call_into_a_partitioned_table_waits_for_no_partition() {
+    let c = Cluster::start("targets_partitions", "");
+    let dir = readable_dir(&c.dir.join("in"));
+    fs::write(dir.join("a.txt"), "apple\nbanana\ncherry\napple\n").unwrap();
+    q(
+        &c,
+        "CREATE TABLE p (line text PRIMARY KEY) PARTITION BY RANGE (line); \
+         CREATE TABLE p_a PARTITION OF p FOR VALUES FROM (MINVALUE) TO ('b'); \
+         CREATE TABLE p_b PARTITION OF p FOR VALUES FROM ('b') TO (MAXVALUE) PARTITION BY HASH (line); \
+         CREATE TABLE p_b0 PARTITION OF p_b FOR VALUES WITH (MODULUS 2, REMAINDER 0); \
+         CREATE TABLE p_b1 PARTITION OF p_b FOR VALUES WITH (MODULUS 2, REMAINDER 1)",
+    );
+    let mut holder = c.session("postgres");
+    writeln!(holder.stdin.as_mut().unwrap(), "BEGIN; LOCK TABLE p_b1 IN ACCESS EXCLUSIVE MODE;").unwrap();
+    c.wait_until(
+        "SELECT EXISTS (SELECT FROM pg_locks WHERE relation = 'p_b1'::regclass AND mode = 'AccessExclusiveLock' AND granted)",
+        Duration::from_secs(30),
+    );
+    let job: i64 =
+        q(&c, &format!("SET lock_timeout = '3s'; SELECT store_ingest('{}', 'p')", dir.display())).parse().unwrap();
+    c.wait_until(
+        &format!(
+            "SELECT waiting_for LIKE 'a lock another session holds: pg_blocking_pids(%) names it' \
+             FROM store.status WHERE id = {job}"
+        ),
+        Duration::from_secs(60),
+    );
+    writeln!(holder.stdin.as_mut().unwrap(), "COMMIT;").unwrap();
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+    c.wait_done(job);
+    assert_eq!(q(&c, "SELECT string_agg(line, ',' ORDER BY line) FROM p"), "apple,banana,cherry");
+    q(&c, "CREATE ROLE other; ALTER TABLE p_b0 OWNER TO other");
+    refused(
+        &c,
+        &format!("SELECT store_ingest('{}', 'p')", dir.display()),
+        "42501",
+        "partition public.p_b0 (owned by other) of \"public.p\" is not owned by the owner",
+    );
+}
+
 /// A `varchar(n)` target, or a domain over one, takes the lines that fit, and a line longer
 /// than n characters is a `too_long` reject, recorded like any other — not a 22001 that
 /// fails the job mid-insert after earlier batches committed. A domain over text with a
