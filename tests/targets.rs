@@ -199,8 +199,9 @@ fn a_running_job_says_what_it_waits_for() {
 
 /// Queueing a job into a partitioned table locks none of its partitions: a call made while
 /// another session holds one (an `ALTER TABLE`, a `VACUUM FULL`) returns at once — as a
-/// pg_cron call must — and the job waits for the partition instead, saying so. A partition
-/// owned by another role, at any depth, is refused at the call.
+/// pg_cron call must — and the job waits for the partition instead, saying so, and
+/// without deadlocking with a session that then locks the whole table. A partition owned
+/// by another role, at any depth, is refused at the call.
 #[test]
 fn a_call_into_a_partitioned_table_waits_for_no_partition() {
     let c = Cluster::start("targets_partitions", "");
@@ -229,9 +230,21 @@ fn a_call_into_a_partitioned_table_waits_for_no_partition() {
         ),
         Duration::from_secs(60),
     );
-    writeln!(holder.stdin.as_mut().unwrap(), "COMMIT;").unwrap();
-    drop(holder.stdin.take());
-    holder.wait().unwrap();
+    // A session locking the whole table meanwhile (as TRUNCATE does) queues behind the
+    // job, which locked the table before its partitions: no deadlock fails the job.
+    let mut locker = c.session("postgres");
+    writeln!(locker.stdin.as_mut().unwrap(), "BEGIN; LOCK TABLE p IN ACCESS EXCLUSIVE MODE;").unwrap();
+    c.wait_until(
+        "SELECT EXISTS (SELECT FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND NOT granted)",
+        Duration::from_secs(30),
+    );
+    // Past deadlock_timeout (1 s), so that the job is the one to find a deadlock, if any.
+    std::thread::sleep(Duration::from_secs(2));
+    for s in [&mut holder, &mut locker] {
+        writeln!(s.stdin.as_mut().unwrap(), "COMMIT;").unwrap();
+        drop(s.stdin.take());
+        s.wait().unwrap();
+    }
     c.wait_done(job);
     assert_eq!(q(&c, "SELECT string_agg(line, ',' ORDER BY line) FROM p"), "apple,banana,cherry");
     q(&c, "CREATE ROLE other; ALTER TABLE p_b0 OWNER TO other");
