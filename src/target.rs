@@ -212,28 +212,17 @@ pub fn check(oid: pg_sys::Oid, column: &str, key_column: Option<&str>, role: pg_
             .with_hint("A domain over text or varchar works too."))
         }
     };
-    let unique = match key_column {
-        None => Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid \
-               AND i.indpred IS NULL AND i.indnkeyatts = 1 \
-               AND (i.indkey[0] = $3 OR (i.indkey[0] = 0 \
-                    AND pg_catalog.pg_get_indexdef(i.indexrelid, 1, false) = pg_catalog.format('store.line_key(%I)', $2::text))))",
-            &[oid.into(), column.into(), attnum.into()],
-        )?,
-        Some(k) => {
-            let (key_attnum, key_typ, _) = attribute(oid, k, &name)?;
-            if key_typ != pg_sys::BYTEAOID {
-                return Err(StoreError::refused(ERRCODE_DATATYPE_MISMATCH, format!("key column \"{k}\" of \"{name}\" must be of type bytea"))
-                    .with_hint("pg_store fills it with store.line_key(line)."));
-            }
-            Spi::get_one_with_args::<bool>(
-                "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid \
-                   AND i.indpred IS NULL AND i.indnkeyatts = 1 AND i.indkey[0] = $2)",
-                &[oid.into(), key_attnum.into()],
-            )?
+    if let Some(k) = key_column {
+        let (_, key_typ, _) = attribute(oid, k, &name)?;
+        if key_typ != pg_sys::BYTEAOID {
+            return Err(StoreError::refused(
+                ERRCODE_DATATYPE_MISMATCH,
+                format!("key column \"{k}\" of \"{name}\" must be of type bytea"),
+            )
+            .with_hint("pg_store fills it with store.line_key(line)."));
         }
-    };
-    if unique != Some(true) {
+    }
+    if !has_unique_index(oid, column, key_column)? {
         let partitioned = kind == "p";
         let hint = match key_column {
             // A unique index on a partitioned table must hold its partition key, and
@@ -386,7 +375,36 @@ pub fn admit(oid: pg_sys::Oid, columns: &[&str], job_owner: pg_sys::Oid) -> Resu
     unsafe { pg_sys::LockRelationOid(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
     // On a snapshot taken now, after the lock: one taken before would still see the row
     // of a table dropped while this waited for it.
-    crate::read::fresh(|| rights(oid, columns, job_owner))
+    crate::read::fresh(|| {
+        let admission = rights(oid, columns, job_owner)?;
+        // Dropped during the job, the index would let ON CONFLICT and the look-up find
+        // nothing, and every batch insert lines the table holds.
+        let (column, key_column) = (columns[0], columns.get(1).copied());
+        if !has_unique_index(oid, column, key_column)? {
+            return Err(StoreError::refused(
+                ERRCODE_INVALID_COLUMN_REFERENCE,
+                format!("\"{}\" no longer has a unique index on column \"{}\"", admission.name, key_column.unwrap_or(column)),
+            )
+            .with_hint("It was dropped during the job (DROP INDEX, or a constraint dropped to be added again): pg_store skips the lines a table holds through it. The batches committed before stay; queue the job again once the table has a valid unique index."));
+        }
+        Ok(admission)
+    })
+}
+
+/// Whether `oid` has the unique index pg_store deduplicates through: valid, not
+/// partial, on the key column alone, or, without one, on the line column or
+/// `store.line_key` of it.
+fn has_unique_index(oid: pg_sys::Oid, column: &str, key_column: Option<&str>) -> Result<bool> {
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid \
+           AND i.indpred IS NULL AND i.indnkeyatts = 1 \
+           AND (i.indkey[0] = (SELECT a.attnum FROM pg_catalog.pg_attribute a \
+                                WHERE a.attrelid = $1 AND a.attname = coalesce($3, $2) AND NOT a.attisdropped) \
+                OR ($3 IS NULL AND i.indkey[0] = 0 \
+                    AND pg_catalog.pg_get_indexdef(i.indexrelid, 1, false) = pg_catalog.format('store.line_key(%I)', $2))))",
+        &[oid.into(), column.into(), key_column.into()],
+    )?
+    .unwrap_or(false))
 }
 
 /// The checks of [`admit`], without the lock (a caller queueing a job takes none).

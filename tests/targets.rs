@@ -320,3 +320,30 @@ fn a_target_dropped_during_a_job_fails_it_with_42p01() {
     let log = fs::read_to_string(c.dir.join("log")).unwrap();
     assert!(!log.contains("; following it"), "a dropped table was taken for a renamed one");
 }
+
+/// The unique index dropped while a job inserts (a constraint dropped to be added again,
+/// `DROP INDEX` then `CREATE UNIQUE INDEX CONCURRENTLY`): the job fails with 42P10 at its
+/// next batch, having inserted no line twice — without the index, ON CONFLICT finds nothing
+/// to conflict with, and the look-up of a batch's keys scans the whole table for each.
+#[test]
+fn a_unique_index_dropped_during_a_job_fails_it_with_42p10() {
+    let c = Cluster::start("targets_unique_dropped", "store.insert_workers = 1\nstore.batch_max = 500");
+    let (dir, _) =
+        common::fixtures(&c, "in", &store_testkit::GenSpec { files: 2, size: 4 << 20, seed: 5, ..Default::default() });
+    q(&c, "CREATE TABLE t (line text CONSTRAINT t_line PRIMARY KEY)");
+    // Half the lines are there already: each batch must skip them.
+    let first = c.ingest(&format!("'{}', 't'", dir.join("part-0000.txt").display()));
+    c.wait_done(first);
+    q(
+        &c,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.1); RETURN NULL; END $$; \
+         CREATE TRIGGER slow AFTER INSERT ON t FOR EACH STATEMENT EXECUTE FUNCTION slow()",
+    );
+    let job = c.ingest(&format!("'{}', 't'", dir.display()));
+    c.wait_mid_insert(job);
+    q(&c, "ALTER TABLE t DROP CONSTRAINT t_line");
+    assert_eq!(c.wait_state(job, &["failed", "done"], Duration::from_secs(60)), "failed");
+    let e = q(&c, &format!("SELECT sqlstate || ' ' || error FROM store.jobs WHERE id = {job}"));
+    assert!(e.starts_with("42P10 ") && e.contains("no longer has a unique index on column \"line\""), "{e}");
+    assert_eq!(q(&c, "SELECT count(*) - count(DISTINCT line) FROM t"), "0");
+}
