@@ -78,7 +78,8 @@ CREATE TABLE store.jobs (
     origin          text        NOT NULL DEFAULT store.origin(),
     -- since 0.3.0
     target_storage  text[],
-    insert_rows_before bigint   NOT NULL DEFAULT 0
+    insert_rows_before bigint   NOT NULL DEFAULT 0,
+    stops           integer     NOT NULL DEFAULT 0
 );
 COMMENT ON TABLE store.jobs IS 'One row per store_ingest call: the queue the background workers claim from, and each job''s live counters';
 COMMENT ON COLUMN store.jobs.id IS 'Job id, as returned by store_ingest';
@@ -116,6 +117,7 @@ COMMENT ON COLUMN store.jobs.created_at IS 'When store_ingest queued the job';
 COMMENT ON COLUMN store.jobs.started_at IS 'When a worker first started the job';
 COMMENT ON COLUMN store.jobs.insert_started_at IS 'When the current attempt began inserting';
 COMMENT ON COLUMN store.jobs.insert_rows_before IS 'Lines (inserted or already present) that earlier attempts had committed when the current one began inserting: store.status.rows_per_second counts only the current attempt''s';
+COMMENT ON COLUMN store.jobs.stops IS 'Attempts that ended with their worker asked to stop (a server shutdown or restart, pg_terminate_backend), each resumed by a later one: store.max_attempts counts only the attempts that ended otherwise';
 COMMENT ON COLUMN store.jobs.updated_at IS 'Last progress update';
 COMMENT ON COLUMN store.jobs.finished_at IS 'When the job reached done, partial, failed or cancelled';
 COMMENT ON COLUMN store.jobs.error IS 'Why the job failed, with the SQL error text where there is one';

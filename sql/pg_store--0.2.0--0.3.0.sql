@@ -25,6 +25,10 @@ COMMENT ON COLUMN store.jobs.target_storage IS 'The target''s storage when the j
 -- attempt's lines only (0.2.0's divided every attempt's lines by the current one's time).
 ALTER TABLE store.jobs ADD COLUMN insert_rows_before bigint NOT NULL DEFAULT 0;
 COMMENT ON COLUMN store.jobs.insert_rows_before IS 'Lines (inserted or already present) that earlier attempts had committed when the current one began inserting: store.status.rows_per_second counts only the current attempt''s';
+-- store.jobs.stops: a clean stop (a server shutdown) is not a worker gone, and does
+-- not count against store.max_attempts.
+ALTER TABLE store.jobs ADD COLUMN stops integer NOT NULL DEFAULT 0;
+COMMENT ON COLUMN store.jobs.stops IS 'Attempts that ended with their worker asked to stop (a server shutdown or restart, pg_terminate_backend), each resumed by a later one: store.max_attempts counts only the attempts that ended otherwise';
 -- store.jobs.memory_peak is sampled at each batch too.
 COMMENT ON COLUMN store.jobs.memory_peak IS 'Largest private resident memory (RssAnon + RssFile, so not counting shared_buffers) of the worker seen during the job, sampled about once a second, before each batch and at the end of each COPY, bytes';
 

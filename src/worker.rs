@@ -391,7 +391,9 @@ fn claim() -> Result<Option<(i64, i32)>> {
             if attempts >= max {
                 let e = StoreError::refused(
                     ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-                    format!("gave up after {attempts} attempts: each one ended with its worker gone (store.max_attempts = {max})"),
+                    format!(
+                        "gave up after {attempts} attempts: each one ended with its worker gone, not stopped (store.max_attempts = {max})"
+                    ),
                 );
                 jobs::fail(id, e.to_string(), e.sqlstate())?;
                 log!("pg_store job {id}: {e}");
@@ -444,6 +446,18 @@ fn run_claimed(id: i64, claim: i32) {
         Ok(Ended::Partial) => ("partial", None),
         Err(StoreError::Shutdown) => {
             log!("pg_store job {id}: stopping for shutdown; it resumes when a worker starts again");
+            if shutdown_requested() {
+                // Asked to stop, not gone: the attempt does not count against
+                // store.max_attempts. Committed locally: a synchronous standby that is
+                // gone must not hold up the shutdown.
+                let stopped = transaction(|| {
+                    Spi::run("SET LOCAL synchronous_commit = local")?;
+                    jobs::stopped(id, claim)
+                });
+                if let Err(e) = stopped {
+                    log!("pg_store job {id}: could not record the stop: {e}");
+                }
+            }
             // SAFETY: ends the process the way PostgreSQL expects; the lock dies with it.
             unsafe { pg_sys::proc_exit(1) };
         }

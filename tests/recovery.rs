@@ -157,13 +157,25 @@ fn immediate_stop_mid_insert_resumes_after_restart_with_no_loss_and_no_duplicate
     });
 }
 
+/// A clean shutdown is not a worker gone: restarts, more of them than
+/// `store.max_attempts`, each leave the job running, and it ends exact.
 #[test]
-fn fast_shutdown_mid_insert_leaves_the_job_resumable() {
-    interrupted_mid_insert_ends_exact("fast", |c, job| {
-        c.stop_fast();
-        c.pg_ctl_start();
-        assert_eq!(q(c, &format!("SELECT state FROM store.jobs WHERE id = {job}")), "running");
+fn fast_shutdowns_mid_insert_leave_the_job_resumable_and_do_not_use_up_its_attempts() {
+    let (c, job, _) = interrupted_mid_insert_ends_exact_with("fast", "store.max_attempts = 2", |c, job| {
+        for claim in 1..=3 {
+            c.wait_until(
+                &format!(
+                    "SELECT coalesce((SELECT attempts = {claim} AND worker_pid IS NOT NULL AND state = 'running' \
+                       FROM store.jobs WHERE id = {job}), false)"
+                ),
+                Duration::from_secs(60),
+            );
+            c.stop_fast();
+            c.pg_ctl_start();
+            assert_eq!(q(c, &format!("SELECT state FROM store.jobs WHERE id = {job}")), "running");
+        }
     });
+    assert_eq!(q(&c, &format!("SELECT attempts || ' ' || stops FROM store.jobs WHERE id = {job}")), "4 3");
 }
 
 /// A Bloom-mode job killed mid-insert cannot resume by key: it starts over on the ON

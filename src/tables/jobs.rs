@@ -198,8 +198,17 @@ pub fn claim_candidates(limit: i64) -> Result<Vec<i64>> {
 pub fn lock_open(id: i64) -> Result<(Option<i64>, Option<i32>)> {
     Ok(Spi::get_two_with_args::<i64, i32>(
         "SELECT (SELECT id FROM store.jobs WHERE id = $1 AND state IN ('queued', 'running') FOR UPDATE SKIP LOCKED), \
-                (SELECT attempts FROM store.jobs WHERE id = $1)",
+                (SELECT attempts - stops FROM store.jobs WHERE id = $1)",
         &[id.into()],
+    )?)
+}
+
+/// Claim `claim` of job `id` ended with its worker asked to stop (a shutdown): not an
+/// attempt that counts against `store.max_attempts`.
+pub fn stopped(id: i64, claim: i32) -> Result<()> {
+    Ok(Spi::run_with_args(
+        "UPDATE store.jobs SET stops = stops + 1 WHERE id = $1 AND attempts = $2 AND state = 'running'",
+        &[id.into(), claim.into()],
     )?)
 }
 
