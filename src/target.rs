@@ -285,7 +285,8 @@ const TREE: &str = "WITH RECURSIVE tree (relid, isleaf) AS (\
 /// to fire one inside the security-restricted operation a batch runs in, and it would
 /// run at commit, outside it), a table access method other than heap (columnar cannot
 /// do the speculative insertion ON CONFLICT needs), and a NOT NULL column without a
-/// default besides the ones pg_store fills.
+/// default besides the ones pg_store fills — NOT NULL in the table or in any partition:
+/// a row routed through the table takes the table's defaults, not the partition's.
 fn refuse_unworkable(oid: pg_sys::Oid, name: &str, columns: &[&str]) -> Result<()> {
     let row = Spi::connect(|c| {
         let t = c.select(
@@ -302,9 +303,12 @@ fn refuse_unworkable(oid: pg_sys::Oid, name: &str, columns: &[&str]) -> Result<(
                     (SELECT pg_catalog.format('%s uses the table access method %I', p.oid::pg_catalog.regclass, a.amname) \
                        FROM tree JOIN pg_catalog.pg_class p ON p.oid = tree.relid JOIN pg_catalog.pg_am a ON a.oid = p.relam \
                       WHERE tree.isleaf AND a.amhandler <> 'pg_catalog.heap_tableam_handler'::pg_catalog.regproc LIMIT 1), \
-                    (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum) \
-                       FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
-                        AND a.attnotnull AND NOT a.atthasdef AND a.attgenerated = '' AND a.attidentity = '' \
+                    (SELECT pg_catalog.string_agg(DISTINCT CASE WHEN a.attrelid = $1 THEN pg_catalog.quote_ident(a.attname) \
+                              ELSE pg_catalog.format('%I (NOT NULL in partition %s)', a.attname, a.attrelid::pg_catalog.regclass) END, ', ') \
+                       FROM tree JOIN pg_catalog.pg_attribute a ON a.attrelid = tree.relid \
+                       JOIN pg_catalog.pg_attribute r ON r.attrelid = $1 AND r.attname = a.attname \
+                      WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull \
+                        AND NOT r.atthasdef AND r.attgenerated = '' AND r.attidentity = '' \
                         AND a.attname::pg_catalog.text <> ALL ($2::pg_catalog.text[]))"
             ),
             Some(1),
@@ -338,7 +342,7 @@ fn refuse_unworkable(oid: pg_sys::Oid, name: &str, columns: &[&str]) -> Result<(
                 columns.join(", ")
             ),
         )
-        .with_hint("Give them a default, or drop NOT NULL, or ingest into a table of the line (and key) alone."));
+        .with_hint("Give them a default in the table itself (a partition's default does not apply to a row inserted through the table), or drop NOT NULL, or ingest into a table of the line (and key) alone."));
     }
     Ok(())
 }

@@ -47,6 +47,9 @@ fn targets_that_cannot_work_are_refused_at_the_call() {
          CREATE TABLE nn_ok (line text UNIQUE, source text NOT NULL DEFAULT 'files', id bigint GENERATED ALWAYS AS IDENTITY); \
          CREATE TABLE byday (line text, day date NOT NULL DEFAULT current_date, UNIQUE (line, day)) PARTITION BY RANGE (day); \
          CREATE TABLE byday_2026 PARTITION OF byday FOR VALUES FROM ('2026-01-01') TO ('2027-01-01'); \
+         CREATE TABLE pn (line text PRIMARY KEY, extra int) PARTITION BY HASH (line); \
+         CREATE TABLE pn0 PARTITION OF pn FOR VALUES WITH (MODULUS 2, REMAINDER 0); \
+         CREATE TABLE pn1 PARTITION OF pn (extra DEFAULT 7 NOT NULL) FOR VALUES WITH (MODULUS 2, REMAINDER 1); \
          CREATE ACCESS METHOD other_heap TYPE TABLE HANDLER heap_tableam_handler",
     );
     refused(&c, &ingest("deferred_u"), "0A000", "constraint u of public.deferred_u is deferrable");
@@ -55,6 +58,8 @@ fn targets_that_cannot_work_are_refused_at_the_call() {
     refused(&c, &ingest("trig"), "0A000", "constraint later on public.trig is INITIALLY DEFERRED");
     refused(&c, &ingest("child"), "0A000", "is INITIALLY DEFERRED");
     refused(&c, &ingest("nn"), "23502", "source");
+    // A partition's default does not apply to a row routed through the table.
+    refused(&c, &ingest("pn"), "23502", "extra (NOT NULL in partition public.pn1)");
     let e = refused(&c, &ingest("byday"), "42P10", "has no unique index on column \"line\"");
     assert!(
         e.contains("PARTITION BY HASH (line)") && !e.contains("CREATE UNIQUE INDEX ON public.byday (line)."),
