@@ -307,13 +307,13 @@ fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> Result<String> 
     if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
         return Err(StoreError::refused(
             ERRCODE_FEATURE_NOT_SUPPORTED,
-            "store_wait needs READ COMMITTED isolation: a snapshot would never see the job progress",
+            "store.wait needs READ COMMITTED isolation: a snapshot would never see the job progress",
         ));
     }
     if timeout.as_ref().is_some_and(|t| t.as_micros() < 0) {
         return Err(StoreError::refused(
             ERRCODE_INVALID_PARAMETER_VALUE,
-            "store_wait: the timeout must not be negative",
+            "store.wait: the timeout must not be negative",
         )
         .with_hint("Pass NULL to wait without a limit, or '0' to look once."));
     }
@@ -324,7 +324,7 @@ fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> Result<String> 
     // SAFETY: plain lookup of a transaction id against this backend's own.
     if unsafe { pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(xmin)) } {
         return Err(StoreError::refused(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("job {job} was queued by this transaction and cannot start before it commits"))
-            .with_hint("Call store_ingest and store_wait in separate transactions, e.g. SELECT store_ingest(...) \\gset then SELECT * FROM store_wait(:store_ingest)."));
+            .with_hint("Call store.ingest and store.wait in separate transactions, e.g. SELECT store.ingest(...) AS job \\gset then SELECT * FROM store.wait(:job)."));
     }
     let limit = timeout.map(|t| Duration::from_micros(t.as_micros() as u64));
     let started = Instant::now();
@@ -334,8 +334,9 @@ fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> Result<String> 
         if matches!(s.state.as_str(), "done" | "partial" | "failed" | "cancelled") {
             return Ok(s.state);
         }
+        refuse_waiting_on_a_standby(job)?;
         if limit.is_some_and(|l| started.elapsed() >= l) {
-            pgrx::notice!("store_wait: timed out, job {job} is still {}", s.state);
+            pgrx::notice!("store.wait: timed out, job {job} is still {}", s.state);
             return Ok(s.state);
         }
         if last_notice.elapsed() >= Duration::from_secs(3) {
@@ -344,6 +345,22 @@ fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> Result<String> 
         }
         crate::signals::nap(250);
     }
+}
+
+/// On a hot standby, a statement that waits keeps its snapshot, and the job's updates,
+/// vacuumed on the primary, conflict with it when replayed: WAL replay stops for
+/// `max_standby_streaming_delay` (30 s), then cancels the wait. Unless the standby holds
+/// the primary's vacuum back for it (`hot_standby_feedback`), refuse to wait there.
+fn refuse_waiting_on_a_standby(job: i64) -> Result<()> {
+    // SAFETY: reads shared state and a setting.
+    if unsafe { pg_sys::RecoveryInProgress() && !pg_sys::hot_standby_feedback } {
+        return Err(StoreError::refused(
+            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("store.wait cannot wait for job {job} on this hot standby: its snapshot would hold back WAL replay"),
+        )
+        .with_hint("Poll store.status here (each query takes a new snapshot), wait on the primary, or set hot_standby_feedback = on on this standby."));
+    }
+    Ok(())
 }
 
 /// `job 7 [#########-----------]  45.0%  inserting  1.20 GB/2.60 GB  310000 rows  310000 rows/s  ETA 0:42`

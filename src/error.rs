@@ -226,7 +226,7 @@ impl fmt::Display for StoreError {
                 None => f.write_str(message),
             },
             StoreError::Engine(e) => write!(f, "{e}"),
-            StoreError::Cancelled => f.write_str("cancelled by store_cancel"),
+            StoreError::Cancelled => f.write_str("cancelled by store.cancel"),
             StoreError::Shutdown => f.write_str("stopping for server shutdown"),
             StoreError::Fenced => f.write_str("another worker claimed the job"),
         }

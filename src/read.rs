@@ -43,7 +43,7 @@ pub fn require_primary(what: &str) -> Result<()> {
             pg_sys::errcodes::PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
             format!("cannot {what} on a hot standby"),
         )
-        .with_hint("Call it on the primary; store.status, store.workers and store_wait work here too."));
+        .with_hint("Call it on the primary; store.status and store.workers work here too."));
     }
     Ok(())
 }

@@ -245,7 +245,8 @@ fn a_dump_restored_into_a_fresh_cluster_keeps_lines_ledger_and_history() {
 /// A hot standby shows the jobs (`store.status`, `store.workers`, `store_wait`) and refuses
 /// what would write (`store_ingest`, `store_cancel`, `store_purge`, `store_forget`) with
 /// 25006 and a hint to use the primary — reads that wrote would fail there with XX000
-/// "cannot assign TransactionIds during recovery".
+/// "cannot assign TransactionIds during recovery". Waiting there for a running job needs
+/// `hot_standby_feedback` (55000 without it).
 #[test]
 fn a_hot_standby_shows_jobs_and_refuses_writes_with_25006() {
     let c = Cluster::start("standby_primary", "");
@@ -272,6 +273,28 @@ fn a_hot_standby_shows_jobs_and_refuses_writes_with_25006() {
         let e = on_standby(&sql).expect_err(&sql);
         assert!(e.contains("ERROR:  25006:") && e.contains("on a hot standby") && e.contains("primary"), "{sql}: {e}");
     }
+    // A job still running: a wait there would hold back WAL replay with its snapshot, so
+    // it is refused, unless the standby holds the primary's vacuum back for it.
+    q(
+        &c,
+        "CREATE TABLE slow_t (line text UNIQUE); \
+         CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$; \
+         CREATE TRIGGER slow AFTER INSERT ON slow_t FOR EACH STATEMENT EXECUTE FUNCTION slow()",
+    );
+    let running: i64 = q(&c, &format!("SELECT store_ingest('{}', 'slow_t')", dir.display())).parse().unwrap();
+    c.wait_until(&format!("SELECT state = 'running' FROM store.jobs WHERE id = {running}"), Duration::from_secs(60));
+    let t = Instant::now();
+    while s.psql(&format!("SELECT state FROM store.status WHERE id = {running}")).as_deref() != Ok("running") {
+        assert!(t.elapsed() < Duration::from_secs(60), "the standby never showed job {running} running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let e = on_standby(&format!("SELECT state FROM store.wait({running})")).expect_err("a wait on the standby");
+    assert!(
+        e.contains("ERROR:  55000:") && e.contains("hold back WAL replay") && e.contains("hot_standby_feedback"),
+        "{e}"
+    );
+    s.reload("ALTER SYSTEM SET hot_standby_feedback = on");
+    assert_eq!(on_standby(&format!("SELECT state FROM store.wait({running})")).unwrap(), "done");
 }
 
 /// `DROP EXTENSION pg_store CASCADE` during a job, by the extension's owner, stops the
