@@ -377,6 +377,12 @@ pub fn refused(database: u32) {
 /// Why a job queued in this database is not running yet, if pg_store knows: for
 /// `store.status`. `None` when a worker is about to take it.
 pub fn queue_note(cap: usize) -> Option<String> {
+    if cap == 0 {
+        return Some(
+            "store.workers is 0: no job runs until it is raised (ALTER SYSTEM SET store.workers, pg_reload_conf())"
+                .into(),
+        );
+    }
     let db = my_database();
     let r = REGISTRY.share();
     // A worker claiming a job commits the claim before the job shows as running; with

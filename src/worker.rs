@@ -245,6 +245,15 @@ pub extern "C-unwind" fn pg_store_worker_main(arg: pg_sys::Datum) {
             return;
         }
         reload_on_sighup();
+        if registry::workers() > gucs::WORKERS.get().max(0) as usize {
+            // store.workers was lowered (a running job finishes first): leave, and ask
+            // again for a worker for what waits here, which the launcher starts when
+            // there is room.
+            if matches!(transaction(jobs::any_queued), Ok(true)) {
+                registry::want_last(db);
+            }
+            return;
+        }
         registry::granted(db);
         match claim() {
             Ok(Some((id, claim))) => {

@@ -149,6 +149,36 @@ fn a_job_waiting_for_a_worker_slot_says_so() {
     );
 }
 
+/// `store.workers` lowered to 0 while a job runs: the job finishes, and the worker then
+/// leaves the next one queued, which says why; raised again, the queued job runs.
+#[test]
+fn store_workers_lowered_to_0_lets_the_running_job_finish_and_runs_no_other() {
+    let c = Cluster::start("targets_workers0", "store.workers = 1\nstore.batch_max = 500");
+    let dir = readable_dir(&c.dir.join("in"));
+    fs::write(dir.join("a.txt"), (0..20000).map(|i| format!("line {i}\n")).collect::<String>()).unwrap();
+    q(
+        &c,
+        "CREATE TABLE t (line text UNIQUE); \
+         CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.2); RETURN NULL; END $$; \
+         CREATE TRIGGER slow AFTER INSERT ON t FOR EACH STATEMENT EXECUTE FUNCTION slow()",
+    );
+    let running = c.ingest(&format!("'{}', 't'", dir.display()));
+    c.wait_until(&format!("SELECT inserted > 0 FROM store.status WHERE id = {running}"), Duration::from_secs(60));
+    let queued = c.ingest(&format!("'{}', 't'", dir.display()));
+    c.reload("ALTER SYSTEM SET store.workers = 0");
+    c.wait_done(running);
+    c.wait_until(
+        &format!("SELECT state = 'queued' AND waiting_for LIKE 'store.workers is 0: %' FROM store.status WHERE id = {queued}"),
+        Duration::from_secs(30),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(q(&c, &format!("SELECT state FROM store.status WHERE id = {queued}")), "queued");
+    c.reload("ALTER SYSTEM RESET store.workers");
+    c.wait_done(queued);
+    // The ledger knows the file the first job read.
+    assert_eq!(num(&c, &format!("SELECT files_skipped FROM store.status WHERE id = {queued}")), 1);
+}
+
 /// A running job that waits says for what in `store.status.waiting_for`, naming what the
 /// DBA acts on: first a lock another session holds on the target, then a synchronous
 /// standby that never confirms the job's commits; once both are gone, it ends and waits
