@@ -112,7 +112,7 @@ COMMENT ON COLUMN store.status.updated_at IS 'Last progress update';
 COMMENT ON COLUMN store.status.finished_at IS 'When it ended';
 COMMENT ON COLUMN store.status.error IS 'Why it failed';
 COMMENT ON COLUMN store.status.sqlstate IS 'SQLSTATE of that error';
-COMMENT ON COLUMN store.status.waiting_for IS 'Why a queued job does not run yet, when pg_store knows (no background worker slot free, max_worker_processes; every store.workers worker busy in other databases; the worker''s commit waiting for a synchronous standby); what a running job waits for, if a DBA can act on it (a lock another session holds; a synchronous standby''s confirmation of a commit). Known on the primary';
+COMMENT ON COLUMN store.status.waiting_for IS 'Why a queued job does not run yet, when pg_store knows (no background worker slot free, max_worker_processes; every store.workers worker busy in other databases; the worker''s commit waiting for a synchronous standby); what a running job waits for, if a DBA can act on it (a lock another session holds, naming the holders; a synchronous standby''s confirmation of a commit). Known on the primary';
 
 CREATE VIEW store.ranges WITH (security_invoker = true) AS
 SELECT c.job,

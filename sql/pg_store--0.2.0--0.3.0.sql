@@ -148,7 +148,7 @@ SELECT j.id,
 -- pg_read_all_stats; a dropped table takes its recorded storage with it; and
 -- store.forget() is new (section 4).
 COMMENT ON COLUMN store.status.rows_per_second IS 'Lines (inserted or already present) per second in the current (or last) attempt since it began inserting';
-COMMENT ON COLUMN store.status.waiting_for IS 'Why a queued job does not run yet, when pg_store knows (no background worker slot free, max_worker_processes; every store.workers worker busy in other databases; the worker''s commit waiting for a synchronous standby); what a running job waits for, if a DBA can act on it (a lock another session holds; a synchronous standby''s confirmation of a commit). Known on the primary';
+COMMENT ON COLUMN store.status.waiting_for IS 'Why a queued job does not run yet, when pg_store knows (no background worker slot free, max_worker_processes; every store.workers worker busy in other databases; the worker''s commit waiting for a synchronous standby); what a running job waits for, if a DBA can act on it (a lock another session holds, naming the holders; a synchronous standby''s confirmation of a commit). Known on the primary';
 COMMENT ON COLUMN store.files.error IS 'Why the file failed, with the OS error; for an entry skipped by the listing (hidden name, symbolic link, socket, FIFO, device), why';
 COMMENT ON VIEW store.workers IS 'pg_store''s processes: the launcher, a worker per busy database, inserters; other roles'' work and other databases'' only to roles with the privileges of pg_read_all_stats';
 COMMENT ON COLUMN store.workers.job IS 'The job it works on';

@@ -171,18 +171,30 @@ fn queue_note() -> Option<String> {
     registry::queue_note(gucs::WORKERS.get().max(0) as usize)
 }
 
-/// What a running job of this database waits for, for `store.status`: a lock another
-/// session holds, or a synchronous standby; NULL while it works, and for a job the
-/// caller does not see.
+/// What a running job of this database waits for, for `store.status`: a lock other
+/// sessions hold (naming their processes), or a synchronous standby; NULL while it
+/// works, and for a job the caller does not see.
 #[pg_extern(stable, parallel_restricted, schema = "store")]
 #[search_path(pg_catalog, pg_temp)]
 fn run_note(job: i64) -> Option<String> {
     if !PRELOADED.load(Ordering::Relaxed) {
         return None;
     }
-    match jobs::visible(job) {
-        Ok(visible) => visible.then(|| registry::job_wait(job)).flatten(),
+    let (note, waiter) = match jobs::visible(job) {
+        Ok(visible) => visible.then(|| registry::job_wait(job)).flatten()?,
         Err(e) => e.raise(),
+    };
+    let Some(pid) = waiter else { return Some(note) };
+    // Who holds the lock, read after the registry's lock is released: the lock
+    // manager's own locks are taken here. None left: the wait just ended.
+    let holders = Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.array_to_string(pg_catalog.pg_blocking_pids($1), ', ')",
+        &[pid.into()],
+    );
+    match holders {
+        Ok(Some(h)) if !h.is_empty() => Some(format!("a lock held by process {h}: pg_blocking_pids({pid}) names it")),
+        Ok(_) => None,
+        Err(_) => Some(note),
     }
 }
 

@@ -404,7 +404,7 @@ pub fn queue_note(cap: usize) -> Option<String> {
 /// What a process working on `job` (in this database) waits for, where a DBA can act on
 /// it: a lock another session holds, or a synchronous standby's confirmation of a
 /// commit; for `store.status`. `None` while they work.
-pub fn job_wait(job: i64) -> Option<String> {
+pub fn job_wait(job: i64) -> Option<(String, Option<i32>)> {
     let db = my_database();
     // The lock is held while the wait events are read: a process leaves the table under
     // it before its PGPROC and PID are free, and takes another job only after leaving
@@ -412,7 +412,7 @@ pub fn job_wait(job: i64) -> Option<String> {
     let r = REGISTRY.share();
     let mut procs =
         r.procs.iter().filter(|p| p.database == db && p.job == job && matches!(p.kind, Kind::Worker | Kind::Inserter));
-    procs.find_map(|p| Wait::of(p.pid).map(|w| w.note(p.pid)))
+    procs.find_map(|p| Wait::of(p.pid).map(|w| (w.note(p.pid), (w == Wait::Lock).then_some(p.pid))))
 }
 
 /// A wait of a pg_store process that a DBA can act on.

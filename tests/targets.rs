@@ -198,7 +198,13 @@ fn a_running_job_says_what_it_waits_for() {
     );
     let job = c.ingest(&format!("'{}', 't'", dir.display()));
     let waits = |like: &str| format!("SELECT waiting_for LIKE '{like}' FROM store.status WHERE id = {job}");
-    c.wait_until(&waits("a lock another session holds: pg_blocking_pids(%) names it"), Duration::from_secs(60));
+    // The note names the session holding the lock.
+    let holder_pid =
+        q(&c, "SELECT pid FROM pg_locks WHERE relation = 't'::regclass AND mode = 'ShareLock' AND granted");
+    c.wait_until(
+        &waits(&format!("a lock held by process {holder_pid}: pg_blocking_pids(%) names it")),
+        Duration::from_secs(60),
+    );
     assert_eq!(q(&c, &format!("SELECT state FROM store.status WHERE id = {job}")), "running");
     // The job's next commits wait for a standby that does not exist.
     c.reload("ALTER SYSTEM SET synchronous_standby_names = 'nobody'");
@@ -260,7 +266,7 @@ fn a_call_into_a_partitioned_table_waits_for_no_partition() {
         q(&c, &format!("SET lock_timeout = '3s'; SELECT store_ingest('{}', 'p')", dir.display())).parse().unwrap();
     c.wait_until(
         &format!(
-            "SELECT waiting_for LIKE 'a lock another session holds: pg_blocking_pids(%) names it' \
+            "SELECT waiting_for LIKE 'a lock held by process %: pg_blocking_pids(%) names it' \
              FROM store.status WHERE id = {job}"
         ),
         Duration::from_secs(60),
