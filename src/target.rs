@@ -397,7 +397,8 @@ pub fn admit(oid: pg_sys::Oid, columns: &[&str], job_owner: pg_sys::Oid) -> Resu
 
 /// Whether `oid` has the unique index pg_store deduplicates through: valid, not
 /// partial, on the key column alone, or, without one, on the line column or
-/// `store.line_key` of it.
+/// `store.line_key` of it (its definition compared as `pg_get_indexdef` prints it, with
+/// the session's `quote_all_identifiers`, which `%I` follows too).
 fn has_unique_index(oid: pg_sys::Oid, column: &str, key_column: Option<&str>) -> Result<bool> {
     Ok(Spi::get_one_with_args::<bool>(
         "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid \
@@ -405,7 +406,7 @@ fn has_unique_index(oid: pg_sys::Oid, column: &str, key_column: Option<&str>) ->
            AND (i.indkey[0] = (SELECT a.attnum FROM pg_catalog.pg_attribute a \
                                 WHERE a.attrelid = $1 AND a.attname = coalesce($3, $2) AND NOT a.attisdropped) \
                 OR ($3 IS NULL AND i.indkey[0] = 0 \
-                    AND pg_catalog.pg_get_indexdef(i.indexrelid, 1, false) = pg_catalog.format('store.line_key(%I)', $2))))",
+                    AND pg_catalog.pg_get_indexdef(i.indexrelid, 1, false) = pg_catalog.format('%I.%I(%I)', 'store', 'line_key', $2))))",
         &[oid.into(), column.into(), key_column.into()],
     )?
     .unwrap_or(false))
@@ -515,7 +516,7 @@ fn probe_condition(oid: pg_sys::Oid, column: &str, attnum: i16, key_column: Opti
          FROM pg_catalog.pg_index i WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid \
            AND i.indpred IS NULL AND i.indnkeyatts = 1 \
            AND (i.indkey[0] = $3 OR (i.indkey[0] = 0 \
-                AND pg_catalog.pg_get_indexdef(i.indexrelid, 1, false) = pg_catalog.format('store.line_key(%I)', $2::text))) \
+                AND pg_catalog.pg_get_indexdef(i.indexrelid, 1, false) = pg_catalog.format('%I.%I(%I)', 'store', 'line_key', $2::text))) \
            AND EXISTS (SELECT FROM pg_catalog.pg_amop o JOIN pg_catalog.pg_opclass c ON c.opcfamily = o.amopfamily \
                 WHERE c.oid = i.indclass[0] AND o.amopstrategy = 3 \
                   AND o.amopopr IN ('pg_catalog.=(text,text)'::pg_catalog.regoperator, 'pg_catalog.=(bytea,bytea)'::pg_catalog.regoperator)) \

@@ -312,9 +312,10 @@ fn fail_restored_jobs() {
 /// The worker's own SQL runs as a superuser: it resolves names in `pg_catalog` (and
 /// `pg_temp`, last) only, never in a schema a user can create objects in. Settings a
 /// database's owner may attach to the database (`ALTER DATABASE … SET`) reach the worker
-/// too: its role, client encoding (which binary COPY converts text from), string syntax
-/// and transactions (read-write, read committed: a database set read-only kept its jobs
-/// queued, each look for work failing) are pinned to what its SQL assumes.
+/// too: its session user and role, client encoding (which binary COPY converts text
+/// from), string syntax, identifier quoting, row security and transactions (read-write,
+/// read committed: a database set read-only kept its jobs queued, each look for work
+/// failing) are pinned to what its SQL assumes.
 fn pin_session() {
     let set = |name: &std::ffi::CStr, value: &std::ffi::CStr| {
         // SAFETY: sets a session GUC from the main thread; an invalid value raises an
@@ -330,9 +331,24 @@ fn pin_session() {
     };
     set(c"search_path", c"pg_catalog, pg_temp");
     let pinned = transaction(|| {
+        // The session user the worker started as (a superuser): a database's
+        // `session_authorization` applies to a background worker's connection, which has
+        // no login of its own to override it, and turned the worker into the owner's role.
+        // SAFETY: a catalog look-up in a transaction; the name is copied at once.
+        let me =
+            unsafe { std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetAuthenticatedUserId(), false)) }
+                .to_owned();
+        set(c"session_authorization", &me);
+        // SAFETY: reads the session's user state.
+        if unsafe { pg_sys::GetSessionUserId() != pg_sys::GetAuthenticatedUserId() || !pg_sys::superuser() } {
+            return Err(StoreError::internal("the worker's session is not its own superuser's"));
+        }
         set(c"role", c"none");
         set(c"client_encoding", c"UTF8");
         set(c"standard_conforming_strings", c"on");
+        // Index definitions are compared as pg_get_indexdef prints them.
+        set(c"quote_all_identifiers", c"off");
+        set(c"row_security", c"on");
         set(c"default_transaction_read_only", c"off");
         set(c"default_transaction_isolation", c"read committed");
         set(c"default_transaction_deferrable", c"off");

@@ -431,6 +431,9 @@ fn overloads_the_database_owner_plants_never_catch_calls_of_the_store_functions(
     // Settings the owner attaches to a database reach its worker's connection: a database
     // made read-only (and serializable) by its owner kept every job queued, the worker's
     // look for work failing. The worker pins its transactions read-write, read committed.
+    // Its session user too: `session_authorization` made it the owner's role, which saw no
+    // job (all queued for good). And identifier quoting: with every identifier quoted, the
+    // index on store.line_key(line) was not found, and every job into store.lines failed.
     q(&c, "CREATE DATABASE ro OWNER dbowner");
     c.psql_in("ro", "postgres", "CREATE EXTENSION pg_store").unwrap();
     c.psql_in(
@@ -438,7 +441,9 @@ fn overloads_the_database_owner_plants_never_catch_calls_of_the_store_functions(
         "dbowner",
         "ALTER DATABASE ro SET default_transaction_read_only = on; \
          ALTER DATABASE ro SET default_transaction_isolation = 'serializable'; \
-         ALTER DATABASE ro SET default_transaction_deferrable = on",
+         ALTER DATABASE ro SET default_transaction_deferrable = on; \
+         ALTER DATABASE ro SET session_authorization = 'dbowner'; \
+         ALTER DATABASE ro SET quote_all_identifiers = on",
     )
     .unwrap();
     let job: i64 = c
