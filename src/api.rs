@@ -187,13 +187,17 @@ fn run_note(job: i64) -> Option<String> {
     let Some(pid) = waiter else { return Some(note) };
     // Who holds the lock, read after the registry's lock is released: the lock
     // manager's own locks are taken here. None left: the wait just ended.
+    // (A prepared transaction holds its locks with no process: PID 0.)
     let holders = Spi::get_one_with_args::<String>(
-        "SELECT pg_catalog.array_to_string(pg_catalog.pg_blocking_pids($1), ', ')",
+        "SELECT pg_catalog.string_agg(CASE WHEN h OPERATOR(pg_catalog.=) 0 \
+                                           THEN 'a prepared transaction (pg_prepared_xacts)' \
+                                           ELSE 'process ' OPERATOR(pg_catalog.||) h END, ', ') \
+           FROM pg_catalog.unnest(pg_catalog.pg_blocking_pids($1)) h",
         &[pid.into()],
     );
     match holders {
-        Ok(Some(h)) if !h.is_empty() => Some(format!("a lock held by process {h}: pg_blocking_pids({pid}) names it")),
-        Ok(_) => None,
+        Ok(Some(h)) => Some(format!("a lock held by {h}: pg_blocking_pids({pid}) names it")),
+        Ok(None) => None,
         Err(_) => Some(note),
     }
 }

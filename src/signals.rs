@@ -1,8 +1,63 @@
 //! The signals a background process of pg_store acts on: SIGTERM (the postmaster asks
 //! it to exit; a running job stays open and resumes later) and SIGHUP (reload the
-//! configuration). Both are looked at on the main thread, between statements.
+//! configuration). Both are looked at on the main thread, between statements; SIGTERM
+//! also ends the statement a process working on a job waits in.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
+
+/// This process works on a job (or claims one): SIGTERM cancels its statement too.
+static BUSY: AtomicBool = AtomicBool::new(false);
+
+/// The SIGTERM handler pgrx attached: it sets the flag [`shutdown_requested`] reads.
+static mut FLAG_HANDLER: pg_sys::pqsigfunc = None;
+
+/// Attach the handlers of a pg_store background process: SIGHUP and SIGTERM set flags
+/// looked at between statements, and SIGTERM, while the process is [`busy`], cancels the
+/// statement it is in, as SIGINT does. A wait for a lock (one a prepared transaction
+/// holds outlives every session a fast shutdown ends) or for a synchronous standby that
+/// is gone would otherwise hold up the shutdown for good. The statement's error is then
+/// taken for the shutdown it is ([`shutdown_requested`]), and the job resumes later.
+pub fn attach() {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // SAFETY: on the main thread, before any other thread runs; the handler is
+    // async-signal-safe (flags, the latch, an atomic).
+    unsafe { FLAG_HANDLER = pg_sys::pqsignal(libc::SIGTERM, Some(on_sigterm)) };
+}
+
+unsafe extern "C-unwind" fn on_sigterm(signal: std::ffi::c_int) {
+    // SAFETY: set once by `attach` before this handler was installed.
+    if let Some(flag) = unsafe { FLAG_HANDLER } {
+        // SAFETY: pgrx's handler, in the signal context it was written for.
+        unsafe { flag(signal) };
+    }
+    if BUSY.load(Ordering::SeqCst) {
+        // SAFETY: PostgreSQL's SIGINT handler: sets the interrupt flags and the latch.
+        unsafe { pg_sys::StatementCancelHandler(signal) };
+    }
+}
+
+/// Run `f` (a claim, a job, a range) with SIGTERM cancelling the statement it is in.
+pub fn busy<R>(f: impl FnOnce() -> R) -> R {
+    struct Idle;
+    impl Drop for Idle {
+        fn drop(&mut self) {
+            BUSY.store(false, Ordering::SeqCst);
+        }
+    }
+    BUSY.store(true, Ordering::SeqCst);
+    let _idle = Idle;
+    f()
+}
+
+/// Forget a statement cancel SIGTERM asked for and no statement has taken yet: the
+/// process is stopping, and records that in a transaction of its own.
+pub fn forget_cancel() {
+    // SAFETY: a flag of this process, cleared on its main thread.
+    unsafe { std::ptr::addr_of_mut!(pg_sys::QueryCancelPending).write_volatile(0) };
+}
 
 /// True once the postmaster asked this process to exit (SIGTERM).
 pub fn shutdown_requested() -> bool {

@@ -22,9 +22,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker, SignalWakeFlags,
-};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker};
 use pgrx::prelude::*;
 
 use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
@@ -32,7 +30,7 @@ use pgrx::pg_sys::errcodes::PgSqlErrorCode::*;
 use crate::error::{sqlstate_text, Result, StoreError};
 use crate::job::{self, Ended};
 use crate::registry::{self, Kind};
-use crate::signals::{reload_on_sighup, shutdown_requested};
+use crate::signals::{self, reload_on_sighup, shutdown_requested};
 use crate::tables::checkpoints;
 use crate::tables::jobs::{self, cancel_requested};
 use crate::txn::transaction;
@@ -60,7 +58,7 @@ pub fn register() {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_store_launcher_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    crate::signals::attach();
     BackgroundWorker::connect_worker_to_spi(None, None);
     registry::clean_up_at_exit();
     registry::proc_enter(Kind::Launcher);
@@ -214,7 +212,7 @@ fn remove_legacy_dirs() {
 pub extern "C-unwind" fn pg_store_worker_main(arg: pg_sys::Datum) {
     // SAFETY: the argument the launcher registered.
     let db = unsafe { i64::from_datum(arg, false) }.unwrap_or(0) as u32;
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    crate::signals::attach();
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
     registry::clean_up_at_exit();
     registry::proc_enter(Kind::Worker);
@@ -255,13 +253,13 @@ pub extern "C-unwind" fn pg_store_worker_main(arg: pg_sys::Datum) {
             return;
         }
         registry::granted(db);
-        match claim() {
+        match signals::busy(claim) {
             Ok(Some((id, claim))) => {
                 registry::proc_job(id);
                 if matches!(transaction(|| more_queued(id)), Ok(true)) {
                     registry::want(db);
                 }
-                run_claimed(id, claim);
+                signals::busy(|| run_claimed(id, claim));
                 registry::proc_job(0);
                 (idle_since, purged) = (Instant::now(), false);
                 if registry::others_waiting(db) && registry::workers() >= gucs::WORKERS.get().max(0) as usize {
@@ -458,7 +456,12 @@ fn unwound(what: &str, p: Box<dyn std::any::Any + Send>) -> StoreError {
 }
 
 fn run_claimed(id: i64, claim: i32) {
-    let outcome = std::panic::catch_unwind(|| job::run(id, claim)).unwrap_or_else(|p| Err(unwound("the job", p)));
+    let outcome = match std::panic::catch_unwind(|| job::run(id, claim)).unwrap_or_else(|p| Err(unwound("the job", p)))
+    {
+        // The statement SIGTERM cancelled.
+        Err(e) if e.is_query_canceled() && shutdown_requested() => Err(StoreError::Shutdown),
+        outcome => outcome,
+    };
     // A panic may have left a transaction open.
     // SAFETY: aborts whatever the job left open.
     unsafe {
@@ -475,6 +478,7 @@ fn run_claimed(id: i64, claim: i32) {
                 // Asked to stop, not gone: the attempt does not count against
                 // store.max_attempts. Committed locally: a synchronous standby that is
                 // gone must not hold up the shutdown.
+                signals::forget_cancel();
                 let stopped = transaction(|| {
                     Spi::run("SET LOCAL synchronous_commit = local")?;
                     jobs::stopped(id, claim)
@@ -542,7 +546,7 @@ pub extern "C-unwind" fn pg_store_inserter_main(arg: pg_sys::Datum) {
         return;
     };
     let claim = claim as i32;
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    crate::signals::attach();
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db as u32)), None);
     registry::clean_up_at_exit();
     registry::proc_enter(Kind::Inserter);
@@ -551,8 +555,10 @@ pub extern "C-unwind" fn pg_store_inserter_main(arg: pg_sys::Datum) {
     if !registry::enter(id, claim, range) {
         return;
     }
-    let outcome = std::panic::catch_unwind(|| job::run_range(id, claim, range))
-        .unwrap_or_else(|p| Err(unwound("the inserter", p)));
+    let outcome = signals::busy(|| {
+        std::panic::catch_unwind(|| job::run_range(id, claim, range))
+            .unwrap_or_else(|p| Err(unwound("the inserter", p)))
+    });
     // SAFETY: aborts whatever the range left open.
     unsafe {
         if pg_sys::IsTransactionState() {
@@ -561,7 +567,8 @@ pub extern "C-unwind" fn pg_store_inserter_main(arg: pg_sys::Datum) {
     }
     match outcome {
         Ok(()) | Err(StoreError::Shutdown | StoreError::Fenced | StoreError::Cancelled) => {}
-        Err(e) if e.is_query_canceled() && cancel_requested(id) => {}
+        // The statement SIGTERM (or store.cancel) cancelled.
+        Err(e) if e.is_query_canceled() && (shutdown_requested() || cancel_requested(id)) => {}
         Err(e) => {
             log!("pg_store job {id}: the inserter of range {range} failed: {e} (SQLSTATE {})", e.sqlstate());
             let res = transaction(|| checkpoints::record_error(id, range, claim, e.to_string(), e.sqlstate()));

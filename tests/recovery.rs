@@ -178,6 +178,32 @@ fn fast_shutdowns_mid_insert_leave_the_job_resumable_and_do_not_use_up_its_attem
     assert_eq!(q(&c, &format!("SELECT attempts || ' ' || stops FROM store.jobs WHERE id = {job}")), "4 3");
 }
 
+/// A fast shutdown while the job waits for a lock a prepared transaction holds (which
+/// outlives every session the shutdown ends): the worker's SIGTERM ends that wait, the
+/// server stops (it waited for good), and after the restart and the prepared
+/// transaction's end the job resumes, its stop not counted as an attempt gone.
+#[test]
+fn a_fast_shutdown_ends_a_wait_for_a_prepared_transactions_lock() {
+    let c = Cluster::start("prepared", "max_prepared_transactions = 2");
+    let (dir, want) = fixtures(&c, "in", &GenSpec { files: 1, size: 1 << 20, seed: 12, ..GenSpec::default() });
+    q(&c, "CREATE TABLE t (line text UNIQUE)");
+    q(&c, "BEGIN; LOCK TABLE t IN SHARE MODE; PREPARE TRANSACTION 'hold'");
+    let job = c.ingest(&format!("'{}', 't'", dir.display()));
+    c.wait_until(
+        &format!(
+            "SELECT coalesce((SELECT waiting_for LIKE 'a lock held by a prepared transaction (pg_prepared_xacts): %' \
+               FROM store.status WHERE id = {job}), false)"
+        ),
+        Duration::from_secs(60),
+    );
+    c.stop_fast();
+    c.pg_ctl_start();
+    q(&c, "ROLLBACK PREPARED 'hold'");
+    c.wait_done(job);
+    assert_eq!(c.table_sha("t", "line"), want.sha256);
+    assert_eq!(q(&c, &format!("SELECT attempts - stops FROM store.jobs WHERE id = {job}")), "1");
+}
+
 /// A Bloom-mode job killed mid-insert cannot resume by key: it starts over on the ON
 /// CONFLICT path, and ends with no line twice and none that is not in the input, within its
 /// estimate of false drops, its counts adding up.
