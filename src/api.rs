@@ -123,10 +123,11 @@ fn enqueue(
         return Err(StoreError::refused(
             ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             "store.workers is 0: no worker would run this job",
-        ));
+        )
+        .with_hint("Set it above 0 and reload (ALTER SYSTEM SET store.workers = 2; SELECT pg_reload_conf()); jobs queued before it was set to 0 wait for that too."));
     }
     if security::in_restricted_operation() {
-        return Err(StoreError::refused(ERRCODE_INSUFFICIENT_PRIVILEGE, "store_ingest cannot be called inside a security-restricted operation").with_hint(
+        return Err(StoreError::refused(ERRCODE_INSUFFICIENT_PRIVILEGE, "store.ingest cannot be called inside a security-restricted operation").with_hint(
             "Maintenance commands (ANALYZE, VACUUM, REINDEX, CREATE INDEX, REFRESH MATERIALIZED VIEW) run a table owner's index and view code this way; reading server files does not belong there.",
         ));
     }

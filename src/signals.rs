@@ -39,12 +39,13 @@ unsafe extern "C-unwind" fn on_sigterm(signal: std::ffi::c_int) {
     }
 }
 
-/// Run `f` (a claim, a job, a range) with SIGTERM cancelling the statement it is in.
+/// Run `f` (a claim, a job, a range) with SIGTERM cancelling the statement it is in;
+/// then [`job_over`].
 pub fn busy<R>(f: impl FnOnce() -> R) -> R {
     struct Idle;
     impl Drop for Idle {
         fn drop(&mut self) {
-            BUSY.store(false, Ordering::SeqCst);
+            job_over();
         }
     }
     BUSY.store(true, Ordering::SeqCst);
@@ -52,9 +53,12 @@ pub fn busy<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Forget a statement cancel SIGTERM asked for and no statement has taken yet: the
-/// process is stopping, and records that in a transaction of its own.
-pub fn forget_cancel() {
+/// The job's (or range's) statements are over: from here SIGTERM only sets its flag, and
+/// a cancel it asked for that no statement took is forgotten — the next `CHECK_FOR_INTERRUPTS`,
+/// even a LOG line's, would raise it outside any transaction, and the bookkeeping after
+/// a job (its end, a stop) must not be cancelled.
+pub fn job_over() {
+    BUSY.store(false, Ordering::SeqCst);
     // SAFETY: a flag of this process, cleared on its main thread.
     unsafe { std::ptr::addr_of_mut!(pg_sys::QueryCancelPending).write_volatile(0) };
 }

@@ -462,6 +462,7 @@ fn run_claimed(id: i64, claim: i32) {
         Err(e) if e.is_query_canceled() && shutdown_requested() => Err(StoreError::Shutdown),
         outcome => outcome,
     };
+    signals::job_over();
     // A panic may have left a transaction open.
     // SAFETY: aborts whatever the job left open.
     unsafe {
@@ -473,18 +474,23 @@ fn run_claimed(id: i64, claim: i32) {
         Ok(Ended::Done) => ("done", None),
         Ok(Ended::Partial) => ("partial", None),
         Err(StoreError::Shutdown) => {
-            log!("pg_store job {id}: stopping for shutdown; it resumes when a worker starts again");
+            log!("pg_store job {id}: stopping (SIGTERM); it resumes when a worker starts again");
+            // Only this process may have been stopped (pg_terminate_backend): ask the
+            // launcher for a worker to take the job again (a server shutting down
+            // starts none).
+            registry::want(registry::my_database());
             if shutdown_requested() {
                 // Asked to stop, not gone: the attempt does not count against
                 // store.max_attempts. Committed locally: a synchronous standby that is
                 // gone must not hold up the shutdown.
-                signals::forget_cancel();
                 let stopped = transaction(|| {
                     Spi::run("SET LOCAL synchronous_commit = local")?;
                     jobs::stopped(id, claim)
                 });
-                if let Err(e) = stopped {
-                    log!("pg_store job {id}: could not record the stop: {e}");
+                match stopped {
+                    Ok(Some(_)) => {}
+                    Ok(None) => log!("pg_store job {id}: claim {claim} is no longer the job's; no stop recorded"),
+                    Err(e) => log!("pg_store job {id}: could not record the stop: {e}"),
                 }
             }
             // SAFETY: ends the process the way PostgreSQL expects; the lock dies with it.
@@ -556,8 +562,10 @@ pub extern "C-unwind" fn pg_store_inserter_main(arg: pg_sys::Datum) {
         return;
     }
     let outcome = signals::busy(|| {
-        std::panic::catch_unwind(|| job::run_range(id, claim, range))
-            .unwrap_or_else(|p| Err(unwound("the inserter", p)))
+        let outcome = std::panic::catch_unwind(|| job::run_range(id, claim, range))
+            .unwrap_or_else(|p| Err(unwound("the inserter", p)));
+        signals::job_over();
+        outcome
     });
     // SAFETY: aborts whatever the range left open.
     unsafe {

@@ -175,7 +175,30 @@ fn fast_shutdowns_mid_insert_leave_the_job_resumable_and_do_not_use_up_its_attem
             assert_eq!(q(c, &format!("SELECT state FROM store.jobs WHERE id = {job}")), "running");
         }
     });
-    assert_eq!(q(&c, &format!("SELECT attempts || ' ' || stops FROM store.jobs WHERE id = {job}")), "4 3");
+    assert_eq!(
+        q(&c, &format!("SELECT attempts || ' ' || stops FROM store.jobs WHERE id = {job}")),
+        "4 3",
+        "{}",
+        fs::read_to_string(c.dir.join("log")).unwrap()
+    );
+    // The job's LOG line comes right after its end is committed.
+    let t = std::time::Instant::now();
+    while !fs::read_to_string(c.dir.join("log")).unwrap().contains(&format!("pg_store job {job} done: ")) {
+        assert!(t.elapsed() < Duration::from_secs(30), "no LOG line for job {job}: {}", c.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = fs::read_to_string(c.dir.join("log")).unwrap();
+    assert!(log.contains("4 attempts (3 of them stopped by SIGTERM: a shutdown or restart)"), "{}", c.log_tail());
+}
+
+/// `pg_terminate_backend` of the worker: only it stops; a new worker takes the job again
+/// at once (nothing else queued asks for one), and the stop does not count as a worker gone.
+#[test]
+fn pg_terminate_backend_of_the_worker_mid_insert_resumes_by_itself() {
+    let (c, job, _) = interrupted_mid_insert_ends_exact("terminate", |c, job| {
+        assert_eq!(q(c, &format!("SELECT pg_terminate_backend(worker_pid) FROM store.jobs WHERE id = {job}")), "t");
+    });
+    assert_eq!(q(&c, &format!("SELECT attempts - stops FROM store.jobs WHERE id = {job}")), "1");
 }
 
 /// A fast shutdown while the job waits for a lock a prepared transaction holds (which

@@ -205,9 +205,9 @@ pub fn lock_open(id: i64) -> Result<(Option<i64>, Option<i32>)> {
 
 /// Claim `claim` of job `id` ended with its worker asked to stop (a shutdown): not an
 /// attempt that counts against `store.max_attempts`.
-pub fn stopped(id: i64, claim: i32) -> Result<()> {
-    Ok(Spi::run_with_args(
-        "UPDATE store.jobs SET stops = stops + 1 WHERE id = $1 AND attempts = $2 AND state = 'running'",
+pub fn stopped(id: i64, claim: i32) -> Result<Option<i32>> {
+    Ok(Spi::get_one_with_args::<i32>(
+        "UPDATE store.jobs SET stops = stops + 1 WHERE id = $1 AND attempts = $2 AND state = 'running' RETURNING stops",
         &[id.into(), claim.into()],
     )?)
 }
@@ -282,11 +282,12 @@ pub fn end(id: i64, claim: i32, state: &str, error: Option<String>, sqlstate: Op
 pub fn end_line(id: i64) -> Result<Option<String>> {
     Ok(Spi::get_one_with_args::<String>(
         "SELECT (SELECT pg_catalog.format('pg_store job %s %s: %s files read, %s skipped, %s failed; %s records, %s inserted, \
-                %s already present, %s duplicates, %s rejected, %s filtered; %s s, %s attempts%s', \
-                id, state, files_done, files_skipped, files_failed, records, inserted, already_present, duplicates, \
-                rejected, filtered, round(extract(epoch FROM finished_at - coalesce(started_at, created_at)), 1), \
-                attempts, ', SQLSTATE ' || sqlstate) \
-         FROM store.status WHERE id = $1 AND state NOT IN ('queued', 'running'))",
+                %s already present, %s duplicates, %s rejected, %s filtered; %s s, %s attempts%s%s', \
+                s.id, s.state, s.files_done, s.files_skipped, s.files_failed, s.records, s.inserted, s.already_present, \
+                s.duplicates, s.rejected, s.filtered, round(extract(epoch FROM s.finished_at - coalesce(s.started_at, s.created_at)), 1), \
+                s.attempts, CASE WHEN j.stops > 0 THEN pg_catalog.format(' (%s of them stopped by SIGTERM: a shutdown or restart)', j.stops) END, \
+                ', SQLSTATE ' || s.sqlstate) \
+         FROM store.status s JOIN store.jobs j ON j.id = s.id WHERE s.id = $1 AND s.state NOT IN ('queued', 'running'))",
         &[id.into()],
     )?)
 }
