@@ -275,12 +275,8 @@ fn a_hot_standby_shows_jobs_and_refuses_writes_with_25006() {
     }
     // A job still running: a wait there would hold back WAL replay with its snapshot, so
     // it is refused, unless the standby holds the primary's vacuum back for it.
-    q(
-        &c,
-        "CREATE TABLE slow_t (line text UNIQUE); \
-         CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$; \
-         CREATE TRIGGER slow AFTER INSERT ON slow_t FOR EACH STATEMENT EXECUTE FUNCTION slow()",
-    );
+    q(&c, "CREATE TABLE slow_t (line text UNIQUE)");
+    c.slow_inserts("slow_t", 1.0);
     let running: i64 = q(&c, &format!("SELECT store_ingest('{}', 'slow_t')", dir.display())).parse().unwrap();
     c.wait_until(&format!("SELECT state = 'running' FROM store.jobs WHERE id = {running}"), Duration::from_secs(60));
     let t = Instant::now();
@@ -309,11 +305,7 @@ fn drop_extension_during_a_job_stops_it_and_succeeds() {
     // Into the default target, store.lines, which the DROP drops too; batches that take
     // their time (a statement trigger sleeps), so the DROP comes while a batch's
     // transaction holds its locks, as it would on a big table.
-    q(
-        &c,
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$; \
-         CREATE TRIGGER slow AFTER INSERT ON store.lines FOR EACH STATEMENT EXECUTE FUNCTION slow()",
-    );
+    c.slow_inserts("store.lines", 0.3);
     let job: i64 = q(&c, &format!("SELECT store_ingest('{}')", dir.display())).parse().unwrap();
     c.wait_mid_insert(job);
     // A role that does not own pg_store: its DROP is refused, and stops nothing.
@@ -349,12 +341,8 @@ fn a_base_backup_during_a_job_leaves_its_sorted_runs_out() {
     let (dir, _) = fixtures(&c, "big", &GenSpec { files: 2, size: 8 << 20, seed: 12, ..GenSpec::default() });
     // A statement trigger that takes its time: the job lasts long enough for a backup and
     // a restart to meet it.
-    q(
-        &c,
-        "CREATE TABLE t (line text UNIQUE); \
-         CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.03); RETURN NULL; END $$; \
-         CREATE TRIGGER slow AFTER INSERT ON t FOR EACH STATEMENT EXECUTE FUNCTION slow()",
-    );
+    q(&c, "CREATE TABLE t (line text UNIQUE)");
+    c.slow_inserts("t", 0.03);
     let job: i64 = q(&c, &format!("SELECT store_ingest('{}', 't')", dir.display())).parse().unwrap();
     c.wait_mid_insert(job);
     let runs = c.data().join("pgsql_tmp_pg_store");

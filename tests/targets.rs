@@ -156,12 +156,8 @@ fn store_workers_lowered_to_0_lets_the_running_job_finish_and_runs_no_other() {
     let c = Cluster::start("targets_workers0", "store.workers = 1\nstore.batch_max = 500");
     let dir = readable_dir(&c.dir.join("in"));
     fs::write(dir.join("a.txt"), (0..20000).map(|i| format!("line {i}\n")).collect::<String>()).unwrap();
-    q(
-        &c,
-        "CREATE TABLE t (line text UNIQUE); \
-         CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.2); RETURN NULL; END $$; \
-         CREATE TRIGGER slow AFTER INSERT ON t FOR EACH STATEMENT EXECUTE FUNCTION slow()",
-    );
+    q(&c, "CREATE TABLE t (line text UNIQUE)");
+    c.slow_inserts("t", 0.2);
     let running = c.ingest(&format!("'{}', 't'", dir.display()));
     c.wait_until(&format!("SELECT inserted > 0 FROM store.status WHERE id = {running}"), Duration::from_secs(60));
     let queued = c.ingest(&format!("'{}', 't'", dir.display()));
@@ -346,12 +342,8 @@ fn a_target_dropped_during_a_job_fails_it_with_42p01() {
     let c = Cluster::start("targets_dropped", "store.workers = 1\nstore.insert_workers = 1\nstore.batch_max = 500");
     let (dir, _) =
         common::fixtures(&c, "in", &store_testkit::GenSpec { files: 2, size: 4 << 20, seed: 3, ..Default::default() });
-    q(
-        &c,
-        "CREATE TABLE t (line text UNIQUE); \
-         CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.1); RETURN NULL; END $$; \
-         CREATE TRIGGER slow AFTER INSERT ON t FOR EACH STATEMENT EXECUTE FUNCTION slow()",
-    );
+    q(&c, "CREATE TABLE t (line text UNIQUE)");
+    c.slow_inserts("t", 0.1);
     let job = c.ingest(&format!("'{}', 't'", dir.display()));
     c.wait_mid_insert(job);
     q(&c, "DROP TABLE t");
@@ -375,11 +367,7 @@ fn a_unique_index_dropped_during_a_job_fails_it_with_42p10() {
     // Half the lines are there already: each batch must skip them.
     let first = c.ingest(&format!("'{}', 't'", dir.join("part-0000.txt").display()));
     c.wait_done(first);
-    q(
-        &c,
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.1); RETURN NULL; END $$; \
-         CREATE TRIGGER slow AFTER INSERT ON t FOR EACH STATEMENT EXECUTE FUNCTION slow()",
-    );
+    c.slow_inserts("t", 0.1);
     let job = c.ingest(&format!("'{}', 't'", dir.display()));
     c.wait_mid_insert(job);
     q(&c, "ALTER TABLE t DROP CONSTRAINT t_line");

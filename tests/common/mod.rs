@@ -375,6 +375,19 @@ impl Cluster {
     }
 
     /// The PID of the worker running `job`.
+    /// Make every insert statement into `table` take `seconds` longer (a statement
+    /// trigger that sleeps): batches that take their time, so that a test acts while a
+    /// job inserts.
+    pub fn slow_inserts(&self, table: &str, seconds: f64) {
+        q(
+            self,
+            &format!(
+                "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$; \
+                 CREATE TRIGGER slow AFTER INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION slow()"
+            ),
+        );
+    }
+
     pub fn worker_pid(&self, job: i64) -> i32 {
         q(self, &format!("SELECT worker_pid FROM store.jobs WHERE id = {job}")).parse().unwrap()
     }
