@@ -57,7 +57,7 @@ pub fn busy<R>(f: impl FnOnce() -> R) -> R {
 /// a cancel it asked for that no statement took is forgotten — the next `CHECK_FOR_INTERRUPTS`,
 /// even a LOG line's, would raise it outside any transaction, and the bookkeeping after
 /// a job (its end, a stop) must not be cancelled.
-pub fn job_over() {
+fn job_over() {
     BUSY.store(false, Ordering::SeqCst);
     // SAFETY: a flag of this process, cleared on its main thread.
     unsafe { std::ptr::addr_of_mut!(pg_sys::QueryCancelPending).write_volatile(0) };

@@ -259,7 +259,7 @@ pub extern "C-unwind" fn pg_store_worker_main(arg: pg_sys::Datum) {
                 if matches!(transaction(|| more_queued(id)), Ok(true)) {
                     registry::want(db);
                 }
-                signals::busy(|| run_claimed(id, claim));
+                run_claimed(id, claim);
                 registry::proc_job(0);
                 (idle_since, purged) = (Instant::now(), false);
                 if registry::others_waiting(db) && registry::workers() >= gucs::WORKERS.get().max(0) as usize {
@@ -456,13 +456,14 @@ fn unwound(what: &str, p: Box<dyn std::any::Any + Send>) -> StoreError {
 }
 
 fn run_claimed(id: i64, claim: i32) {
-    let outcome = match std::panic::catch_unwind(|| job::run(id, claim)).unwrap_or_else(|p| Err(unwound("the job", p)))
-    {
+    let outcome = signals::busy(|| {
+        std::panic::catch_unwind(|| job::run(id, claim)).unwrap_or_else(|p| Err(unwound("the job", p)))
+    });
+    let outcome = match outcome {
         // The statement SIGTERM cancelled.
         Err(e) if e.is_query_canceled() && shutdown_requested() => Err(StoreError::Shutdown),
         outcome => outcome,
     };
-    signals::job_over();
     // A panic may have left a transaction open.
     // SAFETY: aborts whatever the job left open.
     unsafe {
@@ -562,10 +563,8 @@ pub extern "C-unwind" fn pg_store_inserter_main(arg: pg_sys::Datum) {
         return;
     }
     let outcome = signals::busy(|| {
-        let outcome = std::panic::catch_unwind(|| job::run_range(id, claim, range))
-            .unwrap_or_else(|p| Err(unwound("the inserter", p)));
-        signals::job_over();
-        outcome
+        std::panic::catch_unwind(|| job::run_range(id, claim, range))
+            .unwrap_or_else(|p| Err(unwound("the inserter", p)))
     });
     // SAFETY: aborts whatever the range left open.
     unsafe {
