@@ -374,9 +374,9 @@ pub struct Admission {
 /// and the batch — and decide [`Admission`] for a job of `job_owner`, checking again
 /// that it may insert into `columns`.
 pub fn admit(oid: pg_sys::Oid, columns: &[&str], job_owner: pg_sys::Oid) -> Result<Admission> {
-    // SAFETY: takes a lock in the current transaction; it accepts the invalidations
-    // that came before it, so the catalog rows read below are current.
-    unsafe { pg_sys::LockRelationOid(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
+    // It accepts the invalidations that came before it, so the catalog rows read below
+    // are current.
+    lock_as_insert(oid);
     // On a snapshot taken now, after the lock: one taken before would still see the row
     // of a table dropped while this waited for it.
     crate::read::fresh(|| {
@@ -410,6 +410,13 @@ fn has_unique_index(oid: pg_sys::Oid, column: &str, key_column: Option<&str>) ->
         &[oid.into(), column.into(), key_column.into()],
     )?
     .unwrap_or(false))
+}
+
+/// Take on the target the lock an insert takes (`RowExclusiveLock`), held to the end of
+/// the transaction.
+pub fn lock_as_insert(oid: pg_sys::Oid) {
+    // SAFETY: takes a lock in the current transaction.
+    unsafe { pg_sys::LockRelationOid(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
 }
 
 /// The checks of [`admit`], without the lock (a caller queueing a job takes none).

@@ -22,8 +22,15 @@ const STORAGE: &str = "(SELECT coalesce(pg_catalog.array_agg(t.relid::pg_catalog
 /// every file of the target in the ledger (`store.ingested`); then record the storage
 /// now for the target, and, on a job's first attempt, for job `job` (`store.jobs`). How
 /// many files the ledger forgot, `None` if the storage was kept.
+///
+/// The target itself is locked first, as an insert locks it, before [`STORAGE`] reads
+/// its partitions (`pg_partition_tree` locks each of them): in the order `INSERT`,
+/// `COPY`, `TRUNCATE` and `LOCK TABLE` take, so that a session truncating or locking the
+/// table while a partition is busy waits behind the job, or the job behind it, instead
+/// of a deadlock failing the job (40P01). The lock also waits out a `TRUNCATE` in
+/// progress, whose new storage the read must see. [`kept_since`] does the same.
 pub fn refresh(target: pg_sys::Oid, job: i64) -> Result<Option<i64>> {
-    lock_first(target);
+    crate::target::lock_as_insert(target);
     Ok(Spi::get_one_with_args::<i64>(
         &format!(
             "WITH now AS (SELECT {STORAGE} AS s), \
@@ -43,22 +50,11 @@ pub fn refresh(target: pg_sys::Oid, job: i64) -> Result<Option<i64>> {
 /// row by [`refresh`]) is all still there: a `TRUNCATE` (or a rewrite, a partition
 /// dropped) during the job may have taken some of its lines.
 pub fn kept_since(target: pg_sys::Oid, job: i64) -> Result<Option<bool>> {
-    lock_first(target);
+    crate::target::lock_as_insert(target);
     Ok(Spi::get_one_with_args::<bool>(
         &format!(
             "SELECT coalesce((SELECT target_storage FROM store.jobs WHERE id = $2) OPERATOR(pg_catalog.<@) {STORAGE}, true)"
         ),
         &[target.into(), job.into()],
     )?)
-}
-
-/// Lock `target` itself, with the lock an insert takes, before [`STORAGE`] reads its
-/// partitions (`pg_partition_tree` locks each of them): in the order `INSERT`, `COPY`,
-/// `TRUNCATE` and `LOCK TABLE` take, the table and then its partitions, so that a
-/// session truncating or locking the table while a partition is busy waits behind the
-/// job, or the job behind it, instead of a deadlock failing the job (40P01). The lock
-/// also waits out a `TRUNCATE` in progress, whose new storage the read must see.
-fn lock_first(target: pg_sys::Oid) {
-    // SAFETY: takes a lock in the current transaction, held to its end.
-    unsafe { pg_sys::LockRelationOid(target, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
 }
