@@ -395,18 +395,27 @@ pub fn admit(oid: pg_sys::Oid, columns: &[&str], job_owner: pg_sys::Oid) -> Resu
     })
 }
 
-/// Whether `oid` has the unique index pg_store deduplicates through: valid, not
-/// partial, on the key column alone, or, without one, on the line column or
-/// `store.line_key` of it (its definition compared as `pg_get_indexdef` prints it, with
-/// the session's `quote_all_identifiers`, which `%I` follows too).
+/// An index `i` of the target `$1` that pg_store can deduplicate through: unique, valid,
+/// not partial, on one column or expression.
+const UNIQUE_INDEX: &str =
+    "i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indnkeyatts = 1";
+
+/// Index `i` is on `store.line_key` of the line column `$2`: its definition compared as
+/// `pg_get_indexdef` prints it, with the session's `quote_all_identifiers`, which `%I`
+/// follows too.
+const ON_LINE_KEY: &str = "i.indkey[0] = 0 \
+    AND pg_catalog.pg_get_indexdef(i.indexrelid, 1, false) = pg_catalog.format('%I.%I(%I)', 'store', 'line_key', $2::text)";
+
+/// Whether `oid` has the unique index pg_store deduplicates through ([`UNIQUE_INDEX`]):
+/// on the key column, or, without one, on the line column or `store.line_key` of it.
 fn has_unique_index(oid: pg_sys::Oid, column: &str, key_column: Option<&str>) -> Result<bool> {
     Ok(Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid \
-           AND i.indpred IS NULL AND i.indnkeyatts = 1 \
-           AND (i.indkey[0] = (SELECT a.attnum FROM pg_catalog.pg_attribute a \
-                                WHERE a.attrelid = $1 AND a.attname = coalesce($3, $2) AND NOT a.attisdropped) \
-                OR ($3 IS NULL AND i.indkey[0] = 0 \
-                    AND pg_catalog.pg_get_indexdef(i.indexrelid, 1, false) = pg_catalog.format('%I.%I(%I)', 'store', 'line_key', $2))))",
+        &format!(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i WHERE {UNIQUE_INDEX} \
+               AND (i.indkey[0] = (SELECT a.attnum FROM pg_catalog.pg_attribute a \
+                                    WHERE a.attrelid = $1 AND a.attname = coalesce($3, $2) AND NOT a.attisdropped) \
+                    OR ($3 IS NULL AND {ON_LINE_KEY})))"
+        ),
         &[oid.into(), column.into(), key_column.into()],
     )?
     .unwrap_or(false))
@@ -516,18 +525,17 @@ fn probe_condition(oid: pg_sys::Oid, column: &str, attnum: i16, key_column: Opti
         return Ok(Some(format!("t.{} OPERATOR(pg_catalog.=) store.line_key(x.l)", quote_identifier(k))));
     }
     Ok(Spi::get_one_with_args::<String>(
-        "SELECT CASE WHEN i.indkey[0] = $3 \
+        &format!(
+            "SELECT CASE WHEN i.indkey[0] = $3 \
                   THEN pg_catalog.format('t.%I OPERATOR(pg_catalog.=) (x.l COLLATE %s)', $2::text, \
                                          i.indcollation[0]::pg_catalog.regcollation) \
                   ELSE pg_catalog.format('store.line_key(t.%I) OPERATOR(pg_catalog.=) store.line_key(x.l)', $2::text) END \
-         FROM pg_catalog.pg_index i WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid \
-           AND i.indpred IS NULL AND i.indnkeyatts = 1 \
-           AND (i.indkey[0] = $3 OR (i.indkey[0] = 0 \
-                AND pg_catalog.pg_get_indexdef(i.indexrelid, 1, false) = pg_catalog.format('%I.%I(%I)', 'store', 'line_key', $2::text))) \
+         FROM pg_catalog.pg_index i WHERE {UNIQUE_INDEX} AND (i.indkey[0] = $3 OR ({ON_LINE_KEY})) \
            AND EXISTS (SELECT FROM pg_catalog.pg_amop o JOIN pg_catalog.pg_opclass c ON c.opcfamily = o.amopfamily \
                 WHERE c.oid = i.indclass[0] AND o.amopstrategy = 3 \
                   AND o.amopopr IN ('pg_catalog.=(text,text)'::pg_catalog.regoperator, 'pg_catalog.=(bytea,bytea)'::pg_catalog.regoperator)) \
-         ORDER BY i.indkey[0] = 0 LIMIT 1",
+         ORDER BY i.indkey[0] = 0 LIMIT 1"
+        ),
         &[oid.into(), column.into(), attnum.into()],
     )?)
 }
