@@ -510,18 +510,19 @@ fn run_claimed(id: i64, claim: i32) {
             ("failed", Some(e))
         }
     };
-    // The job is over: its sorted runs are of no more use.
-    if let Ok(settings) = gucs::Settings::read() {
-        for dir in job::job_dirs(&settings, id) {
-            let _ = store_engine::private_dir::remove(&dir);
-        }
-    }
     if state != "done" && state != "partial" {
         let res = transaction(|| {
             jobs::end(id, claim, state, error.as_ref().map(|e| e.to_string()), error.as_ref().map(|e| e.sqlstate()))
         });
         if let Err(e) = res {
             log!("pg_store job {id}: could not record its end: {e}");
+        }
+    }
+    // The job is over: its sorted runs are of no more use. Removed only now, after its
+    // end is recorded, so that an inserter starting late finds the job over with them.
+    if let Ok(settings) = gucs::Settings::read() {
+        for dir in job::job_dirs(&settings, id) {
+            let _ = store_engine::private_dir::remove(&dir);
         }
     }
     log_end(id);

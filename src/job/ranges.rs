@@ -234,9 +234,17 @@ pub fn run_range(id: i64, claim: i32, range: i32) -> Result<()> {
         .ok_or_else(|| StoreError::internal(format!("job {id} has no temporary directory of its own")))?;
     let cfg = config(&job, &settings, &target, dir)?;
     let spec = stream_spec(&job, &cfg);
-    let mut sorted = KeptSort::load(&cfg.temp_dir, &spec, None, &cfg, &Progress::default())?.ok_or_else(|| {
-        StoreError::internal(format!("the sorted runs of job {id} are gone from {}", cfg.temp_dir.display()))
-    })?;
+    let Some(mut sorted) = KeptSort::load(&cfg.temp_dir, &spec, None, &cfg, &Progress::default())? else {
+        // The job's worker removes them once the job is over (cancelled, failed, or
+        // done by itself before this inserter started).
+        if !transaction(|| jobs::runs_under(id, claim))? {
+            return Err(StoreError::Fenced);
+        }
+        return Err(StoreError::internal(format!(
+            "the sorted runs of job {id} are gone from {}",
+            cfg.temp_dir.display()
+        )));
+    };
     let rows = transaction(|| checkpoints::ranges(job.id, false))?;
     sorted.share(rows.len());
     let row = rows.into_iter().find(|r| r.range == range);

@@ -203,6 +203,15 @@ pub fn lock_open(id: i64) -> Result<(Option<i64>, Option<i32>)> {
     )?)
 }
 
+/// Whether job `id` is running under claim `claim` and was not asked to stop.
+pub fn runs_under(id: i64, claim: i32) -> Result<bool> {
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM store.jobs WHERE id = $1 AND attempts = $2 AND state = 'running' AND NOT cancel_requested)",
+        &[id.into(), claim.into()],
+    )?
+    .unwrap_or(false))
+}
+
 /// Claim `claim` of job `id` ended with its worker asked to stop (a shutdown): not an
 /// attempt that counts against `store.max_attempts`.
 pub fn stopped(id: i64, claim: i32) -> Result<Option<i32>> {
