@@ -67,7 +67,8 @@ SELECT j.id,
        j.error,
        j.sqlstate,
        CASE WHEN j.state OPERATOR(pg_catalog.=) 'queued' THEN store.queue_note()
-            WHEN j.state OPERATOR(pg_catalog.=) 'running' THEN store.run_note(j.id) END AS waiting_for
+            WHEN j.state OPERATOR(pg_catalog.=) 'running' THEN store.run_note(j.id) END AS waiting_for,
+       j.stops
   FROM store.jobs j
   LEFT JOIN (SELECT job, pg_catalog.sum(inserted)::bigint AS inserted, pg_catalog.sum(already_present)::bigint AS already_present,
                     pg_catalog.sum(duplicates)::bigint AS duplicates, pg_catalog.max(memory_peak) AS memory_peak,
@@ -104,7 +105,7 @@ COMMENT ON COLUMN store.status.memory_peak IS 'Largest private memory of any pro
 COMMENT ON COLUMN store.status.temp_bytes IS 'Largest temporary disk use, bytes';
 COMMENT ON COLUMN store.status.dedup IS 'exact or bloom';
 COMMENT ON COLUMN store.status.estimated_false_drops IS 'bloom mode: expected new lines wrongly dropped';
-COMMENT ON COLUMN store.status.attempts IS 'Times a worker claimed the job';
+COMMENT ON COLUMN store.status.attempts IS 'Times a worker claimed the job; store.max_attempts counts them less stops';
 COMMENT ON COLUMN store.status.merge_restarts IS 'Times the stream started over because files changed between attempts';
 COMMENT ON COLUMN store.status.created_at IS 'When the job was queued';
 COMMENT ON COLUMN store.status.started_at IS 'When a worker first started it';
@@ -113,6 +114,7 @@ COMMENT ON COLUMN store.status.finished_at IS 'When it ended';
 COMMENT ON COLUMN store.status.error IS 'Why it failed';
 COMMENT ON COLUMN store.status.sqlstate IS 'SQLSTATE of that error';
 COMMENT ON COLUMN store.status.waiting_for IS 'Why a queued job does not run yet, when pg_store knows (no background worker slot free, max_worker_processes; every store.workers worker busy in other databases; the worker''s commit waiting for a synchronous standby); what a running job waits for, if a DBA can act on it (a lock another session holds, naming the holders; a synchronous standby''s confirmation of a commit). Known on the primary';
+COMMENT ON COLUMN store.status.stops IS 'Attempts that ended with their worker asked to stop (a server shutdown or restart, pg_terminate_backend), each resumed by a later one; they do not count against store.max_attempts';
 
 CREATE VIEW store.ranges WITH (security_invoker = true) AS
 SELECT c.job,

@@ -130,7 +130,8 @@ SELECT j.id,
        j.error,
        j.sqlstate,
        CASE WHEN j.state OPERATOR(pg_catalog.=) 'queued' THEN store.queue_note()
-            WHEN j.state OPERATOR(pg_catalog.=) 'running' THEN store.run_note(j.id) END AS waiting_for
+            WHEN j.state OPERATOR(pg_catalog.=) 'running' THEN store.run_note(j.id) END AS waiting_for,
+       j.stops
   FROM store.jobs j
   LEFT JOIN (SELECT job, pg_catalog.sum(inserted)::bigint AS inserted, pg_catalog.sum(already_present)::bigint AS already_present,
                     pg_catalog.sum(duplicates)::bigint AS duplicates, pg_catalog.max(memory_peak) AS memory_peak,
@@ -141,14 +142,16 @@ SELECT j.id,
 
 -- 3. The rest of 0.3.0.
 --
--- store.status gained waiting_for (above; CREATE OR REPLACE VIEW may add a last
--- column). store_cancel, store_purge and store.wait_job refuse a NULL argument with
+-- store.status gained waiting_for and stops (above; CREATE OR REPLACE VIEW may add
+-- last columns). store_cancel, store_purge and store.wait_job refuse a NULL argument with
 -- 22004 instead of returning NULL: no longer STRICT. store.files.error also says why
 -- the listing skipped an entry; store.workers shows other roles' work only to
 -- pg_read_all_stats; a dropped table takes its recorded storage with it; and
 -- store.forget() is new (section 4).
 COMMENT ON COLUMN store.status.rows_per_second IS 'Lines (inserted or already present) per second in the current (or last) attempt since it began inserting';
 COMMENT ON COLUMN store.status.waiting_for IS 'Why a queued job does not run yet, when pg_store knows (no background worker slot free, max_worker_processes; every store.workers worker busy in other databases; the worker''s commit waiting for a synchronous standby); what a running job waits for, if a DBA can act on it (a lock another session holds, naming the holders; a synchronous standby''s confirmation of a commit). Known on the primary';
+COMMENT ON COLUMN store.status.attempts IS 'Times a worker claimed the job; store.max_attempts counts them less stops';
+COMMENT ON COLUMN store.status.stops IS 'Attempts that ended with their worker asked to stop (a server shutdown or restart, pg_terminate_backend), each resumed by a later one; they do not count against store.max_attempts';
 COMMENT ON COLUMN store.files.error IS 'Why the file failed, with the OS error; for an entry skipped by the listing (hidden name, symbolic link, socket, FIFO, device), why';
 COMMENT ON VIEW store.workers IS 'pg_store''s processes: the launcher, a worker per busy database, inserters; other roles'' work and other databases'' only to roles with the privileges of pg_read_all_stats';
 COMMENT ON COLUMN store.workers.job IS 'The job it works on';

@@ -176,7 +176,7 @@ fn fast_shutdowns_mid_insert_leave_the_job_resumable_and_do_not_use_up_its_attem
         }
     });
     assert_eq!(
-        q(&c, &format!("SELECT attempts || ' ' || stops FROM store.jobs WHERE id = {job}")),
+        q(&c, &format!("SELECT attempts || ' ' || stops FROM store.status WHERE id = {job}")),
         "4 3",
         "{}",
         fs::read_to_string(c.dir.join("log")).unwrap()
