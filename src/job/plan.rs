@@ -65,7 +65,7 @@ impl Plan {
 /// changes before it ends.
 fn forget_if_storage_changed(job: &Job, target: &Target) -> Result<()> {
     let forgotten = target_storage::refresh(target.oid, job.id)?;
-    if let Some(n) = forgotten {
+    if let Some(n) = forgotten.filter(|&n| n > 0) {
         log!(
             "pg_store job {}: {} was truncated, rewritten or lost a partition since files were ingested into it: \
              the ledger forgot its {n} files, which are read again",
