@@ -353,7 +353,8 @@ fn wait_job(job: i64, timeout: Option<pgrx::datum::Interval>) -> Result<String> 
         }
         refuse_waiting_on_a_standby(job)?;
         if limit.is_some_and(|l| started.elapsed() >= l) {
-            pgrx::notice!("store.wait: timed out, job {job} is still {}", s.state);
+            let why = crate::read::fresh(|| jobs::waiting_for(job))?.map(|w| format!(": {w}")).unwrap_or_default();
+            pgrx::notice!("store.wait: timed out, job {job} is still {}{why}", s.state);
             return Ok(s.state);
         }
         if last_notice.elapsed() >= Duration::from_secs(3) {

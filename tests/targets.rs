@@ -169,6 +169,9 @@ fn store_workers_lowered_to_0_lets_the_running_job_finish_and_runs_no_other() {
     );
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(q(&c, &format!("SELECT state FROM store.status WHERE id = {queued}")), "queued");
+    // store.wait's timeout says why (its NOTICE; the division only makes psql print it).
+    let said = c.psql(&format!("SELECT store.wait({queued}, '1 second'); SELECT 1 / 0")).unwrap_err();
+    assert!(said.contains(&format!("timed out, job {queued} is still queued: store.workers is 0")), "{said}");
     c.reload("ALTER SYSTEM RESET store.workers");
     c.wait_done(queued);
     // The ledger knows the file the first job read.

@@ -150,6 +150,11 @@ pub fn status(id: i64) -> Result<Status> {
     })?)
 }
 
+/// What job `id` waits for, as `store.status.waiting_for` says (for the caller).
+pub fn waiting_for(id: i64) -> Result<Option<String>> {
+    Ok(Spi::get_one_with_args::<String>("SELECT waiting_for FROM store.status WHERE id = $1", &[id.into()])?)
+}
+
 /// The ended jobs the caller sees (row-level security hides other roles' jobs, and the
 /// role test holds for a role that bypasses it) that ended more than `older_than` ago.
 pub fn visible_ended_before(older_than: Interval) -> Result<Vec<i64>> {
