@@ -354,7 +354,7 @@ pub(crate) fn reduce_runs(
         let group: Vec<Run> = runs.drain(..k).collect();
         let path = dir.join(format!("merge-{seq:06}.run"));
         seq += 1;
-        let mut w = RunWriter::create(path, compress)?;
+        let mut w = RunWriter::create(path, compress)?.sized(group.iter().map(|r| r.bytes).sum());
         if durable {
             w = w.durable();
         }

@@ -167,6 +167,14 @@ impl Chunk {
 /// it and reads at most this much before reaching it.
 pub(crate) const MARK_EVERY: u64 = 256 << 10;
 
+/// Marks a run of known size gets at least, as long as they stay [`MIN_MARK_EVERY`]
+/// apart: they are also the sample [`crate::KeptSort::ranges`] splits the key space by,
+/// and a run with one mark (one smaller than [`MARK_EVERY`]) shows only its lowest key.
+const MARKS_PER_RUN: u64 = 16;
+
+/// Fewest bytes between two marks of a run.
+const MIN_MARK_EVERY: u64 = 16 << 10;
+
 /// Bytes of a record a mark keeps at most: with long records (a mark for nearly each
 /// one when they pass [`MARK_EVERY`]) the index stays a small part of the run.
 pub(crate) const MARK_KEY_BYTES: usize = 256;
@@ -271,6 +279,11 @@ pub(crate) struct RunWriter {
     /// Bytes of records written so far (uncompressed).
     offset: u64,
     next_mark: u64,
+    /// Bytes between two marks ([`MARK_EVERY`], less in a run known to be small).
+    mark_every: u64,
+    /// Bytes between the first two marks: a share of `mark_every` that differs from run
+    /// to run, so that runs of the same data are not marked at the same quantiles.
+    first_gap: u64,
     index: Vec<Mark>,
     longest: u64,
     sync: bool,
@@ -305,10 +318,26 @@ impl RunWriter {
             compressed: compress,
             offset: 0,
             next_mark: 0,
+            mark_every: MARK_EVERY,
+            first_gap: MARK_EVERY,
             index: Vec::new(),
             longest: 0,
             sync: false,
         })
+    }
+
+    /// The run will hold about `bytes`: marks closer together than [`MARK_EVERY`] where
+    /// that would leave it fewer than [`MARKS_PER_RUN`].
+    /// The second mark comes after a share of that, between 1/64 and all of it, which
+    /// the run's file name decides (the same on every attempt).
+    pub(crate) fn sized(mut self, bytes: u64) -> RunWriter {
+        self.mark_every = (bytes / MARKS_PER_RUN).clamp(MIN_MARK_EVERY, MARK_EVERY);
+        let name = self.path.file_name().map_or(&[][..], |n| n.as_encoded_bytes());
+        // FNV-1a, then its top bits spread by the golden ratio.
+        let h = name.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let share = (h.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) + 1; // 1..=64
+        self.first_gap = self.mark_every * share / 64;
+        self
     }
 
     /// Flush the run to disk when it is finished (a run that must outlive a crash).
@@ -318,12 +347,12 @@ impl RunWriter {
     }
 
     /// Account for one record about to be written: its offset, and a mark every
-    /// [`MARK_EVERY`] bytes of a plain run.
+    /// `mark_every` bytes of a plain run.
     #[inline]
     fn note(&mut self, rec: &[u8]) {
         if !self.compressed && self.offset >= self.next_mark {
             self.index.push(Mark::of(rec, self.offset));
-            self.next_mark = self.offset + MARK_EVERY;
+            self.next_mark = self.offset + if self.index.len() == 1 { self.first_gap } else { self.mark_every };
         }
         self.offset += rec.len() as u64 + 1;
         self.longest = self.longest.max(rec.len() as u64);
@@ -375,7 +404,7 @@ impl RunWriter {
 /// by hand: per-record `write_all` calls cost more than the copying itself.
 /// With `durable`, the run is flushed to disk before this returns.
 pub(crate) fn spill(chunk: &Chunk, path: &Path, compress: bool, durable: bool) -> Result<Run> {
-    let mut w = RunWriter::create(path.to_path_buf(), compress)?;
+    let mut w = RunWriter::create(path.to_path_buf(), compress)?.sized(chunk.used() as u64);
     if durable {
         w = w.durable();
     }

@@ -164,17 +164,30 @@ impl Sorted {
     }
 
     /// Split the key space into at most `n` ranges of about the same amount of data,
-    /// from the runs' sparse indexes (each mark stands for about the same number of
-    /// bytes). Fewer when the data is too small to split. A cut is a record's first
+    /// from the runs' sparse indexes. A mark at offset `o` of a run says that `o` of its
+    /// bytes sort below its key, and the run's next mark that fewer than the next offset
+    /// do: the bytes at or below a key are taken as halfway between, and each mark weighs
+    /// what it adds to that (a run's first mark, its lowest key, half of its first
+    /// stretch). Fewer ranges when the data is too small to split. A cut is a record's first
     /// [`CUT_BYTES`] at most (read from its run where the mark keeps less, and marks
     /// that keep the same prefix are ordered by those heads), so records that share a
     /// head longer than a mark's still split evenly. Any increasing cuts partition
     /// the keys; the cuts only decide how evenly.
     pub(crate) fn ranges(&self, n: usize) -> Result<Vec<KeyRange>> {
-        // Each mark with the key it sorts by: its own, or, where several cut marks keep
-        // the same prefix (records sharing a long head), the head read from its run.
-        let mut marks: Vec<(Cow<'_, str>, &Mark, &Run)> =
-            self.runs.iter().flat_map(|r| r.index.iter().map(move |m| (Cow::Borrowed(m.key.as_str()), m, r))).collect();
+        // Each mark with the key it sorts by (its own, or, where several cut marks keep
+        // the same prefix — records sharing a long head —, the head read from its run)
+        // and its weight.
+        let mut marks: Vec<(Cow<'_, str>, &Mark, &Run, u64)> = self
+            .runs
+            .iter()
+            .flat_map(|r| {
+                let offset = |j: usize| r.index.get(j).map_or(r.bytes, |m| m.offset);
+                r.index.iter().enumerate().map(move |(j, m)| {
+                    let before = if j == 0 { 0 } else { offset(j - 1) };
+                    (Cow::Borrowed(m.key.as_str()), m, r, offset(j + 1).saturating_sub(before) / 2)
+                })
+            })
+            .collect();
         marks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut i = 0;
         while i < marks.len() {
@@ -189,9 +202,19 @@ impl Sorted {
             }
             i += tied;
         }
+        // Cut i at the first mark with i/n of the (marked) runs' bytes at or below it.
+        let total: u128 = self.runs.iter().filter(|r| !r.index.is_empty()).map(|r| u128::from(r.bytes)).sum();
+        let mut below: u128 = 0;
+        let mut at = Vec::with_capacity(n);
+        for (k, t) in marks.iter().enumerate() {
+            below += u128::from(t.3);
+            while at.len() + 1 < n.max(1) && below * n as u128 >= (at.len() as u128 + 1) * total {
+                at.push(k);
+            }
+        }
         let mut cuts: Vec<String> = Vec::new();
-        for i in 1..n.max(1) {
-            let Some((key, m, run)) = marks.get(i * marks.len() / n) else { break };
+        for k in at {
+            let (key, m, run, _) = &marks[k];
             cuts.push(match key {
                 Cow::Owned(k) => k.clone(),
                 Cow::Borrowed(_) if m.cut => run.record_at(m, CUT_BYTES)?,

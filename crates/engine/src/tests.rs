@@ -746,3 +746,49 @@ fn ranges_split_records_that_share_a_long_head() {
         assert_eq!(sha256_lines(all.iter().map(|r| r.as_bytes())), want.sha256);
     }
 }
+
+/// Runs smaller than a mark's interval (a small `store.memory_limit`): each used to have
+/// one mark, its lowest key, and the ranges were cut among those — the first range got
+/// a fraction of a percent of the lines. Marks now come closer in a small run, and each
+/// weighs the bytes it stands for.
+#[test]
+fn ranges_split_evenly_when_the_runs_are_small() {
+    use super::KeptSort;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().canonicalize().unwrap().join("in");
+    fs::create_dir(&input).unwrap();
+    let n = 200_000u32;
+    let mut text = String::new();
+    let mut x: u64 = 11;
+    for _ in 0..n {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        text.push_str(&format!("{:016x}\n", x));
+    }
+    fs::write(input.join("a.txt"), &text).unwrap();
+    let want = oracle(&input, 65536).unwrap();
+    // Chunks of 512 KiB (a `store.memory_limit` of about 1 MB): about a dozen runs, each
+    // barely larger than MARK_EVERY; merged at once.
+    let cfg = Config { chunk_bytes: Some(512 << 10), fan_in: 64, ..tiny(dir.path()) };
+    let (tree, listing) = walk(&input).unwrap();
+    let keep = dir.path().join("job-1");
+    let mut sorted =
+        KeptSort::sort(&keep, "spec", &cfg, &tree, &listing.files, &Arc::default(), &mut Collect::default()).unwrap();
+    assert!(sorted.runs() >= 5, "{} runs", sorted.runs());
+    for parts in [2u32, 4] {
+        let ranges = sorted.ranges(parts as usize).unwrap();
+        assert_eq!(ranges.len(), parts as usize, "{ranges:?}");
+        let mut all = Vec::new();
+        for r in &ranges {
+            let mut part = Collect::default();
+            sorted.drain(r, None, &Arc::default(), &mut part).unwrap();
+            let got = part.records.len() as u32;
+            let even = n / parts;
+            assert!(
+                (even * 3 / 4..=even * 5 / 4).contains(&got),
+                "a range of {got} of {n} lines in {parts}: {ranges:?}"
+            );
+            all.extend(part.records);
+        }
+        assert_eq!(sha256_lines(all.iter().map(|r| r.as_bytes())), want.sha256);
+    }
+}
