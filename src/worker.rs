@@ -310,10 +310,15 @@ fn fail_restored_jobs() {
 /// The worker's own SQL runs as a superuser: it resolves names in `pg_catalog` (and
 /// `pg_temp`, last) only, never in a schema a user can create objects in. Settings a
 /// database's owner may attach to the database (`ALTER DATABASE … SET`) reach the worker
-/// too: its session user and role, client encoding (which binary COPY converts text
-/// from), string syntax, identifier quoting, row security and transactions (read-write,
-/// read committed: a database set read-only kept its jobs queued, each look for work
-/// failing) are pinned to what its SQL assumes.
+/// too. Those any user may set are taken back to the server's (its configuration files'
+/// value, else the built-in one): a database's `lock_timeout` failed other roles' jobs,
+/// its planner settings slowed them a thousandfold. Then its session user and role,
+/// client encoding (which binary COPY converts text from), string syntax, identifier
+/// quoting, row security and transactions are pinned to what its SQL assumes. The
+/// transaction defaults are pinned before its first transaction: a database made
+/// serializable, read-only and deferrable kept its jobs queued (each look for work
+/// failing), and held that first transaction waiting for a safe snapshot for as long as
+/// serializable transactions ran anywhere in the cluster.
 fn pin_session() {
     let set = |name: &std::ffi::CStr, value: &std::ffi::CStr| {
         // SAFETY: sets a session GUC from the main thread; an invalid value raises an
@@ -327,6 +332,9 @@ fn pin_session() {
             )
         }
     };
+    set(c"default_transaction_read_only", c"off");
+    set(c"default_transaction_isolation", c"read committed");
+    set(c"default_transaction_deferrable", c"off");
     set(c"search_path", c"pg_catalog, pg_temp");
     let pinned = transaction(|| {
         // The session user the worker started as (a superuser): a database's
@@ -341,15 +349,16 @@ fn pin_session() {
         if unsafe { pg_sys::GetSessionUserId() != pg_sys::GetAuthenticatedUserId() || !pg_sys::superuser() } {
             return Err(StoreError::internal("the worker's session is not its own superuser's"));
         }
+        for (name, value) in server_values_of_database_settings()? {
+            set(&name, &value);
+        }
+        set(c"search_path", c"pg_catalog, pg_temp");
         set(c"role", c"none");
         set(c"client_encoding", c"UTF8");
         set(c"standard_conforming_strings", c"on");
         // Index definitions are compared as pg_get_indexdef prints them.
         set(c"quote_all_identifiers", c"off");
         set(c"row_security", c"on");
-        set(c"default_transaction_read_only", c"off");
-        set(c"default_transaction_isolation", c"read committed");
-        set(c"default_transaction_deferrable", c"off");
         Ok(())
     });
     if let Err(e) = pinned {
@@ -357,6 +366,31 @@ fn pin_session() {
         // SAFETY: ends the process the way PostgreSQL expects.
         unsafe { pg_sys::proc_exit(1) };
     }
+}
+
+/// The settings any user may set that this session took from `ALTER DATABASE … SET` (or
+/// `ALTER ROLE`), each with the value the server's configuration files give it, else its
+/// built-in one. Those pinned by name are left to [`pin_session`].
+fn server_values_of_database_settings() -> Result<Vec<(std::ffi::CString, std::ffi::CString)>> {
+    let rows = Spi::connect(|c| {
+        let t = c.select(
+            "SELECT s.name, coalesce((SELECT f.setting FROM pg_catalog.pg_file_settings f \
+                                      WHERE f.name OPERATOR(pg_catalog.=) s.name AND f.applied \
+                                      ORDER BY f.seqno DESC LIMIT 1), s.boot_val) \
+             FROM pg_catalog.pg_settings s \
+             WHERE s.context OPERATOR(pg_catalog.=) 'user' \
+               AND s.source OPERATOR(pg_catalog.=) ANY ('{database,user,\"database user\"}'::pg_catalog.text[]) \
+               AND s.name OPERATOR(pg_catalog.<>) ALL ('{session_authorization,role}'::pg_catalog.text[])",
+            None,
+            &[],
+        )?;
+        t.map(|r| Ok::<_, pgrx::spi::SpiError>((r.get::<String>(1)?, r.get::<String>(2)?)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+    })?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(name, value)| Some((std::ffi::CString::new(name?).ok()?, std::ffi::CString::new(value?).ok()?)))
+        .collect())
 }
 
 /// Remove what jobs of this database that no longer run left under `store.temp_dir`

@@ -443,9 +443,23 @@ fn overloads_the_database_owner_plants_never_catch_calls_of_the_store_functions(
          ALTER DATABASE ro SET default_transaction_isolation = 'serializable'; \
          ALTER DATABASE ro SET default_transaction_deferrable = on; \
          ALTER DATABASE ro SET session_authorization = 'dbowner'; \
-         ALTER DATABASE ro SET quote_all_identifiers = on",
+         ALTER DATABASE ro SET quote_all_identifiers = on; \
+         ALTER DATABASE ro SET lock_timeout = '1ms'; \
+         ALTER DATABASE ro SET enable_indexscan = off",
     )
     .unwrap();
+    // A serializable transaction open elsewhere in the cluster: a serializable, read-only,
+    // deferrable first transaction of the worker would wait for it to end.
+    let mut holder = c.session("postgres");
+    std::io::Write::write_all(
+        holder.stdin.as_mut().unwrap(),
+        b"BEGIN ISOLATION LEVEL SERIALIZABLE; SELECT pg_catalog.txid_current();\n",
+    )
+    .unwrap();
+    c.wait_until(
+        "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND state = 'idle in transaction')",
+        Duration::from_secs(30),
+    );
     let job: i64 = c
         .psql_in("ro", "postgres", &format!("BEGIN READ WRITE; SELECT store.ingest('{}'); COMMIT", dir.display()))
         .unwrap()
@@ -455,6 +469,31 @@ fn overloads_the_database_owner_plants_never_catch_calls_of_the_store_functions(
     let state = c.wait_state_in("ro", job, &["done", "failed", "cancelled"], Duration::from_secs(60));
     assert_eq!(state, "done", "a job in a database its owner set read-only");
     assert_eq!(c.psql_in("ro", "postgres", "SELECT count(*) FROM store.lines").unwrap(), "2");
+    // The owner's table sees the server's settings, not the database's.
+    c.psql_in(
+        "ro",
+        "dbowner",
+        "CREATE TABLE public.seen (what text); CREATE TABLE public.t (line text UNIQUE); \
+         CREATE FUNCTION public.look() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           INSERT INTO public.seen SELECT current_setting('lock_timeout') || ' ' || current_setting('enable_indexscan') \
+             || ' ' || current_setting('transaction_isolation'); RETURN NULL; END $$; \
+         CREATE TRIGGER look AFTER INSERT ON public.t FOR EACH STATEMENT EXECUTE FUNCTION public.look()",
+    )
+    .unwrap();
+    let job: i64 = c
+        .psql_in(
+            "ro",
+            "postgres",
+            &format!("BEGIN READ WRITE; SELECT store.ingest('{}', 'public.t'); COMMIT", dir.display()),
+        )
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(c.wait_state_in("ro", job, &["done", "failed", "cancelled"], Duration::from_secs(60)), "done");
+    assert_eq!(c.psql_in("ro", "postgres", "SELECT DISTINCT what FROM public.seen").unwrap(), "0 on read committed");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
 }
 
 #[test]
