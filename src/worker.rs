@@ -239,7 +239,13 @@ pub extern "C-unwind" fn pg_store_worker_main(arg: pg_sys::Datum) {
     let mut idle_since = Instant::now();
     let mut purged = false;
     loop {
-        if shutdown_requested() || registry::is_paused(db) {
+        if registry::is_paused(db) {
+            return;
+        }
+        if shutdown_requested() {
+            // pg_terminate_backend (of this worker alone) leaves the jobs queued here to
+            // another worker; a server shutting down starts none.
+            registry::want(db);
             return;
         }
         reload_on_sighup();
