@@ -3,13 +3,61 @@
 //! configuration). Both are looked at on the main thread, between statements; SIGTERM
 //! also ends the statement a process working on a job waits in.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
 
 /// This process works on a job (or claims one): SIGTERM cancels its statement too.
 static BUSY: AtomicBool = AtomicBool::new(false);
+
+/// How long a statement SIGTERM cancelled may go on: code of the target's owner (a
+/// trigger) can catch a cancel and carry on, which must not hold a shutdown up for good.
+/// After this the process exits as a client backend does on SIGTERM (FATAL), whatever
+/// it runs; the job is claimed again later, and that attempt counts.
+const GRACE_MS: u64 = 10_000;
+
+/// When SIGTERM cancelled the statement (`CLOCK_MONOTONIC`, ms); 0: it did not.
+static CANCELLED_AT: AtomicU64 = AtomicU64::new(0);
+
+/// The timeout that looks, every second while the process is [`busy`], whether the grace
+/// is over ([`grace_tick`]); 0 until [`attach`] registers it.
+static GRACE_TIMER: AtomicU32 = AtomicU32::new(0);
+
+/// `utils/timeout.h` of PostgreSQL 15, which pgrx's bindings leave out.
+mod timeout {
+    /// `USER_TIMEOUT` in PostgreSQL 15's `TimeoutId`: the first an extension may register.
+    pub const USER_TIMEOUT: u32 = 12;
+    unsafe extern "C-unwind" {
+        pub fn RegisterTimeout(id: u32, handler: Option<unsafe extern "C-unwind" fn()>) -> u32;
+        pub fn enable_timeout_every(id: u32, fin_time: i64, delay_ms: std::ffi::c_int);
+        pub fn disable_timeout(id: u32, keep_indicator: bool);
+    }
+}
+
+/// `CLOCK_MONOTONIC` in milliseconds (async-signal-safe).
+fn monotonic_ms() -> u64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the struct it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    (t.tv_sec as u64) * 1000 + (t.tv_nsec as u64) / 1_000_000
+}
+
+/// The grace timer's handler (in the SIGALRM handler's context): once [`GRACE_MS`] have
+/// passed since SIGTERM cancelled the statement, ask for the process's death, as
+/// PostgreSQL's own SIGTERM handler does; the next `CHECK_FOR_INTERRUPTS` raises FATAL,
+/// which no PL/pgSQL exception clause catches.
+unsafe extern "C-unwind" fn grace_tick() {
+    let at = CANCELLED_AT.load(Ordering::SeqCst);
+    if at != 0 && monotonic_ms().saturating_sub(at) >= GRACE_MS {
+        // SAFETY: the flags PostgreSQL's `die()` sets, and this process's latch.
+        unsafe {
+            std::ptr::addr_of_mut!(pg_sys::ProcDiePending).write_volatile(1);
+            std::ptr::addr_of_mut!(pg_sys::InterruptPending).write_volatile(1);
+            pg_sys::SetLatch(pg_sys::MyLatch);
+        }
+    }
+}
 
 /// The SIGTERM handler pgrx attached: it sets the flag [`shutdown_requested`] reads.
 static mut FLAG_HANDLER: pg_sys::pqsigfunc = None;
@@ -25,6 +73,9 @@ pub fn attach() {
     // SAFETY: on the main thread, before any other thread runs; the handler is
     // async-signal-safe (flags, the latch, an atomic).
     unsafe { FLAG_HANDLER = pg_sys::pqsignal(libc::SIGTERM, Some(on_sigterm)) };
+    // SAFETY: the background worker's timeouts are initialized before its main function
+    // runs; this registers the first free user timeout.
+    GRACE_TIMER.store(unsafe { timeout::RegisterTimeout(timeout::USER_TIMEOUT, Some(grace_tick)) }, Ordering::SeqCst);
 }
 
 unsafe extern "C-unwind" fn on_sigterm(signal: std::ffi::c_int) {
@@ -34,13 +85,14 @@ unsafe extern "C-unwind" fn on_sigterm(signal: std::ffi::c_int) {
         unsafe { flag(signal) };
     }
     if BUSY.load(Ordering::SeqCst) {
+        let _ = CANCELLED_AT.compare_exchange(0, monotonic_ms().max(1), Ordering::SeqCst, Ordering::SeqCst);
         // SAFETY: PostgreSQL's SIGINT handler: sets the interrupt flags and the latch.
         unsafe { pg_sys::StatementCancelHandler(signal) };
     }
 }
 
-/// Run `f` (a claim, a job, a range) with SIGTERM cancelling the statement it is in;
-/// then [`job_over`].
+/// Run `f` (a claim, a job, a range) with SIGTERM cancelling the statement it is in, and
+/// ending the process if that statement goes on for [`GRACE_MS`]; then [`job_over`].
 pub fn busy<R>(f: impl FnOnce() -> R) -> R {
     struct Idle;
     impl Drop for Idle {
@@ -48,7 +100,13 @@ pub fn busy<R>(f: impl FnOnce() -> R) -> R {
             job_over();
         }
     }
+    CANCELLED_AT.store(0, Ordering::SeqCst);
     BUSY.store(true, Ordering::SeqCst);
+    let timer = GRACE_TIMER.load(Ordering::SeqCst);
+    if timer != 0 {
+        // SAFETY: a timeout this process registered, armed on its main thread.
+        unsafe { timeout::enable_timeout_every(timer, pg_sys::GetCurrentTimestamp() + 1_000_000, 1000) };
+    }
     let _idle = Idle;
     f()
 }
@@ -59,6 +117,12 @@ pub fn busy<R>(f: impl FnOnce() -> R) -> R {
 /// a job (its end, a stop) must not be cancelled.
 fn job_over() {
     BUSY.store(false, Ordering::SeqCst);
+    let timer = GRACE_TIMER.load(Ordering::SeqCst);
+    if timer != 0 {
+        // SAFETY: disarms this process's own timeout, on its main thread.
+        unsafe { timeout::disable_timeout(timer, false) };
+    }
+    CANCELLED_AT.store(0, Ordering::SeqCst);
     // SAFETY: a flag of this process, cleared on its main thread.
     unsafe { std::ptr::addr_of_mut!(pg_sys::QueryCancelPending).write_volatile(0) };
 }

@@ -666,3 +666,41 @@ fn advisory_locks_taken_by_a_user_do_not_stall_jobs() {
     let _ = hold.kill();
     let _ = hold.wait();
 }
+
+/// A trigger of the target's owner that catches the cancel SIGTERM brings, and goes on,
+/// cannot hold a fast shutdown up for good: once the grace is over the worker exits as a
+/// client backend would (FATAL), the server stops, and after it starts again the job
+/// (the trigger now letting it through) ends exact.
+#[test]
+fn a_target_owners_trigger_that_catches_the_cancel_cannot_hold_up_a_fast_shutdown() {
+    let c = Cluster::start("stubborn", "store.batch_max = 500");
+    let dir = readable_dir(&c.dir.join("in"));
+    fs::write(dir.join("a.txt"), (0..5000).map(|i| format!("line {i}\n")).collect::<String>()).unwrap();
+    q(&c, "CREATE ROLE alice LOGIN; CREATE SCHEMA a AUTHORIZATION alice");
+    c.psql_as(
+        "alice",
+        "CREATE TABLE a.t (line text UNIQUE); CREATE TABLE a.hold (); INSERT INTO a.hold DEFAULT VALUES; \
+         CREATE FUNCTION a.stubborn() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           LOOP EXIT WHEN NOT EXISTS (SELECT FROM a.hold); \
+             BEGIN PERFORM pg_sleep(0.2); EXCEPTION WHEN query_canceled THEN RAISE LOG 'stubborn: caught a cancel'; END; \
+           END LOOP; RETURN NULL; END $$; \
+         CREATE TRIGGER s AFTER INSERT ON a.t FOR EACH STATEMENT EXECUTE FUNCTION a.stubborn()",
+    )
+    .unwrap();
+    let job = c.ingest(&format!("'{}', 'a.t'", dir.display()));
+    c.wait_until(
+        "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE backend_type = 'pg_store worker' AND wait_event = 'PgSleep')",
+        Duration::from_secs(60),
+    );
+    let t = Instant::now();
+    c.stop_fast();
+    assert!(t.elapsed() < Duration::from_secs(40), "the fast shutdown took {:?}", t.elapsed());
+    let log = fs::read_to_string(c.dir.join("log")).unwrap();
+    assert!(log.contains("stubborn: caught a cancel"), "{}", c.log_tail());
+    assert!(log.contains("due to administrator command"), "{}", c.log_tail());
+    c.pg_ctl_start();
+    c.psql_as("alice", "DELETE FROM a.hold").unwrap();
+    c.wait_done(job);
+    assert_eq!(num(&c, "SELECT count(*) FROM a.t"), 5000);
+    assert_eq!(q(&c, &format!("SELECT state || ' ' || inserted FROM store.status WHERE id = {job}")), "done 5000");
+}
