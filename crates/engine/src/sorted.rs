@@ -202,13 +202,16 @@ impl Sorted {
             }
             i += tied;
         }
-        // Cut i at the first mark with i/n of the (marked) runs' bytes at or below it.
-        let total: u128 = self.runs.iter().filter(|r| !r.index.is_empty()).map(|r| u128::from(r.bytes)).sum();
+        // Cut i at the first mark with i/n of the weight at or below it (the weights leave
+        // out half of each run's last stretch, above its last mark: with the runs' bytes
+        // as the whole, the last cuts could fall beyond every mark).
+        let total: u128 = marks.iter().map(|t| u128::from(t.3)).sum();
         let mut below: u128 = 0;
         let mut at = Vec::with_capacity(n);
         for (k, t) in marks.iter().enumerate() {
             below += u128::from(t.3);
-            while at.len() + 1 < n.max(1) && below * n as u128 >= (at.len() as u128 + 1) * total {
+            // (Never at the lowest mark, the stream's first record: a range of one line.)
+            while k > 0 && at.len() + 1 < n.max(1) && below * n as u128 >= (at.len() as u128 + 1) * total {
                 at.push(k);
             }
         }
