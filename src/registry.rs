@@ -246,11 +246,23 @@ unsafe extern "C-unwind" fn leave_all(_code: i32, _arg: pg_sys::Datum) {
         *e = Entry::default();
     }
     let mut lost = None;
+    let mut helped = None;
     for p in r.procs.iter_mut().filter(|p| p.pid == pid) {
         if p.kind == Kind::Worker && p.job != 0 {
             lost = Some(p.database);
         }
+        if p.kind == Kind::Inserter && p.job != 0 {
+            helped = Some((p.database, p.job));
+        }
         *p = Proc::default();
+    }
+    // An inserter leaving a job whose worker is gone (`pg_terminate_backend` of the worker
+    // while this process inserted its range): a worker that came meanwhile to resume the
+    // job passed it by, the job being live, and nothing else would ask for one.
+    if let Some((database, job)) = helped {
+        if !r.procs.iter().any(|p| p.pid != 0 && p.kind == Kind::Worker && p.database == database && p.job == job) {
+            lost = Some(database);
+        }
     }
     // A worker leaving in the middle of a job (an error it did not survive): the
     // launcher starts another one for its database, which resumes the job.

@@ -188,7 +188,11 @@ fn fast_shutdowns_mid_insert_leave_the_job_resumable_and_do_not_use_up_its_attem
         std::thread::sleep(Duration::from_millis(100));
     }
     let log = fs::read_to_string(c.dir.join("log")).unwrap();
-    assert!(log.contains("4 attempts (3 of them stopped by SIGTERM: a shutdown or restart)"), "{}", c.log_tail());
+    assert!(
+        log.contains("4 attempts (3 of them stopped by SIGTERM: a shutdown, a restart or pg_terminate_backend)"),
+        "{}",
+        c.log_tail()
+    );
 }
 
 /// `pg_terminate_backend` of the worker: only it stops; a new worker takes the job again
@@ -198,6 +202,32 @@ fn pg_terminate_backend_of_the_worker_mid_insert_resumes_by_itself() {
     let (c, job, _) = interrupted_mid_insert_ends_exact("terminate", |c, job| {
         assert_eq!(q(c, &format!("SELECT pg_terminate_backend(worker_pid) FROM store.jobs WHERE id = {job}")), "t");
     });
+    assert_eq!(q(&c, &format!("SELECT attempts - stops FROM store.jobs WHERE id = {job}")), "1");
+}
+
+/// The same while an inserter works on another range: the worker that comes to resume
+/// the job passes it by while the inserter is on it (the job is live), so the inserter,
+/// leaving with the job's worker gone, asks for one (before, the job waited, `running`
+/// with no process on it, for the launcher's hourly look or another job).
+#[test]
+fn pg_terminate_backend_of_the_worker_while_its_inserter_works_resumes_by_itself() {
+    let (c, job, _) = interrupted_mid_insert_ends_exact_with(
+        "terminate_ranges",
+        "store.insert_workers = 2\nstore.compact_index = off",
+        |c, job| {
+            c.wait_until(
+                &format!(
+                    "SELECT count(*) = 1 FROM store.ranges WHERE job = {job} AND range > 0 AND inserted > 1000 AND state = 'running'"
+                ),
+                Duration::from_secs(60),
+            );
+            // The inserter's batches then outlast the idle time of the worker that comes.
+            c.slow_inserts("store.lines", 0.5);
+            assert_eq!(q(c, &format!("SELECT pg_terminate_backend(worker_pid) FROM store.jobs WHERE id = {job}")), "t");
+            std::thread::sleep(Duration::from_secs(8));
+            q(c, "DROP TRIGGER slow ON store.lines");
+        },
+    );
     assert_eq!(q(&c, &format!("SELECT attempts - stops FROM store.jobs WHERE id = {job}")), "1");
 }
 

@@ -299,7 +299,7 @@ pub fn end_line(id: i64) -> Result<Option<String>> {
                 %s already present, %s duplicates, %s rejected, %s filtered; %s s, %s attempts%s%s', \
                 s.id, s.state, s.files_done, s.files_skipped, s.files_failed, s.records, s.inserted, s.already_present, \
                 s.duplicates, s.rejected, s.filtered, round(extract(epoch FROM s.finished_at - coalesce(s.started_at, s.created_at)), 1), \
-                s.attempts, CASE WHEN j.stops > 0 THEN pg_catalog.format(' (%s of them stopped by SIGTERM: a shutdown or restart)', j.stops) END, \
+                s.attempts, CASE WHEN j.stops > 0 THEN pg_catalog.format(' (%s of them stopped by SIGTERM: a shutdown, a restart or pg_terminate_backend)', j.stops) END, \
                 ', SQLSTATE ' || s.sqlstate) \
          FROM store.status s JOIN store.jobs j ON j.id = s.id WHERE s.id = $1 AND s.state NOT IN ('queued', 'running'))",
         &[id.into()],
