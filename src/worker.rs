@@ -376,7 +376,9 @@ fn pin_session() {
 
 /// The settings any user may set that this session took from `ALTER DATABASE … SET` (or
 /// `ALTER ROLE`), each with the value the server's configuration files give it, else its
-/// built-in one. Those pinned by name are left to [`pin_session`].
+/// built-in one. Those pinned by name are left to [`pin_session`], and the transaction
+/// settings (pinned before the first transaction; `transaction_*` cannot change once a
+/// transaction has run a query) to it too.
 fn server_values_of_database_settings() -> Result<Vec<(std::ffi::CString, std::ffi::CString)>> {
     let rows = Spi::connect(|c| {
         let t = c.select(
@@ -386,7 +388,8 @@ fn server_values_of_database_settings() -> Result<Vec<(std::ffi::CString, std::f
              FROM pg_catalog.pg_settings s \
              WHERE s.context OPERATOR(pg_catalog.=) 'user' \
                AND s.source OPERATOR(pg_catalog.=) ANY ('{database,user,\"database user\"}'::pg_catalog.text[]) \
-               AND s.name OPERATOR(pg_catalog.<>) ALL ('{session_authorization,role}'::pg_catalog.text[])",
+               AND s.name OPERATOR(pg_catalog.<>) ALL ('{session_authorization,role}'::pg_catalog.text[]) \
+               AND s.name NOT LIKE 'transaction\\_%' AND s.name NOT LIKE 'default\\_transaction\\_%'",
             None,
             &[],
         )?;
