@@ -44,12 +44,22 @@ fn monotonic_ms() -> u64 {
 }
 
 /// The grace timer's handler (in the SIGALRM handler's context): once [`GRACE_MS`] have
-/// passed since SIGTERM cancelled the statement, ask for the process's death, as
-/// PostgreSQL's own SIGTERM handler does; the next `CHECK_FOR_INTERRUPTS` raises FATAL,
-/// which no PL/pgSQL exception clause catches.
+/// passed since SIGTERM cancelled the statement, and a statement took the cancel (raised
+/// it: the flag is down) and yet the process still works on the job, ask for the
+/// process's death, as PostgreSQL's own SIGTERM handler does; the next
+/// `CHECK_FOR_INTERRUPTS` raises FATAL, which no PL/pgSQL exception clause catches. A
+/// cancel still pending is one no statement has met yet: the process is in its own code
+/// (a sort, a merge), which looks at the stop between files and ends the job cleanly.
 unsafe extern "C-unwind" fn grace_tick() {
     let at = CANCELLED_AT.load(Ordering::SeqCst);
-    if at != 0 && monotonic_ms().saturating_sub(at) >= GRACE_MS {
+    // SAFETY: reads flags of this process, as the signal handlers that set them do.
+    let (taken, exiting) = unsafe {
+        (
+            std::ptr::addr_of!(pg_sys::QueryCancelPending).read_volatile() == 0,
+            std::ptr::addr_of!(pg_sys::proc_exit_inprogress).read_volatile(),
+        )
+    };
+    if at != 0 && taken && !exiting && monotonic_ms().saturating_sub(at) >= GRACE_MS {
         // SAFETY: the flags PostgreSQL's `die()` sets, and this process's latch.
         unsafe {
             std::ptr::addr_of_mut!(pg_sys::ProcDiePending).write_volatile(1);
