@@ -356,7 +356,24 @@ fn pin_session() {
             return Err(StoreError::internal("the worker's session is not its own superuser's"));
         }
         for (name, value) in server_values_of_database_settings()? {
-            set(&name, &value);
+            // A value the setting refuses is a WARNING, not an ERROR that would make every
+            // worker of the database exit: the database's value then stays.
+            // SAFETY: as `set`; errors are reported at WARNING and return 0.
+            let ok = unsafe {
+                pg_sys::set_config_option(
+                    name.as_ptr(),
+                    value.as_ptr(),
+                    pg_sys::GucContext::PGC_SUSET,
+                    pg_sys::GucSource::PGC_S_SESSION,
+                    pg_sys::GucAction::GUC_ACTION_SET,
+                    true,
+                    pg_sys::WARNING as i32,
+                    false,
+                )
+            };
+            if ok <= 0 {
+                log!("pg_store: could not give {name:?} the server's value {value:?}; the database's stays");
+            }
         }
         set(c"search_path", c"pg_catalog, pg_temp");
         set(c"role", c"none");
@@ -389,7 +406,8 @@ fn server_values_of_database_settings() -> Result<Vec<(std::ffi::CString, std::f
              WHERE s.context OPERATOR(pg_catalog.=) 'user' \
                AND s.source OPERATOR(pg_catalog.=) ANY ('{database,user,\"database user\"}'::pg_catalog.text[]) \
                AND s.name OPERATOR(pg_catalog.<>) ALL ('{session_authorization,role}'::pg_catalog.text[]) \
-               AND s.name NOT LIKE 'transaction\\_%' AND s.name NOT LIKE 'default\\_transaction\\_%'",
+               AND NOT pg_catalog.starts_with(s.name, 'transaction_') \
+               AND NOT pg_catalog.starts_with(s.name, 'default_transaction_')",
             None,
             &[],
         )?;
