@@ -297,11 +297,11 @@ pub fn end_line(id: i64) -> Result<Option<String>> {
     Ok(Spi::get_one_with_args::<String>(
         "SELECT (SELECT pg_catalog.format('pg_store job %s %s: %s files read, %s skipped, %s failed; %s records, %s inserted, \
                 %s already present, %s duplicates, %s rejected, %s filtered; %s s, %s attempts%s%s', \
-                s.id, s.state, s.files_done, s.files_skipped, s.files_failed, s.records, s.inserted, s.already_present, \
-                s.duplicates, s.rejected, s.filtered, round(extract(epoch FROM s.finished_at - coalesce(s.started_at, s.created_at)), 1), \
-                s.attempts, CASE WHEN j.stops > 0 THEN pg_catalog.format(' (%s of them stopped by SIGTERM: a shutdown, a restart or pg_terminate_backend)', j.stops) END, \
-                ', SQLSTATE ' || s.sqlstate) \
-         FROM store.status s JOIN store.jobs j ON j.id = s.id WHERE s.id = $1 AND s.state NOT IN ('queued', 'running'))",
+                id, state, files_done, files_skipped, files_failed, records, inserted, already_present, duplicates, \
+                rejected, filtered, round(extract(epoch FROM finished_at - coalesce(started_at, created_at)), 1), \
+                attempts, CASE WHEN stops > 0 THEN pg_catalog.format(' (%s of them stopped by SIGTERM: a shutdown, a restart or pg_terminate_backend)', stops) END, \
+                ', SQLSTATE ' || sqlstate) \
+         FROM store.status WHERE id = $1 AND state NOT IN ('queued', 'running'))",
         &[id.into()],
     )?)
 }
