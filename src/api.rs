@@ -306,12 +306,14 @@ fn cancel(job: i64) -> Result<bool> {
         // The worker looks at cancel_requested between batches; a batch waiting on a
         // lock, or stuck in a trigger of the target, would not get there. Once this
         // transaction commits (so the worker can see why), interrupt it as
-        // pg_cancel_backend would: the worker then ends the job as cancelled.
+        // pg_cancel_backend would, but by SIGUSR2 (crate::signals): a statement that
+        // catches the cancel ends its process 10 s later. The worker then ends the job
+        // as cancelled (or the next one to claim it does, crate::tables::jobs::Job::load).
         // Which processes is decided then, not now: one that works on the job now may
         // have exited by the commit, and its PID been given to an unrelated process.
         let db = registry::my_database();
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || {
-            registry::signal_job(db, job, libc::SIGINT);
+            registry::signal_job(db, job, libc::SIGUSR2);
         });
     }
     Ok(was.is_some())

@@ -78,8 +78,9 @@ impl StoreError {
         )
     }
 
-    /// A statement interrupted by SIGINT: `store_cancel` (or someone's
-    /// `pg_cancel_backend`); a cancel only if the job's `cancel_requested` says so.
+    /// A statement interrupted by a cancel: `store_cancel`'s SIGUSR2, SIGTERM's, or
+    /// someone's `pg_cancel_backend`; a cancel of the job only if its
+    /// `cancel_requested` says so.
     pub fn is_query_canceled(&self) -> bool {
         matches!(self, StoreError::Sql { code: ERRCODE_QUERY_CANCELED, .. })
     }

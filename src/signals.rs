@@ -1,7 +1,8 @@
 //! The signals a background process of pg_store acts on: SIGTERM (the postmaster asks
-//! it to exit; a running job stays open and resumes later) and SIGHUP (reload the
-//! configuration). Both are looked at on the main thread, between statements; SIGTERM
-//! also ends the statement a process working on a job waits in.
+//! it to exit; a running job stays open and resumes later), SIGUSR2 (`store.cancel`
+//! asks the job to stop) and SIGHUP (reload the configuration). SIGTERM and SIGHUP are
+//! looked at on the main thread, between statements; SIGTERM and SIGUSR2 also end the
+//! statement a process working on a job waits in, within a grace.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -11,13 +12,14 @@ use pgrx::pg_sys;
 /// This process works on a job (or claims one): SIGTERM cancels its statement too.
 static BUSY: AtomicBool = AtomicBool::new(false);
 
-/// How long a statement SIGTERM cancelled may go on: code of the target's owner (a
-/// trigger) can catch a cancel and carry on, which must not hold a shutdown up for good.
+/// How long a statement SIGTERM or `store.cancel` cancelled may go on: code of the
+/// target's owner (a trigger) can catch a cancel and carry on, which must not hold a
+/// shutdown, or a job its owner cancelled, up for good.
 /// After this the process exits as a client backend does on SIGTERM (FATAL), whatever
 /// it runs; the job is claimed again later, and that attempt counts.
 const GRACE_MS: u64 = 10_000;
 
-/// When SIGTERM cancelled the statement (`CLOCK_MONOTONIC`, ms); 0: it did not.
+/// When SIGTERM or SIGUSR2 cancelled the statement (`CLOCK_MONOTONIC`, ms); 0: neither did.
 static CANCELLED_AT: AtomicU64 = AtomicU64::new(0);
 
 /// The timeout that looks, every second while the process is [`busy`], whether the grace
@@ -44,7 +46,7 @@ fn monotonic_ms() -> u64 {
 }
 
 /// The grace timer's handler (in the SIGALRM handler's context): once [`GRACE_MS`] have
-/// passed since SIGTERM cancelled the statement, and a statement took the cancel (raised
+/// passed since SIGTERM or SIGUSR2 cancelled the statement, and a statement took the cancel (raised
 /// it: the flag is down) and yet the process still works on the job, ask for the
 /// process's death, as PostgreSQL's own SIGTERM handler does; the next
 /// `CHECK_FOR_INTERRUPTS` raises FATAL, which no PL/pgSQL exception clause catches. A
@@ -78,11 +80,17 @@ static mut FLAG_HANDLER: pg_sys::pqsigfunc = None;
 /// holds outlives every session a fast shutdown ends) or for a synchronous standby that
 /// is gone would otherwise hold up the shutdown for good. The statement's error is then
 /// taken for the shutdown it is ([`shutdown_requested`]), and the job resumes later.
+/// SIGUSR2 (which a background worker otherwise ignores) is `store.cancel`'s: a cancel
+/// with the same grace, where SIGINT (`pg_cancel_backend`) stays a plain cancel, which
+/// a job outlives.
 pub fn attach() {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    // SAFETY: on the main thread, before any other thread runs; the handler is
+    // SAFETY: on the main thread, before any other thread runs; the handlers are
     // async-signal-safe (flags, the latch, an atomic).
-    unsafe { FLAG_HANDLER = pg_sys::pqsignal(libc::SIGTERM, Some(on_sigterm)) };
+    unsafe {
+        FLAG_HANDLER = pg_sys::pqsignal(libc::SIGTERM, Some(on_sigterm));
+        pg_sys::pqsignal(libc::SIGUSR2, Some(on_store_cancel));
+    }
     // SAFETY: the background worker's timeouts are initialized before its main function
     // runs; this registers the first free user timeout.
     GRACE_TIMER.store(unsafe { timeout::RegisterTimeout(timeout::USER_TIMEOUT, Some(grace_tick)) }, Ordering::SeqCst);
@@ -94,14 +102,26 @@ unsafe extern "C-unwind" fn on_sigterm(signal: std::ffi::c_int) {
         // SAFETY: pgrx's handler, in the signal context it was written for.
         unsafe { flag(signal) };
     }
+    cancel_with_grace(signal);
+}
+
+/// `store.cancel`'s signal (SIGUSR2): cancel the statement, with the grace.
+unsafe extern "C-unwind" fn on_store_cancel(signal: std::ffi::c_int) {
+    cancel_with_grace(signal);
+}
+
+/// While the process is [`busy`], cancel the statement it is in, as SIGINT does, and
+/// start the grace ([`grace_tick`]) unless it runs already.
+fn cancel_with_grace(signal: std::ffi::c_int) {
     if BUSY.load(Ordering::SeqCst) {
         let _ = CANCELLED_AT.compare_exchange(0, monotonic_ms().max(1), Ordering::SeqCst, Ordering::SeqCst);
-        // SAFETY: PostgreSQL's SIGINT handler: sets the interrupt flags and the latch.
+        // SAFETY: PostgreSQL's SIGINT handler (in a signal handler's context, as it
+        // expects): sets the interrupt flags and the latch.
         unsafe { pg_sys::StatementCancelHandler(signal) };
     }
 }
 
-/// Run `f` (a claim, a job, a range) with SIGTERM cancelling the statement it is in, and
+/// Run `f` (a claim, a job, a range) with SIGTERM and SIGUSR2 cancelling the statement it is in, and
 /// ending the process if that statement goes on for [`GRACE_MS`]; then [`job_over`].
 pub fn busy<R>(f: impl FnOnce() -> R) -> R {
     struct Idle;

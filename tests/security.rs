@@ -722,3 +722,49 @@ fn a_target_owners_trigger_that_catches_the_cancel_cannot_hold_up_a_fast_shutdow
     assert_eq!(num(&c, "SELECT count(*) FROM a.t"), 5000);
     assert_eq!(q(&c, &format!("SELECT state || ' ' || inserted FROM store.status WHERE id = {job}")), "done 5000");
 }
+
+/// The same trigger against `store.cancel`: the job's owner cancels it, the trigger
+/// catches the cancel and carries on; 10 s later its process ends, and the job ends
+/// cancelled without running the trigger again.
+#[test]
+fn a_target_owners_trigger_that_catches_the_cancel_cannot_hold_up_store_cancel() {
+    let c = Cluster::start("stubborn-cancel", "store.batch_max = 500");
+    let dir = readable_dir(&c.dir.join("in"));
+    fs::write(dir.join("a.txt"), (0..5000).map(|i| format!("line {i}\n")).collect::<String>()).unwrap();
+    q(&c, "CREATE ROLE alice LOGIN; CREATE SCHEMA a AUTHORIZATION alice");
+    c.psql_as(
+        "alice",
+        "CREATE TABLE a.t (line text UNIQUE); CREATE TABLE a.hold (); INSERT INTO a.hold DEFAULT VALUES; \
+         CREATE TABLE a.calls (at timestamptz DEFAULT now()); \
+         CREATE FUNCTION a.stubborn() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           INSERT INTO a.calls DEFAULT VALUES; \
+           LOOP EXIT WHEN NOT EXISTS (SELECT FROM a.hold); \
+             BEGIN PERFORM pg_sleep(0.2); EXCEPTION WHEN query_canceled THEN RAISE LOG 'stubborn: caught a cancel'; END; \
+           END LOOP; RETURN NULL; END $$; \
+         CREATE TRIGGER s AFTER INSERT ON a.t FOR EACH STATEMENT EXECUTE FUNCTION a.stubborn()",
+    )
+    .unwrap();
+    let job = c.ingest(&format!("'{}', 'a.t'", dir.display()));
+    c.wait_until(
+        "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE backend_type = 'pg_store worker' AND wait_event = 'PgSleep')",
+        Duration::from_secs(60),
+    );
+    // A plain pg_cancel_backend is caught and outlived: no grace for it.
+    q(&c, "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE backend_type = 'pg_store worker' AND wait_event = 'PgSleep'");
+    std::thread::sleep(Duration::from_secs(13));
+    assert_eq!(q(&c, &format!("SELECT state FROM store.status WHERE id = {job}")), "running");
+    let log = fs::read_to_string(c.dir.join("log")).unwrap();
+    assert!(log.contains("stubborn: caught a cancel"), "{}", c.log_tail());
+    assert!(!log.contains("due to administrator command"), "{}", c.log_tail());
+    let t = Instant::now();
+    assert_eq!(q(&c, &format!("SELECT store.cancel({job})")), "t");
+    c.wait_until(&format!("SELECT state = 'cancelled' FROM store.status WHERE id = {job}"), Duration::from_secs(60));
+    assert!(t.elapsed() < Duration::from_secs(40), "the cancel took {:?}", t.elapsed());
+    let log = fs::read_to_string(c.dir.join("log")).unwrap();
+    assert!(log.contains("due to administrator command"), "{}", c.log_tail());
+    // The trigger ran for the one batch the first claim began, and its rows went with it.
+    assert_eq!(num(&c, "SELECT count(*) FROM a.calls"), 0);
+    assert_eq!(num(&c, "SELECT count(*) FROM a.t"), 0);
+    assert_eq!(q(&c, &format!("SELECT state || ' ' || inserted FROM store.status WHERE id = {job}")), "cancelled 0");
+    assert_eq!(num(&c, "SELECT count(*) FROM store.workers WHERE job IS NOT NULL"), 0);
+}

@@ -39,12 +39,15 @@ pub struct Job {
 }
 
 impl Job {
+    /// Job `id` as claim `claim` runs it; [`StoreError::Cancelled`] if `store_cancel` asked
+    /// it to stop: a claim after a process the cancel's grace ended (a target's code that
+    /// caught the cancel, `crate::signals`) must not run that code again.
     pub fn load(id: i64, claim: i32) -> Result<Job> {
         transaction(|| {
             let job = Spi::connect(|c| {
                 let t = c.select(
-                    "SELECT path, target::pg_catalog.oid, column_name::text, dedup, filter, owner::pg_catalog.oid, key_column::text \
-                     FROM store.jobs WHERE id = $1",
+                    "SELECT path, target::pg_catalog.oid, column_name::text, dedup, filter, owner::pg_catalog.oid, key_column::text, \
+                            cancel_requested FROM store.jobs WHERE id = $1",
                     Some(1),
                     &[id.into()],
                 )?;
@@ -57,11 +60,16 @@ impl Job {
                     r.get::<String>(5)?,
                     r.get::<pg_sys::Oid>(6)?,
                     r.get::<String>(7)?,
+                    r.get::<bool>(8)?,
                 ))
             })?;
-            let (Some(path), Some(target), Some(column), Some(dedup), filter, Some(owner), key_column) = job else {
+            let (Some(path), Some(target), Some(column), Some(dedup), filter, Some(owner), key_column, cancel) = job
+            else {
                 return Err(StoreError::internal(format!("job {id} has no row")));
             };
+            if cancel == Some(true) {
+                return Err(StoreError::Cancelled);
+            }
             let dedup = dedup.parse::<Dedup>()?;
             Ok(Job { id, claim, path, target, column, key_column, dedup, filter, owner })
         })
