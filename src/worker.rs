@@ -391,9 +391,11 @@ fn pin_session() {
     }
 }
 
-/// The settings any user may set that this session took from `ALTER DATABASE … SET` (or
+/// The settings a session may set that this session took from `ALTER DATABASE … SET` (or
 /// `ALTER ROLE`), each with the value the server's configuration files give it, else its
-/// built-in one. Those pinned by name are left to [`pin_session`], and the transaction
+/// built-in one: those any user may set, and those only a superuser may, which `GRANT SET
+/// ON PARAMETER` (`session_replication_role`, which turns off triggers and foreign keys)
+/// may have let a database's owner attach to it. Those pinned by name are left to [`pin_session`], and the transaction
 /// settings (pinned before the first transaction; `transaction_*` cannot change once a
 /// transaction has run a query) to it too.
 fn server_values_of_database_settings() -> Result<Vec<(std::ffi::CString, std::ffi::CString)>> {
@@ -403,7 +405,7 @@ fn server_values_of_database_settings() -> Result<Vec<(std::ffi::CString, std::f
                                       WHERE f.name OPERATOR(pg_catalog.=) s.name AND f.applied \
                                       ORDER BY f.seqno DESC LIMIT 1), s.boot_val) \
              FROM pg_catalog.pg_settings s \
-             WHERE s.context OPERATOR(pg_catalog.=) 'user' \
+             WHERE s.context OPERATOR(pg_catalog.=) ANY ('{user,superuser}'::pg_catalog.text[]) \
                AND s.source OPERATOR(pg_catalog.=) ANY ('{database,user,\"database user\"}'::pg_catalog.text[]) \
                AND s.name OPERATOR(pg_catalog.<>) ALL ('{session_authorization,role}'::pg_catalog.text[]) \
                AND NOT pg_catalog.starts_with(s.name, 'transaction_') \
