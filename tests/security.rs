@@ -690,20 +690,19 @@ fn advisory_locks_taken_by_a_user_do_not_stall_jobs() {
     let _ = hold.wait();
 }
 
-/// A trigger of the target's owner that catches the cancel SIGTERM brings, and goes on,
-/// cannot hold a fast shutdown up for good: once the grace is over the worker exits as a
-/// client backend would (FATAL), the server stops, and after it starts again the job
-/// (the trigger now letting it through) ends exact.
-#[test]
-fn a_target_owners_trigger_that_catches_the_cancel_cannot_hold_up_a_fast_shutdown() {
-    let c = Cluster::start("stubborn", "store.batch_max = 500");
+/// A superuser's job of 5,000 lines into `a.t`, whose owner's statement trigger records
+/// each call in `a.calls` and then sleeps, catching every cancel, for as long as `a.hold`
+/// has a row; returned once the job's worker sleeps in it.
+fn stubborn_job(c: &Cluster) -> i64 {
     let dir = readable_dir(&c.dir.join("in"));
     fs::write(dir.join("a.txt"), (0..5000).map(|i| format!("line {i}\n")).collect::<String>()).unwrap();
-    q(&c, "CREATE ROLE alice LOGIN; CREATE SCHEMA a AUTHORIZATION alice");
+    q(c, "CREATE ROLE alice LOGIN; CREATE SCHEMA a AUTHORIZATION alice");
     c.psql_as(
         "alice",
         "CREATE TABLE a.t (line text UNIQUE); CREATE TABLE a.hold (); INSERT INTO a.hold DEFAULT VALUES; \
+         CREATE TABLE a.calls (at timestamptz DEFAULT now()); \
          CREATE FUNCTION a.stubborn() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           INSERT INTO a.calls DEFAULT VALUES; \
            LOOP EXIT WHEN NOT EXISTS (SELECT FROM a.hold); \
              BEGIN PERFORM pg_sleep(0.2); EXCEPTION WHEN query_canceled THEN RAISE LOG 'stubborn: caught a cancel'; END; \
            END LOOP; RETURN NULL; END $$; \
@@ -715,6 +714,17 @@ fn a_target_owners_trigger_that_catches_the_cancel_cannot_hold_up_a_fast_shutdow
         "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE backend_type = 'pg_store worker' AND wait_event = 'PgSleep')",
         Duration::from_secs(60),
     );
+    job
+}
+
+/// A trigger of the target's owner that catches the cancel SIGTERM brings, and goes on,
+/// cannot hold a fast shutdown up for good: once the grace is over the worker exits as a
+/// client backend would (FATAL), the server stops, and after it starts again the job
+/// (the trigger now letting it through) ends exact.
+#[test]
+fn a_target_owners_trigger_that_catches_the_cancel_cannot_hold_up_a_fast_shutdown() {
+    let c = Cluster::start("stubborn", "store.batch_max = 500");
+    let job = stubborn_job(&c);
     let t = Instant::now();
     c.stop_fast();
     assert!(t.elapsed() < Duration::from_secs(40), "the fast shutdown took {:?}", t.elapsed());
@@ -734,26 +744,7 @@ fn a_target_owners_trigger_that_catches_the_cancel_cannot_hold_up_a_fast_shutdow
 #[test]
 fn a_target_owners_trigger_that_catches_the_cancel_cannot_hold_up_store_cancel() {
     let c = Cluster::start("stubborn-cancel", "store.batch_max = 500");
-    let dir = readable_dir(&c.dir.join("in"));
-    fs::write(dir.join("a.txt"), (0..5000).map(|i| format!("line {i}\n")).collect::<String>()).unwrap();
-    q(&c, "CREATE ROLE alice LOGIN; CREATE SCHEMA a AUTHORIZATION alice");
-    c.psql_as(
-        "alice",
-        "CREATE TABLE a.t (line text UNIQUE); CREATE TABLE a.hold (); INSERT INTO a.hold DEFAULT VALUES; \
-         CREATE TABLE a.calls (at timestamptz DEFAULT now()); \
-         CREATE FUNCTION a.stubborn() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-           INSERT INTO a.calls DEFAULT VALUES; \
-           LOOP EXIT WHEN NOT EXISTS (SELECT FROM a.hold); \
-             BEGIN PERFORM pg_sleep(0.2); EXCEPTION WHEN query_canceled THEN RAISE LOG 'stubborn: caught a cancel'; END; \
-           END LOOP; RETURN NULL; END $$; \
-         CREATE TRIGGER s AFTER INSERT ON a.t FOR EACH STATEMENT EXECUTE FUNCTION a.stubborn()",
-    )
-    .unwrap();
-    let job = c.ingest(&format!("'{}', 'a.t'", dir.display()));
-    c.wait_until(
-        "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE backend_type = 'pg_store worker' AND wait_event = 'PgSleep')",
-        Duration::from_secs(60),
-    );
+    let job = stubborn_job(&c);
     // A plain pg_cancel_backend is caught and outlived: no grace for it.
     q(&c, "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE backend_type = 'pg_store worker' AND wait_event = 'PgSleep'");
     std::thread::sleep(Duration::from_secs(13));
