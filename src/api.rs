@@ -311,9 +311,24 @@ fn cancel(job: i64) -> Result<bool> {
         // as cancelled (or the next one to claim it does, crate::tables::jobs::Job::load).
         // Which processes is decided then, not now: one that works on the job now may
         // have exited by the commit, and its PID been given to an unrelated process.
+        // A cancel a rollback to a savepoint undid signals nothing: the grace would end a
+        // worker nobody asked to stop.
         let db = registry::my_database();
+        let live = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        // SAFETY: reads the current transaction's state.
+        let mine = unsafe { pg_sys::GetCurrentSubTransactionId() };
+        let undone = live.clone();
+        pgrx::register_subxact_callback(pgrx::PgSubXactCallbackEvent::AbortSub, move |aborted, _| {
+            // Subtransaction ids only grow: one aborted at or below this call's is this
+            // call's or an ancestor's that took it along.
+            if mine >= aborted {
+                undone.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
         pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || {
-            registry::signal_job(db, job, libc::SIGUSR2);
+            if live.load(std::sync::atomic::Ordering::Relaxed) {
+                registry::signal_job(db, job, libc::SIGUSR2);
+            }
         });
     }
     Ok(was.is_some())

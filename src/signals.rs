@@ -157,6 +157,17 @@ fn job_over() {
     unsafe { std::ptr::addr_of_mut!(pg_sys::QueryCancelPending).write_volatile(0) };
 }
 
+/// A cancelled statement ended and pg_store took its error for no reason to stop (a
+/// cancel not meant for the job, whose batch is retried): the grace it started is over.
+/// One that came since, its cancel still pending, starts its own.
+pub fn cancel_outlived() {
+    CANCELLED_AT.store(0, Ordering::SeqCst);
+    // SAFETY: reads a flag the signal handlers set.
+    if unsafe { std::ptr::addr_of!(pg_sys::QueryCancelPending).read_volatile() } != 0 {
+        let _ = CANCELLED_AT.compare_exchange(0, monotonic_ms().max(1), Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
 /// True once the postmaster asked this process to exit (SIGTERM).
 pub fn shutdown_requested() -> bool {
     // SAFETY: reads a flag the signal handler sets.

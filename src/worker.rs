@@ -20,6 +20,8 @@
 //! claimed `store.max_attempts` times without ending fails instead of crashing its
 //! workers forever.
 
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker};
@@ -213,10 +215,11 @@ pub extern "C-unwind" fn pg_store_worker_main(arg: pg_sys::Datum) {
     // SAFETY: the argument the launcher registered.
     let db = unsafe { i64::from_datum(arg, false) }.unwrap_or(0) as u32;
     crate::signals::attach();
+    let server = server_settings();
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
     registry::clean_up_at_exit();
     registry::proc_enter(Kind::Worker);
-    pin_session();
+    pin_session(&server);
     registry::granted(db);
     match transaction(crate::api::installed_version) {
         Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => {}
@@ -316,8 +319,8 @@ fn fail_restored_jobs() {
 /// The worker's own SQL runs as a superuser: it resolves names in `pg_catalog` (and
 /// `pg_temp`, last) only, never in a schema a user can create objects in. Settings a
 /// database's owner may attach to the database (`ALTER DATABASE … SET`) reach the worker
-/// too. Those any user may set are taken back to the server's (its configuration files'
-/// value, else the built-in one): a database's `lock_timeout` failed other roles' jobs,
+/// too. Those a session may set are taken back to the server's (`server`, what
+/// [`server_settings`] read before the process connected): a database's `lock_timeout` failed other roles' jobs,
 /// its planner settings slowed them a thousandfold. Then its session user and role,
 /// client encoding (which binary COPY converts text from), string syntax, identifier
 /// quoting, row security and transactions are pinned to what its SQL assumes. The
@@ -325,8 +328,8 @@ fn fail_restored_jobs() {
 /// serializable, read-only and deferrable kept its jobs queued (each look for work
 /// failing), and held that first transaction waiting for a safe snapshot for as long as
 /// serializable transactions ran anywhere in the cluster.
-fn pin_session() {
-    let set = |name: &std::ffi::CStr, value: &std::ffi::CStr| {
+fn pin_session(server: &HashMap<CString, CString>) {
+    let set = |name: &CStr, value: &CStr| {
         // SAFETY: sets a session GUC from the main thread; an invalid value raises an
         // ERROR, caught below.
         unsafe {
@@ -348,14 +351,22 @@ fn pin_session() {
         // no login of its own to override it, and turned the worker into the owner's role.
         // SAFETY: a catalog look-up in a transaction; the name is copied at once.
         let me =
-            unsafe { std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetAuthenticatedUserId(), false)) }
-                .to_owned();
+            unsafe { CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetAuthenticatedUserId(), false)) }.to_owned();
         set(c"session_authorization", &me);
         // SAFETY: reads the session's user state.
         if unsafe { pg_sys::GetSessionUserId() != pg_sys::GetAuthenticatedUserId() || !pg_sys::superuser() } {
             return Err(StoreError::internal("the worker's session is not its own superuser's"));
         }
-        for (name, value) in server_values_of_database_settings()? {
+        // PL/pgSQL, loaded now rather than by the first trigger of a target, defines its
+        // settings (`plpgsql.extra_errors`, `plpgsql.check_asserts`): until then the
+        // database's values for them are placeholders no look at the settings sees, which
+        // the library takes up when it loads.
+        // SAFETY: loads a library of the server's, as a first PL/pgSQL call would.
+        unsafe { pg_sys::load_file(c"$libdir/plpgsql".as_ptr(), false) };
+        for (name, built_in) in settings_from_the_database()? {
+            // A setting of a library the server had not loaded has no value of the server's
+            // but the one the configuration files gave its placeholder: else its built-in one.
+            let Some(value) = server.get(&name).or(built_in.as_ref()) else { continue };
             // A value the setting refuses is a WARNING, not an ERROR that would make every
             // worker of the database exit: the database's value then stays.
             // SAFETY: as `set`; errors are reported at WARNING and return 0.
@@ -391,20 +402,41 @@ fn pin_session() {
     }
 }
 
+/// The settings a session may set (those any user may, and those only a superuser may,
+/// which `GRANT SET ON PARAMETER` may have let a database's owner attach to it:
+/// `session_replication_role`, which turns off triggers and foreign keys) and the values
+/// this process has for them: read before it connects to its database, they are what the
+/// server gives every session (its configuration files as last loaded, `ALTER SYSTEM`,
+/// its command line), and not yet what the database or a role attached.
+fn server_settings() -> HashMap<CString, CString> {
+    let mut out = HashMap::new();
+    // SAFETY: this process's table of settings, read on its main thread before it
+    // connects; each name and value is copied at once (a value may sit in a static buffer).
+    unsafe {
+        let vars = pg_sys::get_guc_variables();
+        let n = usize::try_from(pg_sys::GetNumConfigOptions()).unwrap_or(0);
+        for i in 0..n {
+            let v = *vars.add(i);
+            if v.is_null() || !matches!((*v).context, pg_sys::GucContext::PGC_USERSET | pg_sys::GucContext::PGC_SUSET) {
+                continue;
+            }
+            let value = pg_sys::GetConfigOption((*v).name, true, false);
+            if !value.is_null() {
+                out.insert(CStr::from_ptr((*v).name).to_owned(), CStr::from_ptr(value).to_owned());
+            }
+        }
+    }
+    out
+}
+
 /// The settings a session may set that this session took from `ALTER DATABASE … SET` (or
-/// `ALTER ROLE`), each with the value the server's configuration files give it, else its
-/// built-in one: those any user may set, and those only a superuser may, which `GRANT SET
-/// ON PARAMETER` (`session_replication_role`, which turns off triggers and foreign keys)
-/// may have let a database's owner attach to it. Those pinned by name are left to [`pin_session`], and the transaction
+/// `ALTER ROLE`), each with its built-in value. Those pinned by name are left to [`pin_session`], and the transaction
 /// settings (pinned before the first transaction; `transaction_*` cannot change once a
 /// transaction has run a query) to it too.
-fn server_values_of_database_settings() -> Result<Vec<(std::ffi::CString, std::ffi::CString)>> {
+fn settings_from_the_database() -> Result<Vec<(CString, Option<CString>)>> {
     let rows = Spi::connect(|c| {
         let t = c.select(
-            "SELECT s.name, coalesce((SELECT f.setting FROM pg_catalog.pg_file_settings f \
-                                      WHERE f.name OPERATOR(pg_catalog.=) s.name AND f.applied \
-                                      ORDER BY f.seqno DESC LIMIT 1), s.boot_val) \
-             FROM pg_catalog.pg_settings s \
+            "SELECT s.name, s.boot_val FROM pg_catalog.pg_settings s \
              WHERE s.context OPERATOR(pg_catalog.=) ANY ('{user,superuser}'::pg_catalog.text[]) \
                AND s.source OPERATOR(pg_catalog.=) ANY ('{database,user,\"database user\"}'::pg_catalog.text[]) \
                AND s.name OPERATOR(pg_catalog.<>) ALL ('{session_authorization,role}'::pg_catalog.text[]) \
@@ -418,7 +450,7 @@ fn server_values_of_database_settings() -> Result<Vec<(std::ffi::CString, std::f
     })?;
     Ok(rows
         .into_iter()
-        .filter_map(|(name, value)| Some((std::ffi::CString::new(name?).ok()?, std::ffi::CString::new(value?).ok()?)))
+        .filter_map(|(name, boot)| Some((CString::new(name?).ok()?, boot.and_then(|b| CString::new(b).ok()))))
         .collect())
 }
 
@@ -460,6 +492,7 @@ const CANDIDATES: i64 = 64;
 /// the claim number.
 fn claim() -> Result<Option<(i64, i32)>> {
     let mut entered: Option<i64> = None;
+    let mut cancelled = Vec::new();
     let res = transaction(|| {
         let ids = jobs::claim_candidates(CANDIDATES)?;
         for id in ids {
@@ -467,10 +500,17 @@ fn claim() -> Result<Option<(i64, i32)>> {
                 continue;
             }
             let row = jobs::lock_open(id)?;
-            let (Some(_), Some(attempts)) = row else { continue };
+            let (Some(_), Some(attempts), cancel) = row else { continue };
             // Under the row lock: a worker that claimed it meanwhile has committed, and
             // is in the registry.
             if registry::is_live(id) {
+                continue;
+            }
+            // Its owner cancelled it, and the process that ran it is gone (the cancel's
+            // grace ended a statement that caught it): cancelled, whatever attempts are left.
+            if cancel == Some(true) {
+                jobs::end_cancelled(id)?;
+                cancelled.push(id);
                 continue;
             }
             let max = gucs::MAX_ATTEMPTS.get();
@@ -502,6 +542,14 @@ fn claim() -> Result<Option<(i64, i32)>> {
         // The claim did not commit: this process does not run the job.
         if let Some(id) = entered {
             registry::leave(id);
+        }
+    } else if !cancelled.is_empty() {
+        let settings = gucs::Settings::read();
+        for id in cancelled {
+            for dir in settings.iter().flat_map(|s| job::job_dirs(s, id)) {
+                let _ = store_engine::private_dir::remove(&dir);
+            }
+            log_end(id);
         }
     }
     res
@@ -618,11 +666,12 @@ pub extern "C-unwind" fn pg_store_inserter_main(arg: pg_sys::Datum) {
     };
     let claim = claim as i32;
     crate::signals::attach();
+    let server = server_settings();
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db as u32)), None);
     registry::clean_up_at_exit();
     registry::proc_enter(Kind::Inserter);
     registry::proc_job(id);
-    pin_session();
+    pin_session(&server);
     if !registry::enter(id, claim, range) {
         return;
     }

@@ -385,7 +385,7 @@ fn spawn_with_pid(pid: i32, uid: u32) -> std::process::Child {
 /// `store.purge`, `store.forget`.
 #[test]
 fn overloads_the_database_owner_plants_never_catch_calls_of_the_store_functions() {
-    let c = Cluster::start("api_overloads", "");
+    let c = Cluster::start("api_overloads", "lock_timeout = '5s'");
     q(&c, "CREATE ROLE dbowner LOGIN");
     q(&c, "CREATE DATABASE app OWNER dbowner");
     c.psql_in("app", "postgres", "CREATE EXTENSION pg_store").unwrap();
@@ -440,7 +440,8 @@ fn overloads_the_database_owner_plants_never_catch_calls_of_the_store_functions(
     c.psql_in(
         "ro",
         "dbowner",
-        "ALTER DATABASE ro SET default_transaction_read_only = on; \
+        "DO $$ BEGIN END $$; ALTER DATABASE ro SET plpgsql.check_asserts = off; \
+         ALTER DATABASE ro SET default_transaction_read_only = on; \
          ALTER DATABASE ro SET default_transaction_isolation = 'serializable'; \
          ALTER DATABASE ro SET default_transaction_deferrable = on; \
          ALTER DATABASE ro SET session_authorization = 'dbowner'; \
@@ -451,6 +452,10 @@ fn overloads_the_database_owner_plants_never_catch_calls_of_the_store_functions(
          ALTER DATABASE ro SET session_replication_role = replica",
     )
     .unwrap();
+    // The server's value is the one it loaded: an edit of its configuration file not yet
+    // reloaded is not (nor is a setting of the database, whatever the file says).
+    let mut conf = fs::OpenOptions::new().append(true).open(c.dir.join("data/postgresql.conf")).unwrap();
+    conf.write_all(b"lock_timeout = '9s'\n").unwrap();
     // A serializable transaction open elsewhere in the cluster: a serializable, read-only,
     // deferrable first transaction of the worker would wait for it to end (so would this
     // test's own reads in `ro`, but for a superuser of its own that is not deferrable).
@@ -496,7 +501,8 @@ fn overloads_the_database_owner_plants_never_catch_calls_of_the_store_functions(
         "BEGIN READ WRITE; CREATE TABLE public.seen (what text); CREATE TABLE public.t (line text UNIQUE); \
          CREATE FUNCTION public.look() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
            INSERT INTO public.seen SELECT current_setting('lock_timeout') || ' ' || current_setting('enable_indexscan') \
-             || ' ' || current_setting('transaction_isolation') || ' ' || current_setting('session_replication_role'); \
+             || ' ' || current_setting('transaction_isolation') || ' ' || current_setting('session_replication_role') \
+             || ' ' || current_setting('plpgsql.check_asserts'); \
            RETURN NULL; END $$; \
          CREATE TRIGGER look AFTER INSERT ON public.t FOR EACH STATEMENT EXECUTE FUNCTION public.look(); COMMIT",
     )
@@ -513,8 +519,9 @@ fn overloads_the_database_owner_plants_never_catch_calls_of_the_store_functions(
         .unwrap();
     assert_eq!(done(job), "done");
     // (A trigger does not fire under `session_replication_role = replica`, a setting a
-    // superuser granted the database's owner.)
-    assert_eq!(ro("SELECT DISTINCT what FROM public.seen"), "0 on read committed origin");
+    // superuser granted the database's owner; PL/pgSQL takes the database's
+    // `check_asserts` when it loads, after the worker connected.)
+    assert_eq!(ro("SELECT DISTINCT what FROM public.seen"), "5s on read committed origin on");
     holder.kill().unwrap();
     holder.wait().unwrap();
 }
@@ -743,10 +750,21 @@ fn a_target_owners_trigger_that_catches_the_cancel_cannot_hold_up_a_fast_shutdow
 /// cancelled without running the trigger again.
 #[test]
 fn a_target_owners_trigger_that_catches_the_cancel_cannot_hold_up_store_cancel() {
-    let c = Cluster::start("stubborn-cancel", "store.batch_max = 500");
+    // One attempt: the process the grace ends must not be taken for a failed attempt.
+    let c = Cluster::start("stubborn-cancel", "store.batch_max = 500\nstore.max_attempts = 1");
     let job = stubborn_job(&c);
-    // A plain pg_cancel_backend is caught and outlived: no grace for it.
+    // A plain pg_cancel_backend is caught and outlived: no grace for it. Nor for a
+    // store.cancel a rollback to a savepoint undid (psql's ON_ERROR_ROLLBACK, a PL/pgSQL
+    // exception block): it signals nothing.
     q(&c, "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE backend_type = 'pg_store worker' AND wait_event = 'PgSleep'");
+    q(&c, &format!("BEGIN; SAVEPOINT s; SELECT store.cancel({job}); ROLLBACK TO SAVEPOINT s; COMMIT"));
+    q(
+        &c,
+        &format!(
+            "DO $$ BEGIN PERFORM store.cancel({job}); RAISE EXCEPTION 'undo'; EXCEPTION WHEN raise_exception THEN NULL; END $$"
+        ),
+    );
+    assert_eq!(q(&c, &format!("SELECT cancel_requested FROM store.jobs WHERE id = {job}")), "f");
     std::thread::sleep(Duration::from_secs(13));
     assert_eq!(q(&c, &format!("SELECT state FROM store.status WHERE id = {job}")), "running");
     let log = fs::read_to_string(c.dir.join("log")).unwrap();
@@ -761,6 +779,16 @@ fn a_target_owners_trigger_that_catches_the_cancel_cannot_hold_up_store_cancel()
     // The trigger ran for the one batch the first claim began, and its rows went with it.
     assert_eq!(num(&c, "SELECT count(*) FROM a.calls"), 0);
     assert_eq!(num(&c, "SELECT count(*) FROM a.t"), 0);
-    assert_eq!(q(&c, &format!("SELECT state || ' ' || inserted FROM store.status WHERE id = {job}")), "cancelled 0");
+    assert_eq!(
+        q(&c, &format!("SELECT state || ' ' || inserted || ' ' || attempts FROM store.status WHERE id = {job}")),
+        "cancelled 0 1"
+    );
+    // Its LOG line, written once the end committed.
+    let ended = format!("pg_store job {job} cancelled");
+    let t = Instant::now();
+    while !fs::read_to_string(c.dir.join("log")).unwrap().contains(&ended) {
+        assert!(t.elapsed() < Duration::from_secs(10), "no {ended:?} in the log: {}", c.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(num(&c, "SELECT count(*) FROM store.workers WHERE job IS NOT NULL"), 0);
 }

@@ -334,6 +334,9 @@ impl Inserter {
                     log!("pg_store job {id}: retrying a batch after {e} (attempt {retries})");
                 }
                 Next::Transient(wait) => {
+                    if e.is_query_canceled() {
+                        crate::signals::cancel_outlived();
+                    }
                     std::thread::sleep(wait);
                     retries += 1;
                     log!("pg_store job {id}: retrying a batch after {e} (attempt {retries})");

@@ -207,11 +207,23 @@ pub fn claim_candidates(limit: i64) -> Result<Vec<i64>> {
 }
 
 /// Lock job `id`'s row if it is open and no one else holds it (`FOR UPDATE SKIP
-/// LOCKED`: only that row): its id if locked, and its claim count.
-pub fn lock_open(id: i64) -> Result<(Option<i64>, Option<i32>)> {
-    Ok(Spi::get_two_with_args::<i64, i32>(
+/// LOCKED`: only that row): its id if locked, its claim count, and whether
+/// `store_cancel` asked it to stop.
+pub fn lock_open(id: i64) -> Result<(Option<i64>, Option<i32>, Option<bool>)> {
+    Ok(Spi::get_three_with_args::<i64, i32, bool>(
         "SELECT (SELECT id FROM store.jobs WHERE id = $1 AND state IN ('queued', 'running') FOR UPDATE SKIP LOCKED), \
-                (SELECT attempts - stops FROM store.jobs WHERE id = $1)",
+                (SELECT attempts - stops FROM store.jobs WHERE id = $1), \
+                (SELECT cancel_requested FROM store.jobs WHERE id = $1)",
+        &[id.into()],
+    )?)
+}
+
+/// Job `id`, which `store_cancel` asked to stop and whose last claim's process is gone
+/// (the cancel's grace ended it), ends `cancelled`, without another claim.
+pub fn end_cancelled(id: i64) -> Result<()> {
+    Ok(Spi::run_with_args(
+        "UPDATE store.jobs SET state = 'cancelled', finished_at = pg_catalog.now(), updated_at = pg_catalog.now() \
+         WHERE id = $1 AND state IN ('queued', 'running')",
         &[id.into()],
     )?)
 }
