@@ -133,6 +133,14 @@ fn enqueue(
     }
     let who = security::executing_role();
     let admitted = admission::check(Asker::Caller(who), path, target, column, key_column)?;
+    // A `store.temp_dir` no job could use refuses the job now (once the caller may queue
+    // it), not once a worker has it.
+    crate::job::prepare_temp_dir(&gucs::Settings::read()?).map_err(|e| {
+        StoreError::refused(e.code(), format!("store.temp_dir cannot hold a job's files: {e}")).with_hint(
+            "Create it, owned by the server's OS user, or point store.temp_dir at such a directory \
+             (ALTER SYSTEM SET store.temp_dir = '…'; SELECT pg_reload_conf()).",
+        )
+    })?;
     // The arguments only a caller gives, parsed as the job will parse them.
     let dedup: Dedup = dedup
         .parse()

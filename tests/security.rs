@@ -248,19 +248,34 @@ fn the_temporary_directory_trusts_nothing_another_os_user_put_there() {
     q(&c, &format!("ALTER SYSTEM SET store.temp_dir = '{}'", inside.display()));
     q(&c, "SELECT pg_reload_conf()");
     std::thread::sleep(Duration::from_millis(1500));
-    let job = c.ingest(&format!("'{}', 't'", input.display()));
-    assert_eq!(c.wait_state(job, &["done", "failed"], Duration::from_secs(60)), "failed");
-    let error = q(&c, &format!("SELECT sqlstate || ' ' || error FROM store.jobs WHERE id = {job}"));
+    let error = c.psql(&format!("SELECT store_ingest('{}', 't')", input.display())).unwrap_err();
     assert!(
-        error.starts_with("42501 ") && error.contains(&theirs.display().to_string()) && error.contains("owned by uid"),
+        error.contains("store.temp_dir cannot hold a job's files")
+            && error.contains(&theirs.display().to_string())
+            && error.contains("owned by uid"),
         "{error}"
     );
     q(&c, &format!("ALTER SYSTEM SET store.temp_dir = '{}'", shared.display()));
     q(&c, "SELECT pg_reload_conf()");
     std::thread::sleep(Duration::from_millis(1500));
-    // A temporary directory others may write to without the sticky bit: refused.
+    // A temporary directory others may write to without the sticky bit: refused by
+    // store_ingest, and by the worker if it became so after the job was queued.
     fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
-    let job = c.ingest(&format!("'{}', 't'", input.display()));
+    let error = c.psql(&format!("SELECT store_ingest('{}', 't')", input.display())).unwrap_err();
+    assert!(error.contains("store.temp_dir cannot hold a job's files") && error.contains("sticky"), "{error}");
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    let mut session = c.session("postgres");
+    let mut stdin = session.stdin.take().unwrap();
+    writeln!(stdin, "BEGIN; SELECT store_ingest('{}', 't');", input.display()).unwrap();
+    c.wait_until(
+        "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE state = 'idle in transaction' AND query LIKE '%store_ingest%')",
+        Duration::from_secs(30),
+    );
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
+    writeln!(stdin, "COMMIT;").unwrap();
+    drop(stdin);
+    session.wait().unwrap();
+    let job = num(&c, "SELECT max(id) FROM store.jobs");
     assert_eq!(c.wait_state(job, &["done", "failed"], Duration::from_secs(60)), "failed");
     let error = q(&c, &format!("SELECT sqlstate || ' ' || error FROM store.jobs WHERE id = {job}"));
     assert!(error.starts_with("42501 ") && error.contains("sticky"), "{error}");
@@ -548,6 +563,11 @@ fn refusals_are_clear_and_failures_are_recorded() {
     assert!(e.contains("is outside store.allowed_dirs"), "{e}");
     let e = c.psql_as("plain", "SET store.allowed_dirs = '/'").unwrap_err();
     assert!(e.contains("permission denied"), "{e}");
+    // A store.temp_dir the server cannot make: refused when the job is asked for.
+    c.reload("ALTER SYSTEM SET store.temp_dir = '/nonexistent-pg-store/runs'");
+    let e = c.psql(&format!("SELECT store_ingest('{}')", ok.display())).unwrap_err();
+    assert!(e.contains("store.temp_dir cannot hold a job's files") && e.contains("/nonexistent-pg-store/runs"), "{e}");
+    c.reload("ALTER SYSTEM RESET store.temp_dir");
 
     let e = c.psql(&format!("SELECT store_ingest('{}/missing')", ok.display())).unwrap_err();
     assert!(e.contains("No such file or directory"), "{e}");

@@ -87,12 +87,9 @@ fn random_suffix() -> Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-/// Make the job's directory for this attempt, private to the server's OS user
-/// ([`private_dir`]): the first attempt creates it exclusively (whatever another OS
-/// user put at that name in a shared `store.temp_dir` is refused, never used); a later
-/// one takes the directory an earlier attempt kept only if it is still ours, 0700 and no
-/// link. `store.temp_dir` itself must not let others rename it away.
-pub(super) fn make_job_dir(settings: &Settings, job: &Job) -> Result<PathBuf> {
+/// Make `store.temp_dir` if it is not there (private to the server's OS user), and check
+/// that others cannot take what a job puts in it ([`private_dir::check_parent`]).
+pub fn prepare_temp_dir(settings: &Settings) -> Result<()> {
     let parent = &settings.temp_dir;
     if !parent.exists() {
         std::fs::DirBuilder::new()
@@ -101,7 +98,17 @@ pub(super) fn make_job_dir(settings: &Settings, job: &Job) -> Result<PathBuf> {
             .create(parent)
             .map_err(|e| store_engine::Error::io("could not create", parent, e))?;
     }
-    private_dir::check_parent(parent)?;
+    Ok(private_dir::check_parent(parent)?)
+}
+
+/// Make the job's directory for this attempt, private to the server's OS user
+/// ([`private_dir`]): the first attempt creates it exclusively (whatever another OS
+/// user put at that name in a shared `store.temp_dir` is refused, never used); a later
+/// one takes the directory an earlier attempt kept only if it is still ours, 0700 and no
+/// link. `store.temp_dir` itself must not let others rename it away.
+pub(super) fn make_job_dir(settings: &Settings, job: &Job) -> Result<PathBuf> {
+    let parent = &settings.temp_dir;
+    prepare_temp_dir(settings)?;
     if job.claim > 1 {
         if let Some(dir) = job_dir(settings, job.id) {
             return Ok(dir);
