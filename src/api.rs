@@ -338,6 +338,14 @@ fn cancel(job: i64) -> Result<bool> {
                 registry::signal_job(db, job, libc::SIGUSR2);
             }
         });
+        // Its signal would go at this session's next commit, not at COMMIT PREPARED.
+        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PrePrepare, || {
+            StoreError::refused(
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                "a transaction that called store.cancel on a running job cannot be prepared (PREPARE TRANSACTION)",
+            )
+            .raise()
+        });
     }
     Ok(was.is_some())
 }

@@ -157,11 +157,18 @@ fn job_over() {
     unsafe { std::ptr::addr_of_mut!(pg_sys::QueryCancelPending).write_volatile(0) };
 }
 
+/// The grace as it stands ([`cancel_outlived`]'s argument), read when a statement's
+/// error reaches pg_store's code.
+pub fn cancel_mark() -> u64 {
+    CANCELLED_AT.load(Ordering::SeqCst)
+}
+
 /// A cancelled statement ended and pg_store took its error for no reason to stop (a
-/// cancel not meant for the job, whose batch is retried): the grace it started is over.
-/// One that came since, its cancel still pending, starts its own.
-pub fn cancel_outlived() {
-    CANCELLED_AT.store(0, Ordering::SeqCst);
+/// cancel not meant for the job, whose batch is retried): the grace it started, `mark`
+/// when the error came, is over. One that started since stays; one whose cancel is still
+/// pending starts again.
+pub fn cancel_outlived(mark: u64) {
+    let _ = CANCELLED_AT.compare_exchange(mark, 0, Ordering::SeqCst, Ordering::SeqCst);
     // SAFETY: reads a flag the signal handlers set.
     if unsafe { std::ptr::addr_of!(pg_sys::QueryCancelPending).read_volatile() } != 0 {
         let _ = CANCELLED_AT.compare_exchange(0, monotonic_ms().max(1), Ordering::SeqCst, Ordering::SeqCst);

@@ -366,7 +366,8 @@ fn pin_session(server: &HashMap<CString, CString>) {
         for (name, built_in) in settings_from_the_database()? {
             // A setting of a library the server had not loaded has no value of the server's
             // but the one the configuration files gave its placeholder: else its built-in one.
-            let Some(value) = server.get(&name).or(built_in.as_ref()) else { continue };
+            let key = CString::new(name.as_bytes().to_ascii_lowercase()).unwrap_or_default();
+            let Some(value) = server.get(&key).or(built_in.as_ref()) else { continue };
             // A value the setting refuses is a WARNING, not an ERROR that would make every
             // worker of the database exit: the database's value then stays.
             // SAFETY: as `set`; errors are reported at WARNING and return 0.
@@ -408,6 +409,7 @@ fn pin_session(server: &HashMap<CString, CString>) {
 /// this process has for them: read before it connects to its database, they are what the
 /// server gives every session (its configuration files as last loaded, `ALTER SYSTEM`,
 /// its command line), and not yet what the database or a role attached.
+/// Names are in lower case, as setting names compare.
 fn server_settings() -> HashMap<CString, CString> {
     let mut out = HashMap::new();
     // SAFETY: this process's table of settings, read on its main thread before it
@@ -420,9 +422,17 @@ fn server_settings() -> HashMap<CString, CString> {
             if v.is_null() || !matches!((*v).context, pg_sys::GucContext::PGC_USERSET | pg_sys::GucContext::PGC_SUSET) {
                 continue;
             }
-            let value = pg_sys::GetConfigOption((*v).name, true, false);
-            if !value.is_null() {
-                out.insert(CStr::from_ptr((*v).name).to_owned(), CStr::from_ptr(value).to_owned());
+            let name = CStr::from_ptr((*v).name).to_bytes().to_ascii_lowercase();
+            let value = if (*v).vartype == pg_sys::config_type::PGC_REAL {
+                // GetConfigOption prints a real with `%g`, six digits: Rust's shortest
+                // form that reads back the same number instead.
+                CString::new(format!("{}", *(*v.cast::<pg_sys::config_real>()).variable)).ok()
+            } else {
+                let value = pg_sys::GetConfigOption((*v).name, true, false);
+                (!value.is_null()).then(|| CStr::from_ptr(value).to_owned())
+            };
+            if let (Ok(name), Some(value)) = (CString::new(name), value) {
+                out.insert(name, value);
             }
         }
     }

@@ -400,7 +400,8 @@ fn spawn_with_pid(pid: i32, uid: u32) -> std::process::Child {
 /// `store.purge`, `store.forget`.
 #[test]
 fn overloads_the_database_owner_plants_never_catch_calls_of_the_store_functions() {
-    let c = Cluster::start("api_overloads", "lock_timeout = '5s'");
+    // (A setting of a library not loaded at start, spelt as the file may spell it.)
+    let c = Cluster::start("api_overloads", "lock_timeout = '5s'\nPLpgSQL.Check_Asserts = off");
     q(&c, "CREATE ROLE dbowner LOGIN");
     q(&c, "CREATE DATABASE app OWNER dbowner");
     c.psql_in("app", "postgres", "CREATE EXTENSION pg_store").unwrap();
@@ -455,7 +456,7 @@ fn overloads_the_database_owner_plants_never_catch_calls_of_the_store_functions(
     c.psql_in(
         "ro",
         "dbowner",
-        "DO $$ BEGIN END $$; ALTER DATABASE ro SET plpgsql.check_asserts = off; \
+        "DO $$ BEGIN END $$; ALTER DATABASE ro SET plpgsql.check_asserts = on; \
          ALTER DATABASE ro SET default_transaction_read_only = on; \
          ALTER DATABASE ro SET default_transaction_isolation = 'serializable'; \
          ALTER DATABASE ro SET default_transaction_deferrable = on; \
@@ -536,7 +537,7 @@ fn overloads_the_database_owner_plants_never_catch_calls_of_the_store_functions(
     // (A trigger does not fire under `session_replication_role = replica`, a setting a
     // superuser granted the database's owner; PL/pgSQL takes the database's
     // `check_asserts` when it loads, after the worker connected.)
-    assert_eq!(ro("SELECT DISTINCT what FROM public.seen"), "5s on read committed origin on");
+    assert_eq!(ro("SELECT DISTINCT what FROM public.seen"), "5s on read committed origin off");
     holder.kill().unwrap();
     holder.wait().unwrap();
 }
@@ -771,13 +772,26 @@ fn a_target_owners_trigger_that_catches_the_cancel_cannot_hold_up_a_fast_shutdow
 #[test]
 fn a_target_owners_trigger_that_catches_the_cancel_cannot_hold_up_store_cancel() {
     // One attempt: the process the grace ends must not be taken for a failed attempt.
-    let c = Cluster::start("stubborn-cancel", "store.batch_max = 500\nstore.max_attempts = 1");
+    let c = Cluster::start(
+        "stubborn-cancel",
+        "store.batch_max = 500\nstore.max_attempts = 1\nmax_prepared_transactions = 2",
+    );
     let job = stubborn_job(&c);
     // A plain pg_cancel_backend is caught and outlived: no grace for it. Nor for a
     // store.cancel a rollback to a savepoint undid (psql's ON_ERROR_ROLLBACK, a PL/pgSQL
     // exception block): it signals nothing.
     q(&c, "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE backend_type = 'pg_store worker' AND wait_event = 'PgSleep'");
     q(&c, &format!("BEGIN; SAVEPOINT s; SELECT store.cancel({job}); ROLLBACK TO SAVEPOINT s; COMMIT"));
+    q(
+        &c,
+        &format!(
+            "BEGIN; SAVEPOINT a; SAVEPOINT b; SELECT store.cancel({job}); RELEASE SAVEPOINT b; ROLLBACK TO SAVEPOINT a; COMMIT"
+        ),
+    );
+    // Nor one in a transaction that is prepared: its signal would go at the session's next commit.
+    let e = c.psql(&format!("BEGIN; SELECT store.cancel({job}); PREPARE TRANSACTION 'p'")).unwrap_err();
+    assert!(e.contains("cannot be prepared"), "{e}");
+    q(&c, "BEGIN; SELECT 1; COMMIT");
     q(
         &c,
         &format!(
@@ -791,7 +805,14 @@ fn a_target_owners_trigger_that_catches_the_cancel_cannot_hold_up_store_cancel()
     assert!(log.contains("stubborn: caught a cancel"), "{}", c.log_tail());
     assert!(!log.contains("due to administrator command"), "{}", c.log_tail());
     let t = Instant::now();
-    assert_eq!(q(&c, &format!("SELECT store.cancel({job})")), "t");
+    // A cancel that stays, though a subtransaction after it rolls back.
+    q(
+        &c,
+        &format!(
+            "DO $$ BEGIN PERFORM store.cancel({job}); \
+               BEGIN RAISE EXCEPTION 'later'; EXCEPTION WHEN raise_exception THEN NULL; END; END $$"
+        ),
+    );
     c.wait_until(&format!("SELECT state = 'cancelled' FROM store.status WHERE id = {job}"), Duration::from_secs(60));
     assert!(t.elapsed() < Duration::from_secs(40), "the cancel took {:?}", t.elapsed());
     let log = fs::read_to_string(c.dir.join("log")).unwrap();

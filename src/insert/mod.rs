@@ -305,6 +305,7 @@ impl Inserter {
                 }
                 Err(e) => e,
             };
+            let mark = crate::signals::cancel_mark();
             let attempt =
                 retry::Attempt { plain, probe, copy: self.tried_copy, citus: self.citus, rules: self.rules, retries };
             let id = self.job.id;
@@ -335,7 +336,7 @@ impl Inserter {
                 }
                 Next::Transient(wait) => {
                     if e.is_query_canceled() {
-                        crate::signals::cancel_outlived();
+                        crate::signals::cancel_outlived(mark);
                     }
                     std::thread::sleep(wait);
                     retries += 1;

@@ -18,9 +18,11 @@ pub fn cancel_flag(id: i64) -> Result<bool> {
         .unwrap_or(false))
 }
 
-/// Whether `store_cancel` asked job `id` to stop (in a transaction of its own).
+/// Whether `store_cancel` asked job `id` to stop (in a transaction of its own). A read
+/// that fails is made once more: a cancel pending when it began (`store_cancel`'s own
+/// signal, come just after a statement it did not end) fails it, and is spent by then.
 pub fn cancel_requested(id: i64) -> bool {
-    transaction(|| cancel_flag(id)).unwrap_or(false)
+    transaction(|| cancel_flag(id)).or_else(|_| transaction(|| cancel_flag(id))).unwrap_or(false)
 }
 
 /// A job row, as the worker needs it.
