@@ -9,14 +9,15 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
 
-/// This process works on a job (or claims one): SIGTERM cancels its statement too.
+/// This process works on a job (or claims one): SIGTERM and SIGUSR2 cancel its statement.
 static BUSY: AtomicBool = AtomicBool::new(false);
 
 /// How long a statement SIGTERM or `store.cancel` cancelled may go on: code of the
 /// target's owner (a trigger) can catch a cancel and carry on, which must not hold a
 /// shutdown, or a job its owner cancelled, up for good.
 /// After this the process exits as a client backend does on SIGTERM (FATAL), whatever
-/// it runs; the job is claimed again later, and that attempt counts.
+/// it runs; a stopped job is claimed again later (that attempt counts), a cancelled one
+/// ends `cancelled` at the next claim.
 const GRACE_MS: u64 = 10_000;
 
 /// When SIGTERM or SIGUSR2 cancelled the statement (`CLOCK_MONOTONIC`, ms); 0: neither did.
@@ -46,9 +47,9 @@ fn monotonic_ms() -> u64 {
 }
 
 /// The grace timer's handler (in the SIGALRM handler's context): once [`GRACE_MS`] have
-/// passed since SIGTERM or SIGUSR2 cancelled the statement, and a statement took the cancel (raised
-/// it: the flag is down) and yet the process still works on the job, ask for the
-/// process's death, as PostgreSQL's own SIGTERM handler does; the next
+/// passed since SIGTERM or SIGUSR2 cancelled the statement, and a statement took the
+/// cancel (raised it: the flag is down) and yet the process still works on the job,
+/// ask for the process's death, as PostgreSQL's own SIGTERM handler does; the next
 /// `CHECK_FOR_INTERRUPTS` raises FATAL, which no PL/pgSQL exception clause catches. A
 /// cancel still pending is one no statement has met yet: the process is in its own code
 /// (a sort, a merge), which looks at the stop between files and ends the job cleanly.
@@ -121,8 +122,9 @@ fn cancel_with_grace(signal: std::ffi::c_int) {
     }
 }
 
-/// Run `f` (a claim, a job, a range) with SIGTERM and SIGUSR2 cancelling the statement it is in, and
-/// ending the process if that statement goes on for [`GRACE_MS`]; then [`job_over`].
+/// Run `f` (a claim, a job, a range) with SIGTERM and SIGUSR2 cancelling the statement
+/// it is in, and ending the process if that statement goes on for [`GRACE_MS`]; then
+/// [`job_over`].
 pub fn busy<R>(f: impl FnOnce() -> R) -> R {
     struct Idle;
     impl Drop for Idle {

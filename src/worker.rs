@@ -320,8 +320,8 @@ fn fail_restored_jobs() {
 /// `pg_temp`, last) only, never in a schema a user can create objects in. Settings a
 /// database's owner may attach to the database (`ALTER DATABASE … SET`) reach the worker
 /// too. Those a session may set are taken back to the server's (`server`, what
-/// [`server_settings`] read before the process connected): a database's `lock_timeout` failed other roles' jobs,
-/// its planner settings slowed them a thousandfold. Then its session user and role,
+/// [`server_settings`] read before the process connected): a database's `lock_timeout`
+/// failed other roles' jobs, its planner settings slowed them a thousandfold. Then its session user and role,
 /// client encoding (which binary COPY converts text from), string syntax, identifier
 /// quoting, row security and transactions are pinned to what its SQL assumes. The
 /// transaction defaults are pinned before its first transaction: a database made
@@ -440,9 +440,9 @@ fn server_settings() -> HashMap<CString, CString> {
 }
 
 /// The settings a session may set that this session took from `ALTER DATABASE … SET` (or
-/// `ALTER ROLE`), each with its built-in value. Those pinned by name are left to [`pin_session`], and the transaction
-/// settings (pinned before the first transaction; `transaction_*` cannot change once a
-/// transaction has run a query) to it too.
+/// `ALTER ROLE`), each with its built-in value. Those pinned by name are left to
+/// [`pin_session`], and the transaction settings (pinned before the first transaction;
+/// `transaction_*` cannot change once a transaction has run a query) to it too.
 fn settings_from_the_database() -> Result<Vec<(CString, Option<CString>)>> {
     let rows = Spi::connect(|c| {
         let t = c.select(
