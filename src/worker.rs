@@ -321,9 +321,10 @@ fn fail_restored_jobs() {
 /// database's owner may attach to the database (`ALTER DATABASE … SET`) reach the worker
 /// too. Those a session may set are taken back to the server's (`server`, what
 /// [`server_settings`] read before the process connected): a database's `lock_timeout`
-/// failed other roles' jobs, its planner settings slowed them a thousandfold. Then its session user and role,
-/// client encoding (which binary COPY converts text from), string syntax, identifier
-/// quoting, row security and transactions are pinned to what its SQL assumes. The
+/// failed other roles' jobs, its planner settings slowed them a thousandfold. Then its
+/// session user and role, client encoding (which binary COPY converts text from), string
+/// syntax, identifier quoting, row security and transactions are pinned to what its SQL
+/// assumes. The
 /// transaction defaults are pinned before its first transaction: a database made
 /// serializable, read-only and deferrable kept its jobs queued (each look for work
 /// failing), and held that first transaction waiting for a safe snapshot for as long as
@@ -553,14 +554,8 @@ fn claim() -> Result<Option<(i64, i32)>> {
         if let Some(id) = entered {
             registry::leave(id);
         }
-    } else if !cancelled.is_empty() {
-        let settings = gucs::Settings::read();
-        for id in cancelled {
-            for dir in settings.iter().flat_map(|s| job::job_dirs(s, id)) {
-                let _ = store_engine::private_dir::remove(&dir);
-            }
-            log_end(id);
-        }
+    } else {
+        cancelled.into_iter().for_each(after_end);
     }
     res
 }
@@ -639,16 +634,21 @@ fn run_claimed(id: i64, claim: i32) {
             log!("pg_store job {id}: could not record its end: {e}");
         }
     }
-    // The job is over: its sorted runs are of no more use. Removed only now, after its
-    // end is recorded, so that an inserter starting late finds the job over with them.
+    // Only now, after its end is recorded, so that an inserter starting late finds the
+    // job over with its sorted runs gone.
+    after_end(id);
+    crate::txn::report_stats(true);
+    registry::leave(id);
+}
+
+/// Job `id`'s end is committed: its sorted runs are of no more use, and its LOG line is due.
+fn after_end(id: i64) {
     if let Ok(settings) = gucs::Settings::read() {
         for dir in job::job_dirs(&settings, id) {
             let _ = store_engine::private_dir::remove(&dir);
         }
     }
     log_end(id);
-    crate::txn::report_stats(true);
-    registry::leave(id);
 }
 
 /// One LOG line per job that ended, with its counts and duration, for log shippers.
