@@ -55,14 +55,9 @@ fn monotonic_ms() -> u64 {
 /// (a sort, a merge), which looks at the stop between files and ends the job cleanly.
 unsafe extern "C-unwind" fn grace_tick() {
     let at = CANCELLED_AT.load(Ordering::SeqCst);
-    // SAFETY: reads flags of this process, as the signal handlers that set them do.
-    let (taken, exiting) = unsafe {
-        (
-            std::ptr::addr_of!(pg_sys::QueryCancelPending).read_volatile() == 0,
-            std::ptr::addr_of!(pg_sys::proc_exit_inprogress).read_volatile(),
-        )
-    };
-    if at != 0 && taken && !exiting && monotonic_ms().saturating_sub(at) >= GRACE_MS {
+    // SAFETY: reads a flag of this process, as PostgreSQL's handlers do.
+    let exiting = unsafe { std::ptr::addr_of!(pg_sys::proc_exit_inprogress).read_volatile() };
+    if at != 0 && !cancel_pending() && !exiting && monotonic_ms().saturating_sub(at) >= GRACE_MS {
         // SAFETY: the flags PostgreSQL's `die()` sets, and this process's latch.
         unsafe {
             std::ptr::addr_of_mut!(pg_sys::ProcDiePending).write_volatile(1);
@@ -90,7 +85,7 @@ pub fn attach() {
     // async-signal-safe (flags, the latch, an atomic).
     unsafe {
         FLAG_HANDLER = pg_sys::pqsignal(libc::SIGTERM, Some(on_sigterm));
-        pg_sys::pqsignal(libc::SIGUSR2, Some(on_store_cancel));
+        pg_sys::pqsignal(libc::SIGUSR2, Some(cancel_with_grace));
     }
     // SAFETY: the background worker's timeouts are initialized before its main function
     // runs; this registers the first free user timeout.
@@ -103,19 +98,16 @@ unsafe extern "C-unwind" fn on_sigterm(signal: std::ffi::c_int) {
         // SAFETY: pgrx's handler, in the signal context it was written for.
         unsafe { flag(signal) };
     }
-    cancel_with_grace(signal);
+    // SAFETY: in the signal handler's context, as it expects.
+    unsafe { cancel_with_grace(signal) };
 }
 
-/// `store.cancel`'s signal (SIGUSR2): cancel the statement, with the grace.
-unsafe extern "C-unwind" fn on_store_cancel(signal: std::ffi::c_int) {
-    cancel_with_grace(signal);
-}
-
-/// While the process is [`busy`], cancel the statement it is in, as SIGINT does, and
-/// start the grace ([`grace_tick`]) unless it runs already.
-fn cancel_with_grace(signal: std::ffi::c_int) {
+/// `store.cancel`'s signal (SIGUSR2), and SIGTERM's second half: while the process is
+/// [`busy`], cancel the statement it is in, as SIGINT does, and start the grace
+/// ([`grace_tick`]) unless it runs already.
+unsafe extern "C-unwind" fn cancel_with_grace(signal: std::ffi::c_int) {
     if BUSY.load(Ordering::SeqCst) {
-        let _ = CANCELLED_AT.compare_exchange(0, monotonic_ms().max(1), Ordering::SeqCst, Ordering::SeqCst);
+        start_grace();
         // SAFETY: PostgreSQL's SIGINT handler (in a signal handler's context, as it
         // expects): sets the interrupt flags and the latch.
         unsafe { pg_sys::StatementCancelHandler(signal) };
@@ -171,10 +163,20 @@ pub fn cancel_mark() -> u64 {
 /// pending starts again.
 pub fn cancel_outlived(mark: u64) {
     let _ = CANCELLED_AT.compare_exchange(mark, 0, Ordering::SeqCst, Ordering::SeqCst);
-    // SAFETY: reads a flag the signal handlers set.
-    if unsafe { std::ptr::addr_of!(pg_sys::QueryCancelPending).read_volatile() } != 0 {
-        let _ = CANCELLED_AT.compare_exchange(0, monotonic_ms().max(1), Ordering::SeqCst, Ordering::SeqCst);
+    if cancel_pending() {
+        start_grace();
     }
+}
+
+/// Start the grace now, unless one runs already (async-signal-safe).
+fn start_grace() {
+    let _ = CANCELLED_AT.compare_exchange(0, monotonic_ms().max(1), Ordering::SeqCst, Ordering::SeqCst);
+}
+
+/// Whether a cancel waits for a statement to meet it (async-signal-safe).
+fn cancel_pending() -> bool {
+    // SAFETY: reads a flag of this process, as the signal handlers that set it do.
+    unsafe { std::ptr::addr_of!(pg_sys::QueryCancelPending).read_volatile() != 0 }
 }
 
 /// True once the postmaster asked this process to exit (SIGTERM).
