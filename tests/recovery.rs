@@ -182,11 +182,7 @@ fn fast_shutdowns_mid_insert_leave_the_job_resumable_and_do_not_use_up_its_attem
         fs::read_to_string(c.dir.join("log")).unwrap()
     );
     // The job's LOG line comes right after its end is committed.
-    let t = std::time::Instant::now();
-    while !fs::read_to_string(c.dir.join("log")).unwrap().contains(&format!("pg_store job {job} done: ")) {
-        assert!(t.elapsed() < Duration::from_secs(30), "no LOG line for job {job}: {}", c.log_tail());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_log(&format!("pg_store job {job} done: "), Duration::from_secs(30));
     let log = fs::read_to_string(c.dir.join("log")).unwrap();
     assert!(
         log.contains("4 attempts (3 of them stopped by SIGTERM: a shutdown, a restart or pg_terminate_backend)"),

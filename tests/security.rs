@@ -825,11 +825,6 @@ fn a_target_owners_trigger_that_catches_the_cancel_cannot_hold_up_store_cancel()
         "cancelled 0 1"
     );
     // Its LOG line, written once the end committed.
-    let ended = format!("pg_store job {job} cancelled");
-    let t = Instant::now();
-    while !fs::read_to_string(c.dir.join("log")).unwrap().contains(&ended) {
-        assert!(t.elapsed() < Duration::from_secs(10), "no {ended:?} in the log: {}", c.log_tail());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_log(&format!("pg_store job {job} cancelled"), Duration::from_secs(10));
     assert_eq!(num(&c, "SELECT count(*) FROM store.workers WHERE job IS NOT NULL"), 0);
 }

@@ -461,6 +461,16 @@ impl Cluster {
         }
     }
 
+    /// Wait until the server's log holds `needle` (a LOG line written after a commit the
+    /// test saw); panics after `within`.
+    pub fn wait_log(&self, needle: &str, within: Duration) {
+        let t = Instant::now();
+        while !fs::read_to_string(self.dir.join("log")).unwrap_or_default().contains(needle) {
+            assert!(t.elapsed() < within, "no {needle:?} in the log: {}", self.log_tail());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn log_tail(&self) -> String {
         let log = fs::read_to_string(self.dir.join("log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
