@@ -157,13 +157,7 @@ fn enqueue(
     // transaction would make it visible at a COMMIT PREPARED no one here sees: refused.
     let db = registry::my_database();
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || registry::want(db));
-    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PrePrepare, || {
-        StoreError::refused(
-            ERRCODE_FEATURE_NOT_SUPPORTED,
-            "a transaction that called store_ingest cannot be prepared (PREPARE TRANSACTION)",
-        )
-        .raise()
-    });
+    refuse_prepare("store_ingest");
     id.ok_or_else(|| StoreError::internal("INSERT … RETURNING id returned nothing"))
 }
 
@@ -339,15 +333,21 @@ fn cancel(job: i64) -> Result<bool> {
             }
         });
         // Its signal would go at this session's next commit, not at COMMIT PREPARED.
-        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PrePrepare, || {
-            StoreError::refused(
-                ERRCODE_FEATURE_NOT_SUPPORTED,
-                "a transaction that called store.cancel on a running job cannot be prepared (PREPARE TRANSACTION)",
-            )
-            .raise()
-        });
+        refuse_prepare("store.cancel on a running job");
     }
     Ok(was.is_some())
+}
+
+/// The transaction that called `what` cannot be prepared: what it arranged for its commit
+/// would happen at the session's next one, not at `COMMIT PREPARED`.
+fn refuse_prepare(what: &'static str) {
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::PrePrepare, move || {
+        StoreError::refused(
+            ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("a transaction that called {what} cannot be prepared (PREPARE TRANSACTION)"),
+        )
+        .raise()
+    });
 }
 
 /// Poll the job's status row with a fresh snapshot each time (READ COMMITTED).
